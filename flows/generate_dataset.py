@@ -1,0 +1,113 @@
+"""The synthetic-data-generation flow: prompts -> first frames -> depth -> cameras -> warp -> masks -> teacher.
+
+Every task is one stage of one scene; each skips work whose content key is already recorded as done, so a
+re-run after a crash (or on a finished store) only does what is missing.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture, wait
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from lyra_pipeline.config import build_config
+from lyra_pipeline.stages import StageReport
+from lyra_pipeline.storage import RunStore
+from tasks.sdg import (
+    estimate_depth,
+    generate_video,
+    make_cameras,
+    make_input,
+    refine_masks,
+    sample_prompts,
+    warp_frames,
+)
+
+DEFAULT_STORE = "./lyra_store"
+
+
+class PipelineFailed(RuntimeError):
+    """Some scenes failed; the others completed. Details are in the manifest (`lyra status --failed`)."""
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+@flow(name="generate-dataset", task_runner=ThreadPoolTaskRunner(max_workers=2))
+def generate_dataset(
+    store: str = DEFAULT_STORE,
+    preset: str = "smoke",
+    overrides: dict[str, Any] | None = None,
+    run_id: str | None = None,
+) -> dict[str, Any]:
+    """Generate (or complete) a dataset in ``store`` from a preset plus config overrides."""
+    logger = get_run_logger()
+    config = build_config(preset, overrides)
+    run_id = run_id or new_run_id()
+    started = time.time()
+    removed = RunStore(store).clean_partial_files()
+    if removed:
+        logger.info("removed %d temporary files left by an interrupted run", removed)
+
+    def each(task, scenes, after: list[PrefectFuture] | None = None) -> list[PrefectFuture]:
+        """Submit ``task`` once per scene, each after that scene's upstream future(s)."""
+        waits = after or [None] * len(scenes)
+        return [task.submit(store, config, s, run_id, wait_for=[w] if w is not None else None)
+                for s, w in zip(scenes, waits, strict=True)]
+
+    # 1. Sample prompts: the scene list, reproducible from the run seed, recorded in prompts.parquet.
+    scenes = sample_prompts(store, config)
+    # 2. First frames: procedural renders or user images, cover-cropped to the video size.
+    inputs = each(make_input, scenes)
+    # 3. Depth of the first frame (exact for procedural scenes), cleaned up and edge-filtered.
+    depth = each(estimate_depth, scenes, after=inputs)
+    # 4. Camera trajectories (Lyra's six paths or a custom one), seeded per scene and path.
+    cameras = each(make_cameras, scenes, after=inputs)
+    # 5. Forward warping of the first frame into every trajectory frame.
+    warps = [warp_frames.submit(store, config, s, run_id, wait_for=[d, c])
+             for s, d, c in zip(scenes, depth, cameras, strict=True)]
+    # 6. Conservative mask refinement against the seam mesh.
+    masks = each(refine_masks, scenes, after=warps)
+    # 7. Teacher video: the generator conditioned on warped frames and refined masks.
+    teacher = each(generate_video, scenes, after=masks)
+
+    by_stage = {"input": inputs, "depth": depth, "cameras": cameras, "warp": warps, "refine": masks,
+                "generate": teacher}
+    wait([f for futs in by_stage.values() for f in futs])
+    summary = summarize(run_id, preset, config.model_dump(mode="json"), store, scenes, by_stage, started)
+    RunStore(store).write_run_summary(run_id, summary)
+    logger.info("run %s: computed %d, reused %d, failed scenes %d", run_id, summary["computed"],
+                summary["skipped"], len(summary["failed_scenes"]))
+    if summary["failed_scenes"]:
+        raise PipelineFailed(f"{len(summary['failed_scenes'])} scene(s) failed: {summary['failed_scenes']}; "
+                             f"see `lyra status --store {store} --failed`")
+    return summary
+
+
+def summarize(run_id: str, preset: str, config: dict[str, Any], store: str, scenes: list,
+              by_stage: dict[str, list[PrefectFuture]], started: float) -> dict[str, Any]:
+    """Counts of computed / reused units per stage and the scenes whose tasks did not complete."""
+    computed: Counter[str] = Counter()
+    skipped: Counter[str] = Counter()
+    failed: set[str] = set()
+    for stage, futures in by_stage.items():
+        for scene, fut in zip(scenes, futures, strict=True):
+            if fut.state.is_completed():
+                rep: StageReport = fut.state.result()
+                computed[stage] += rep.computed
+                skipped[stage] += rep.skipped
+            else:
+                failed.add(scene.scene_id)
+    return {
+        "run_id": run_id, "preset": preset, "config": config, "store": store,
+        "started_at": started, "finished_at": time.time(),
+        "computed": sum(computed.values()), "skipped": sum(skipped.values()),
+        "computed_by_stage": dict(computed), "skipped_by_stage": dict(skipped),
+        "failed_scenes": sorted(failed),
+    }

@@ -1,0 +1,252 @@
+"""The 3D Gaussian container produced by the 3DGS decoder, with Lyra's pruning and standard 3DGS PLY I/O.
+
+Parametrisation (Lyra, spec section 4.7): means (M,3) world units, scales (M,3) *linear* standard deviations
+(not log), quats (M,4) unit quaternions in (w, x, y, z) order, opacities (M,) activated in [0, 1], colors (M,3)
+RGB in [0, 1] used directly (degree-0 only, no spherical harmonics).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lyra_ops.errors import LyraInputError
+
+# Zeroth-order real spherical-harmonic constant: rgb = 0.5 + SH_C0 * f_dc (standard 3DGS PLY convention).
+SH_C0 = 0.28209479177387814
+# Lyra writes log(scale + 1e-8) so that zero scales stay finite in the PLY.
+PLY_LOG_SCALE_EPS = 1e-8
+# Opacities are clamped into (eps, 1 - eps) before the logit so that 0 and 1 stay finite (gsplat's exporter
+# silently drops rows with non-finite values).
+PLY_OPACITY_EPS = 1e-7
+# A quaternion with a smaller norm than this has no defined rotation.
+MIN_QUAT_NORM = 1e-12
+
+_FIELD_WIDTH = {"means": 3, "scales": 3, "quats": 4, "colors": 3}
+_PLY_TYPES = {
+    "float": "f4", "float32": "f4", "double": "f8", "float64": "f8",
+    "uchar": "u1", "uint8": "u1", "char": "i1", "int8": "i1",
+    "ushort": "u2", "uint16": "u2", "short": "i2", "int16": "i2",
+    "uint": "u4", "uint32": "u4", "int": "i4", "int32": "i4",
+}  # fmt: skip
+
+
+@dataclass(eq=False)
+class Gaussians:
+    """A set of M 3D Gaussians (see the module docstring for the parametrisation).
+
+    ``quats`` are normalised on construction (so gradients flow through the normalisation to the tensor that
+    was passed in). All tensors must share one device and one floating dtype.
+    """
+
+    means: torch.Tensor
+    scales: torch.Tensor
+    quats: torch.Tensor
+    opacities: torch.Tensor
+    colors: torch.Tensor
+
+    def __post_init__(self) -> None:
+        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in tensors.items():
+            if not isinstance(value, torch.Tensor):
+                raise LyraInputError(f"Gaussians.{name} must be a torch.Tensor, got {type(value).__name__}")
+            if not value.is_floating_point():
+                raise LyraInputError(f"Gaussians.{name} must be a floating-point tensor, got dtype {value.dtype}")
+        if self.means.ndim != 2 or self.means.shape[1] != 3:
+            raise LyraInputError(f"Gaussians.means must have shape (M, 3), got {tuple(self.means.shape)}")
+        m = self.means.shape[0]
+        for name, width in _FIELD_WIDTH.items():
+            shape = tuple(tensors[name].shape)
+            if shape != (m, width):
+                raise LyraInputError(
+                    f"Gaussians.{name} must have shape (M, {width}) = ({m}, {width}) to match means, got {shape}"
+                )
+        if tuple(self.opacities.shape) != (m,):
+            hint = " (squeeze the trailing 1)" if tuple(self.opacities.shape) == (m, 1) else ""
+            raise LyraInputError(
+                f"Gaussians.opacities must have shape (M,) = ({m},), got {tuple(self.opacities.shape)}{hint}"
+            )
+        device, dtype = self.means.device, self.means.dtype
+        for name, value in tensors.items():
+            if value.device != device or value.dtype != dtype:
+                raise LyraInputError(
+                    f"Gaussians.{name} is {value.dtype} on {value.device} but means is {dtype} on {device}: "
+                    "all fields must share one dtype and device"
+                )
+        for name, value in tensors.items():
+            finite = torch.isfinite(value.detach())
+            if not bool(finite.all()):
+                row = int((~finite).reshape(m, -1).any(dim=1).nonzero()[0])
+                raise LyraInputError(f"Gaussians.{name}[{row}] contains NaN or Inf values")
+        if m and bool((self.scales.detach() < 0).any()):
+            row = int((self.scales.detach() < 0).any(dim=1).nonzero()[0])
+            raise LyraInputError(
+                f"Gaussians.scales must be linear (>= 0) standard deviations, got {self.scales[row].tolist()} at "
+                f"row {row} (did you pass log-scales? use scales.exp())"
+            )
+        if m:
+            op = self.opacities.detach()
+            bad = (op < 0) | (op > 1)
+            if bool(bad.any()):
+                row = int(bad.nonzero()[0])
+                raise LyraInputError(
+                    f"Gaussians.opacities must be activated values in [0, 1], got {float(op[row]):.6g} at row "
+                    f"{row} (did you pass logits? use torch.sigmoid)"
+                )
+            norm = self.quats.norm(dim=-1, keepdim=True)
+            small = norm.detach().squeeze(1) < MIN_QUAT_NORM
+            if bool(small.any()):
+                row = int(small.nonzero()[0])
+                raise LyraInputError(
+                    f"Gaussians.quats[{row}] = {self.quats[row].tolist()} has (near) zero norm; expected a "
+                    "quaternion (w, x, y, z) with non-zero norm"
+                )
+            self.quats = self.quats / norm
+
+    @property
+    def num(self) -> int:
+        """Number of Gaussians M."""
+        return int(self.means.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        """Device of every field."""
+        return self.means.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of every field."""
+        return self.means.dtype
+
+    def _map(self, fn) -> Gaussians:
+        return Gaussians(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Gaussians:
+        """Copy to another device and/or floating dtype (differentiable, like ``Tensor.to``)."""
+        return self._map(lambda t: t.to(device=device, dtype=dtype))
+
+    def detach(self) -> Gaussians:
+        """The same Gaussians cut from the autograd graph."""
+        return self._map(lambda t: t.detach())
+
+    def index(self, idx: torch.Tensor) -> Gaussians:
+        """Select Gaussians by an index or boolean mask over M."""
+        return self._map(lambda t: t[idx])
+
+    @classmethod
+    def cat(cls, items: Sequence[Gaussians]) -> Gaussians:
+        """Concatenate several sets (e.g. the per-view Gaussians Lyra fuses) into one."""
+        items = list(items)
+        if not items:
+            raise LyraInputError("Gaussians.cat needs at least one Gaussians, got an empty sequence")
+        for i, item in enumerate(items):
+            if not isinstance(item, Gaussians):
+                raise LyraInputError(f"Gaussians.cat: item {i} is a {type(item).__name__}, expected Gaussians")
+        return cls(**{f.name: torch.cat([getattr(g, f.name) for g in items], dim=0) for f in fields(cls)})
+
+    def prune_by_opacity(self, keep_fraction: float) -> Gaussians:
+        """Lyra's pruning (spec 4.8): keep the floor(M * keep_fraction) most opaque Gaussians.
+
+        With prune ratio p, ``keep_fraction = 1 - p``. The result is ordered by decreasing opacity (ties
+        keep their original order), as in Lyra's ``gaussian_pruning``.
+        """
+        if not 0.0 <= float(keep_fraction) <= 1.0:
+            raise LyraInputError(f"prune_by_opacity: keep_fraction must be in [0, 1], got {keep_fraction}")
+        keep = math.floor(self.num * float(keep_fraction))
+        order = torch.sort(self.opacities.detach(), descending=True, stable=True).indices[:keep]
+        return self.index(order)
+
+    def to_ply(self, path: str | Path) -> Path:
+        """Write a standard binary 3DGS PLY through ``gsplat.export_splats``.
+
+        Fields: x y z, f_dc_0..2 = (rgb - 0.5) / SH_C0, opacity = logit(opacity), scale_i = log(scale + 1e-8),
+        rot_0..3 = quaternion (w, x, y, z).
+        """
+        from gsplat import export_splats  # lazy: gsplat is only needed for export
+
+        path = Path(path)
+        g = self.detach().to("cpu", torch.float64)
+        op = g.opacities.clamp(PLY_OPACITY_EPS, 1.0 - PLY_OPACITY_EPS)
+        export_splats(
+            means=g.means.float(),
+            scales=torch.log(g.scales + PLY_LOG_SCALE_EPS).float(),
+            quats=g.quats.float(),
+            opacities=torch.logit(op).float(),
+            sh0=((g.colors - 0.5) / SH_C0).float().unsqueeze(1),
+            shN=torch.zeros(g.num, 0, 3),
+            format="ply",
+            save_to=str(path),
+        )
+        return path
+
+    @classmethod
+    def from_ply(cls, path: str | Path, *, device: torch.device | str = "cpu") -> Gaussians:
+        """Read a binary little-endian 3DGS PLY (as written by ``to_ply``) back into float32 Gaussians.
+
+        Higher-order SH (``f_rest_*``) are ignored: this container is degree 0, like Lyra.
+        """
+        data = _read_binary_ply_vertices(Path(path))
+        required = ["x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity"]
+        required += [f"scale_{i}" for i in range(3)] + [f"rot_{i}" for i in range(4)]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise LyraInputError(f"{path}: PLY vertex element lacks 3DGS properties {missing}")
+
+        def col(*names: str) -> torch.Tensor:
+            return torch.from_numpy(np.stack([data[n].astype(np.float64) for n in names], axis=1))
+
+        means = col("x", "y", "z")
+        colors = col("f_dc_0", "f_dc_1", "f_dc_2") * SH_C0 + 0.5
+        opacities = torch.sigmoid(torch.from_numpy(data["opacity"].astype(np.float64)))
+        scales = torch.exp(col("scale_0", "scale_1", "scale_2"))
+        quats = col("rot_0", "rot_1", "rot_2", "rot_3")
+        return cls(means=means, scales=scales, quats=quats, opacities=opacities, colors=colors).to(
+            device, torch.float32
+        )
+
+
+def _read_binary_ply_vertices(path: Path) -> dict[str, np.ndarray]:
+    """Read the scalar properties of the ``vertex`` element of a binary PLY into a name -> array dict."""
+    with open(path, "rb") as fh:
+        if fh.readline().strip() != b"ply":
+            raise LyraInputError(f"{path}: not a PLY file (first line must be 'ply')")
+        fmt, elements, current = None, [], None
+        while True:
+            line = fh.readline()
+            if not line:
+                raise LyraInputError(f"{path}: PLY header has no 'end_header' line")
+            words = line.decode("ascii", errors="replace").split()
+            if not words or words[0] in ("comment", "obj_info"):
+                continue
+            if words[0] == "end_header":
+                break
+            if words[0] == "format":
+                fmt = words[1]
+            elif words[0] == "element":
+                current = (words[1], int(words[2]), [])
+                elements.append(current)
+            elif words[0] == "property":
+                if current is None or words[1] == "list":
+                    raise LyraInputError(f"{path}: unsupported PLY property line {line!r}")
+                if words[1] not in _PLY_TYPES:
+                    raise LyraInputError(f"{path}: unknown PLY property type {words[1]!r}")
+                current[2].append((words[2], _PLY_TYPES[words[1]]))
+        if fmt not in ("binary_little_endian", "binary_big_endian"):
+            raise LyraInputError(f"{path}: expected a binary PLY, got format {fmt!r}")
+        order = "<" if fmt == "binary_little_endian" else ">"
+        for name, count, props in elements:
+            dtype = np.dtype([(p, order + t) for p, t in props])
+            raw = fh.read(dtype.itemsize * count)
+            if len(raw) != dtype.itemsize * count:
+                raise LyraInputError(
+                    f"{path}: element {name!r} should hold {count} rows of {dtype.itemsize} bytes, file is short"
+                )
+            if name == "vertex":
+                arr = np.frombuffer(raw, dtype=dtype, count=count)
+                return {p: np.asarray(arr[p]) for p, _ in props}
+    raise LyraInputError(f"{path}: PLY has no 'vertex' element")

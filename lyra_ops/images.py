@@ -1,0 +1,39 @@
+"""Image conversions shared by the stages: resize-to-cover + centre crop, [0,1] <-> [-1,1] <-> uint8."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def cover_crop_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Resize (C,H,W) float so it covers height x width keeping its aspect, then centre-crop (bicubic, antialias).
+
+    Unlike Lyra, which stretches inputs to 16:9 differently for each consumer, every stage sees the same
+    undistorted frame.
+    """
+    _, h, w = image.shape
+    scale = max(height / h, width / w)
+    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
+    resized = F.interpolate(image[None], size=(new_h, new_w), mode="bicubic", antialias=True,
+                            align_corners=False)[0]
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    return resized[:, top : top + height, left : left + width].clamp(0.0, 1.0)
+
+
+def to_uint8(image01: torch.Tensor) -> torch.Tensor:
+    """[0,1] float -> uint8 with round-to-nearest."""
+    return (image01.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+
+
+def from_uint8(image: torch.Tensor) -> torch.Tensor:
+    return image.to(torch.float32) / 255.0
+
+
+def to_signed(image01: torch.Tensor) -> torch.Tensor:
+    """[0,1] -> [-1,1] (the video model's and the warper's colour range)."""
+    return image01 * 2.0 - 1.0
+
+
+def from_signed(image: torch.Tensor) -> torch.Tensor:
+    return ((image + 1.0) * 0.5).clamp(0.0, 1.0)

@@ -1,0 +1,247 @@
+"""Camera trajectories: Lyra's six multi-trajectory paths and custom paths loaded from files.
+
+Paths follow the parametrisation of Lyra-1's ``camera_utils.py`` (spec section 1.5): linear moves whose
+offset at frame i is ``i * d * c / n * sign`` along one axis, and a two-loop spiral, all looking at
+``(0, 0, c)``. Two deliberate differences, both switchable for exact Lyra compatibility:
+
+* ``lookat="textbook"`` (default) builds w2c = [R | -R p], so the camera really sits at p. Lyra sets the
+  translation to -p (``lookat="lyra"``), which bends every path into an arc (spec section 8, item 7).
+* Movement distances are drawn from a generator seeded per (scene, trajectory), never before seeding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lyra_ops.cameras import OPENCV_TO_OPENGL, Cameras, check_se3, intrinsics_matrix, invert_se3
+from lyra_ops.errors import LyraInputError
+
+
+@dataclass(frozen=True)
+class PathSpec:
+    """One of Lyra's trajectory families: kind, axis/sign (linear) or spiral direction, distance range."""
+
+    name: str
+    kind: str  # "linear" | "spiral"
+    axis: int = 0
+    sign: float = 1.0
+    distance_range: tuple[float, float] = (0.2, 0.3)
+
+
+# Lyra's six "multi_trajectory" paths, in folder order 0..5 (spec section 1.5).
+LYRA_PATHS: dict[str, PathSpec] = {
+    "left": PathSpec("left", "linear", axis=0, sign=-1.0, distance_range=(0.2, 0.3)),
+    "right": PathSpec("right", "linear", axis=0, sign=1.0, distance_range=(0.2, 0.3)),
+    "up": PathSpec("up", "linear", axis=1, sign=-1.0, distance_range=(0.1, 0.2)),
+    "zoom_out": PathSpec("zoom_out", "linear", axis=2, sign=-1.0, distance_range=(0.3, 0.4)),
+    "zoom_in": PathSpec("zoom_in", "linear", axis=2, sign=1.0, distance_range=(0.3, 0.4)),
+    "clockwise": PathSpec("clockwise", "spiral", sign=1.0, distance_range=(0.4, 0.6)),
+}
+# Paths Lyra's generators can make but its SDG does not use by default.
+EXTRA_PATHS: dict[str, PathSpec] = {
+    "down": PathSpec("down", "linear", axis=1, sign=1.0, distance_range=(0.1, 0.2)),
+    "counterclockwise": PathSpec("counterclockwise", "spiral", sign=-1.0, distance_range=(0.4, 0.6)),
+}
+ALL_PATHS: dict[str, PathSpec] = {**LYRA_PATHS, **EXTRA_PATHS}
+SPIRAL_RADIUS_X = 0.15
+SPIRAL_RADIUS_Y = 0.10
+SPIRAL_CIRCLES = 2
+
+
+def look_at_w2c(position: torch.Tensor, target: torch.Tensor, *, lookat: str = "textbook") -> torch.Tensor:
+    """World-to-camera (N,4,4) for cameras at ``position`` (N,3) looking at ``target`` (N,3), world y down.
+
+    Rows of R are (right, up', forward) with forward = normalize(target - p), right = normalize(y x forward)
+    and up' = forward x right, exactly as Lyra. ``lookat="lyra"`` reproduces Lyra's translation quirk (-p).
+    """
+    forward = target - position
+    forward = forward / forward.norm(dim=-1, keepdim=True)
+    world_y = torch.tensor([0.0, 1.0, 0.0], dtype=position.dtype).expand_as(forward)
+    right = torch.linalg.cross(world_y, forward, dim=-1)
+    right = right / right.norm(dim=-1, keepdim=True)
+    up = torch.linalg.cross(forward, right, dim=-1)
+    rot = torch.stack([right, up, forward], dim=-2)
+    w2c = torch.eye(4, dtype=position.dtype).repeat(position.shape[0], 1, 1)
+    w2c[:, :3, :3] = rot
+    if lookat == "lyra":
+        w2c[:, :3, 3] = -position
+    elif lookat == "textbook":
+        w2c[:, :3, 3] = -(rot @ position[..., None])[..., 0]
+    else:
+        raise LyraInputError(f"lookat must be 'textbook' or 'lyra', got {lookat!r}")
+    return w2c
+
+
+def path_positions(spec: PathSpec, num_frames: int, distance: float, center_depth: float) -> torch.Tensor:
+    """Camera positions (n,3) of one path before the look-at rotation (spec section 1.5 formulas)."""
+    n = num_frames
+    i = torch.arange(n, dtype=torch.float64)
+    pos = torch.zeros(n, 3, dtype=torch.float64)
+    if spec.kind == "linear":
+        pos[:, spec.axis] = i * distance * center_depth / n * spec.sign
+    elif spec.kind == "spiral":
+        theta = 2 * math.pi * SPIRAL_CIRCLES * i / max(n - 1, 1)
+        rx, ry = distance * SPIRAL_RADIUS_X, distance * SPIRAL_RADIUS_Y
+        pos[:, 0] = rx * (torch.cos(theta) - 1.0) * spec.sign * center_depth
+        pos[:, 1] = ry * torch.sin(theta) * center_depth
+    else:
+        raise LyraInputError(f"unknown path kind {spec.kind!r} (expected 'linear' or 'spiral')")
+    return pos
+
+
+def draw_distance(spec: PathSpec, rng: np.random.Generator, factor: float = 1.0) -> float:
+    """Movement distance d ~ U[lo, hi] * factor from an explicitly seeded generator."""
+    lo, hi = spec.distance_range
+    return float(rng.uniform(lo, hi)) * factor
+
+
+def make_trajectory(
+    name: str,
+    K: torch.Tensor,
+    height: int,
+    width: int,
+    num_frames: int,
+    *,
+    distance: float,
+    center_depth: float = 1.0,
+    lookat: str = "textbook",
+    initial_w2c: torch.Tensor | None = None,
+) -> Cameras:
+    """One named Lyra path as ``Cameras`` (frame 0 = initial pose, identity by default)."""
+    if name not in ALL_PATHS:
+        raise LyraInputError(f"unknown trajectory {name!r}; expected one of {sorted(ALL_PATHS)}")
+    if num_frames < 2:
+        raise LyraInputError(f"num_frames must be >= 2, got {num_frames}")
+    spec = ALL_PATHS[name]
+    pos = path_positions(spec, num_frames, distance, center_depth)
+    target = torch.tensor([0.0, 0.0, center_depth], dtype=torch.float64).expand_as(pos)
+    w2c = look_at_w2c(pos, target, lookat=lookat)
+    if initial_w2c is not None:
+        w2c = w2c @ initial_w2c.to(torch.float64)
+    c2w = invert_se3(w2c).float()
+    k = K.to(torch.float32).expand(num_frames, 3, 3).clone()
+    return Cameras(c2w, k, height, width)
+
+
+# --- custom trajectories ----------------------------------------------------------------------------------
+
+
+def _require(cond: bool, source: str, message: str) -> None:
+    if not cond:
+        raise LyraInputError(f"{source}: {message}")
+
+
+def load_trajectory_npz(
+    path: str | Path, *, height: int, width: int, num_frames: int | None = None, pose_scale: float = 1.0
+) -> Cameras:
+    """Load a Lyra-2 style ``trajectory.npz`` (keys w2c (N,4,4), intrinsics (N,3,3), image_height, image_width).
+
+    Intrinsics are rescaled from (image_height, image_width) to (height, width); translations are multiplied
+    by ``pose_scale``; poses are re-expressed relative to frame 0 only if frame 0 is not the identity.
+    """
+    src = str(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - any failure to parse is an input error
+        raise LyraInputError(f"{src}: cannot read as a .npz archive without pickles ({exc})") from exc
+    with data:
+        for key in ("w2c", "intrinsics"):
+            _require(key in data.files, src, f"missing key '{key}' (found {sorted(data.files)}); expected "
+                     "w2c (N,4,4), intrinsics (N,3,3), image_height, image_width")
+        w2c = np.asarray(data["w2c"], dtype=np.float64)
+        intr = np.asarray(data["intrinsics"], dtype=np.float64)
+        src_h = int(data["image_height"]) if "image_height" in data.files else height
+        src_w = int(data["image_width"]) if "image_width" in data.files else width
+    _require(w2c.ndim == 3 and w2c.shape[1:] == (4, 4), src, f"field 'w2c' must have shape (N, 4, 4), got {w2c.shape}")
+    _require(intr.shape == (w2c.shape[0], 3, 3), src,
+             f"field 'intrinsics' must have shape ({w2c.shape[0]}, 3, 3) to match w2c, got {intr.shape}")
+    return _finish_custom(torch.from_numpy(w2c), torch.from_numpy(intr), src, src_h, src_w,
+                          height, width, num_frames, pose_scale)
+
+
+def load_trajectory_json(
+    path: str | Path, *, height: int, width: int, num_frames: int | None = None, pose_scale: float = 1.0
+) -> Cameras:
+    """Load a JSON trajectory.
+
+    Format: ``{"convention": "opencv"|"opengl", "image_height": H, "image_width": W, "frames": [
+    {"c2w": 4x4 | "w2c": 4x4, "K": 3x3 | "fx", "fy", "cx", "cy"}, ...]}``.
+    """
+    src = str(path)
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except Exception as exc:  # noqa: BLE001
+        raise LyraInputError(f"{src}: not valid JSON ({exc})") from exc
+    _require(isinstance(doc, dict) and isinstance(doc.get("frames"), list) and doc["frames"], src,
+             "expected an object with a non-empty list 'frames'")
+    convention = doc.get("convention", "opencv")
+    _require(convention in ("opencv", "opengl"), src, f"field 'convention' must be 'opencv' or 'opengl', got {convention!r}")
+    src_h = int(doc.get("image_height", height))
+    src_w = int(doc.get("image_width", width))
+    w2cs, ks = [], []
+    for i, frame in enumerate(doc["frames"]):
+        where = f"frames[{i}]"
+        _require(isinstance(frame, dict), src, f"{where} must be an object")
+        key = "c2w" if "c2w" in frame else "w2c" if "w2c" in frame else None
+        _require(key is not None, src, f"{where} needs a 'c2w' or 'w2c' 4x4 matrix")
+        m = np.asarray(frame[key], dtype=np.float64)
+        _require(m.shape == (4, 4), src, f"{where}.{key} must be a 4x4 matrix, got shape {m.shape}")
+        pose = torch.from_numpy(m)[None]
+        check_se3(pose, name=f"{where}.{key}", source=src)
+        c2w = pose if key == "c2w" else invert_se3(pose)
+        if convention == "opengl":
+            c2w = c2w @ OPENCV_TO_OPENGL
+        pose = invert_se3(c2w)[0]
+        if "K" in frame:
+            k = np.asarray(frame["K"], dtype=np.float64)
+            _require(k.shape == (3, 3), src, f"{where}.K must be a 3x3 matrix, got shape {k.shape}")
+            k = torch.from_numpy(k)
+        else:
+            missing = [f for f in ("fx", "fy", "cx", "cy") if f not in frame]
+            _require(not missing, src, f"{where} needs 'K' or all of fx, fy, cx, cy (missing {missing})")
+            k = intrinsics_matrix(*(torch.tensor(float(frame[f]), dtype=torch.float64)
+                                    for f in ("fx", "fy", "cx", "cy")))
+        w2cs.append(pose)
+        ks.append(k)
+    return _finish_custom(torch.stack(w2cs), torch.stack(ks), src, src_h, src_w, height, width, num_frames,
+                          pose_scale)
+
+
+def load_trajectory(path: str | Path, **kwargs) -> Cameras:
+    """Load a custom trajectory by extension (.npz or .json)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".npz":
+        return load_trajectory_npz(path, **kwargs)
+    if suffix == ".json":
+        return load_trajectory_json(path, **kwargs)
+    raise LyraInputError(f"{path}: unsupported trajectory file type {suffix!r}; expected .npz or .json")
+
+
+def _finish_custom(
+    w2c: torch.Tensor, intr: torch.Tensor, src: str, src_h: int, src_w: int,
+    height: int, width: int, num_frames: int | None, pose_scale: float,
+) -> Cameras:
+    check_se3(w2c, name="w2c", source=src)
+    finite = torch.isfinite(intr).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        raise LyraInputError(f"{src}: intrinsics[{int((~finite).nonzero()[0])}] contains NaN or Inf values")
+    bad_f = (intr[:, 0, 0] <= 0) | (intr[:, 1, 1] <= 0)
+    if bool(bad_f.any()):
+        raise LyraInputError(f"{src}: intrinsics[{int(bad_f.nonzero()[0])}] must have positive fx and fy")
+    if num_frames is not None:
+        _require(w2c.shape[0] >= num_frames, src,
+                 f"has {w2c.shape[0]} frames but {num_frames} were requested")
+        w2c, intr = w2c[:num_frames], intr[:num_frames]
+    # Express all poses relative to frame 0 so that world = first camera frame, as the pipeline assumes.
+    rel = w2c @ invert_se3(w2c[:1])
+    rel[:, :3, 3] *= pose_scale
+    k = intr.clone()
+    k[:, 0, :] *= width / src_w
+    k[:, 1, :] *= height / src_h
+    return Cameras(invert_se3(rel).float(), k.float(), height, width)

@@ -1,0 +1,240 @@
+"""The ``lyra`` command line: run the pipeline, inspect and debug a store."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from lyra_ops.errors import LyraError
+from lyra_pipeline.config import RunConfig, build_config, load_config_file
+from lyra_pipeline.storage import STAGES, TRAJECTORY_STAGES, RunStore
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="lyra-pipeline: Lyra-style 3D scene data generation, resumable on any store.")
+console = Console(stderr=True)
+DEFAULT_STORE = "./lyra_store"
+
+
+def _setup_env() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "lyra_torch_extensions"))
+
+
+def _overrides(config_file: Path | None, num_scenes: int | None, images: Path | None, trajectory: Path | None,
+               seed: int | None) -> tuple[str | None, dict[str, Any]]:
+    preset, over = load_config_file(config_file) if config_file else (None, {})
+    if num_scenes is not None:
+        over.setdefault("scenes", {})["num_scenes"] = num_scenes
+    if images is not None:
+        sc = over.setdefault("scenes", {})
+        sc["source"], sc["images_dir"] = "images", str(images.resolve())
+        over.setdefault("depth", {}).setdefault("backend", "planar")
+        over.setdefault("generator", {}).setdefault("backend", "warp_only")
+    if trajectory is not None:
+        over.setdefault("trajectories", {})["custom"] = str(trajectory.resolve())
+    if seed is not None:
+        over["seed"] = seed
+    return preset, over
+
+
+def _resolve(preset: str | None, config_file: Path | None, num_scenes: int | None, images: Path | None,
+             trajectory: Path | None, seed: int | None) -> tuple[str, dict[str, Any], RunConfig]:
+    file_preset, over = _overrides(config_file, num_scenes, images, trajectory, seed)
+    name = preset or file_preset or "default"
+    return name, over, build_config(name, over, source=str(config_file or "command line"))
+
+
+def _expected_units(config: RunConfig) -> int:
+    return config.scenes.num_scenes * (2 + len(TRAJECTORY_STAGES) * len(config.trajectory_names))
+
+
+def _done_units(store: RunStore, run_started: float) -> int:
+    table = store.read_manifest().to_pylist()
+    return sum(1 for r in table if r["status"] == "done")
+
+
+def _fail(exc: BaseException) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(2)
+
+
+PresetOpt = typer.Option(None, "--preset", help="smoke | default (the default) | paper")
+ConfigOpt = typer.Option(None, "--config", exists=False, help="YAML file with config overrides")
+StoreOpt = typer.Option(DEFAULT_STORE, "--store", help="local path or fsspec URL of the run store")
+
+
+@app.command()
+def run(
+    preset: str = PresetOpt,
+    config: Path = ConfigOpt,
+    store: str = StoreOpt,
+    num_scenes: int = typer.Option(None, "--num-scenes", min=1),
+    images: Path = typer.Option(None, "--images", help="folder of NAME.png + NAME.txt inputs"),
+    trajectory: Path = typer.Option(None, "--trajectory", help="custom trajectory .npz or .json"),
+    seed: int = typer.Option(None, "--seed"),
+    workers: int = typer.Option(2, "--workers", min=1, help="concurrent scene tasks"),
+) -> None:
+    """Generate (or complete) a dataset: every stage of every scene, skipping finished work."""
+    _setup_env()
+    try:
+        name, over, cfg = _resolve(preset, config, num_scenes, images, trajectory, seed)
+        RunStore(store)  # fail fast on an unusable store
+    except LyraError as exc:
+        _fail(exc)
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.generate_dataset import PipelineFailed, generate_dataset
+
+    flow = generate_dataset.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["summary"] = flow(store=store, preset=name, overrides=over)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            result["error"] = exc
+
+    total = _expected_units(cfg)
+    started = time.time()
+    thread = threading.Thread(target=target, daemon=True)
+    with Progress(TextColumn("[bold]lyra run[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
+        bar = progress.add_task(f"{name}: {cfg.scenes.num_scenes} scenes", total=total)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.5)
+            try:
+                progress.update(bar, completed=_done_units(RunStore(store), started))
+            except Exception:  # noqa: BLE001 - progress is best effort while files are being replaced
+                pass
+        progress.update(bar, completed=_done_units(RunStore(store), started))
+    err = result.get("error")
+    if err is not None:
+        if isinstance(err, PipelineFailed | LyraError):
+            _fail(err)
+        raise err
+    s = result["summary"]
+    console.print(f"run {s['run_id']}: computed {s['computed']} stage units, reused {s['skipped']} "
+                  f"in {s['finished_at'] - s['started_at']:.1f} s -> {store}")
+
+
+@app.command()
+def status(store: str = StoreOpt, failed: bool = typer.Option(False, "--failed", help="list failures")) -> None:
+    """Per-stage counts (done / running / failed) from the manifest, and what the last run did."""
+    try:
+        st = RunStore(store, create=False)
+    except LyraError as exc:
+        _fail(exc)
+    rows = st.read_manifest().to_pylist()
+    prompts = st.read_prompts()
+    table = Table(title=f"{store}: {len(prompts)} scenes")
+    table.add_column("stage")
+    for col in ("done", "running", "failed", "units"):
+        table.add_column(col, justify="right")
+    n_traj = max((len({r["trajectory"] for r in rows if r["scene_id"] == p["scene_id"] and r["trajectory"]})
+                  for p in prompts), default=0)
+    for stage in STAGES:
+        sub = [r for r in rows if r["stage"] == stage]
+        counts = {s: sum(1 for r in sub if r["status"] == s) for s in ("done", "running", "failed")}
+        units = len(prompts) * (n_traj if stage in TRAJECTORY_STAGES else 1)
+        table.add_row(stage, str(counts["done"]), str(counts["running"]), str(counts["failed"]), str(units))
+    Console().print(table)
+    runs = st.run_summaries()
+    if runs:
+        last = runs[-1]
+        Console().print(f"last run {last['run_id']} ({last['preset']}): computed {last['computed']}, "
+                        f"reused {last['skipped']}, failed scenes {len(last['failed_scenes'])}, "
+                        f"{last['finished_at'] - last['started_at']:.1f} s")
+    if failed:
+        bad = [r for r in rows if r["status"] == "failed"]
+        for r in bad:
+            Console().print(f"[red]FAILED[/] {r['scene_id']} {r['trajectory'] or '-'} {r['stage']}: {r['error']}")
+        if not bad:
+            Console().print("no failures")
+
+
+@app.command()
+def inspect(
+    scene: str = typer.Argument(..., help="scene id"),
+    store: str = StoreOpt,
+    out: Path = typer.Option(None, "--out", help="PNG path (default: <scene>_sheet.png)"),
+    trajectory: list[str] = typer.Option(None, "--trajectory", help="limit to these trajectories"),
+    frames: int = typer.Option(3, "--frames", min=1, help="frames per trajectory"),
+) -> None:
+    """Contact sheet of a scene: input, depth, warped frames, plain and refined masks, teacher frames."""
+    from lyra_pipeline.inspect import contact_sheet
+
+    try:
+        st = RunStore(store, create=False)
+        if scene not in st.scene_ids():
+            raise LyraError(f"{store}: no scene {scene!r}; scenes: {', '.join(st.scene_ids()[:20])}")
+        sheet = contact_sheet(st, scene, trajectory or None, frames)
+    except LyraError as exc:
+        _fail(exc)
+    path = out or Path(f"{scene}_sheet.png")
+    sheet.save(path)
+    console.print(f"wrote {path} ({sheet.width}x{sheet.height})")
+
+
+@app.command()
+def stage(
+    name: str = typer.Argument(..., help=f"one of: prompts, {', '.join(STAGES)}"),
+    preset: str = PresetOpt,
+    config: Path = ConfigOpt,
+    store: str = StoreOpt,
+    scene: list[str] = typer.Option(None, "--scene", help="only these scene ids"),
+    num_scenes: int = typer.Option(None, "--num-scenes", min=1),
+    images: Path = typer.Option(None, "--images"),
+    trajectory: Path = typer.Option(None, "--trajectory"),
+    seed: int = typer.Option(None, "--seed"),
+) -> None:
+    """Run one stage locally, in this process, without Prefect (for debugging)."""
+    _setup_env()
+    from tasks.sdg import SCENE_TASKS, sample_prompts
+
+    if name != "prompts" and name not in SCENE_TASKS:
+        _fail(LyraError(f"unknown stage {name!r}; expected one of: prompts, {', '.join(SCENE_TASKS)}"))
+    try:
+        _, _, cfg = _resolve(preset, config, num_scenes, images, trajectory, seed)
+        scenes = sample_prompts.fn(store, cfg)
+        if scene:
+            unknown = set(scene) - {s.scene_id for s in scenes}
+            if unknown:
+                raise LyraError(f"unknown scene id(s) {sorted(unknown)} for this config")
+            scenes = [s for s in scenes if s.scene_id in scene]
+        if name == "prompts":
+            console.print(f"{len(scenes)} scenes recorded in {store}/prompts.parquet")
+            return
+        fn = SCENE_TASKS[name].fn
+        computed = skipped = 0
+        with Progress(TextColumn(f"[bold]{name}[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console) as progress:
+            for s in progress.track(scenes):
+                rep = fn(store, cfg, s, "stage-" + name)
+                computed, skipped = computed + rep.computed, skipped + rep.skipped
+    except LyraError as exc:
+        _fail(exc)
+    console.print(f"stage {name}: computed {computed}, reused {skipped}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

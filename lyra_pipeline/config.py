@@ -1,0 +1,195 @@
+"""Run configuration: one validated pydantic tree, named presets, YAML loading with teaching errors."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lyra_ops.errors import LyraConfigError
+from lyra_ops.trajectories import ALL_PATHS, LYRA_PATHS
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ScenesConfig(Section):
+    source: Literal["procedural", "images"] = "procedural"
+    num_scenes: int = Field(2, ge=1)
+    images_dir: str | None = None  # folder of NAME.png/.jpg + NAME.txt prompts (source=images)
+    scene_kind: Literal["room"] = "room"
+
+
+class VideoConfig(Section):
+    height: int = Field(88, ge=16)
+    width: int = Field(160, ge=16)
+    num_frames: int = Field(9, ge=2)
+    hfov_deg: float = Field(65.0, gt=1.0, lt=179.0)
+
+    @model_validator(mode="after")
+    def _divisible(self) -> VideoConfig:
+        if self.height % 8 or self.width % 8:
+            raise ValueError(f"height and width must be multiples of 8 (latent grid), got {self.height}x{self.width}")
+        return self
+
+
+class TrajectoryConfig(Section):
+    names: list[str] = Field(default_factory=lambda: list(LYRA_PATHS))
+    distance_factor: float = Field(1.0, gt=0)
+    center_depth: float = Field(1.0, gt=0)
+    lookat: Literal["textbook", "lyra"] = "textbook"
+    custom: str | None = None  # .npz/.json path; replaces `names` with a single trajectory named "custom"
+    pose_scale: float = Field(1.0, gt=0)
+
+    @field_validator("names")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        if not names:
+            raise ValueError("at least one trajectory name is required")
+        for n in names:
+            if n not in ALL_PATHS:
+                close = difflib.get_close_matches(n, list(ALL_PATHS), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"unknown trajectory {n!r}{hint}; valid: {sorted(ALL_PATHS)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"trajectory names must be unique, got {names}")
+        return names
+
+
+class DepthConfig(Section):
+    backend: Literal["procedural", "constant", "planar", "file"] = "procedural"  # file: NAME.depth.npy
+    max_depth: float = Field(100.0, gt=0)  # invalid/sky/NaN depth -> max_depth (Lyra: 100)
+    edge_window: int = Field(5, ge=3)
+    edge_threshold: float = Field(0.05, gt=0)
+    constant_value: float = Field(2.0, gt=0)  # fallback backends' depth scale
+
+
+class WarpConfig(Section):
+    depth_weight_scale: float = Field(50.0, gt=0)
+
+
+class MaskConfig(Section):
+    refine: bool = True
+    threshold: float = Field(0.02, ge=0)
+    downsample: int = Field(4, ge=1)
+
+
+class GeneratorConfig(Section):
+    backend: Literal["oracle", "warp_only"] = "oracle"
+
+
+class RunConfig(Section):
+    """Everything that determines a dataset; its sections feed the content keys of the stages they drive."""
+
+    seed: int = 0
+    scenes: ScenesConfig = ScenesConfig()
+    video: VideoConfig = VideoConfig()
+    trajectories: TrajectoryConfig = TrajectoryConfig()
+    depth: DepthConfig = DepthConfig()
+    warp: WarpConfig = WarpConfig()
+    mask: MaskConfig = MaskConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.scenes.source == "images" and not self.scenes.images_dir:
+            raise ValueError("scenes.images_dir is required when scenes.source is 'images'")
+        if self.scenes.source == "images" and self.depth.backend == "procedural":
+            raise ValueError("depth.backend 'procedural' needs procedural scenes; use 'constant', 'planar' "
+                             "or 'file' for images")
+        if self.scenes.source == "procedural" and self.depth.backend == "file":
+            raise ValueError("depth.backend 'file' reads NAME.depth.npy beside input images; procedural scenes "
+                             "have exact depth ('procedural')")
+        if self.scenes.source == "images" and self.generator.backend == "oracle":
+            raise ValueError("generator.backend 'oracle' renders procedural scenes only; use 'warp_only' "
+                             "for images")
+        return self
+
+    @property
+    def trajectory_names(self) -> list[str]:
+        return ["custom"] if self.trajectories.custom else list(self.trajectories.names)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CI-sized: 2 scenes x 6 paths x 9 frames at 88x160.
+    "smoke": {},
+    # Laptop-sized default: 6 scenes x 6 paths x 25 frames at 176x320 (a quarter of Lyra's 704x1280).
+    "default": {"scenes": {"num_scenes": 6}, "video": {"height": 176, "width": 320, "num_frames": 25}},
+    # Lyra-1's SDG format: 121 frames at 704x1280 (needs a GPU-sized machine for the real generator).
+    "paper": {"scenes": {"num_scenes": 8}, "video": {"height": 704, "width": 1280, "num_frames": 121}},
+}
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _valid_keys(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
+    """Field names valid at ``path`` in the config tree (for 'did you mean' hints)."""
+    for part in path:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            valid = _valid_keys(RunConfig, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
+            lines.append(f"unknown config key {key!r}{hint} (valid keys here: {', '.join(valid)})")
+        else:
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return f"{source}: invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def build_config(
+    preset: str = "smoke", overrides: dict[str, Any] | None = None, *, source: str = "config"
+) -> RunConfig:
+    """Preset, then file/CLI overrides (nested dicts), validated into a ``RunConfig``."""
+    if preset not in PRESETS:
+        close = difflib.get_close_matches(preset, list(PRESETS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise LyraConfigError(f"unknown preset {preset!r}{hint}; valid presets: {', '.join(PRESETS)}")
+    data = _merge(PRESETS[preset], overrides or {})
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise LyraConfigError(_format_errors(err, source)) from None
+
+
+def load_config_file(path: str | Path) -> tuple[str | None, dict[str, Any]]:
+    """Read a YAML config file: returns (preset named in it or None, the override tree)."""
+    p = Path(path)
+    try:
+        doc = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise LyraConfigError(f"{p}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise LyraConfigError(f"{p}: not valid YAML ({exc})") from None
+    if not isinstance(doc, dict):
+        raise LyraConfigError(f"{p}: top level must be a mapping of config sections, got {type(doc).__name__}")
+    preset = doc.pop("preset", None)
+    return preset, doc
+
+
+def section_dict(config: RunConfig, *names: str) -> dict[str, Any]:
+    """JSON-ready dict of the named sections (``seed`` allowed), used in stage content keys."""
+    dump = config.model_dump(mode="json")
+    return {n: dump[n] for n in names}

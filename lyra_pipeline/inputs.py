@@ -1,0 +1,87 @@
+"""Reading user inputs (image folders, images, depth maps) with errors that name the file and the problem."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from lyra_ops.depth import check_user_depth
+from lyra_ops.errors import LyraInputError
+from lyra_ops.images import cover_crop_resize
+from lyra_ops.prompts import SceneRecord
+from lyra_ops.seeding import derive_seed
+from lyra_pipeline.storage import validate_scene_id
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def scan_image_folder(folder: str | Path, run_seed: int) -> list[SceneRecord]:
+    """Every ``NAME.png|jpg|jpeg|webp`` of a folder with its ``NAME.txt`` prompt (empty if absent)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise LyraInputError(f"{root}: images folder not found (expected a folder of NAME.png + NAME.txt)")
+    records = []
+    for path in sorted(root.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        scene_id = validate_scene_id(path.stem, source=str(path))
+        prompt_file = path.with_suffix(".txt")
+        if prompt_file.exists():
+            try:
+                text = prompt_file.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError as exc:
+                raise LyraInputError(f"{prompt_file}: prompt must be UTF-8 text ({exc})") from exc
+        else:
+            log.warning("%s: no prompt file %s, using an empty prompt", path, prompt_file.name)
+            text = ""
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        records.append(SceneRecord(scene_id, text, str(path.resolve()), sha, derive_seed(run_seed, scene_id),
+                                   "images"))
+    if not records:
+        raise LyraInputError(f"{root}: no images found (expected files ending in {', '.join(IMAGE_SUFFIXES)})")
+    return records
+
+
+def load_image(path: str | Path, height: int, width: int, *, expected_sha: str | None = None) -> torch.Tensor:
+    """Decode an image to (3,H,W) float in [0,1] at the video size (alpha dropped, cover-crop resize)."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise LyraInputError(f"{p}: image file not found") from None
+    if expected_sha is not None and hashlib.sha256(data).hexdigest() != expected_sha:
+        raise LyraInputError(f"{p}: image changed since the prompt bank was sampled (sha256 mismatch); "
+                             "re-run to re-sample")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise LyraInputError(f"{p}: cannot decode image ({exc}); expected a PNG/JPEG/WebP file") from exc
+    if rgb.shape[0] < 8 or rgb.shape[1] < 8:
+        raise LyraInputError(f"{p}: image is {rgb.shape[1]}x{rgb.shape[0]} pixels; expected at least 8x8")
+    image = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255.0
+    return cover_crop_resize(image, height, width)
+
+
+def load_depth_file(path: str | Path, height: int, width: int) -> torch.Tensor:
+    """A user depth map ``NAME.depth.npy`` (H,W) float metric z-depth, resized (nearest) to the video size."""
+    p = Path(path)
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001
+        raise LyraInputError(f"{p}: cannot read depth as a .npy array ({exc})") from exc
+    depth = torch.from_numpy(np.asarray(arr, dtype=np.float32))
+    check_user_depth(depth, source=str(p))
+    h, w = depth.shape
+    scale = max(height / h, width / w)
+    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
+    resized = torch.nn.functional.interpolate(depth[None, None], size=(new_h, new_w), mode="nearest")[0, 0]
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    return resized[top : top + height, left : left + width].contiguous()

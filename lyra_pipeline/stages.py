@@ -1,0 +1,127 @@
+"""Stage identity and bookkeeping: content keys for every stage of a scene, and the skip-if-done guard.
+
+Keys are a pure function of the config and the scene record, so any process can tell what is done without
+reading array data: a stage is done iff its manifest row says ``done`` under the key planned now.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lyra_ops.errors import LyraStorageError
+from lyra_ops.prompts import SceneRecord
+from lyra_pipeline.config import RunConfig, section_dict
+from lyra_pipeline.storage import ManifestRow, RunStore, content_key
+
+# Bump a stage's version when its code changes what it writes: finished work is then redone.
+STAGE_VERSIONS = {"input": 1, "depth": 1, "cameras": 1, "warp": 1, "refine": 1, "generate": 1}
+UPSTREAM = {"depth": "input", "cameras": "input", "warp": "cameras", "refine": "warp", "generate": "refine"}
+
+
+def _file_sha(path: str | None) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else ""
+
+
+@dataclass(frozen=True)
+class SceneKeys:
+    """Content keys of every stage of one scene: scene-level and per trajectory."""
+
+    input: str
+    depth: str
+    per_trajectory: dict[str, dict[str, str]]  # trajectory -> stage -> key
+
+    def key(self, stage: str, trajectory: str = "") -> str:
+        return getattr(self, stage) if stage in ("input", "depth") else self.per_trajectory[trajectory][stage]
+
+
+def plan_keys(config: RunConfig, scene: SceneRecord) -> SceneKeys:
+    """Every stage key of ``scene`` under ``config`` (no I/O except hashing a custom trajectory file)."""
+    v = STAGE_VERSIONS
+    video = section_dict(config, "video")
+    k_input = content_key(
+        "input", v["input"], {**video, "source": config.scenes.source, "kind": config.scenes.scene_kind},
+        {"scene": scene.content_sha, "seed": str(scene.seed)},
+    )
+    k_depth = content_key("depth", v["depth"], section_dict(config, "depth"), {"input": k_input})
+    traj_params = {**section_dict(config, "trajectories", "video"),
+                   "custom_sha": _file_sha(config.trajectories.custom)}
+    per_traj: dict[str, dict[str, str]] = {}
+    for name in config.trajectory_names:
+        k_cam = content_key("cameras", v["cameras"], {**traj_params, "name": name}, {"input": k_input})
+        warp_params = {**section_dict(config, "warp"), "edge_window": config.depth.edge_window,
+                       "edge_threshold": config.depth.edge_threshold}
+        k_warp = content_key("warp", v["warp"], warp_params, {"depth": k_depth, "cameras": k_cam})
+        k_refine = content_key("refine", v["refine"], {**section_dict(config, "mask"), **warp_params},
+                               {"warp": k_warp})
+        k_gen = content_key("generate", v["generate"], section_dict(config, "generator"),
+                            {"refine": k_refine, "input": k_input, "cameras": k_cam})
+        per_traj[name] = {"cameras": k_cam, "warp": k_warp, "refine": k_refine, "generate": k_gen}
+    return SceneKeys(k_input, k_depth, per_traj)
+
+
+@dataclass
+class StageReport:
+    """What one task did: how many (scene, trajectory) units it computed and how many it found done."""
+
+    scene_id: str
+    stage: str
+    computed: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    trajectories: list[str] = field(default_factory=list)
+
+
+class StageRun:
+    """Guard around one unit of stage work: skip if done; else mark running, run, then mark done or failed.
+
+    Usage::
+
+        with StageRun(store, scene_id, trajectory, "warp", key, run_id, report) as run:
+            if not run.skip:
+                ...compute and write arrays...
+    """
+
+    def __init__(self, store: RunStore, scene_id: str, trajectory: str, stage: str, key: str, run_id: str,
+                 report: StageReport) -> None:
+        self.store, self.scene_id, self.trajectory, self.stage, self.key = store, scene_id, trajectory, stage, key
+        self.run_id, self.report = run_id, report
+        self.skip = store.is_done(scene_id, trajectory, stage, key)
+
+    def _row(self, status: str, duration: float = 0.0, error: str = "") -> ManifestRow:
+        return ManifestRow(self.scene_id, self.trajectory, self.stage, status, self.key, duration, error,
+                           self.run_id)
+
+    def __enter__(self) -> StageRun:
+        if self.skip:
+            self.report.skipped += 1
+        else:
+            self.store.record([self._row("running")])
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.skip:
+            return False
+        duration = time.perf_counter() - self._t0
+        if exc is not None:
+            summary = "".join(traceback.format_exception_only(exc_type, exc)).strip()
+            self.store.record([self._row("failed", duration, summary[:2000])])
+            return False
+        self.store.record([self._row("done", duration)])
+        self.report.computed += 1
+        self.report.seconds += duration
+        return False
+
+
+def require_done(store: RunStore, scene_id: str, stage: str, key: str, trajectory: str = "") -> None:
+    """Refuse to read an upstream stage that is not done under the expected key (stale or missing data)."""
+    if not store.is_done(scene_id, trajectory, stage, key):
+        where = f"{scene_id}/{trajectory}" if trajectory else scene_id
+        raise LyraStorageError(
+            f"{store.url}: stage {stage!r} of {where} is not done for the current config "
+            f"(expected key {key}); run it first, e.g. `lyra stage {stage}`"
+        )

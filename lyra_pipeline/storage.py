@@ -1,0 +1,289 @@
+"""The run store: the ONLY module that knows paths, Zarr groups and Parquet tables (see storage_layout.md).
+
+A store is a folder (local path or any fsspec URL) holding:
+
+* ``store.json``                     format marker and version
+* ``prompts.parquet``                the scene list of the run(s): scene_id, text, image_path, seed, ...
+* ``scenes.zarr/<scene_id>/...``     Zarr v3 group per scene with every array the stages write
+* ``manifest/<scene_id>.parquet``    one row per (scene, trajectory, stage): status, content key, timing, error
+* ``runs/<run_id>.json``             what each run computed, reused and failed
+
+Data are written first; a stage is recorded ``done`` under its content key only after its arrays are complete,
+so a crash leaves at most a ``running`` row whose data the next run rewrites.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from fsspec.implementations.local import LocalFileSystem
+
+from lyra_ops.errors import LyraInputError, LyraStorageError
+
+STORE_FORMAT = "lyra-store"
+STORE_VERSION = 1
+SCENE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+SCENE_STAGES = ("input", "depth")
+TRAJECTORY_STAGES = ("cameras", "warp", "refine", "generate")
+STAGES = SCENE_STAGES + TRAJECTORY_STAGES
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("scene_id", pa.string()),
+        ("trajectory", pa.string()),  # "" for scene-level stages
+        ("stage", pa.string()),
+        ("status", pa.string()),  # running | done | failed
+        ("key", pa.string()),
+        ("duration_s", pa.float64()),
+        ("error", pa.string()),
+        ("run_id", pa.string()),
+        ("updated_at", pa.float64()),
+    ]
+)
+PROMPT_SCHEMA = pa.schema(
+    [
+        ("scene_id", pa.string()),
+        ("text", pa.string()),
+        ("image_path", pa.string()),  # null for procedural scenes
+        ("content_sha", pa.string()),  # sha256 of the image bytes, or of the procedural scene recipe
+        ("seed", pa.int64()),
+        ("source", pa.string()),  # procedural | images
+    ]
+)
+
+
+def validate_scene_id(scene_id: str, *, source: str = "scene id") -> str:
+    """Scene ids name folders and files: plain ASCII names only, never paths."""
+    if not isinstance(scene_id, str) or not SCENE_ID_RE.match(scene_id) or ".." in scene_id:
+        raise LyraInputError(
+            f"{source}: invalid scene id {scene_id!r}; expected 1-128 characters from [A-Za-z0-9_.-], "
+            "starting with a letter or digit, without '..' or '/'"
+        )
+    return scene_id
+
+
+def content_key(stage: str, version: int, params: dict[str, Any], inputs: dict[str, str]) -> str:
+    """Content hash of a stage: its name and code version, its config section, its inputs' keys."""
+    blob = json.dumps(
+        {"stage": stage, "version": version, "params": params, "inputs": inputs}, sort_keys=True, default=str
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+@dataclass
+class ManifestRow:
+    scene_id: str
+    trajectory: str
+    stage: str
+    status: str
+    key: str
+    duration_s: float = 0.0
+    error: str = ""
+    run_id: str = ""
+    updated_at: float = field(default_factory=time.time)
+
+
+class RunStore:
+    """A run store at a local path or fsspec URL (``s3://``, ``memory://``, ...)."""
+
+    def __init__(self, url: str | os.PathLike[str], *, create: bool = True) -> None:
+        self.url = str(url)
+        try:
+            self.fs, root = fsspec.core.url_to_fs(self.url)
+        except Exception as exc:  # noqa: BLE001 - unknown protocol, missing driver...
+            raise LyraStorageError(f"store {self.url!r}: cannot open ({exc})") from exc
+        self.root = root.rstrip("/")
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self._manifest_cache: dict[str, dict[tuple[str, str], ManifestRow]] = {}
+        marker = self._path("store.json")
+        if self.fs.exists(marker):
+            meta = json.loads(self.fs.cat_file(marker))
+            if meta.get("format") != STORE_FORMAT:
+                raise LyraStorageError(f"{self.url}: store.json does not describe a {STORE_FORMAT} store")
+        elif create:
+            try:
+                self.fs.makedirs(self.root, exist_ok=True)
+                self._write_bytes("store.json", json.dumps({"format": STORE_FORMAT, "version": STORE_VERSION})
+                                  .encode())
+            except OSError as exc:
+                raise LyraStorageError(f"store {self.url!r}: cannot write ({exc})") from exc
+        else:
+            raise LyraStorageError(f"{self.url}: not a lyra store (no store.json)")
+        self._zroot = zarr.open_group(store=self._zarr_store(), mode="a")
+
+    # --- paths and raw bytes ----------------------------------------------------------------------------
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def _zarr_store(self) -> zarr.abc.store.Store:
+        if self.is_local:
+            return zarr.storage.LocalStore(self._path("scenes.zarr"))
+        return zarr.storage.FsspecStore.from_url(self.url.rstrip("/") + "/scenes.zarr")
+
+    def _write_bytes(self, rel: str, data: bytes) -> None:
+        """Atomic write: temp file + rename locally; object stores publish a PUT atomically."""
+        path = self._path(rel)
+        if self.is_local:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)
+
+    def _read_bytes(self, rel: str) -> bytes | None:
+        path = self._path(rel)
+        try:
+            return self.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+
+    def clean_partial_files(self) -> int:
+        """Remove temporary files a killed writer may have left (``*.tmp`` here, ``*.partial`` from Zarr)."""
+        if not self.is_local:
+            return 0
+        removed = 0
+        for pattern in ("**/*.partial", "manifest/*.tmp", "*.tmp", "runs/*.tmp"):
+            for p in Path(self.root).glob(pattern):
+                p.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    # --- prompts --------------------------------------------------------------------------------------------
+    def write_prompts(self, rows: list[dict[str, Any]]) -> bool:
+        """Record the scene list; rewrites nothing when it is unchanged. Returns True if written."""
+        table = pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA)
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        data = buf.getvalue()
+        old = self._read_bytes("prompts.parquet")
+        if old is not None and pq.read_table(io.BytesIO(old)).equals(table):
+            return False
+        self._write_bytes("prompts.parquet", data)
+        return True
+
+    def read_prompts(self) -> list[dict[str, Any]]:
+        data = self._read_bytes("prompts.parquet")
+        if data is None:
+            return []
+        return pq.read_table(io.BytesIO(data)).to_pylist()
+
+    # --- manifest -------------------------------------------------------------------------------------------
+    def _manifest_rel(self, scene_id: str) -> str:
+        return f"manifest/{validate_scene_id(scene_id)}.parquet"
+
+    def scene_manifest(self, scene_id: str) -> dict[tuple[str, str], ManifestRow]:
+        """Rows of one scene keyed by (trajectory, stage); cached per process (one writer per scene)."""
+        if scene_id not in self._manifest_cache:
+            data = self._read_bytes(self._manifest_rel(scene_id))
+            rows = pq.read_table(io.BytesIO(data)).to_pylist() if data is not None else []
+            self._manifest_cache[scene_id] = {
+                (r["trajectory"], r["stage"]): ManifestRow(**r) for r in rows
+            }
+        return self._manifest_cache[scene_id]
+
+    def is_done(self, scene_id: str, trajectory: str, stage: str, key: str) -> bool:
+        row = self.scene_manifest(scene_id).get((trajectory, stage))
+        return row is not None and row.status == "done" and row.key == key
+
+    def record(self, rows: Iterable[ManifestRow]) -> None:
+        """Upsert manifest rows (all of one scene) and write that scene's manifest file atomically."""
+        rows = list(rows)
+        if not rows:
+            return
+        scene_id = rows[0].scene_id
+        current = self.scene_manifest(scene_id)
+        for r in rows:
+            if r.scene_id != scene_id:
+                raise ValueError("record() takes rows of one scene at a time")
+            current[(r.trajectory, r.stage)] = r
+        ordered = sorted(current.values(), key=lambda r: (r.trajectory, STAGES.index(r.stage)
+                                                           if r.stage in STAGES else 99))
+        table = pa.Table.from_pylist([asdict(r) for r in ordered], schema=MANIFEST_SCHEMA)
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        self._write_bytes(self._manifest_rel(scene_id), buf.getvalue())
+
+    def read_manifest(self) -> pa.Table:
+        """All scenes' manifest rows as one table (empty table if nothing was recorded yet)."""
+        path = self._path("manifest")
+        if not self.fs.exists(path):
+            return MANIFEST_SCHEMA.empty_table()
+        files = sorted(p for p in self.fs.ls(path, detail=False) if p.endswith(".parquet"))
+        if not files:
+            return MANIFEST_SCHEMA.empty_table()
+        tables = [pq.read_table(io.BytesIO(self.fs.cat_file(f)), schema=MANIFEST_SCHEMA) for f in files]
+        return pa.concat_tables(tables)
+
+    # --- arrays -----------------------------------------------------------------------------------------------
+    def scene_group(self, scene_id: str) -> zarr.Group:
+        validate_scene_id(scene_id)
+        return self._zroot.require_group(scene_id)
+
+    def write_array(
+        self,
+        scene_id: str,
+        name: str,
+        data: np.ndarray,
+        *,
+        chunks: tuple[int, ...] | None = None,
+        attrs: dict[str, Any] | None = None,
+    ) -> None:
+        """(Over)write array ``name`` (e.g. ``trajectories/left/warp/rgb``) of a scene, whole."""
+        group = self.scene_group(scene_id)
+        arr = group.create_array(
+            name, shape=data.shape, dtype=data.dtype, chunks=chunks or data.shape, overwrite=True
+        )
+        arr[...] = data
+        if attrs:
+            arr.attrs.update(attrs)
+
+    def read_array(self, scene_id: str, name: str) -> np.ndarray:
+        try:
+            arr = self.scene_group(scene_id)[name]
+        except KeyError:
+            raise LyraStorageError(f"{self.url}: scene {scene_id!r} has no array {name!r}") from None
+        return np.asarray(arr[...])
+
+    def has_array(self, scene_id: str, name: str) -> bool:
+        try:
+            self.scene_group(scene_id)[name]
+        except KeyError:
+            return False
+        return True
+
+    def list_arrays(self, scene_id: str) -> dict[str, zarr.Array]:
+        """Every array of a scene by its path inside the scene group."""
+        group = self.scene_group(scene_id)
+        return {path: arr for path, arr in group.members(max_depth=None) if isinstance(arr, zarr.Array)}
+
+    def scene_ids(self) -> list[str]:
+        return sorted(name for name, _ in self._zroot.groups())
+
+    # --- runs -------------------------------------------------------------------------------------------------
+    def write_run_summary(self, run_id: str, summary: dict[str, Any]) -> None:
+        self._write_bytes(f"runs/{run_id}.json", json.dumps(summary, indent=2, sort_keys=True).encode())
+
+    def run_summaries(self) -> list[dict[str, Any]]:
+        path = self._path("runs")
+        if not self.fs.exists(path):
+            return []
+        out = [json.loads(self.fs.cat_file(p)) for p in self.fs.ls(path, detail=False) if p.endswith(".json")]
+        return sorted(out, key=lambda s: s.get("started_at", 0))

@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+
+from lyra_ops.errors import LyraInputError, LyraStorageError
+from lyra_pipeline.storage import ManifestRow, RunStore, content_key, validate_scene_id
+
+
+@pytest.mark.parametrize("bad", ["../etc", "a/b", "a..b", "", ".hidden", "x" * 200, "a b", "é"])
+def test_scene_id_rejects_paths_and_odd_names(bad):
+    with pytest.raises(LyraInputError, match="invalid scene id"):
+        validate_scene_id(bad, source="bank.parquet")
+
+
+def test_scene_id_accepts_plain_names():
+    for ok in ["proc-000001", "00", "my_scene.v2"]:
+        assert validate_scene_id(ok) == ok
+
+
+def test_content_key_depends_on_everything():
+    base = content_key("warp", 1, {"a": 1}, {"depth": "k"})
+    assert base == content_key("warp", 1, {"a": 1}, {"depth": "k"})
+    assert base != content_key("warp", 2, {"a": 1}, {"depth": "k"})
+    assert base != content_key("warp", 1, {"a": 2}, {"depth": "k"})
+    assert base != content_key("warp", 1, {"a": 1}, {"depth": "k2"})
+    assert base != content_key("refine", 1, {"a": 1}, {"depth": "k"})
+
+
+@pytest.mark.parametrize("url_kind", ["local", "memory"])
+def test_manifest_and_arrays_round_trip(tmp_path, url_kind):
+    url = str(tmp_path / "store") if url_kind == "local" else f"memory://lyra-test-{tmp_path.name}"
+    store = RunStore(url)
+    store.record([ManifestRow("s1", "", "input", "running", "k1")])
+    store.record([ManifestRow("s1", "", "input", "done", "k1", 0.5)])
+    store.record([ManifestRow("s1", "left", "warp", "failed", "k2", 0.1, "LyraInputError: bad")])
+    fresh = RunStore(url)  # no cache: reads files
+    assert fresh.is_done("s1", "", "input", "k1")
+    assert not fresh.is_done("s1", "", "input", "other-key")
+    assert not fresh.is_done("s1", "left", "warp", "k2")
+    table = fresh.read_manifest().to_pylist()
+    assert {(r["stage"], r["status"]) for r in table} == {("input", "done"), ("warp", "failed")}
+    data = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    fresh.write_array("s1", "trajectories/left/warp/depth", data, chunks=(1, 3, 4), attrs={"x": 1})
+    assert np.array_equal(RunStore(url).read_array("s1", "trajectories/left/warp/depth"), data)
+    assert "trajectories/left/warp/depth" in fresh.list_arrays("s1")
+    assert fresh.scene_ids() == ["s1"]
+    with pytest.raises(LyraStorageError, match="has no array 'nope'"):
+        fresh.read_array("s1", "nope")
+
+
+def test_prompts_not_rewritten_when_unchanged(tmp_path):
+    store = RunStore(tmp_path / "s")
+    rows = [{"scene_id": "a", "text": "t", "image_path": None, "content_sha": "x", "seed": 1, "source": "procedural"}]
+    assert store.write_prompts(rows) is True
+    mtime = (tmp_path / "s" / "prompts.parquet").stat().st_mtime_ns
+    assert store.write_prompts(rows) is False
+    assert (tmp_path / "s" / "prompts.parquet").stat().st_mtime_ns == mtime
+    assert store.read_prompts() == rows
+
+
+def test_store_errors(tmp_path):
+    with pytest.raises(LyraStorageError, match="not a lyra store"):
+        RunStore(tmp_path / "nothing", create=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "store.json").write_text('{"format": "something-else"}')
+    with pytest.raises(LyraStorageError, match="does not describe a lyra-store"):
+        RunStore(tmp_path / "other")
+    with pytest.raises(LyraStorageError, match="cannot open"):
+        RunStore("nosuchprotocol://bucket/x")
+
+
+def test_clean_partial_files(tmp_path):
+    store = RunStore(tmp_path / "s")
+    store.write_array("a", "input/K", np.eye(3, dtype=np.float32))
+    junk = tmp_path / "s" / "scenes.zarr" / "a" / "input" / "K" / "c" / "0.partial"
+    junk.parent.mkdir(parents=True, exist_ok=True)
+    junk.write_bytes(b"x")
+    (tmp_path / "s" / "manifest").mkdir(exist_ok=True)
+    (tmp_path / "s" / "manifest" / "a.parquet.123.tmp").write_bytes(b"x")
+    assert store.clean_partial_files() == 2
+    assert not junk.exists()
