@@ -7,6 +7,7 @@ Convention used by the whole project: OpenCV axes (x right, y down, z forward), 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -74,9 +75,15 @@ def intrinsics_matrix(fx: torch.Tensor, fy: torch.Tensor, cx: torch.Tensor, cy: 
 
 
 def default_intrinsics(height: int, width: int, hfov_deg: float = 65.0) -> torch.Tensor:
-    """Square-pixel intrinsics (3,3) with a centred principal point (W/2, H/2) and the given horizontal FOV."""
-    focal = (width / 2.0) / torch.tan(torch.deg2rad(torch.tensor(hfov_deg, dtype=torch.float64)) / 2.0)
-    return intrinsics_matrix(focal, focal, torch.tensor(width / 2.0), torch.tensor(height / 2.0)).float()
+    """Square-pixel intrinsics (3,3) float32 with a centred principal point (W/2, H/2) and horizontal FOV."""
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise LyraInputError(f"{name} must be a positive int, got {value!r}")
+    if not isinstance(hfov_deg, int | float) or not math.isfinite(hfov_deg) or not 0.0 < hfov_deg < 180.0:
+        raise LyraInputError(f"hfov_deg must be a finite number of degrees in (0, 180), got {hfov_deg!r}")
+    focal = (width / 2.0) / math.tan(math.radians(hfov_deg) / 2.0)
+    k = torch.tensor([[focal, 0.0, width / 2.0], [0.0, focal, height / 2.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    return k.float()
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lyra_ops.cameras import SE3_TOLERANCE, check_se3, default_intrinsics
 from lyra_ops.errors import LyraInputError
 
 __all__ = [
@@ -59,9 +60,10 @@ ROOM_SURFACE_IDS: dict[str, int] = {
     "right_wall": 5,
 }
 _FIRST_OBJECT_ID = 6
-_SE3_TOL = 1e-3
+_SE3_TOL = SE3_TOLERANCE
 _DEFAULT_CHUNK_PIXELS = 1 << 16
 _RENDER_TMIN = 1e-5  # rays start this far (in units of the unnormalised pixel ray, |d| >= 1) past the centre
+_QUERY_CHUNK = 1 << 17  # rays per chunk in first_hit / visible_from
 _QUERY_TMIN = 1e-9  # metres, for first_hit / visible_from (computed in float64)
 _VISIBLE_ABS_EPS = 1e-6  # metres
 
@@ -97,19 +99,6 @@ _WOODS = (
 # ----------------------------------------------------------------------------------------------------------
 # Public helpers
 # ----------------------------------------------------------------------------------------------------------
-
-
-def default_intrinsics(height: int, width: int, hfov_deg: float = 65.0) -> torch.Tensor:
-    """Square-pixel intrinsics (3,3) float32, principal point (W/2, H/2), horizontal FOV ``hfov_deg``."""
-    _check_positive_int(height, "height")
-    _check_positive_int(width, "width")
-    if not isinstance(hfov_deg, (int, float)) or not math.isfinite(hfov_deg) or not 0.0 < hfov_deg < 180.0:
-        raise LyraInputError(f"hfov_deg must be a finite number of degrees in (0, 180), got {hfov_deg!r}")
-    focal = (width / 2.0) / math.tan(math.radians(hfov_deg) / 2.0)
-    k = torch.tensor(
-        [[focal, 0.0, width / 2.0], [0.0, focal, height / 2.0], [0.0, 0.0, 1.0]], dtype=torch.float64
-    )
-    return k.float()
 
 
 def look_at_c2w(eye: Any, target: Any) -> torch.Tensor:
@@ -193,21 +182,7 @@ def _check_cameras(c2w: Any, K: Any) -> tuple[torch.Tensor, torch.Tensor]:
         )
     _require_finite(c2w_t, "c2w")
     _require_finite(k_t, "K")
-    bottom = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
-    bad_row = (c2w_t[:, 3, :] - bottom).abs().amax(dim=1) > _SE3_TOL
-    if bool(bad_row.any()):
-        i = int(bad_row.nonzero()[0])
-        raise LyraInputError(f"c2w[{i}] last row must be [0, 0, 0, 1], got {c2w_t[i, 3].tolist()}")
-    rot = c2w_t[:, :3, :3]
-    ortho = (rot.transpose(1, 2) @ rot - torch.eye(3, dtype=torch.float64)).abs().flatten(1).amax(dim=1)
-    det = torch.linalg.det(rot)
-    bad = (ortho > _SE3_TOL) | ((det - 1.0).abs() > _SE3_TOL)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0])
-        raise LyraInputError(
-            f"c2w[{i}] must be a rigid transform (orthonormal rotation, det +1, tolerance {_SE3_TOL}), got "
-            f"|R^T R - I| = {float(ortho[i]):.3g}, det = {float(det[i]):.6g}"
-        )
+    check_se3(c2w_t, name="c2w", tol=_SE3_TOL)
     last = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
     bad_k = ((k_t[:, 2, :] - last).abs().amax(dim=1) > 1e-6) | (k_t[:, 0, 0] <= 0) | (k_t[:, 1, 1] <= 0)
     bad_k |= k_t[:, 1, 0].abs() > 1e-9
@@ -1020,6 +995,20 @@ class ProceduralScene:
             id_best = torch.where(closer, torch.full_like(id_best, prim.obj_id), id_best)
         return t_best, id_best
 
+    def _trace_chunked(
+        self, o: torch.Tensor, d: torch.Tensor, tmin: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_trace` over (M,3) origins / directions, ``_QUERY_CHUNK`` rays at a time."""
+        m = o.shape[0]
+        t_out = torch.empty(m, dtype=d.dtype)
+        id_out = torch.empty(m, dtype=torch.int16)
+        for s in range(0, m, _QUERY_CHUNK):
+            e = min(m, s + _QUERY_CHUNK)
+            t, ids = self._trace(o[s:e].unbind(1), d[s:e].unbind(1), tmin)
+            t_out[s:e] = t
+            id_out[s:e] = ids
+        return t_out, id_out
+
     def _normals(self, p: _Vec, ids: torch.Tensor) -> _Vec:
         """Outward (objects) / inward (room) unit normals at hit points: a function of point and id only."""
         nx, ny, nz = torch.zeros_like(p[0]), torch.zeros_like(p[0]), torch.zeros_like(p[0])
@@ -1219,7 +1208,7 @@ class ProceduralScene:
             i = int((norm[:, 0] == 0).nonzero()[0])
             raise LyraInputError(f"dirs must be non-zero vectors, got dirs[{i}] = {d[i].tolist()}")
         d = d / norm
-        t, ids = self._trace(o.unbind(1), d.unbind(1), _QUERY_TMIN)
+        t, ids = self._trace_chunked(o, d, _QUERY_TMIN)
         out_dtype = (
             origins.dtype if isinstance(origins, torch.Tensor) and origins.is_floating_point() else None
         )
@@ -1249,7 +1238,7 @@ class ProceduralScene:
         if bool(nz.any()):
             dirs = vec[nz] / dist[nz].unsqueeze(1)
             o = c.unsqueeze(0).expand_as(dirs)
-            t, _ = self._trace(o.unbind(1), dirs.unbind(1), _QUERY_TMIN)
+            t, _ = self._trace_chunked(o, dirs, _QUERY_TMIN)
             vis[nz] = t >= dist[nz] * (1.0 - rel_tol) - _VISIBLE_ABS_EPS
         return vis
 

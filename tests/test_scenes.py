@@ -122,6 +122,8 @@ def test_prompt_and_describe() -> None:
         for o in objs:
             assert 0.7 <= o["center"][2] <= 3.5
     assert len(prompts) == 12
+    big = make_scene(2**63 - 1)  # the pipeline derives 63-bit seeds
+    assert big.seed == 2**63 - 1 and json.loads(json.dumps(big.describe()))["seed"] == 2**63 - 1
 
 
 def test_render_shapes_types_and_ranges(scene: ProceduralScene) -> None:

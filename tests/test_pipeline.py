@@ -1,0 +1,226 @@
+"""End-to-end: the generate-dataset flow, idempotence, resume after SIGKILL, determinism, bad inputs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from flows.generate_dataset import PipelineFailed, generate_dataset
+from lyra_pipeline.cli import app
+from lyra_pipeline.config import build_config
+from lyra_pipeline.storage import RunStore
+from tasks.sdg import SCENE_TASKS, sample_prompts
+
+SMALL = {"video": {"height": 48, "width": 80, "num_frames": 5},
+         "trajectories": {"names": ["left", "zoom_in", "clockwise"]}}
+
+
+def store_snapshot(root: Path) -> dict[str, int]:
+    """mtime of every file of a store except run summaries (which each run adds)."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")
+            if p.is_file() and "runs" not in p.relative_to(root).parts}
+
+
+def all_arrays(url: str) -> dict[str, np.ndarray]:
+    store = RunStore(url, create=False)
+    return {f"{sid}/{name}": np.asarray(arr[...]) for sid in store.scene_ids()
+            for name, arr in store.list_arrays(sid).items()}
+
+
+def assert_same_arrays(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), f"array {k} differs"
+
+
+@pytest.fixture(scope="module")
+def finished_store(tmp_path_factory, prefect_harness) -> Path:
+    root = tmp_path_factory.mktemp("flow") / "store"
+    summary = generate_dataset(store=str(root), preset="smoke", overrides=SMALL)
+    assert summary["failed_scenes"] == []
+    assert summary["computed"] == 2 * (2 + 4 * 3) and summary["skipped"] == 0
+    return root
+
+
+def test_flow_completes_every_stage(finished_store):
+    store = RunStore(finished_store, create=False)
+    rows = store.read_manifest().to_pylist()
+    assert len(rows) == 2 * (2 + 4 * 3) and all(r["status"] == "done" for r in rows)
+    teacher = store.read_array("proc-000000", "trajectories/left/teacher/rgb")
+    assert teacher.shape == (5, 3, 48, 80) and teacher.dtype == np.uint8
+    # frame 0 of every path is the input view
+    assert np.array_equal(teacher[0], store.read_array("proc-000000", "input/rgb"))
+    # refinement only ever removes pixels from the splat mask
+    plain = store.read_array("proc-000000", "trajectories/left/warp/mask")
+    refined = store.read_array("proc-000000", "trajectories/left/refine/mask")
+    assert not (refined & ~plain).any()
+
+
+def test_second_run_does_no_work_and_rewrites_nothing(finished_store, prefect_harness):
+    before = store_snapshot(finished_store)
+    summary = generate_dataset(store=str(finished_store), preset="smoke", overrides=SMALL)
+    assert summary["computed"] == 0 and summary["skipped"] == 2 * (2 + 4 * 3)
+    assert store_snapshot(finished_store) == before
+    result = CliRunner().invoke(app, ["status", "--store", str(finished_store)])
+    assert result.exit_code == 0, result.output
+    assert "computed 0, reused 28" in " ".join(result.output.split())
+
+
+def test_order_and_batch_independence(finished_store, tmp_path):
+    """Running stages scene by scene, in reverse order and without Prefect gives bit-identical arrays."""
+    cfg = build_config("smoke", SMALL)
+    url = str(tmp_path / "reverse")
+    scenes = sample_prompts.fn(url, cfg)
+    for s in reversed(scenes):
+        for name in SCENE_TASKS:
+            SCENE_TASKS[name].fn(url, cfg, s)
+    assert_same_arrays(all_arrays(url), all_arrays(str(finished_store)))
+    # a bigger batch contains the same first scenes
+    cfg3 = build_config("smoke", {**SMALL, "scenes": {"num_scenes": 3}})
+    url3 = str(tmp_path / "three")
+    s3 = sample_prompts.fn(url3, cfg3)
+    for name in SCENE_TASKS:
+        SCENE_TASKS[name].fn(url3, cfg3, s3[1])
+    ref = all_arrays(str(finished_store))
+    got = all_arrays(url3)
+    assert_same_arrays(got, {k: v for k, v in ref.items() if k.startswith("proc-000001/")})
+
+
+def test_config_change_reruns_only_affected_stages(finished_store, tmp_path):
+    import shutil
+
+    url = tmp_path / "copy"
+    shutil.copytree(finished_store, url)
+    cfg = build_config("smoke", {**SMALL, "mask": {"threshold": 0.05}})
+    counts = {}
+    for s in sample_prompts.fn(str(url), cfg):
+        for name, task in SCENE_TASKS.items():
+            counts[name] = counts.get(name, 0) + task.fn(str(url), cfg, s).computed
+    assert counts == {"input": 0, "depth": 0, "cameras": 0, "warp": 0, "refine": 6, "generate": 6}
+
+
+def test_storage_layout_document_matches_store(finished_store):
+    doc = (Path(__file__).resolve().parents[1] / "storage_layout.md").read_text()
+    documented = {}
+    for line in doc.splitlines():
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 4 and "/" in cells[0] and cells[1].startswith("("):
+            documented[cells[0]] = (cells[1], cells[2], cells[3])
+    store = RunStore(finished_store, create=False)
+    sym = {"T": 5, "H": 48, "W": 80}
+    seen = set()
+    for sid in store.scene_ids():
+        for name, arr in store.list_arrays(sid).items():
+            parts = name.split("/")
+            key = "/".join(["trajectories", "<trajectory>", *parts[2:]]) if parts[0] == "trajectories" else name
+            assert key in documented, f"{name} is written but not documented in storage_layout.md"
+            shape, dtype, chunks = documented[key]
+            expect = tuple(eval(shape, {}, sym))  # noqa: S307 - symbols from our own document
+            assert arr.shape == expect, f"{name}: shape {arr.shape}, documented {shape}"
+            assert str(arr.dtype) == dtype, f"{name}: dtype {arr.dtype}, documented {dtype}"
+            assert tuple(arr.chunks) == tuple(eval(chunks, {}, sym)), f"{name}: chunks {arr.chunks} vs {chunks}"
+            seen.add(key)
+    assert seen == set(documented), f"documented but not written: {set(documented) - seen}"
+    for f in ("store.json", "prompts.parquet", "manifest/proc-000000.parquet"):
+        assert (finished_store / f).exists() and f.split("/")[0] in doc
+    from lyra_pipeline.storage import MANIFEST_SCHEMA, PROMPT_SCHEMA
+
+    for col in MANIFEST_SCHEMA.names + PROMPT_SCHEMA.names:
+        assert f"| `{col}` |" in doc, f"column {col} not documented"
+
+
+def test_bad_image_fails_alone_and_is_recorded(tmp_path, examples_dir, prefect_harness):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.open(examples_dir / "samples" / "02.png").resize((160, 90)).save(images / "good.png")
+    (images / "good.txt").write_text("a harbour")
+    (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    (images / "corrupt.txt").write_text("broken")
+    url = str(tmp_path / "store")
+    over = {**SMALL, "scenes": {"source": "images", "images_dir": str(images), "num_scenes": 2},
+            "depth": {"backend": "planar"}, "generator": {"backend": "warp_only"}}
+    with pytest.raises(PipelineFailed, match="corrupt"):
+        generate_dataset(store=url, preset="smoke", overrides=over)
+    store = RunStore(url, create=False)
+    rows = store.read_manifest().to_pylist()
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert len(failed) == 1 and failed[0]["scene_id"] == "corrupt" and failed[0]["stage"] == "input"
+    assert "corrupt.png: cannot decode image" in failed[0]["error"]
+    good = [r for r in rows if r["scene_id"] == "good"]
+    assert len(good) == 2 + 4 * 3 and all(r["status"] == "done" for r in good)
+    result = CliRunner().invoke(app, ["status", "--store", url, "--failed"])
+    assert "corrupt.png: cannot decode image" in " ".join(result.output.split())
+
+
+def test_cli_errors_are_clear(tmp_path):
+    runner = CliRunner()
+    cfg = tmp_path / "typo.yaml"
+    cfg.write_text("video:\n  num_frame: 5\n")
+    result = runner.invoke(app, ["run", "--config", str(cfg), "--store", str(tmp_path / "s")])
+    assert result.exit_code == 2
+    assert "unknown config key 'video.num_frame'; did you mean 'video.num_frames'" in " ".join(result.output.split())
+    result = runner.invoke(app, ["stage", "warpp", "--store", str(tmp_path / "s")])
+    assert result.exit_code == 2 and "unknown stage 'warpp'" in result.output
+    result = runner.invoke(app, ["status", "--store", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "not a lyra store" in result.output
+
+
+def test_inspect_writes_contact_sheet(finished_store, tmp_path):
+    out = tmp_path / "sheet.png"
+    result = CliRunner().invoke(app, ["inspect", "proc-000000", "--store", str(finished_store), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    img = np.asarray(Image.open(out))
+    assert img.shape[0] > 48 * 4 and img.std() > 10  # several rows, not blank
+    result = CliRunner().invoke(app, ["inspect", "nope", "--store", str(finished_store)])
+    assert result.exit_code == 2 and "no scene 'nope'" in result.output
+
+
+def _run_cli(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lyra_pipeline.cli", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(finished_store, tmp_path, prefect_harness):
+    """Kill a running `lyra run` with SIGKILL mid-way, re-run it: identical arrays to the uninterrupted run."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONUNBUFFERED": "1"}
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text(yaml.safe_dump({"preset": "smoke", **SMALL}))
+    url = tmp_path / "killed"
+    args = ["run", "--config", str(cfg), "--store", str(url), "--workers", "1"]
+    proc = _run_cli(args, env)
+    deadline = time.time() + 120
+    killed_with_done = 0
+    while time.time() < deadline and proc.poll() is None:
+        manifest = url / "manifest"
+        if manifest.exists():
+            try:
+                rows = RunStore(url, create=False).read_manifest().to_pylist()
+            except Exception:  # noqa: BLE001 - a file being replaced
+                rows = []
+            killed_with_done = sum(r["status"] == "done" for r in rows)
+            if killed_with_done >= 6:
+                proc.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.05)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, f"run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    assert 6 <= killed_with_done < 28
+    proc = _run_cli(args, env)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert_same_arrays(all_arrays(str(url)), all_arrays(str(finished_store)))
+    rows = RunStore(url, create=False).read_manifest().to_pylist()
+    assert all(r["status"] == "done" for r in rows) and len(rows) == 28
+    assert not list(url.rglob("*.partial")) and not list(url.rglob("*.tmp"))
