@@ -68,10 +68,10 @@ def generate_dataset(
     # 3. Depth of the first frame (exact for procedural scenes), cleaned up and edge-filtered.
     depth = each(estimate_depth, scenes, after=inputs)
     # 4. Camera trajectories (Lyra's six paths or a custom one), seeded per scene and path.
-    cameras = each(make_cameras, scenes, after=inputs)
+    #    (Stages of one scene run one after another: one writer per scene's manifest.)
+    cameras = each(make_cameras, scenes, after=depth)
     # 5. Forward warping of the first frame into every trajectory frame.
-    warps = [warp_frames.submit(store, config, s, run_id, wait_for=[d, c])
-             for s, d, c in zip(scenes, depth, cameras, strict=True)]
+    warps = each(warp_frames, scenes, after=cameras)
     # 6. Conservative mask refinement against the seam mesh.
     masks = each(refine_masks, scenes, after=warps)
     # 7. Teacher video: the generator conditioned on warped frames and refined masks.

@@ -1,8 +1,8 @@
 """The 3D Gaussian container produced by the 3DGS decoder, with Lyra's pruning and standard 3DGS PLY I/O.
 
-Parametrisation (Lyra, spec section 4.7): means (M,3) world units, scales (M,3) *linear* standard deviations
-(not log), quats (M,4) unit quaternions in (w, x, y, z) order, opacities (M,) activated in [0, 1], colors (M,3)
-RGB in [0, 1] used directly (degree-0 only, no spherical harmonics).
+Parametrisation (Lyra, spec section 4.7): means (M,3) world units, scales (M,3) *linear* standard
+deviations (not log), quats (M,4) unit quaternions in (w, x, y, z) order, opacities (M,) activated in [0, 1],
+colors (M,3) RGB in [0, 1] used directly (degree 0 only, no spherical harmonics).
 """
 
 from __future__ import annotations
@@ -56,7 +56,9 @@ class Gaussians:
             if not isinstance(value, torch.Tensor):
                 raise LyraInputError(f"Gaussians.{name} must be a torch.Tensor, got {type(value).__name__}")
             if not value.is_floating_point():
-                raise LyraInputError(f"Gaussians.{name} must be a floating-point tensor, got dtype {value.dtype}")
+                raise LyraInputError(
+                    f"Gaussians.{name} must be a floating-point tensor, got dtype {value.dtype}"
+                )
         if self.means.ndim != 2 or self.means.shape[1] != 3:
             raise LyraInputError(f"Gaussians.means must have shape (M, 3), got {tuple(self.means.shape)}")
         m = self.means.shape[0]
@@ -64,7 +66,8 @@ class Gaussians:
             shape = tuple(tensors[name].shape)
             if shape != (m, width):
                 raise LyraInputError(
-                    f"Gaussians.{name} must have shape (M, {width}) = ({m}, {width}) to match means, got {shape}"
+                    f"Gaussians.{name} must have shape (M, {width}) = ({m}, {width}) to match means, "
+                    f"got {shape}"
                 )
         if tuple(self.opacities.shape) != (m,):
             hint = " (squeeze the trailing 1)" if tuple(self.opacities.shape) == (m, 1) else ""
@@ -86,8 +89,8 @@ class Gaussians:
         if m and bool((self.scales.detach() < 0).any()):
             row = int((self.scales.detach() < 0).any(dim=1).nonzero()[0])
             raise LyraInputError(
-                f"Gaussians.scales must be linear (>= 0) standard deviations, got {self.scales[row].tolist()} at "
-                f"row {row} (did you pass log-scales? use scales.exp())"
+                f"Gaussians.scales must be linear (>= 0) standard deviations, got "
+                f"{self.scales[row].tolist()} at row {row} (did you pass log-scales? use scales.exp())"
             )
         if m:
             op = self.opacities.detach()
@@ -95,8 +98,8 @@ class Gaussians:
             if bool(bad.any()):
                 row = int(bad.nonzero()[0])
                 raise LyraInputError(
-                    f"Gaussians.opacities must be activated values in [0, 1], got {float(op[row]):.6g} at row "
-                    f"{row} (did you pass logits? use torch.sigmoid)"
+                    f"Gaussians.opacities must be activated values in [0, 1], got {float(op[row]):.6g} "
+                    f"at row {row} (did you pass logits? use torch.sigmoid)"
                 )
             norm = self.quats.norm(dim=-1, keepdim=True)
             small = norm.detach().squeeze(1) < MIN_QUAT_NORM
@@ -146,7 +149,9 @@ class Gaussians:
             raise LyraInputError("Gaussians.cat needs at least one Gaussians, got an empty sequence")
         for i, item in enumerate(items):
             if not isinstance(item, Gaussians):
-                raise LyraInputError(f"Gaussians.cat: item {i} is a {type(item).__name__}, expected Gaussians")
+                raise LyraInputError(
+                    f"Gaussians.cat: item {i} is a {type(item).__name__}, expected Gaussians"
+                )
         return cls(**{f.name: torch.cat([getattr(g, f.name) for g in items], dim=0) for f in fields(cls)})
 
     def prune_by_opacity(self, keep_fraction: float) -> Gaussians:
@@ -244,7 +249,8 @@ def _read_binary_ply_vertices(path: Path) -> dict[str, np.ndarray]:
             raw = fh.read(dtype.itemsize * count)
             if len(raw) != dtype.itemsize * count:
                 raise LyraInputError(
-                    f"{path}: element {name!r} should hold {count} rows of {dtype.itemsize} bytes, file is short"
+                    f"{path}: element {name!r} should hold {count} rows of {dtype.itemsize} bytes, "
+                    "the file is shorter"
                 )
             if name == "vertex":
                 arr = np.frombuffer(raw, dtype=dtype, count=count)

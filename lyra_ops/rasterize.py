@@ -1,13 +1,13 @@
-"""Gaussian splatting rasterizers with gsplat 1.5.3 semantics: a tile-based pure-torch one, a dense reference, gsplat.
+"""Gaussian splatting rasterizers with gsplat 1.5.3 semantics: tile-based pure torch, dense reference, gsplat.
 
-All three share one contract (gsplat ``rasterization`` with ``packed=False``, ``render_mode="RGB+ED"``, classic
-mode, pinhole cameras, degree-0 colours):
+All three share one contract (gsplat ``rasterization`` with ``packed=False``, ``render_mode="RGB+ED"``,
+classic mode, pinhole cameras, degree-0 colours):
 
 * projection: camera-space mean ``t = R mu + T``; culled unless ``near <= t_z <= far``; 2D covariance
-  ``J W Sigma W^T J^T + eps2d * I`` with the EWA Jacobian ``J`` whose ``t_x/t_z`` and ``t_y/t_z`` are clamped to
-  1.3x the image half-extent; culled unless ``det > 0`` and ``opacity >= 1/255``;
-* radius: ``ceil(extend * sqrt(Sigma2d_ii))`` per axis with ``extend = min(3.33, sqrt(2 ln(255 opacity)))`` (the
-  exact extent of ``alpha >= 1/255``); culled when the box misses the image;
+  ``J W Sigma W^T J^T + eps2d * I`` with the EWA Jacobian ``J`` whose ``t_x/t_z`` and ``t_y/t_z`` are clamped
+  to 1.3x the image half-extent; culled unless ``det > 0`` and ``opacity >= 1/255``;
+* radius: ``ceil(extend * sqrt(Sigma2d_ii))`` per axis with ``extend = min(3.33, sqrt(2 ln(255 opacity)))``
+  (the exact extent of ``alpha >= 1/255``); culled when the box misses the image;
 * per pixel (centre ``(j + 0.5, i + 0.5)``), Gaussians front to back by camera depth:
   ``alpha = min(0.999, opacity * exp(-sigma))``, skipped when ``alpha < 1/255``; the pixel stops (exclusively)
   at the first Gaussian that would bring the transmittance to ``<= 1e-4``;
@@ -18,7 +18,9 @@ Images are channel-first: rgb (C,3,H,W), depth (C,1,H,W), alpha (C,1,H,W).
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -33,12 +35,15 @@ T_MIN = 1e-4  # a pixel stops before the Gaussian that would bring its transmitt
 RADIUS_EXTEND_MAX = 3.33  # sigma multiple cap of the screen-space radius
 EXPECTED_DEPTH_EPS = 1e-10  # "ED" divides by max(alpha, EXPECTED_DEPTH_EPS)
 BACKENDS = ("torch", "reference", "gsplat")
+EXP_ARG_MIN = -80.0  # exp() arguments are clamped here (exp(-80) < 1/255; denormal results are slow on CPU)
 
 # Work granularity of the tile rasterizer: Gaussians per tile processed per step, and elements (pixels x
 # Gaussians) per step; early termination is checked between steps.
 DEPTH_CHUNK = 64
 STEP_ELEMENTS_CPU = 1 << 22
 STEP_ELEMENTS_CUDA = 1 << 25
+# Bytes of per-step activations (alpha, transmittance) kept for the backward; beyond it they are recomputed.
+SAVE_BYTES = 1 << 30
 # Dense reference: (Gaussians x pixels) elements per block.
 REFERENCE_BLOCK_ELEMENTS = 1 << 24
 
@@ -52,9 +57,9 @@ class RasterOutput:
     alpha: torch.Tensor
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Input checks
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _check_inputs(
@@ -116,9 +121,9 @@ def _check_inputs(
     return viewmats.to(g.dtype), Ks.to(g.dtype), bg
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Projection (shared by the torch backend; the reference has its own, written with plain matrices)
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -146,6 +151,14 @@ def _rotation_times_scale(quats: torch.Tensor, scales: torch.Tensor) -> torch.Te
     return rot * scales[..., None, :]
 
 
+def _rotate(rot: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+    """``rot`` (C,3,3) times ``vec`` (N,3,K) -> (C,N,3,K), as elementwise products (exact even where
+    matmuls run in TF32/bf16; this feeds screen positions, where 1e-3 relative error is a quarter pixel)."""
+    r = rot[:, None, :, :, None]  # (C,1,3,3,1): c, n, i, j, k
+    v = vec[None, :, None, :, :]  # (1,N,1,3,K)
+    return r[:, :, :, 0] * v[:, :, :, 0] + r[:, :, :, 1] * v[:, :, :, 1] + r[:, :, :, 2] * v[:, :, :, 2]
+
+
 def project_gaussians(
     g: Gaussians,
     viewmats: torch.Tensor,
@@ -159,9 +172,9 @@ def project_gaussians(
 ) -> Projection:
     """EWA-project every Gaussian into every camera (differentiable in means2d, conics, depths)."""
     rot_w2c, trans_w2c = viewmats[:, :3, :3], viewmats[:, :3, 3]
-    means_c = torch.einsum("cij,nj->cni", rot_w2c, g.means) + trans_w2c[:, None, :]
+    means_c = _rotate(rot_w2c, g.means[:, :, None])[..., 0] + trans_w2c[:, None, :]
     # Sigma_c = A A^T with A = R_w2c R(q) diag(s): (C,N,3,3)
-    a_mat = torch.einsum("cij,njk->cnik", rot_w2c, _rotation_times_scale(g.quats, g.scales))
+    a_mat = _rotate(rot_w2c, _rotation_times_scale(g.quats, g.scales))
     x, y, z = means_c.unbind(-1)
     in_depth = (z >= near) & (z <= far)
     z = torch.where(in_depth, z, torch.ones_like(z))  # keeps culled entries finite (and their grads zero)
@@ -187,11 +200,13 @@ def project_gaussians(
     conics = torch.stack([cov_yy / det, -cov_xy / det, cov_xx / det], dim=-1)
     means2d = torch.stack([fx * u + cx, fy * v + cy], dim=-1)
     with torch.no_grad():
-        extend = torch.sqrt(2.0 * torch.log(torch.clamp(opac / ALPHA_MIN, min=1.0))).clamp(max=RADIUS_EXTEND_MAX)
+        extend = torch.sqrt(2.0 * torch.log(torch.clamp(opac / ALPHA_MIN, min=1.0)))
+        extend = extend.clamp(max=RADIUS_EXTEND_MAX)
         radius_x = torch.ceil(extend * torch.sqrt(cov_xx.detach().clamp(min=0)))
         radius_y = torch.ceil(extend * torch.sqrt(cov_yy.detach().clamp(min=0)))
         mx, my = means2d.detach().unbind(-1)
-        on_image = (mx + radius_x > 0) & (mx - radius_x < width) & (my + radius_y > 0) & (my - radius_y < height)
+        on_image = (mx + radius_x > 0) & (mx - radius_x < width)
+        on_image &= (my + radius_y > 0) & (my - radius_y < height)
         valid = valid & ((radius_x > 0) | (radius_y > 0)) & on_image
         radius_x = torch.where(valid, radius_x, 0.0)
         radius_y = torch.where(valid, radius_y, 0.0)
@@ -199,9 +214,9 @@ def project_gaussians(
     return Projection(means2d=means2d, conics=conics, depths=means_c[..., 2], radii=radii, valid=valid)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Tile intersection
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -216,7 +231,7 @@ def _intersect_tiles(
     device = proj.depths.device
     gid = proj.valid.reshape(-1).nonzero().squeeze(1)
     depth = proj.depths.detach().reshape(-1)[gid]
-    gid = gid[torch.sort(depth, stable=True).indices]  # front to back (ties: by index, like a stable radix sort)
+    gid = gid[torch.sort(depth, stable=True).indices]  # front to back (ties by index, as a stable radix sort)
     mean = proj.means2d.detach().reshape(-1, 2)[gid] / tile_size
     rad = proj.radii.reshape(-1, 2)[gid].to(mean.dtype) / tile_size
     lo = torch.floor(mean - rad)
@@ -238,9 +253,27 @@ def _intersect_tiles(
     return gid[order_pos[perm]], tile[perm]
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Tile compositing (custom autograd: forward in depth chunks with early termination, backward recomputes)
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _exact_float32_matmul() -> Iterator[None]:
+    """Run float32 matmuls at full precision (no TF32 / bf16) inside the block.
+
+    The per-pixel exponent is a matmul over tile-centred monomials (values up to ~10^2) and must keep ~1e-7
+    relative error; a caller that lowered ``torch.set_float32_matmul_precision`` gets it back afterwards.
+    """
+    previous = torch.get_float32_matmul_precision()
+    if previous == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def _pixel_basis(tile_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -262,149 +295,214 @@ def _next_up(value: float, dtype: torch.dtype) -> float:
     return float(torch.nextafter(v, torch.tensor(math.inf, dtype=dtype)))
 
 
-def _chunk_alpha(coefs: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """Raw alpha = opacity * exp(-sigma), (B,P,L), from the per-pair quadratic coefficients (B,L,6)."""
-    return torch.matmul(basis, coefs.transpose(1, 2)).neg_().exp_()
+class _Workspace:
+    """Reusable scratch buffers: re-allocating large CPU tensors every step costs page faults."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+        self.dtype, self.device = dtype, device
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = self.buffers[name] = torch.empty(numel, dtype=self.dtype, device=self.device)
+        return buf[:numel].view(shape)
 
 
-def _chunk_weights(
-    alpha: torch.Tensor, t_mask: torch.Tensor, alpha_min_down: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Clamp and threshold ``alpha`` in place; return (alpha, 1 - alpha, T after each Gaussian or 0 if excluded).
+def _chunk_alpha(neg_coefs: torch.Tensor, basis: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Raw alpha = opacity * exp(-sigma) into ``out`` (B,P,L), from negated per-pair coefficients (B,L,6)."""
+    torch.matmul(basis, neg_coefs.transpose(1, 2), out=out)
+    # exp() with denormal results is ~10x slower on CPU; anything below EXP_ARG_MIN is far below 1/255.
+    return out.clamp_(min=EXP_ARG_MIN).exp_()
 
-    ``t_mask`` (B,P) is the transmittance entering the chunk, 0 for pixels that already stopped.
+
+def _chunk_transmittance(
+    alpha: torch.Tensor,
+    t_mask: torch.Tensor,
+    alpha_min_down: float,
+    one_minus: torch.Tensor,
+    t_before: torch.Tensor,
+) -> torch.Tensor:
+    """Apply gsplat's alpha rules to raw ``alpha`` (B,P,L) in place and composite it front to back.
+
+    ``t_mask`` (B,P) is the transmittance entering the chunk, 0 for pixels that already stopped. Fills
+    ``one_minus`` = 1 - alpha and ``t_before`` = transmittance before each Gaussian, 0 where it is not drawn.
+    Returns the (B,P) mask of pixels that stop within this chunk.
     """
     alpha.clamp_(max=ALPHA_MAX)
     F.threshold(alpha, alpha_min_down, 0.0, inplace=True)  # alpha < 1/255 -> skipped
-    one_minus = torch.rsub(alpha, 1.0)
-    trans = torch.cumprod(one_minus, dim=2).mul_(t_mask[:, :, None])
-    return alpha, one_minus, trans
+    torch.sub(alpha.new_ones(()), alpha, out=one_minus)
+    t_after = torch.cumprod(one_minus, dim=2, out=t_before).mul_(t_mask[:, :, None])
+    stopped = t_after[:, :, -1] <= T_MIN
+    F.threshold(t_after, T_MIN, 0.0, inplace=True)  # next_T <= 1e-4 -> stop before this Gaussian
+    t_after.div_(one_minus)
+    return stopped
+
+
+def _padding_rows(coefs: torch.Tensor, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Negate ``coefs`` and append a padding pair (alpha = 0); append a constant-1 feature to ``feats``.
+
+    The weights of the constant feature sum to 1 - T_final, so its output gradient is -dL/dT_final.
+    """
+    dtype, device = coefs.dtype, coefs.device
+    num_pairs, num_feats = feats.shape
+    dummy = torch.zeros(1, 6, dtype=dtype, device=device)
+    dummy[0, 5] = -1e4  # -(sigma - ln o) = -1e4 -> alpha = 0
+    feats_ext = torch.zeros(num_pairs + 1, num_feats + 1, dtype=dtype, device=device)
+    feats_ext[:num_pairs, :num_feats] = feats
+    feats_ext[:num_pairs, num_feats] = 1.0
+    return torch.cat([-coefs, dummy]), feats_ext
+
+
+def _composite_forward(
+    coefs: torch.Tensor,
+    feats: torch.Tensor,
+    counts: torch.Tensor,
+    offsets: torch.Tensor,
+    pixel_alive: torch.Tensor,
+    tile_size: int,
+    depth_chunk: int,
+    step_elements: int,
+    save_bytes: int,
+    record: bool,
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple], torch.Tensor, torch.Tensor]:
+    """Forward of ``_TileCompositor``; also returns the recorded steps and padded inputs for the backward."""
+    n_tiles = counts.numel()
+    dtype, device = coefs.dtype, coefs.device
+    num_pairs, num_feats = feats.shape
+    pixels = tile_size * tile_size
+    basis = _pixel_basis(tile_size, dtype, device)
+    alpha_min_down = _next_down(ALPHA_MIN, dtype)
+    neg_coefs, feats_ext = _padding_rows(coefs, feats)
+    acc = torch.zeros(n_tiles, pixels, num_feats, dtype=dtype, device=device)
+    trans_out = torch.ones(n_tiles, pixels, dtype=dtype, device=device)
+    ws = _Workspace(dtype, device)
+    steps: list[tuple] = []  # (tile ids, pair positions, t_mask, saved (alpha, t_before) or None)
+
+    nonempty = int((counts > 0).sum())
+    order = torch.argsort(counts, descending=True, stable=True)[:nonempty]
+    tiles_per_batch = max(1, step_elements // (depth_chunk * pixels))
+    arange_chunk = torch.arange(depth_chunk, device=device)
+    for b0 in range(0, nonempty, tiles_per_batch):
+        tiles = order[b0 : b0 + tiles_per_batch]
+        cnt, off = counts[tiles], offsets[tiles]
+        trans = torch.ones(tiles.numel(), pixels, dtype=dtype, device=device)
+        t_mask = pixel_alive[tiles].to(dtype)
+        active = torch.arange(tiles.numel(), device=device)
+        start = 0
+        while active.numel() > 0:
+            length = min(depth_chunk, int(cnt[active].max()) - start)
+            idx = arange_chunk[None, :length] + start
+            pos = torch.where(idx < cnt[active, None], off[active, None] + idx, num_pairs)
+            tm = t_mask[active]
+            shape = (active.numel(), pixels, length)
+            keep = record and save_bytes >= 2 * math.prod(shape) * coefs.element_size()
+            if keep:
+                save_bytes -= 2 * math.prod(shape) * coefs.element_size()
+                alpha = torch.empty(shape, dtype=dtype, device=device)
+                t_before = torch.empty(shape, dtype=dtype, device=device)
+            else:
+                alpha, t_before = ws.get("alpha", shape), ws.get("t_before", shape)
+            _chunk_alpha(neg_coefs[pos], basis, alpha)
+            one_minus = ws.get("one_minus", shape)
+            stopped = _chunk_transmittance(alpha, tm, alpha_min_down, one_minus, t_before)
+            weights = torch.mul(t_before, alpha, out=ws.get("weights", shape))
+            out = torch.bmm(weights, feats_ext[pos])  # (B,P,F+1); last = sum of weights
+            acc[tiles[active]] += out[..., :num_feats]
+            new_t = trans[active] - out[..., num_feats]
+            trans[active] = new_t
+            t_mask[active] = torch.where(stopped, torch.zeros_like(new_t), new_t)
+            if record:
+                steps.append((tiles[active], pos, tm, (alpha, t_before) if keep else None))
+            start += length
+            alive = (cnt[active] > start) & (t_mask[active] > 0).any(dim=1)
+            active = active[alive]
+        trans_out[tiles] = trans
+    return acc, trans_out, steps, neg_coefs, feats_ext
+
+
+def _composite_backward(
+    neg_coefs: torch.Tensor,
+    feats_ext: torch.Tensor,
+    steps: list[tuple],
+    tile_size: int,
+    grad_acc: torch.Tensor,
+    grad_trans: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of ``_TileCompositor``: gradients of the per-pair coefficients (K,6) and features (K,F)."""
+    dtype, device = neg_coefs.dtype, neg_coefs.device
+    num_pairs = neg_coefs.shape[0] - 1
+    num_feats = feats_ext.shape[1] - 1
+    basis = _pixel_basis(tile_size, dtype, device)
+    basis_t = basis.t()
+    alpha_min_down = _next_down(ALPHA_MIN, dtype)
+    ws = _Workspace(dtype, device)
+    grad_ext = torch.cat([grad_acc, -grad_trans[..., None]], dim=-1)  # (n_tiles,P,F+1), see _padding_rows
+    later = torch.zeros(grad_trans.shape, dtype=dtype, device=device)  # sum over later chunks of w <f, g>
+    g_coefs = torch.zeros_like(neg_coefs)
+    g_feats = torch.zeros_like(feats_ext)
+    for tiles, pos, tm, saved in reversed(steps):
+        shape = (tiles.numel(), tm.shape[1], pos.shape[1])
+        one_minus = ws.get("one_minus", shape)
+        if saved is None:
+            alpha = _chunk_alpha(neg_coefs[pos], basis, ws.get("alpha", shape))
+            t_before = ws.get("t_before", shape)
+            _chunk_transmittance(alpha, tm, alpha_min_down, one_minus, t_before)
+        else:
+            alpha, t_before = saved
+            torch.sub(alpha.new_ones(()), alpha, out=one_minus)
+        # -d alpha / d(-(sigma - ln o)) = -alpha where drawn and not clamped at 0.999, else 0
+        neg_slope = torch.neg(alpha, out=ws.get("slope", shape))
+        F.threshold(neg_slope, -ALPHA_MAX, 0.0, inplace=True)
+        g_out = grad_ext[tiles]  # (B,P,F+1)
+        fg = torch.bmm(g_out, feats_ext[pos].transpose(1, 2), out=ws.get("fg", shape))  # <f_k, g>
+        weights = torch.mul(t_before, alpha, out=ws.get("weights", shape))
+        g_feats[pos] = torch.bmm(g_out.transpose(1, 2), weights).transpose(1, 2)
+        suffix = torch.cumsum(weights.mul_(fg), dim=2, out=ws.get("suffix", shape))
+        total = suffix[:, :, -1].clone()
+        suffix.neg_().add_((total + later[tiles])[:, :, None])  # sum_{j>k} w_j <f_j, g>
+        # dL/dalpha_k = T_k <f_k, g> - sum_{j>k} w_j <f_j, g> / (1 - alpha_k)
+        d_alpha = torch.mul(t_before, fg, out=fg).sub_(suffix.div_(one_minus))
+        g_coefs[pos] = torch.matmul(basis_t, d_alpha.mul_(neg_slope)).transpose(1, 2)
+        later[tiles] += total
+    return g_coefs[:num_pairs], g_feats[:num_pairs, :num_feats]
 
 
 class _TileCompositor(torch.autograd.Function):
-    """Front-to-back compositing of sorted (Gaussian x tile) pairs.
+    """Front-to-back compositing of depth-sorted (Gaussian x tile) pairs, all tiles of all cameras at once.
 
-    Inputs: per-pair quadratic coefficients ``coefs`` (K,6) of ``sigma - ln(opacity)`` in tile-centred pixel
-    coordinates, per-pair features ``feats`` (K,F) (rgb, depth), tile offsets/counts. Outputs per tile and
-    pixel: ``acc`` (n_tiles,P,F) = sum_k w_k f_k and final transmittance ``trans`` (n_tiles,P).
+    Inputs: per-pair coefficients ``coefs`` (K,6) of ``sigma - ln(opacity)`` as a quadratic in tile-centred
+    pixel coordinates (basis x^2, xy, y^2, x, y, 1), per-pair features ``feats`` (K,F), per-tile ``counts``
+    and ``offsets`` into the sorted pairs, and ``pixel_alive`` (n_tiles,P). Outputs per tile and pixel:
+    ``acc`` (n_tiles,P,F) = sum_k w_k f_k and the final transmittance ``trans`` (n_tiles,P).
+
+    The forward walks batches of tiles ``depth_chunk`` Gaussians at a time, dropping tiles whose pixels have
+    all stopped. The backward walks the same steps in reverse (like gsplat's kernel), using the alpha and
+    transmittance saved by the forward while they fit in ``save_bytes`` and recomputing them otherwise.
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
-        coefs: torch.Tensor,
-        feats: torch.Tensor,
-        counts: torch.Tensor,
-        offsets: torch.Tensor,
-        pixel_alive: torch.Tensor,
-        tile_size: int,
-        depth_chunk: int,
-        step_elements: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        n_tiles = counts.numel()
-        dtype, device = coefs.dtype, coefs.device
-        num_pairs, num_feats = feats.shape
-        pixels = tile_size * tile_size
-        basis = _pixel_basis(tile_size, dtype, device)
-        alpha_min_down = _next_down(ALPHA_MIN, dtype)
-        # Padding row: sigma - ln(opacity) = 1e4 -> alpha = 0.
-        dummy = torch.zeros(1, 6, dtype=dtype, device=device)
-        dummy[0, 5] = 1e4
-        coefs_ext = torch.cat([coefs.detach(), dummy])
-        feats_ext = torch.cat(
-            [
-                torch.cat([feats.detach(), torch.ones(num_pairs, 1, dtype=dtype, device=device)], dim=1),
-                torch.zeros(1, num_feats + 1, dtype=dtype, device=device),
-            ]
-        )
-        acc = torch.zeros(n_tiles, pixels, num_feats, dtype=dtype, device=device)
-        trans_out = torch.ones(n_tiles, pixels, dtype=dtype, device=device)
-        steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (tile ids, pair positions, t_mask)
-
-        order = torch.argsort(counts, descending=True, stable=True)
-        nonempty = int((counts > 0).sum())
-        order = order[:nonempty]
-        tiles_per_batch = max(1, step_elements // (depth_chunk * pixels))
-        arange_chunk = torch.arange(depth_chunk, device=device)
-        for b0 in range(0, nonempty, tiles_per_batch):
-            tiles = order[b0 : b0 + tiles_per_batch]
-            cnt, off = counts[tiles], offsets[tiles]
-            trans = torch.ones(tiles.numel(), pixels, dtype=dtype, device=device)
-            t_mask = pixel_alive[tiles].to(dtype)
-            active = torch.arange(tiles.numel(), device=device)
-            start = 0
-            while active.numel() > 0:
-                length = min(depth_chunk, int(cnt[active].max()) - start)
-                pos = off[active, None] + start + arange_chunk[None, :length]
-                pos = torch.where(arange_chunk[None, :length] + start < cnt[active, None], pos, num_pairs)
-                tm = t_mask[active]
-                alpha = _chunk_alpha(coefs_ext[pos], basis)
-                alpha, one_minus, tr = _chunk_weights(alpha, tm, alpha_min_down)
-                done = tr[:, :, -1] <= T_MIN
-                F.threshold(tr, T_MIN, 0.0, inplace=True)  # next_T <= 1e-4 -> stop (exclusive)
-                weights = tr.div_(one_minus).mul_(alpha)  # global w = alpha * T_before
-                out = torch.bmm(weights, feats_ext[pos])  # (B,P,F+1)
-                acc[tiles[active]] += out[..., :num_feats]
-                new_t = trans[active] - out[..., num_feats]
-                trans[active] = new_t
-                t_mask[active] = torch.where(done, torch.zeros_like(new_t), new_t)
-                steps.append((tiles[active], pos, tm))
-                start += length
-                keep = (cnt[active] > start) & (t_mask[active] > 0).any(dim=1)
-                active = active[keep]
-            trans_out[tiles] = trans
-        ctx.save_for_backward(coefs, feats)
-        ctx.steps = steps
-        ctx.meta = (tile_size, num_pairs)
-        return acc, trans_out
+    def forward(ctx, coefs, feats, counts, offsets, pixel_alive, tile_size, depth_chunk, step_elements,
+                save_bytes, record):  # type: ignore[override]  # fmt: skip
+        with _exact_float32_matmul():
+            acc, trans, steps, neg_coefs, feats_ext = _composite_forward(
+                coefs, feats, counts, offsets, pixel_alive, tile_size, depth_chunk, step_elements,
+                save_bytes, record,
+            )  # fmt: skip
+        ctx.save_for_backward(neg_coefs, feats_ext)
+        ctx.steps, ctx.tile_size = steps, tile_size
+        return acc, trans
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_acc: torch.Tensor, grad_trans: torch.Tensor):  # type: ignore[override]
-        coefs, feats = ctx.saved_tensors
-        tile_size, num_pairs = ctx.meta
-        dtype, device = coefs.dtype, coefs.device
-        num_feats = feats.shape[1]
-        basis = _pixel_basis(tile_size, dtype, device)
-        alpha_min_down = _next_down(ALPHA_MIN, dtype)
-        alpha_max_up = _next_up(ALPHA_MAX, dtype)
-        dummy = torch.zeros(1, 6, dtype=dtype, device=device)
-        dummy[0, 5] = 1e4
-        coefs_ext = torch.cat([coefs, dummy])
-        feats_ext = torch.cat(
-            [
-                torch.cat([feats, torch.ones(num_pairs, 1, dtype=dtype, device=device)], dim=1),
-                torch.zeros(1, num_feats + 1, dtype=dtype, device=device),
-            ]
-        )
-        # The last feature is 1: sum_k w_k = 1 - T_final, hence its gradient is -dL/dT_final.
-        grad_ext = torch.cat([grad_acc, -grad_trans[..., None]], dim=-1)  # (n_tiles,P,F+1)
-        later = torch.zeros(grad_trans.shape, dtype=dtype, device=device)  # sum_{later chunks} w * <f, g>
-        g_coefs = torch.zeros_like(coefs_ext)
-        g_feats = torch.zeros_like(feats_ext)
-        for tiles, pos, tm in reversed(ctx.steps):
-            g_out = grad_ext[tiles]  # (B,P,F+1)
-            f_chunk = feats_ext[pos]  # (B,L,F+1)
-            alpha_raw = _chunk_alpha(coefs_ext[pos], basis)
-            # d alpha / d(sigma - ln o) = -alpha where alpha = o exp(-sigma) is unclamped and drawn, else 0
-            slope = F.threshold(alpha_raw, alpha_min_down, 0.0)
-            slope = F.threshold(slope.neg_(), -alpha_max_up, 0.0, inplace=True)  # -alpha, or 0 if clamped
-            alpha, one_minus, tr = _chunk_weights(alpha_raw, tm, alpha_min_down)
-            F.threshold(tr, T_MIN, 0.0, inplace=True)
-            fg = torch.bmm(g_out, f_chunk.transpose(1, 2))  # (B,P,L) <f_k, g>
-            t_before = tr.div_(one_minus)  # T before k (0 if excluded)
-            weights = t_before * alpha
-            g_feats[pos] = torch.bmm(g_out.transpose(1, 2), weights).transpose(1, 2)
-            h = weights.mul_(fg)
-            suffix = torch.cumsum(h, dim=2)
-            total = suffix[:, :, -1].clone()
-            suffix = suffix.neg_().add_((total + later[tiles])[:, :, None])  # sum_{j>k} w_j <f_j, g>
-            # dL/dalpha_k = T_k <f_k, g> - suffix_k / (1 - alpha_k)
-            d_alpha = t_before.mul_(fg).sub_(suffix.div_(one_minus))
-            d_s = d_alpha.mul_(slope)
-            g_coefs[pos] = torch.matmul(basis.t(), d_s).transpose(1, 2)
-            later[tiles] += total
-        return g_coefs[:num_pairs], g_feats[:num_pairs, :num_feats], None, None, None, None, None, None
+        neg_coefs, feats_ext = ctx.saved_tensors
+        with _exact_float32_matmul():
+            g_coefs, g_feats = _composite_backward(
+                neg_coefs, feats_ext, ctx.steps, ctx.tile_size, grad_acc, grad_trans
+            )
+        return g_coefs, g_feats, *([None] * 8)
 
 
 def _rasterize_torch(
@@ -420,6 +518,7 @@ def _rasterize_torch(
     eps2d: float,
     depth_chunk: int = DEPTH_CHUNK,
     step_elements: int | None = None,
+    save_bytes: int = SAVE_BYTES,
 ) -> RasterOutput:
     cams = viewmats.shape[0]
     dtype, device = g.dtype, g.device
@@ -458,8 +557,9 @@ def _rasterize_torch(
     inside = (ys & xs).reshape(tiles_y, tile_size, tiles_x, tile_size).permute(0, 2, 1, 3)
     pixel_alive = inside.reshape(1, tiles_per_cam, -1).expand(cams, -1, -1).reshape(n_tiles, -1)
 
+    record = torch.is_grad_enabled() and (coefs.requires_grad or feats.requires_grad)
     acc, trans = _TileCompositor.apply(
-        coefs, feats, counts, offsets, pixel_alive, tile_size, depth_chunk, step_elements
+        coefs, feats, counts, offsets, pixel_alive, tile_size, depth_chunk, step_elements, save_bytes, record
     )
 
     def to_image(t: torch.Tensor) -> torch.Tensor:  # (n_tiles,P,F) -> (C,F,H,W)
@@ -475,9 +575,9 @@ def _rasterize_torch(
     return RasterOutput(rgb=rgb, depth=depth, alpha=alpha)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Dense reference
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _quat_to_rotmat(q: torch.Tensor) -> torch.Tensor:
@@ -542,7 +642,10 @@ def rasterize_reference(
         ty = z * torch.clamp(y / z, min=-(cy / fy + 0.3 * tan_y), max=(height - cy) / fy + 0.3 * tan_y)
         zero = torch.zeros_like(z)
         jac = torch.stack(
-            [torch.stack([fx / z, zero, -fx * tx / z**2], -1), torch.stack([zero, fy / z, -fy * ty / z**2], -1)],
+            [
+                torch.stack([fx / z, zero, -fx * tx / z**2], -1),
+                torch.stack([zero, fy / z, -fy * ty / z**2], -1),
+            ],
             -2,
         )
         cov2d = jac @ cov_c @ jac.transpose(-1, -2) + eps2d * torch.eye(2, dtype=dtype, device=device)
@@ -558,7 +661,8 @@ def rasterize_reference(
             dy = mean2d[:, 1, None] - py[None, p0 : p0 + block]
             sigma = 0.5 * (conic[:, 0, 0, None] * dx**2 + conic[:, 1, 1, None] * dy**2)
             sigma = sigma + conic[:, 0, 1, None] * dx * dy
-            alpha = torch.clamp(opac[:, None] * torch.exp(-sigma), max=ALPHA_MAX)
+            # (sigma is capped at -EXP_ARG_MIN only because exp() underflow is slow on CPU; alpha is 0 there)
+            alpha = torch.clamp(opac[:, None] * torch.exp(-sigma.clamp(max=-EXP_ARG_MIN)), max=ALPHA_MAX)
             alpha = torch.where((sigma >= 0) & (alpha >= ALPHA_MIN), alpha, torch.zeros_like(alpha))
             t_after = torch.cumprod(1.0 - alpha, dim=0)  # transmittance after each Gaussian, if drawn
             drawn = t_after > T_MIN  # monotone: false from the first Gaussian that would stop the pixel on
@@ -577,9 +681,9 @@ def rasterize_reference(
     return RasterOutput(rgb=torch.stack(rgbs), depth=torch.stack(depths), alpha=torch.stack(alphas))
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # gsplat backend
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _rasterize_gsplat(
@@ -596,7 +700,8 @@ def _rasterize_gsplat(
 ) -> RasterOutput:
     if g.device.type != "cuda":
         raise LyraInputError(
-            f"backend='gsplat' needs CUDA tensors (gsplat's rasterizer is CUDA-only), got Gaussians on {g.device}"
+            f"backend='gsplat' needs CUDA tensors (gsplat's rasterizer is CUDA-only), got Gaussians on "
+            f"{g.device}"
             + ("" if torch.cuda.is_available() else " and no CUDA device is available")
             + "; use backend='torch' on CPU"
         )
@@ -626,9 +731,9 @@ def _rasterize_gsplat(
     return RasterOutput(rgb=render[:, :3], depth=render[:, 3:4], alpha=alpha.permute(0, 3, 1, 2))
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Public entry points
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def rasterize(
@@ -673,9 +778,8 @@ class _DeferredRender(torch.autograd.Function):
         ctx.kwargs, ctx.views_per_chunk = kwargs, views_per_chunk
         ctx.save_for_backward(*tensors)
         with torch.no_grad():
-            out = _render_chunks(
-                Gaussians(means, scales, quats, opacities, colors), viewmats, Ks, background, views_per_chunk, kwargs
-            )
+            g = Gaussians(means, scales, quats, opacities, colors)
+            out = _render_chunks(g, viewmats, Ks, background, views_per_chunk, kwargs)
         return out.rgb, out.depth, out.alpha
 
     @staticmethod
@@ -690,8 +794,13 @@ class _DeferredRender(torch.autograd.Function):
                 leaves = [t.detach().requires_grad_(need) for t, need in zip(saved, needs, strict=True)]
                 bg = leaves[7] if leaves[7].shape[0] == 1 else leaves[7][sl]
                 g = Gaussians(*leaves[:5])
-                out = rasterize(g, leaves[5][sl], leaves[6][sl], background=bg.expand(
-                    leaves[5][sl].shape[0], 3), **ctx.kwargs)
+                out = rasterize(
+                    g,
+                    leaves[5][sl],
+                    leaves[6][sl],
+                    background=bg.expand(leaves[5][sl].shape[0], 3),
+                    **ctx.kwargs,
+                )
                 pairs = [
                     (o, go[sl])
                     for o, go in ((out.rgb, g_rgb), (out.depth, g_depth), (out.alpha, g_alpha))
@@ -748,7 +857,8 @@ def rasterize_views_chunked(
 
     Without gradients this is a plain loop over chunks. When any input requires grad, the forward keeps no
     graph and the backward re-renders each chunk and back-propagates it on its own (gradients equal those of
-    one ``rasterize`` call over all views). ``kw`` goes to ``rasterize`` (backend, near, far, tile_size, eps2d).
+    one ``rasterize`` call over all views). ``kw`` goes to ``rasterize`` (backend, near, far, tile_size,
+    eps2d).
     """
     if isinstance(views_per_chunk, bool) or not isinstance(views_per_chunk, int) or views_per_chunk <= 0:
         raise LyraInputError(f"views_per_chunk must be a positive int, got {views_per_chunk!r}")

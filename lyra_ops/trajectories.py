@@ -181,7 +181,8 @@ def load_trajectory_json(
     _require(isinstance(doc, dict) and isinstance(doc.get("frames"), list) and doc["frames"], src,
              "expected an object with a non-empty list 'frames'")
     convention = doc.get("convention", "opencv")
-    _require(convention in ("opencv", "opengl"), src, f"field 'convention' must be 'opencv' or 'opengl', got {convention!r}")
+    _require(convention in ("opencv", "opengl"), src,
+             f"field 'convention' must be 'opencv' or 'opengl', got {convention!r}")
     src_h = int(doc.get("image_height", height))
     src_w = int(doc.get("image_width", width))
     w2cs, ks = [], []

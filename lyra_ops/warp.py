@@ -44,9 +44,8 @@ SNAP_TOLERANCE = 1e-8
 # exp(_WEIGHT_SHIFT) is the same for every point of a frame and cancels in sum(w c) / sum(w), and it keeps
 # weights in [4e-18, 2e17], far from float32 underflow (1 / exp(80) times a small bilinear weight is not).
 _WEIGHT_SHIFT = 40.0
-# CPU index_add_ slows down ~3x once a row holds 16 floats or more (torch 2.x), so corners are packed in
-# groups of at most this many channels.
-_MAX_SCATTER_CHANNELS = 15
+# Points are processed in blocks of this many, so that the float64 temporaries stay in cache.
+_BLOCK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -284,45 +283,78 @@ def _snap(coord: Tensor) -> Tensor:
     return torch.where((coord - nearest).abs() <= SNAP_TOLERANCE, nearest, coord)
 
 
-def _splat_frame(
-    points: Tensor, values: Tensor, proj: Tensor, height: int, width: int, scale: float, dtype: torch.dtype
+def _frame_geometry(
+    points: Tensor, proj: Tensor, height: int, width: int, dtype: torch.dtype, out: dict[str, Tensor]
 ) -> Tensor:
-    """Accumulate [sum w c..., sum w z, sum w] (H,W,C+2) of one target frame."""
-    n, c = values.shape
-    z, x, y = _project_frame(points, proj, height, width)
-    x0 = torch.floor(x)
-    y0 = torch.floor(y)
-    # Bilinear factors: (1 - f) is formed in float64 before rounding so that tiny weights stay accurate.
-    fx, fy = x - x0, y - y0
-    gx, gy = (1.0 - fx).to(dtype), (1.0 - fy).to(dtype)
-    fx, fy = fx.to(dtype), fy.to(dtype)
-    splatted = (z > 0) & (x0 >= -1) & (x0 <= width - 1) & (y0 >= -1) & (y0 <= height - 1)
-    z = z.to(dtype)
-    log_z = torch.log1p(z.clamp(min=0)) * splatted
-    max_l = log_z.max() if n else torch.zeros((), dtype=dtype)
-    eta = (scale * log_z / (max_l + 1e-7)).clamp_(max=ETA_CAP)
-    depth_w = torch.exp(_WEIGHT_SHIFT - eta) * splatted
+    """Pass 1 of a frame: floor cells, bilinear corner weights, z' and the splatted flag of every point,
+    written into the buffers of ``out`` block by block. Returns max z' over the splatted points."""
+    n = points.shape[1]
+    z_max = torch.zeros((), dtype=dtype)
+    for s in range(0, n, _BLOCK):
+        e = min(n, s + _BLOCK)
+        z, x, y = _project_frame(points[:, s:e], proj, height, width)
+        x0, y0 = torch.floor(x), torch.floor(y)
+        fx, fy = x - x0, y - y0
+        # (1 - f) is formed in float64 before rounding so that tiny weights keep their relative accuracy.
+        gx, gy = (1.0 - fx).to(dtype), (1.0 - fy).to(dtype)
+        fx, fy = fx.to(dtype), fy.to(dtype)
+        splat = (z > 0) & (x0 >= -1) & (x0 <= width - 1) & (y0 >= -1) & (y0 <= height - 1)
+        wts = out["corner_w"][:, s:e]  # corners (dy, dx) = (0,0), (0,1), (1,0), (1,1)
+        torch.mul(gx, gy, out=wts[0])
+        torch.mul(fx, gy, out=wts[1])
+        torch.mul(gx, fy, out=wts[2])
+        torch.mul(fx, fy, out=wts[3])
+        cell = (y0.clamp_(-1, height - 1) + 1) * (width + 1) + (x0.clamp_(-1, width - 1) + 1)
+        out["cell"][s:e] = cell
+        zb = torch.where(splat, z, 0.0).to(dtype)
+        out["z"][s:e] = zb
+        out["splat"][s:e] = splat
+        if e > s:
+            z_max = torch.maximum(z_max, zb.max())
+    return z_max
 
-    base = torch.empty(n, c + 2, dtype=dtype)
-    torch.mul(values, depth_w[:, None], out=base[:, :c])
-    torch.mul(z, depth_w, out=base[:, c])
-    base[:, c + 1] = depth_w
-    # Every point is scattered once, to its floor cell (y0, x0), into one canvas per corner; canvases of size
-    # (H+1, W+1) start at cell (-1, -1), and are shifted onto the image afterwards. Corners falling outside
-    # the image land on canvas rows/columns that the shift drops.
-    cell = (y0.clamp(-1, height - 1) + 1) * (width + 1) + (x0.clamp(-1, width - 1) + 1)
-    cell = cell.to(torch.long)
-    corner_w = [gx * gy, fx * gy, gx * fy, fx * fy]  # (dy, dx) = (0,0), (0,1), (1,0), (1,1)
-    per_call = max(1, _MAX_SCATTER_CHANNELS // (c + 2))
-    canvases = []
-    for start in range(0, 4, per_call):
-        group = torch.stack(corner_w[start : start + per_call], dim=1)  # (N, g)
-        vals = (group[:, :, None] * base[:, None, :]).reshape(n, -1)
-        canvas = torch.zeros((height + 1) * (width + 1), vals.shape[1], dtype=dtype)
-        canvas.index_add_(0, cell, vals)
-        canvases.extend(canvas.view(height + 1, width + 1, -1, c + 2).unbind(2))
-    c00, c01, c10, c11 = canvases
-    return c00[1:, 1:] + c01[1:, :-1] + c10[:-1, 1:] + c11[:-1, :-1]
+
+def _splat_frame(
+    points: Tensor, values: Tensor, proj: Tensor, height: int, width: int, scale: float, work: dict[str, Tensor]
+) -> Tensor:
+    """Accumulate the planar sums [sum w c..., sum w z, sum w] (C+2,H,W) of one target frame.
+
+    ``points`` is (3,N) float64 world points, ``values`` (C,N) colours, both channel-major.
+    """
+    c, n = values.shape
+    dtype = values.dtype
+    z_max = _frame_geometry(points, proj, height, width, dtype, work)
+    norm = torch.log1p(z_max) + 1e-7  # max_l + 1e-7 (log1p is monotonic)
+    # Every point is scattered once, to its floor cell (y0, x0), into one canvas per corner; canvases are
+    # (H+1) x (W+1), start at cell (-1, -1) and are shifted onto the image afterwards, so corners outside the
+    # image land on canvas rows/columns that the shift drops. Channel-major layout (4, C+2, cells) keeps
+    # every elementwise op contiguous, and index_add_ along the last dim is ~4x faster than on (cells, 20) rows.
+    canvas = work["canvas"].zero_()
+    flat = canvas.view(4 * (c + 2), -1)
+    for s in range(0, n, _BLOCK):
+        e = min(n, s + _BLOCK)
+        z = work["z"][s:e]
+        eta = (scale * torch.log1p(z) / norm).clamp_(max=ETA_CAP)
+        depth_w = torch.exp(_WEIGHT_SHIFT - eta).mul_(work["splat"][s:e])
+        base = torch.empty(c + 2, e - s, dtype=dtype)
+        torch.mul(values[:, s:e], depth_w, out=base[:c])
+        torch.mul(z, depth_w, out=base[c])
+        base[c + 1] = depth_w
+        vals = work["corner_w"][:, None, s:e] * base[None]  # (4, C+2, B)
+        flat.index_add_(1, work["cell"][s:e], vals.view(4 * (c + 2), e - s))
+    c00, c01, c10, c11 = canvas.view(4, c + 2, height + 1, width + 1).unbind(0)
+    return c00[:, 1:, 1:] + c01[:, 1:, :-1] + c10[:, :-1, 1:] + c11[:, :-1, :-1]
+
+
+def _work_buffers(n: int, c: int, height: int, width: int, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Per-call scratch reused by every frame: per-point pass-1 results and the corner canvases."""
+    return {
+        "cell": torch.empty(n, dtype=torch.long),
+        "corner_w": torch.empty(4, n, dtype=dtype),
+        "z": torch.empty(n, dtype=dtype),
+        "splat": torch.empty(n, dtype=torch.bool),
+        "canvas": torch.empty(4, c + 2, (height + 1) * (width + 1), dtype=dtype),
+    }
 
 
 def forward_warp(
@@ -376,18 +408,19 @@ def forward_warp(
     c, h, w = inp.image.shape
     flat_valid = inp.valid.reshape(-1)
     points = _unproject64(inp.depth, inp.K_src, inp.c2w_src).reshape(-1, 3)[flat_valid].T.contiguous()
-    values = inp.image.reshape(c, -1)[:, flat_valid].T.contiguous()
+    values = inp.image.reshape(c, -1)[:, flat_valid].contiguous()
     n_frames = inp.proj.shape[0]
     rgb = torch.empty(n_frames, c, h, w, dtype=inp.dtype)
     out_depth = torch.empty(n_frames, 1, h, w, dtype=inp.dtype)
     mask = torch.empty(n_frames, 1, h, w, dtype=torch.bool)
+    work = _work_buffers(values.shape[1], c, h, w, inp.dtype)
     for f in range(n_frames):
-        acc = _splat_frame(points, values, inp.proj[f], h, w, float(depth_weight_scale), inp.dtype)
-        weight = acc[..., c + 1]
+        acc = _splat_frame(points, values, inp.proj[f], h, w, float(depth_weight_scale), work)
+        weight = acc[c + 1]
         hit = weight > 0
         safe = torch.where(hit, weight, 1.0)
-        rgb[f] = torch.where(hit[..., None], acc[..., :c] / safe[..., None], hole_value).permute(2, 0, 1)
-        out_depth[f, 0] = torch.where(hit, acc[..., c] / safe, 0.0)
+        rgb[f] = torch.where(hit, acc[:c] / safe, hole_value)
+        out_depth[f, 0] = torch.where(hit, acc[c] / safe, 0.0)
         mask[f, 0] = hit
     return WarpResult(rgb, out_depth, mask)
 

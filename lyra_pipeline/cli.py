@@ -21,7 +21,8 @@ from lyra_pipeline.storage import STAGES, TRAJECTORY_STAGES, RunStore
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="lyra-pipeline: Lyra-style 3D scene data generation, resumable on any store.")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 DEFAULT_STORE = "./lyra_store"
 
 
@@ -149,19 +150,19 @@ def status(store: str = StoreOpt, failed: bool = typer.Option(False, "--failed",
         counts = {s: sum(1 for r in sub if r["status"] == s) for s in ("done", "running", "failed")}
         units = len(prompts) * (n_traj if stage in TRAJECTORY_STAGES else 1)
         table.add_row(stage, str(counts["done"]), str(counts["running"]), str(counts["failed"]), str(units))
-    Console().print(table)
+    out.print(table)
     runs = st.run_summaries()
     if runs:
         last = runs[-1]
-        Console().print(f"last run {last['run_id']} ({last['preset']}): computed {last['computed']}, "
+        out.print(f"last run {last['run_id']} ({last['preset']}): computed {last['computed']}, "
                         f"reused {last['skipped']}, failed scenes {len(last['failed_scenes'])}, "
                         f"{last['finished_at'] - last['started_at']:.1f} s")
     if failed:
         bad = [r for r in rows if r["status"] == "failed"]
         for r in bad:
-            Console().print(f"[red]FAILED[/] {r['scene_id']} {r['trajectory'] or '-'} {r['stage']}: {r['error']}")
+            out.print(f"[red]FAILED[/] {r['scene_id']} {r['trajectory'] or '-'} {r['stage']}: {r['error']}")
         if not bad:
-            Console().print("no failures")
+            out.print("no failures")
 
 
 @app.command()

@@ -19,6 +19,7 @@ import io
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -139,7 +140,7 @@ class RunStore:
         path = self._path(rel)
         if self.is_local:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp"
+            tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()

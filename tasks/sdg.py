@@ -76,7 +76,8 @@ def make_input(store_url: str, config: RunConfig, scene: SceneRecord, run_id: st
         if not run.skip:
             K = default_intrinsics(v.height, v.width, v.hfov_deg)
             if scene.source == "procedural":
-                rgb = make_scene(scene.seed, kind=config.scenes.scene_kind).render(IDENTITY[None], K[None], v.height, v.width).rgb[0]
+                procedural = make_scene(scene.seed, kind=config.scenes.scene_kind)
+                rgb = procedural.render(IDENTITY[None], K[None], v.height, v.width).rgb[0]
             else:
                 rgb = load_image(scene.image_path, v.height, v.width, expected_sha=scene.content_sha)
             store.scene_group(scene.scene_id).attrs.update(scene.as_row())
@@ -91,7 +92,8 @@ def make_input(store_url: str, config: RunConfig, scene: SceneRecord, run_id: st
 def _estimate_depth(config: RunConfig, scene: SceneRecord, rgb: torch.Tensor, K: torch.Tensor):
     d = config.depth
     if d.backend == "procedural":
-        render = make_scene(scene.seed, kind=config.scenes.scene_kind).render(IDENTITY[None], K[None], rgb.shape[-2], rgb.shape[-1])
+        procedural = make_scene(scene.seed, kind=config.scenes.scene_kind)
+        render = procedural.render(IDENTITY[None], K[None], rgb.shape[-2], rgb.shape[-1])
         depth = render.depth[0, 0]
         return depth, depth > 0, "procedural (exact)"
     if d.backend == "file":

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from lyra_ops.cameras import Cameras, check_se3, default_intrinsics, invert_se3
 from lyra_ops.errors import LyraInputError
-from lyra_ops.trajectories import LYRA_PATHS, draw_distance, load_trajectory, make_trajectory
 from lyra_ops.seeding import numpy_rng
+from lyra_ops.trajectories import LYRA_PATHS, draw_distance, load_trajectory, make_trajectory
 
 H, W = 88, 160
 K = default_intrinsics(H, W)

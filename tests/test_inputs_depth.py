@@ -3,10 +3,10 @@ import pytest
 import torch
 from PIL import Image
 
+from lyra_ops.cameras import default_intrinsics
 from lyra_ops.depth import ConstantDepth, PlanarDepth, check_user_depth, postprocess_depth
 from lyra_ops.errors import LyraInputError
 from lyra_ops.generation import WarpOnlyGenerator, push_pull_fill
-from lyra_ops.cameras import default_intrinsics
 from lyra_ops.images import cover_crop_resize, from_uint8, to_uint8
 from lyra_ops.prompts import SceneRecord, sample_records
 from lyra_ops.trajectories import make_trajectory
