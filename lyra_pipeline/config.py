@@ -63,10 +63,16 @@ class TrajectoryConfig(Section):
 
 
 class DepthConfig(Section):
+    """First-frame depth: estimator backend and Lyra's clean-up / depth-edge filter."""
+
     backend: Literal["procedural", "constant", "planar", "file"] = "procedural"  # file: NAME.depth.npy
     max_depth: float = Field(100.0, gt=0)  # invalid/sky/NaN depth -> max_depth (Lyra: 100)
     edge_window: int = Field(5, ge=3)
+    # Lyra's (max-min)/mean < 0.05 over 5x5 pixels, defined at 704 rows. Relative depth change across a window
+    # grows as the image shrinks, so the threshold is scaled by edge_reference_height / H: the same angular
+    # criterion at every resolution (at 176 rows the plain 0.05 would mark whole floors as "edges").
     edge_threshold: float = Field(0.05, gt=0)
+    edge_reference_height: int = Field(704, ge=1)
     constant_value: float = Field(2.0, gt=0)  # fallback backends' depth scale
 
 
@@ -75,9 +81,13 @@ class WarpConfig(Section):
 
 
 class MaskConfig(Section):
+    """Conservative mask refinement (Lyra's foreground masking)."""
+
     refine: bool = True
     threshold: float = Field(0.02, ge=0)
-    downsample: int = Field(4, ge=1)
+    # Seam mesh grid = frame downsampled by this factor (Lyra: 4 at 704 rows, i.e. a 176-row mesh).
+    # None: max(1, H // 176), the same mesh density in angle at every resolution.
+    downsample: int | None = Field(None, ge=1)
 
 
 class GeneratorConfig(Section):
@@ -187,6 +197,16 @@ def load_config_file(path: str | Path) -> tuple[str | None, dict[str, Any]]:
         raise LyraConfigError(f"{p}: top level must be a mapping of config sections, got {type(doc).__name__}")
     preset = doc.pop("preset", None)
     return preset, doc
+
+
+def edge_threshold(config: RunConfig) -> float:
+    """Depth-edge threshold at this run's resolution (see ``DepthConfig.edge_threshold``)."""
+    return config.depth.edge_threshold * config.depth.edge_reference_height / config.video.height
+
+
+def mesh_downsample(config: RunConfig) -> int:
+    """Seam-mesh downsampling factor at this run's resolution (see ``MaskConfig.downsample``)."""
+    return config.mask.downsample or max(1, config.video.height // 176)
 
 
 def section_dict(config: RunConfig, *names: str) -> dict[str, Any]:

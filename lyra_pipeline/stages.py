@@ -52,10 +52,9 @@ def plan_keys(config: RunConfig, scene: SceneRecord) -> SceneKeys:
     per_traj: dict[str, dict[str, str]] = {}
     for name in config.trajectory_names:
         k_cam = content_key("cameras", v["cameras"], {**traj_params, "name": name}, {"input": k_input})
-        warp_params = {**section_dict(config, "warp"), "edge_window": config.depth.edge_window,
-                       "edge_threshold": config.depth.edge_threshold}
+        warp_params = section_dict(config, "warp")
         k_warp = content_key("warp", v["warp"], warp_params, {"depth": k_depth, "cameras": k_cam})
-        k_refine = content_key("refine", v["refine"], {**section_dict(config, "mask"), **warp_params},
+        k_refine = content_key("refine", v["refine"], {**section_dict(config, "mask"), "video": video},
                                {"warp": k_warp})
         k_gen = content_key("generate", v["generate"], section_dict(config, "generator"),
                             {"refine": k_refine, "input": k_input, "cameras": k_cam})

@@ -25,7 +25,7 @@ from lyra_ops.scenes import make_scene
 from lyra_ops.seeding import derive_seed, numpy_rng
 from lyra_ops.trajectories import ALL_PATHS, draw_distance, load_trajectory, make_trajectory
 from lyra_ops.warp import WarpResult, depth_reliability_mask, forward_warp, unproject_depth
-from lyra_pipeline.config import RunConfig
+from lyra_pipeline.config import RunConfig, edge_threshold, mesh_downsample
 from lyra_pipeline.inputs import load_depth_file, load_image, scan_image_folder
 from lyra_pipeline.stages import StageReport, StageRun, plan_keys, require_done
 from lyra_pipeline.storage import RunStore
@@ -115,7 +115,7 @@ def estimate_depth(store_url: str, config: RunConfig, scene: SceneRecord, run_id
             K = torch.from_numpy(store.read_array(scene.scene_id, "input/K"))
             raw, valid, label = _estimate_depth(config, scene, rgb, K)
             depth = postprocess_depth(raw, valid, config.depth.max_depth)
-            reliable = depth_reliability_mask(depth, config.depth.edge_window, config.depth.edge_threshold)
+            reliable = depth_reliability_mask(depth, config.depth.edge_window, edge_threshold(config))
             store.write_array(scene.scene_id, "depth/depth", depth.numpy(), attrs={"label": label})
             store.write_array(scene.scene_id, "depth/reliable", reliable.numpy())
     return report
@@ -211,7 +211,7 @@ def refine_masks(store_url: str, config: RunConfig, scene: SceneRecord, run_id: 
                 points = unproject_depth(depth, K, IDENTITY)
                 mask = refine_mask_conservative(warp, points, ~reliable, cams.w2c, cams.K,
                                                 threshold=config.mask.threshold,
-                                                factor=config.mask.downsample).mask
+                                                factor=mesh_downsample(config)).mask
             data = mask.numpy()
             store.write_array(sid, f"trajectories/{name}/refine/mask", data, chunks=_frame_chunks(data))
     return report
