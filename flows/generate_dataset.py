@@ -23,6 +23,7 @@ from tasks.sdg import (
     generate_video,
     make_cameras,
     make_input,
+    preflight,
     refine_masks,
     sample_prompts,
     warp_frames,
@@ -49,6 +50,7 @@ def generate_dataset(
     """Generate (or complete) a dataset in ``store`` from a preset plus config overrides."""
     logger = get_run_logger()
     config = build_config(preset, overrides)
+    preflight(config)
     run_id = run_id or new_run_id()
     started = time.time()
     removed = RunStore(store).clean_partial_files()

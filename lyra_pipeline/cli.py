@@ -90,6 +90,9 @@ def run(
     _setup_env()
     try:
         name, over, cfg = _resolve(preset, config, num_scenes, images, trajectory, seed)
+        from tasks.sdg import preflight
+
+        preflight(cfg)  # bad custom trajectory / image folder: fail before any work
         RunStore(store)  # fail fast on an unusable store
     except LyraError as exc:
         _fail(exc)

@@ -39,6 +39,14 @@ def _frame_chunks(arr: np.ndarray) -> tuple[int, ...]:
     return (1, *arr.shape[1:])
 
 
+def preflight(config: RunConfig) -> None:
+    """Check run-wide inputs before any work starts (a bad custom trajectory would fail every scene)."""
+    if config.trajectories.custom:
+        trajectory_cameras(config, None, "custom", None)  # raises LyraInputError naming file/field/frame
+    if config.scenes.source == "images":
+        scan_image_folder(config.scenes.images_dir, config.seed)
+
+
 # 1. Prompt sampling ---------------------------------------------------------------------------------------
 
 
@@ -124,7 +132,8 @@ def estimate_depth(store_url: str, config: RunConfig, scene: SceneRecord, run_id
 # 4. Camera trajectories ---------------------------------------------------------------------------------------
 
 
-def trajectory_cameras(config: RunConfig, scene: SceneRecord, name: str, K: torch.Tensor) -> tuple[Cameras, float]:
+def trajectory_cameras(config: RunConfig, scene: SceneRecord | None, name: str,
+                       K: torch.Tensor | None) -> tuple[Cameras, float]:
     v, t = config.video, config.trajectories
     if name == "custom":
         cams = load_trajectory(t.custom, height=v.height, width=v.width, num_frames=v.num_frames,

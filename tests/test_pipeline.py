@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -175,6 +176,18 @@ def test_cli_errors_are_clear(tmp_path):
     assert result.exit_code == 2 and "not a lyra store" in result.output
 
 
+def test_bad_trajectory_fails_before_any_work(tmp_path):
+    bad = tmp_path / "traj.npz"
+    w2c = np.tile(np.eye(4, dtype=np.float32), (9, 1, 1))
+    w2c[4, :3, :3] *= 1.5  # not a rotation
+    np.savez(bad, w2c=w2c, intrinsics=np.tile(np.eye(3, dtype=np.float32), (9, 1, 1)))
+    store = tmp_path / "store"
+    result = CliRunner().invoke(app, ["run", "--preset", "smoke", "--trajectory", str(bad), "--store", str(store)])
+    assert result.exit_code == 2
+    assert "traj.npz: w2c[4] is not a rigid transform (SE(3))" in " ".join(result.output.split())
+    assert not store.exists()
+
+
 def test_inspect_writes_contact_sheet(finished_store, tmp_path):
     out = tmp_path / "sheet.png"
     result = CliRunner().invoke(app, ["inspect", "proc-000000", "--store", str(finished_store), "--out", str(out)])
@@ -220,6 +233,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(finished_store, tmp_path,
     proc = _run_cli(args, env)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # largest child so far (Linux: KiB)
+    assert peak_kib < 4 * 1024 * 1024, f"a lyra run peaked at {peak_kib / 1024:.0f} MiB"
     assert_same_arrays(all_arrays(str(url)), all_arrays(str(finished_store)))
     rows = RunStore(url, create=False).read_manifest().to_pylist()
     assert all(r["status"] == "done" for r in rows) and len(rows) == 28
