@@ -21,7 +21,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lyra_ops.gaussians import Gaussians  # noqa: E402
-from lyra_ops.rasterize import RasterOutput, rasterize, rasterize_reference  # noqa: E402
+from lyra_ops.rasterize import (  # noqa: E402
+    RasterOutput,
+    _check_inputs,
+    _rasterize_torch,
+    rasterize_reference,
+)
 
 
 def make_scene(
@@ -62,7 +67,10 @@ def time_forward_backward(render, g: Gaussians, repeats: int, weights=None) -> d
     fwd, bwd = [], []
     out = None
     for _ in range(repeats):
-        leaves = [t.detach().clone().requires_grad_(True) for t in (g.means, g.scales, g.quats, g.opacities, g.colors)]
+        leaves = [
+            t.detach().clone().requires_grad_(True)
+            for t in (g.means, g.scales, g.quats, g.opacities, g.colors)
+        ]
         gg = Gaussians(*leaves)
         _sync(g.device)
         t0 = time.perf_counter()
@@ -83,12 +91,14 @@ def time_forward_backward(render, g: Gaussians, repeats: int, weights=None) -> d
 
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> float:
     """PSNR in dB of ``a`` against ``b`` (inf when identical)."""
-    mse = float(((a.double() - b.double()) ** 2).mean())
+    mse = float(((a.detach().double() - b.detach().double()) ** 2).mean())
     return math.inf if mse == 0 else 10.0 * math.log10(data_range**2 / mse)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 30_000, 100_000])
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--height", type=int, default=256)
@@ -101,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--depth-chunk", type=int, default=None, help="torch backend: Gaussians per tile and step"
+    )
+    parser.add_argument(
+        "--step-elements", type=int, default=None, help="torch backend: pixels x Gaussians per step"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,19 +124,24 @@ def main(argv: list[str] | None = None) -> int:
     w, h = args.width, args.height
     print(
         f"# torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, {w}x{h}, "
-        f"tile {args.tile_size}, px_sigma {args.px_sigma}, repeats {args.repeats} (min / median seconds)"
+        f"tile {args.tile_size}, depth chunk {args.depth_chunk or 'default'}, step elements "
+        f"{args.step_elements or 'default'}, px_sigma {args.px_sigma}, repeats {args.repeats} (min / median s)"
     )
     for n in args.sizes:
         g, viewmats, Ks = make_scene(n, w, h, seed=args.seed, px_sigma=args.px_sigma, device=device)
-        fast = time_forward_backward(
-            lambda gg, viewmats=viewmats, Ks=Ks: rasterize(gg, viewmats, Ks, w, h, tile_size=args.tile_size),
-            g,
-            args.repeats,
-        )
+
+        def render(gg: Gaussians, viewmats=viewmats, Ks=Ks) -> RasterOutput:
+            v, k, bg = _check_inputs(gg, viewmats, Ks, w, h, None, 0.01, 1e10, args.tile_size, 0.3)
+            return _rasterize_torch(
+                gg, v, k, w, h, bg, 0.01, 1e10, args.tile_size, 0.3,
+                depth_chunk=args.depth_chunk, step_elements=args.step_elements,
+            )  # fmt: skip
+
+        fast = time_forward_backward(render, g, args.repeats)
         with torch.no_grad():
             _sync(device)
             t0 = time.perf_counter()
-            rasterize(g, viewmats, Ks, w, h, tile_size=args.tile_size)
+            render(g)
             _sync(device)
             nograd = time.perf_counter() - t0
         total = fast["fwd_min"] + fast["bwd_min"]

@@ -127,7 +127,9 @@ def test_torch_matches_reference_on_saturated_scene():
     w, h = 40, 36
     g, viewmats, Ks = make_scene(400, w, h, seed=2, opacity=(0.6, 1.0), px_sigma=4.0)
     ref = rasterize_reference(g, viewmats, Ks, w, h)
-    assert float(ref.alpha.min()) > 1 - 2 * T_MIN  # every pixel hit the stop rule
+    # Dense enough that pixels stop early (T <= 1e-4 would be reached; with alpha clamped at 0.999 the
+    # final alpha can stay as low as ~0.9 when the stopping Gaussian is opaque).
+    assert float(ref.alpha.min()) > 0.9 and float((ref.alpha > 1 - 10 * T_MIN).float().mean()) > 0.5
     for depth_chunk in (64, 3):  # 3: the stop happens across chunk boundaries
         fast = _rasterize_torch(
             g, viewmats, Ks, w, h, torch.zeros(1, 3), 0.01, 1e10, 16, 0.3, depth_chunk=depth_chunk
@@ -246,8 +248,8 @@ def test_gaussians_behind_or_outside_contribute_nothing():
     bg = torch.tensor([0.1, 0.2, 0.3])
     both = rasterize(Gaussians(*leaves), viewmats, Ks, w, h, background=bg)
     alone = rasterize(g, viewmats, Ks, w, h, background=bg)
-    assert torch.equal(both.rgb, alone.rgb) and torch.equal(both.alpha, alone.alpha)
-    assert torch.equal(both.depth, alone.depth)
+    # (not bitwise: re-normalising the unit quaternions of the copy can move their last bit)
+    assert_images_close(both, alone, min_psnr=110)
     (both.rgb.sum() + both.depth.sum() + both.alpha.sum()).backward()
     for leaf in leaves:
         assert torch.isfinite(leaf.grad).all()
@@ -345,9 +347,13 @@ def test_torch_backend_on_cuda_matches_cpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gsplat_parity_images_and_gradients():
-    """gsplat (CUDA) vs our torch backend (CUDA). gsplat uses __expf and a different summation order, so a few
-    pixels can flip at the 1/255 and 1e-4 thresholds: 40 dB and 1e-2 relative gradient error are honest bars
-    (on CPU vs the dense reference we get > 120 dB and ~1e-6)."""
+    """gsplat (CUDA) vs our torch backend (CUDA).
+
+    gsplat evaluates exp with __expf, sums in another order and rebuilds T in its backward by division, so a
+    few pixels can flip at the 1/255 and 1e-4 thresholds and its gradients carry ~1e-4 float32 error (against
+    the dense reference: ~1.3e-4, ours ~1e-6). Measured on an H200 (gpu_check, 256x256, 10k-100k Gaussians):
+    104-110 dB rgb, 110-121 dB alpha, 114-119 dB depth, gradients within 1.5e-4. Bars: 50 dB and 2e-3.
+    """
     pytest.importorskip("gsplat")
     w, h = 128, 96
     g, viewmats, Ks = make_scene(5000, w, h, seed=12, cams=2)
@@ -362,8 +368,8 @@ def test_gsplat_parity_images_and_gradients():
         return fn
 
     with torch.no_grad():
-        assert_images_close(make("torch")(g, viewmats, Ks, bg), make("gsplat")(g, viewmats, Ks, bg), 40.0)
+        assert_images_close(make("torch")(g, viewmats, Ks, bg), make("gsplat")(g, viewmats, Ks, bg), 50.0)
     got = grads_of(make("torch"), leaf_copy(g), viewmats, Ks, bg, weights, cameras=False)
     want = grads_of(make("gsplat"), leaf_copy(g), viewmats, Ks, bg, weights, cameras=False)
     errors = {name: rel_err(a, b) for name, a, b in zip(FIELDS, got, want, strict=True)}
-    assert all(e < 1e-2 for e in errors.values()), errors
+    assert all(e < 2e-3 for e in errors.values()), errors
