@@ -44,7 +44,8 @@ def _check_mesh_inputs(
     vertices = _check_tensor(vertices, fn, "vertices_cam")
     if vertices.ndim != 2 or vertices.shape[1] != 3 or not vertices.is_floating_point():
         raise LyraInputError(
-            f"{fn}: vertices_cam must be a float tensor of shape (V, 3), got {vertices.dtype} {tuple(vertices.shape)}"
+            f"{fn}: vertices_cam must be a float tensor of shape (V, 3), "
+            f"got {vertices.dtype} {tuple(vertices.shape)}"
         )
     faces = _check_tensor(faces, fn, "faces")
     if faces.ndim != 2 or faces.shape[1] != 3 or faces.is_floating_point() or faces.dtype == torch.bool:
@@ -60,7 +61,9 @@ def _check_mesh_inputs(
     if tuple(K.shape) != (3, 3):
         raise LyraInputError(f"{fn}: K must have shape (3, 3), got {tuple(K.shape)}")
     if K[2].tolist() != [0.0, 0.0, 1.0]:
-        raise LyraInputError(f"{fn}: K must be pinhole intrinsics with last row [0, 0, 1], got {K[2].tolist()}")
+        raise LyraInputError(
+            f"{fn}: K must be pinhole intrinsics with last row [0, 0, 1], got {K[2].tolist()}"
+        )
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise LyraInputError(f"{fn}: {name} must be a positive int, got {value!r}")
@@ -74,7 +77,9 @@ def _check_mesh_inputs(
 def _pixel_rays(K: Tensor, height: int, width: int) -> Tensor:
     """(H*W,3) float64 rays K^-1 [j+0.5, i+0.5, 1] through the pixel centres, row-major."""
     i, j = torch.meshgrid(
-        torch.arange(height, dtype=torch.float64) + 0.5, torch.arange(width, dtype=torch.float64) + 0.5, indexing="ij"
+        torch.arange(height, dtype=torch.float64) + 0.5,
+        torch.arange(width, dtype=torch.float64) + 0.5,
+        indexing="ij",
     )
     pix = torch.stack([j, i, torch.ones_like(i)], dim=-1).reshape(-1, 3)
     return pix @ torch.linalg.inv(K).T
@@ -87,8 +92,8 @@ def seam_mesh(points_cam: Tensor, boundary: Tensor, factor: int = 4) -> tuple[Te
     """Triangle mesh over the depth seams of a point grid (spec 1.7 steps 1-2).
 
     The (H,W,3) grid is downsampled bilinearly (``F.interpolate``, align_corners=False) and the boundary
-    nearest-neighbour to (H // factor, W // factor); every 2x2 cell with at least one boundary corner gives the
-    triangles (tl, tr, bl) and (tr, br, bl). Unused vertices are dropped.
+    nearest-neighbour to (H // factor, W // factor); every 2x2 cell with at least one boundary corner gives
+    the triangles (tl, tr, bl) and (tr, br, bl). Unused vertices are dropped.
 
     Bilinear downsampling is an affine combination, so the mesh of rigidly transformed points is the rigidly
     transformed mesh (up to rounding): the mesh can be built once in world coordinates and moved per camera.
@@ -139,31 +144,34 @@ def seam_mesh(points_cam: Tensor, boundary: Tensor, factor: int = 4) -> tuple[Te
     return grid.reshape(-1, 3)[used].contiguous(), remap[faces]
 
 
-# ------------------------------------------------------------------------------------------------ fast ray cast
+# ------------------------------------------------------------------------------------------------ ray cast
 
 
 def mesh_depth(vertices_cam: Tensor, faces: Tensor, K: Tensor, height: int, width: int) -> Tensor:
     """z-depth of the nearest two-sided hit of each pixel-centre ray with a triangle mesh (0 where none).
 
     Rays start at the camera centre along K^-1 [j+0.5, i+0.5, 1]. Exact rasterization in homogeneous
-    coordinates: for a triangle (v0, v1, v2) with e1 = v1 - v0, e2 = v2 - v0, n = e1 x e2, det = v0 . n, a ray r
-    hits it iff, with s = sign(det), s r.(e2 x v0) >= 0, s r.(v0 x e1) >= 0, s r.n >= their sum, and s r.n > 0;
-    the hit is at depth det / (r.n) * r_z. These are Moller-Trumbore's barycentric tests (u, v, u + v <= 1,
-    t > 0) multiplied by det; each r.c is an affine function of the pixel coordinates, so no vertex is ever
-    projected, and triangles crossing the camera plane or lying behind it need no special case (behind: the
-    region is empty; crossing: its unbounded image is clipped to the screen).
+    coordinates: for a triangle (v0, v1, v2) with e1 = v1 - v0, e2 = v2 - v0, n = e1 x e2 and det = v0 . n,
+    a ray r hits it iff, with s = sign(det): s r.(e2 x v0) >= 0, s r.(v0 x e1) >= 0, s r.n >= the sum of
+    those two, and s r.n > 0; the hit is at depth det / (r.n) * r_z. These are Moller-Trumbore's barycentric
+    tests (u, v >= 0, u + v <= 1, t > 0) multiplied by det; each r.c is an affine function of the pixel
+    coordinates, so no vertex is ever projected, and triangles crossing the camera plane or lying behind it
+    need no special case (behind: the region is empty; crossing: its unbounded image is clipped to the
+    screen).
 
     Vectorized: (triangle, pixel row) pairs over each triangle's row range (screen bbox of projected vertices
     when all are in front, all rows otherwise) -> exact column span of the triangle on the row (intersection
-    of three half-lines, widened by one pixel) -> (triangle, pixel) candidates -> exact inside test -> z-buffer
-    by ``scatter_reduce_(amin)``. Work is chunked to bound memory. Float64 throughout. Like the reference,
-    triangles with |n| < 1e-8 (degenerate) are ignored; the reference additionally misses rays within
-    |r.n| < 1e-8 |r| of grazing a triangle's plane, which this op may count as hits.
+    of three half-lines, widened by one pixel) -> (triangle, pixel) candidates -> exact inside test ->
+    z-buffer by ``scatter_reduce_(amin)``. Work is chunked to bound memory. Float64 throughout. Like the
+    reference, triangles with |n| < 1e-8 (degenerate) are ignored; the reference additionally misses rays
+    within |r.n| < 1e-8 |r| of grazing a triangle's plane, which this op may count as hits. Barycentrics
+    down to -1e-9 count as inside (``EDGE_TOLERANCE``), so that pixel centres lying exactly on an edge
+    shared by two triangles are not lost to rounding in both (no cracks).
 
     Args:
         vertices_cam: (V,3) vertices in the camera frame (OpenCV axes).
         faces: (M,3) integer vertex indices.
-        K: (3,3) pixel intrinsics.
+        K: (3,3) pinhole pixel intrinsics (last row [0, 0, 1]).
         height, width: image size.
 
     Returns:
@@ -261,9 +269,12 @@ def _rasterize(
         # a candidate at rank k of its pair is at column col_lo + k.
         u0 = col_lo.to(torch.float64) + 0.5
         per_pair = [
-            slopes[:, 0], slopes[:, 0] * u0 + b_1,
-            slopes[:, 1], slopes[:, 1] * u0 + b_2,
-            e_d[tri, 0], e_d[tri, 0] * u0 + b_d,
+            slopes[:, 0],
+            slopes[:, 0] * u0 + b_1,
+            slopes[:, 1],
+            slopes[:, 1] * u0 + b_2,
+            e_d[tri, 0],
+            e_d[tri, 0] * u0 + b_d,
             abs_det[tri],
             (row * width + col_lo).to(torch.float64),
         ]
@@ -340,9 +351,9 @@ def refine_mask_conservative(
 ) -> WarpResult:
     """Invalidate warped pixels that lie behind the seam surface of the source view (spec 1.7).
 
-    Per target frame f: the seam mesh of the source points (``seam_mesh`` of ``points_world`` and ``boundary``)
-    is moved into camera f and ray-cast (``mesh_depth``); a pixel is invalidated iff z_mesh > 0 and
-    z_mesh + threshold < warped depth. Invalidated pixels get mask False, rgb ``hole_value`` and depth 0.
+    Per target frame f: the seam mesh of the source points (``seam_mesh`` of ``points_world`` and
+    ``boundary``) is moved into camera f and ray-cast (``mesh_depth``); a pixel is invalidated iff z_mesh > 0
+    and z_mesh + threshold < warped depth. Invalidated pixels get mask False, rgb ``hole_value`` and depth 0.
     Frames are independent: the result for a frame does not depend on the others.
 
     Args:
@@ -366,12 +377,14 @@ def refine_mask_conservative(
     points_world = _check_tensor(points_world, fn, "points_world")
     if tuple(points_world.shape) != (h, w, 3):
         raise LyraInputError(
-            f"{fn}: points_world must have shape (H, W, 3) = {(h, w, 3)} like the warp, got {tuple(points_world.shape)}"
+            f"{fn}: points_world must have shape (H, W, 3) = {(h, w, 3)} like the warp, "
+            f"got {tuple(points_world.shape)}"
         )
     boundary = _check_tensor(boundary, fn, "boundary")
     if tuple(boundary.shape) != (h, w) or boundary.dtype != torch.bool:
         raise LyraInputError(
-            f"{fn}: boundary must be a bool tensor of shape (H, W) = {(h, w)}, got {boundary.dtype} {tuple(boundary.shape)}"
+            f"{fn}: boundary must be a bool tensor of shape (H, W) = {(h, w)}, "
+            f"got {boundary.dtype} {tuple(boundary.shape)}"
         )
     w2c = _batch(w2c_tgt, fn, "w2c_tgt", 4, n_frames)
     Ks = _batch(K_tgt, fn, "K_tgt", 3, n_frames)

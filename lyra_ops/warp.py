@@ -60,14 +60,18 @@ class WarpResult:
     def __post_init__(self) -> None:
         for name in ("rgb", "depth", "mask"):
             if not isinstance(getattr(self, name), Tensor):
-                raise LyraInputError(f"WarpResult.{name} must be a torch.Tensor, got {type(getattr(self, name))}")
+                raise LyraInputError(
+                    f"WarpResult.{name} must be a torch.Tensor, got {type(getattr(self, name))}"
+                )
         if self.rgb.ndim != 4:
             raise LyraInputError(f"WarpResult.rgb must have shape (F,C,H,W), got {tuple(self.rgb.shape)}")
         f, _, h, w = self.rgb.shape
         for name in ("depth", "mask"):
             shape = tuple(getattr(self, name).shape)
             if shape != (f, 1, h, w):
-                raise LyraInputError(f"WarpResult.{name} must have shape {(f, 1, h, w)} (like rgb), got {shape}")
+                raise LyraInputError(
+                    f"WarpResult.{name} must have shape {(f, 1, h, w)} (like rgb), got {shape}"
+                )
         if self.mask.dtype != torch.bool:
             raise LyraInputError(f"WarpResult.mask must be a bool tensor, got dtype {self.mask.dtype}")
 
@@ -155,7 +159,9 @@ def _warp_inputs(
     _, h, w = image.shape
     depth = _check_depth_map(depth, fn)
     if tuple(depth.shape) != (h, w):
-        raise LyraInputError(f"{fn}: depth must have shape (H, W) = {(h, w)} like image, got {tuple(depth.shape)}")
+        raise LyraInputError(
+            f"{fn}: depth must have shape (H, W) = {(h, w)} like image, got {tuple(depth.shape)}"
+        )
     valid = depth > 0
     if source_mask is not None:
         source_mask = _check_tensor(source_mask, fn, "source_mask")
@@ -169,20 +175,26 @@ def _warp_inputs(
     c2w_src = _check_matrix(c2w_src, fn, "c2w_src", 4)
     K_tgt = _check_matrix_batch(K_tgt, fn, "K_tgt", 3)
     w2c_tgt = _check_matrix_batch(w2c_tgt, fn, "w2c_tgt", 4)
-    if K_tgt.shape[0] != w2c_tgt.shape[0] and K_tgt.shape[0] != 1:
+    n_frames = max(K_tgt.shape[0], w2c_tgt.shape[0])
+    if K_tgt.shape[0] not in (1, n_frames) or w2c_tgt.shape[0] not in (1, n_frames):
         raise LyraInputError(
-            f"{fn}: K_tgt must have shape (3, 3) or (F, 3, 3) with F = {w2c_tgt.shape[0]} frames like w2c_tgt, "
-            f"got {tuple(K_tgt.shape)}"
+            f"{fn}: K_tgt and w2c_tgt must hold the same number of frames F (or one, shared by all): "
+            f"got K_tgt {tuple(K_tgt.shape)} and w2c_tgt {tuple(w2c_tgt.shape)}"
         )
     if not (np.isfinite(depth_weight_scale) and depth_weight_scale >= 0):
-        raise LyraInputError(f"{fn}: depth_weight_scale must be a finite number >= 0, got {depth_weight_scale}")
-    K_tgt = K_tgt.expand(w2c_tgt.shape[0], 3, 3)
+        raise LyraInputError(
+            f"{fn}: depth_weight_scale must be a finite number >= 0, got {depth_weight_scale}"
+        )
+    K_tgt = K_tgt.expand(n_frames, 3, 3)
+    w2c_tgt = w2c_tgt.expand(n_frames, 4, 4)
     # P = K [R | t], written out as explicit products so it is computed identically for every frame.
-    proj = torch.zeros(w2c_tgt.shape[0], 3, 4, dtype=torch.float64)
+    proj = torch.zeros(n_frames, 3, 4, dtype=torch.float64)
     for r in range(3):
         for c in range(4):
-            proj[:, r, c] = K_tgt[:, r, 0] * w2c_tgt[:, 0, c] + K_tgt[:, r, 1] * w2c_tgt[:, 1, c] + (
-                K_tgt[:, r, 2] * w2c_tgt[:, 2, c]
+            proj[:, r, c] = (
+                K_tgt[:, r, 0] * w2c_tgt[:, 0, c]
+                + K_tgt[:, r, 1] * w2c_tgt[:, 1, c]
+                + (K_tgt[:, r, 2] * w2c_tgt[:, 2, c])
             )
     dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
     return _WarpInputs(image.detach().to(dtype), depth, valid, K_src, c2w_src, proj, dtype)
@@ -223,10 +235,10 @@ def unproject_depth(depth: Tensor, K: Tensor, c2w: Tensor) -> Tensor:
 def depth_reliability_mask(depth: Tensor, window: int = 5, threshold: float = 0.05) -> Tensor:
     """Lyra's depth-edge filter (spec 1.4): True where the local depth range is small relative to its mean.
 
-    rho = (max - min) / (mean + 1e-6) over a ``window`` x ``window`` neighbourhood (stride 1, centred); a pixel
-    is reliable iff rho < threshold and depth > 0. Max and min ignore the out-of-image padding; unlike Lyra
-    (zero padding counted in the mean, which biases the mean low and flags borders), the mean averages only
-    in-image pixels, so a constant depth map is reliable everywhere, borders included.
+    rho = (max - min) / (mean + 1e-6) over a ``window`` x ``window`` neighbourhood (stride 1, centred); a
+    pixel is reliable iff rho < threshold and depth > 0. Max and min ignore the out-of-image padding; unlike
+    Lyra (zero padding counted in the mean, which biases the mean low and flags borders), the mean averages
+    only in-image pixels, so a constant depth map is reliable everywhere, borders included.
 
     Args:
         depth: (H,W) or (B,H,W) z-depth.
@@ -304,7 +316,7 @@ def _frame_geometry(
         torch.mul(fx, gy, out=wts[1])
         torch.mul(gx, fy, out=wts[2])
         torch.mul(fx, fy, out=wts[3])
-        cell = (y0.clamp_(-1, height - 1) + 1) * (width + 1) + (x0.clamp_(-1, width - 1) + 1)
+        cell = (y0.clamp_(-1, height - 1) + 1) * (width + 2) + (x0.clamp_(-1, width - 1) + 1)
         out["cell"][s:e] = cell
         zb = torch.where(splat, z, 0.0).to(dtype)
         out["z"][s:e] = zb
@@ -315,7 +327,13 @@ def _frame_geometry(
 
 
 def _splat_frame(
-    points: Tensor, values: Tensor, proj: Tensor, height: int, width: int, scale: float, work: dict[str, Tensor]
+    points: Tensor,
+    values: Tensor,
+    proj: Tensor,
+    height: int,
+    width: int,
+    scale: float,
+    work: dict[str, Tensor],
 ) -> Tensor:
     """Accumulate the planar sums [sum w c..., sum w z, sum w] (C+2,H,W) of one target frame.
 
@@ -325,35 +343,34 @@ def _splat_frame(
     dtype = values.dtype
     z_max = _frame_geometry(points, proj, height, width, dtype, work)
     norm = torch.log1p(z_max) + 1e-7  # max_l + 1e-7 (log1p is monotonic)
-    # Every point is scattered once, to its floor cell (y0, x0), into one canvas per corner; canvases are
-    # (H+1) x (W+1), start at cell (-1, -1) and are shifted onto the image afterwards, so corners outside the
-    # image land on canvas rows/columns that the shift drops. Channel-major layout (4, C+2, cells) keeps
-    # every elementwise op contiguous, and index_add_ along the last dim is ~4x faster than on (cells, 20) rows.
+    # The canvas is the image padded by one pixel on each side, channel-major (C+2, (H+2)(W+2)): the four
+    # corners of a point are at its floor cell + (0, 1, W+2, W+3), corners outside the image land in the
+    # padding (cropped below), and one index_add_ per block adds all channels of all four corners.
     canvas = work["canvas"].zero_()
-    flat = canvas.view(4 * (c + 2), -1)
+    offsets = torch.tensor([0, 1, width + 2, width + 3])[:, None]  # (dy, dx) = (0,0), (0,1), (1,0), (1,1)
     for s in range(0, n, _BLOCK):
         e = min(n, s + _BLOCK)
         z = work["z"][s:e]
         eta = (scale * torch.log1p(z) / norm).clamp_(max=ETA_CAP)
         depth_w = torch.exp(_WEIGHT_SHIFT - eta).mul_(work["splat"][s:e])
-        base = torch.empty(c + 2, e - s, dtype=dtype)
-        torch.mul(values[:, s:e], depth_w, out=base[:c])
-        torch.mul(z, depth_w, out=base[c])
-        base[c + 1] = depth_w
-        vals = work["corner_w"][:, None, s:e] * base[None]  # (4, C+2, B)
-        flat.index_add_(1, work["cell"][s:e], vals.view(4 * (c + 2), e - s))
-    c00, c01, c10, c11 = canvas.view(4, c + 2, height + 1, width + 1).unbind(0)
-    return c00[:, 1:, 1:] + c01[:, 1:, :-1] + c10[:, :-1, 1:] + c11[:, :-1, :-1]
+        base = torch.empty(c + 2, 1, e - s, dtype=dtype)
+        torch.mul(values[:, s:e], depth_w, out=base[:c, 0])
+        torch.mul(z, depth_w, out=base[c, 0])
+        base[c + 1, 0] = depth_w
+        vals = base * work["corner_w"][None, :, s:e]  # (C+2, 4, B)
+        cells = (work["cell"][s:e] + offsets).view(-1)  # (4 B,) corner-major, like vals
+        canvas.index_add_(1, cells, vals.view(c + 2, -1))
+    return canvas.view(c + 2, height + 2, width + 2)[:, 1:-1, 1:-1]
 
 
 def _work_buffers(n: int, c: int, height: int, width: int, dtype: torch.dtype) -> dict[str, Tensor]:
-    """Per-call scratch reused by every frame: per-point pass-1 results and the corner canvases."""
+    """Per-call scratch reused by every frame: per-point pass-1 results and the padded canvas."""
     return {
         "cell": torch.empty(n, dtype=torch.long),
         "corner_w": torch.empty(4, n, dtype=dtype),
         "z": torch.empty(n, dtype=dtype),
         "splat": torch.empty(n, dtype=torch.bool),
-        "canvas": torch.empty(4, c + 2, (height + 1) * (width + 1), dtype=dtype),
+        "canvas": torch.empty(c + 2, (height + 2) * (width + 2), dtype=dtype),
     }
 
 
@@ -373,27 +390,32 @@ def forward_warp(
 
     Every source pixel with depth > 0 (and ``source_mask``) is unprojected, projected into each target camera,
     dropped if z' <= 0, and splatted onto the floor / floor+1 neighbours of (u' - 0.5, v' - 0.5) with weight
-    ``w = w_bilinear / (exp(eta) + 1e-7)``, ``eta = min(scale * l / (max_l + 1e-7), 80)``, ``l = log(1 + z')``,
-    where ``max_l`` is the largest ``l`` among the points splatted into that frame (some neighbour inside the
-    image). Output colour and depth are ``sum(w x) / sum(w)``; the mask is ``sum(w) > 0``.
+    ``w = w_bilinear / (exp(eta) + 1e-7)``, ``eta = min(scale * l / (max_l + 1e-7), 80)``, ``l = log(1 +
+    z')``, where ``max_l`` is the largest ``l`` among the points splatted into that frame (some neighbour
+    inside the image). Output colour and depth are ``sum(w x) / sum(w)``; the mask is ``sum(w) > 0``.
 
     Colours are not clamped: each output is a convex combination of input colours, so it stays within their
     range (up to float rounding), whatever the range is.
 
-    Implementation: the unprojection is done once; each frame is projected in float64 (splat coordinates up
-    to ~1e3 need more than float32's 1e-4 resolution) and accumulated in float32 (float64 for float64 images)
-    with one ``index_add_`` per group of corners into floor-cell canvases that are shifted and summed.
-    Frames are processed one by one: the per-frame arrays are the same whatever the batch, which is what makes
-    outputs batch-independent by construction; peak memory is ~O(H W (C + 2) x 40 bytes) (~200 MB at
-    704x1280 for RGB), independent of F.
+    Splat coordinates within 1e-8 px of an integer are snapped onto it (``SNAP_TOLERANCE``), so that an
+    identity pose reproduces the input exactly instead of leaking ~1e-12 weights (amplified by depth weights
+    of up to exp(50)) into neighbours.
+
+    Implementation: the unprojection is done once; frames are processed one after the other, each in two
+    passes over blocks of ``_BLOCK`` points. Pass 1 projects in float64 (splat coordinates of ~1e3 need more
+    than float32's 1e-4 resolution) and stores floor cells, bilinear weights and z'; pass 2 forms the depth
+    weights and adds the (C+2) x 4 corner contributions of a block with one ``index_add_`` into a padded,
+    channel-major canvas, accumulated in float32 (float64 for float64 images). The per-frame arrays do not
+    depend on the other frames, which makes outputs batch-independent by construction; memory is
+    ~(C + 2) x 4 bytes per pixel plus ~30 bytes per source point (~50 MB at 704x1280 for RGB), whatever F.
 
     Args:
         image: (C,H,W) float source colours (e.g. in [-1, 1]).
         depth: (H,W) metric z-depth of the source view.
         K_src: (3,3) source intrinsics (pixels).
         c2w_src: (4,4) source camera-to-world pose.
-        K_tgt: (F,3,3) or (3,3) target intrinsics.
-        w2c_tgt: (F,4,4) or (4,4) target world-to-camera poses.
+        K_tgt: (F,3,3) or (3,3) target intrinsics (a single matrix is shared by all frames).
+        w2c_tgt: (F,4,4) or (4,4) target world-to-camera poses (likewise).
         source_mask: optional (H,W) bool; False pixels are not splatted (e.g. ``depth_reliability_mask``).
         depth_weight_scale: the 50 of eta; 0 disables depth weighting.
         hole_value: colour written where nothing landed.
@@ -440,10 +462,20 @@ def forward_warp_reference(
     depth_weight_scale: float = 50.0,
     hole_value: float = -1.0,
 ) -> WarpResult:
-    """Reference of ``forward_warp``: the formulas of spec 1.6 (with our two fixes) in float64 numpy,
-    one ``np.add.at`` per corner per frame. Same arguments and result (float32 arrays)."""
+    """Reference of ``forward_warp``: the formulas of spec 1.6 (with our two fixes) in float64 numpy, one
+    ``np.add.at`` per corner per frame. Same arguments and result. It shares the unprojection, the snapping
+    and the order of the projection's float64 operations with the fast op (not its accumulation), so both
+    see bit-identical splat coordinates; positions are clipped to [-2, size + 1] (off-image either way)."""
     inp = _warp_inputs(
-        "forward_warp_reference", image, depth, K_src, c2w_src, K_tgt, w2c_tgt, source_mask, depth_weight_scale
+        "forward_warp_reference",
+        image,
+        depth,
+        K_src,
+        c2w_src,
+        K_tgt,
+        w2c_tgt,
+        source_mask,
+        depth_weight_scale,
     )
     c, h, w = inp.image.shape
     valid = inp.valid.numpy().reshape(-1)
@@ -461,8 +493,8 @@ def forward_warp_reference(
         z = X * P[2, 0] + Y * P[2, 1] + Z * P[2, 2] + P[2, 3]
         front = z > 0
         x, y = x_h[front] / z[front] - 0.5, y_h[front] / z[front] - 0.5
-        x = np.where(np.abs(x - np.round(x)) <= SNAP_TOLERANCE, np.round(x), x)
-        y = np.where(np.abs(y - np.round(y)) <= SNAP_TOLERANCE, np.round(y), y)
+        x = np.where(np.abs(x - np.round(x)) <= SNAP_TOLERANCE, np.round(x), x).clip(-2.0, w + 1.0)
+        y = np.where(np.abs(y - np.round(y)) <= SNAP_TOLERANCE, np.round(y), y).clip(-2.0, h + 1.0)
         z, col = z[front], colours[front]
         x0, y0 = np.floor(x), np.floor(y)
         fx, fy = x - x0, y - y0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -41,7 +43,10 @@ def random_scene(seed: int, height: int = 40, width: int = 56, channels: int = 3
     rows, cols = torch.meshgrid(torch.arange(height) / height, torch.arange(width) / width, indexing="ij")
     depth = 3.0 + cols + 0.5 * rows + 0.003 * torch.rand(height, width, generator=g)  # slanted wall
     for _ in range(3):
-        r0, c0 = torch.randint(0, height - 8, (1,), generator=g).item(), torch.randint(0, width - 8, (1,), generator=g).item()
+        r0, c0 = (
+            torch.randint(0, height - 8, (1,), generator=g).item(),
+            torch.randint(0, width - 8, (1,), generator=g).item(),
+        )
         depth[r0 : r0 + 8, c0 : c0 + 12] = 1.0 + torch.rand(1, generator=g).item()
     if holes:
         depth[torch.rand(height, width, generator=g) < 0.05] = 0.0
@@ -77,7 +82,10 @@ def test_integer_pixel_shift_puts_all_weight_on_one_pixel():
     K = intrinsics(h, w, focal=40.0)
     w2c = torch.eye(4)
     w2c[0, 3] = -0.1  # camera centre at x = +0.1: the scene moves 2 px to the left
-    for out in (forward_warp(image, depth, K, EYE, K, w2c), forward_warp_reference(image, depth, K, EYE, K, w2c)):
+    for out in (
+        forward_warp(image, depth, K, EYE, K, w2c),
+        forward_warp_reference(image, depth, K, EYE, K, w2c),
+    ):
         assert torch.equal(out.mask[0, 0, :, : w - 2], torch.ones(h, w - 2, dtype=torch.bool))
         assert not out.mask[0, 0, :, w - 2 :].any()
         assert (out.rgb[0, :, :, : w - 2] - image[:, :, 2:]).abs().max().item() < 1e-6
@@ -128,6 +136,20 @@ def test_camera_behind_the_points_leaves_holes():
     assert out.depth[out.mask].min().item() > 0
 
 
+def test_points_on_or_just_in_front_of_the_camera_plane_are_handled():
+    image, depth, K = random_scene(12, holes=False)
+    depth[:, :10] = 2.0  # exactly on the target camera plane: z' = 0, dropped
+    depth[:, 10:12] = 2.0 + 1e-12  # z' ~ 1e-12: projected ~1e13 px away, off-image
+    forward = torch.eye(4)
+    forward[2, 3] = -2.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast = forward_warp(image, depth, K, EYE, K, forward)
+        ref = forward_warp_reference(image, depth, K, EYE, K, forward)
+    assert_close_warps(fast, ref)
+    assert fast.mask.any()
+
+
 def test_hole_value_and_mask_semantics():
     image, depth, K = random_scene(5)
     g = torch.Generator().manual_seed(5)
@@ -140,6 +162,24 @@ def test_hole_value_and_mask_semantics():
     assert out.rgb[~holes].abs().max().item() <= 1.0 + 1e-6  # convex combinations of colours in [-1, 1]
     assert out.mask.dtype == torch.bool and out.rgb.shape == (3, 3, *depth.shape)
     assert out.depth.shape == out.mask.shape == (3, 1, *depth.shape)
+
+
+def test_no_valid_source_pixel_gives_an_empty_warp():
+    image, depth, K = random_scene(10)
+    for op in (forward_warp, forward_warp_reference):
+        out = op(image, torch.zeros_like(depth), K, EYE, K, torch.stack([EYE, EYE]))
+        assert not out.mask.any() and torch.all(out.rgb == -1.0) and torch.all(out.depth == 0.0)
+
+
+def test_a_single_pose_or_intrinsics_is_shared_by_all_frames():
+    image, depth, K = random_scene(11)
+    g = torch.Generator().manual_seed(11)
+    pose = random_pose(g)
+    zooms = torch.stack([K, K * torch.tensor([[1.2], [1.2], [1.0]])])
+    shared_pose = forward_warp(image, depth, K, EYE, zooms, pose)
+    explicit = forward_warp(image, depth, K, EYE, zooms, torch.stack([pose, pose]))
+    assert torch.equal(shared_pose.rgb, explicit.rgb) and shared_pose.num_frames == 2
+    assert_close_warps(shared_pose, forward_warp_reference(image, depth, K, EYE, zooms, pose))
 
 
 def test_source_mask_excludes_pixels():
@@ -236,7 +276,9 @@ def test_bad_inputs_name_the_argument(op, change, name):
 
 def test_warp_result_validates_shapes():
     with pytest.raises(LyraInputError, match="depth"):
-        WarpResult(torch.zeros(2, 3, 4, 5), torch.zeros(2, 1, 4, 6), torch.zeros(2, 1, 4, 5, dtype=torch.bool))
+        WarpResult(
+            torch.zeros(2, 3, 4, 5), torch.zeros(2, 1, 4, 6), torch.zeros(2, 1, 4, 5, dtype=torch.bool)
+        )
     with pytest.raises(LyraInputError, match="mask"):
         WarpResult(torch.zeros(2, 3, 4, 5), torch.zeros(2, 1, 4, 5), torch.zeros(2, 1, 4, 5))
 
