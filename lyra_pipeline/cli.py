@@ -26,8 +26,12 @@ out = Console(soft_wrap=True)
 DEFAULT_STORE = "./lyra_store"
 
 
-def _setup_env() -> None:
+def _setup_env(verbose: bool = False) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "lyra_torch_extensions"))
 
@@ -85,9 +89,10 @@ def run(
     trajectory: Path = typer.Option(None, "--trajectory", help="custom trajectory .npz or .json"),
     seed: int = typer.Option(None, "--seed"),
     workers: int = typer.Option(2, "--workers", min=1, help="concurrent scene tasks"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="show Prefect's task logs"),
 ) -> None:
     """Generate (or complete) a dataset: every stage of every scene, skipping finished work."""
-    _setup_env()
+    _setup_env(verbose)
     try:
         name, over, cfg = _resolve(preset, config, num_scenes, images, trajectory, seed)
         from tasks.sdg import preflight
