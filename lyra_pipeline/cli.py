@@ -17,7 +17,7 @@ from rich.table import Table
 
 from lyra_ops.errors import LyraError
 from lyra_pipeline.config import RunConfig, build_config, load_config_file
-from lyra_pipeline.storage import STAGES, TRAJECTORY_STAGES, RunStore
+from lyra_pipeline.storage import EVAL_STAGES, SCENE_STAGES, STAGES, TRAJECTORY_STAGES, RunStore
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="lyra-pipeline: Lyra-style 3D scene data generation, resumable on any store.")
@@ -139,6 +139,49 @@ def run(
 
 
 @app.command()
+def evaluate(
+    preset: str = PresetOpt,
+    config: Path = ConfigOpt,
+    store: str = StoreOpt,
+    num_scenes: int = typer.Option(None, "--num-scenes", min=1),
+    images: Path = typer.Option(None, "--images"),
+    trajectory: Path = typer.Option(None, "--trajectory"),
+    seed: int = typer.Option(None, "--seed"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Dataset quality against exact ground truth: teacher/warp PSNR and SSIM, mask leakage and false holes."""
+    _setup_env(verbose)
+    try:
+        name, over, _ = _resolve(preset, config, num_scenes, images, trajectory, seed)
+        RunStore(store, create=False)
+    except LyraError as exc:
+        _fail(exc)
+    from flows.evaluate_dataset import evaluate_dataset
+    from flows.generate_dataset import PipelineFailed
+
+    try:
+        summary = evaluate_dataset(store=store, preset=name, overrides=over)
+    except (PipelineFailed, LyraError) as exc:
+        _fail(exc)
+    table = Table(title=f"dataset quality: {store}", caption="PSNR in dB vs ground truth (warp: over refined-mask "
+                  "pixels); leak = valid pixels hidden from the source / hidden pixels; holes = false holes / seen")
+    cols = [("path", "group"), ("frames", "frames"), ("teacher\nPSNR", "teacher_psnr_gt"),
+            ("teacher\nSSIM", "teacher_ssim_gt"), ("warp\nPSNR", "warp_psnr_gt"), ("leak\nplain", "leak_rate_plain"),
+            ("leak\nrefined", "leak_rate_refined"), ("holes\nplain", "false_hole_rate_plain"),
+            ("holes\nrefined", "false_hole_rate_refined")]
+    for label, _ in cols:
+        table.add_column(label, justify="right")
+    for row in summary:
+        cells = []
+        for _, key in cols:
+            v = row[key]
+            cells.append(f"{v:.2%}" if key.startswith(("leak", "false")) else f"{v:.3f}" if isinstance(v, float)
+                         else str(v))
+        table.add_row(*cells)
+    out.print(table)
+
+
+@app.command()
 def status(store: str = StoreOpt, failed: bool = typer.Option(False, "--failed", help="list failures")) -> None:
     """Per-stage counts (done / running / failed) from the manifest, and what the last run did."""
     try:
@@ -153,10 +196,11 @@ def status(store: str = StoreOpt, failed: bool = typer.Option(False, "--failed",
         table.add_column(col, justify="right")
     n_traj = max((len({r["trajectory"] for r in rows if r["scene_id"] == p["scene_id"] and r["trajectory"]})
                   for p in prompts), default=0)
-    for stage in STAGES:
+    stages = [*STAGES, *(s for s in EVAL_STAGES if any(r["stage"] == s for r in rows))]
+    for stage in stages:
         sub = [r for r in rows if r["stage"] == stage]
         counts = {s: sum(1 for r in sub if r["status"] == s) for s in ("done", "running", "failed")}
-        units = len(prompts) * (n_traj if stage in TRAJECTORY_STAGES else 1)
+        units = len(prompts) * (1 if stage in SCENE_STAGES else n_traj)
         table.add_row(stage, str(counts["done"]), str(counts["running"]), str(counts["failed"]), str(units))
     out.print(table)
     runs = st.run_summaries()

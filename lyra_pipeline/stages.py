@@ -18,7 +18,7 @@ from lyra_pipeline.config import RunConfig, section_dict
 from lyra_pipeline.storage import ManifestRow, RunStore, content_key
 
 # Bump a stage's version when its code changes what it writes: finished work is then redone.
-STAGE_VERSIONS = {"input": 1, "depth": 1, "cameras": 1, "warp": 1, "refine": 1, "generate": 1}
+STAGE_VERSIONS = {"input": 1, "depth": 1, "cameras": 1, "warp": 1, "refine": 1, "generate": 1, "evaluate": 1}
 UPSTREAM = {"depth": "input", "cameras": "input", "warp": "cameras", "refine": "warp", "generate": "refine"}
 
 
@@ -58,7 +58,10 @@ def plan_keys(config: RunConfig, scene: SceneRecord) -> SceneKeys:
                                {"warp": k_warp})
         k_gen = content_key("generate", v["generate"], section_dict(config, "generator"),
                             {"refine": k_refine, "input": k_input, "cameras": k_cam})
-        per_traj[name] = {"cameras": k_cam, "warp": k_warp, "refine": k_refine, "generate": k_gen}
+        # generate's key covers every upstream stage (depth -> warp -> refine -> generate)
+        k_eval = content_key("evaluate", v["evaluate"], {}, {"generate": k_gen})
+        per_traj[name] = {"cameras": k_cam, "warp": k_warp, "refine": k_refine, "generate": k_gen,
+                          "evaluate": k_eval}
     return SceneKeys(k_input, k_depth, per_traj)
 
 

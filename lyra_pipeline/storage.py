@@ -40,7 +40,9 @@ STORE_VERSION = 1
 SCENE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 SCENE_STAGES = ("input", "depth")
 TRAJECTORY_STAGES = ("cameras", "warp", "refine", "generate")
+EVAL_STAGES = ("evaluate",)
 STAGES = SCENE_STAGES + TRAJECTORY_STAGES
+ALL_STAGES = STAGES + EVAL_STAGES
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -215,23 +217,56 @@ class RunStore:
             if r.scene_id != scene_id:
                 raise ValueError("record() takes rows of one scene at a time")
             current[(r.trajectory, r.stage)] = r
-        ordered = sorted(current.values(), key=lambda r: (r.trajectory, STAGES.index(r.stage)
-                                                           if r.stage in STAGES else 99))
+        ordered = sorted(current.values(), key=lambda r: (r.trajectory, ALL_STAGES.index(r.stage)
+                                                           if r.stage in ALL_STAGES else 99))
         table = pa.Table.from_pylist([asdict(r) for r in ordered], schema=MANIFEST_SCHEMA)
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        self._write_bytes(self._manifest_rel(scene_id), buf.getvalue())
+        self._write_parquet(self._manifest_rel(scene_id), table)
 
     def read_manifest(self) -> pa.Table:
         """All scenes' manifest rows as one table (empty table if nothing was recorded yet)."""
-        path = self._path("manifest")
+        return self._read_parquet_dir("manifest", MANIFEST_SCHEMA)
+
+    # --- parquet helpers ----------------------------------------------------------------------------------
+    def _write_parquet(self, rel: str, table: pa.Table) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        self._write_bytes(rel, buf.getvalue())
+
+    def _read_parquet_dir(self, rel: str, schema: pa.Schema | None = None) -> pa.Table:
+        """Concatenation of every ``*.parquet`` directly under ``rel`` (sorted by name)."""
+        path = self._path(rel)
         if not self.fs.exists(path):
-            return MANIFEST_SCHEMA.empty_table()
+            return schema.empty_table() if schema is not None else pa.table({})
         files = sorted(p for p in self.fs.ls(path, detail=False) if p.endswith(".parquet"))
         if not files:
-            return MANIFEST_SCHEMA.empty_table()
-        tables = [pq.read_table(io.BytesIO(self.fs.cat_file(f)), schema=MANIFEST_SCHEMA) for f in files]
-        return pa.concat_tables(tables)
+            return schema.empty_table() if schema is not None else pa.table({})
+        return pa.concat_tables([pq.read_table(io.BytesIO(self.fs.cat_file(f)), schema=schema) for f in files])
+
+    # --- evaluation tables ----------------------------------------------------------------------------------
+    def write_scene_table(self, kind: str, scene_id: str, table: pa.Table) -> None:
+        """Per-scene result table ``eval/<kind>/<scene_id>.parquet`` (one writer per scene)."""
+        self._write_parquet(f"eval/{kind}/{validate_scene_id(scene_id)}.parquet", table)
+
+    def read_scene_table(self, kind: str, scene_id: str) -> pa.Table | None:
+        data = self._read_bytes(f"eval/{kind}/{validate_scene_id(scene_id)}.parquet")
+        return None if data is None else pq.read_table(io.BytesIO(data))
+
+    def read_tables(self, kind: str) -> pa.Table:
+        """Every scene's ``eval/<kind>`` table, concatenated."""
+        return self._read_parquet_dir(f"eval/{kind}")
+
+    def write_summary_table(self, kind: str, table: pa.Table) -> bool:
+        """``eval/<kind>_summary.parquet``; rewritten only when its content changed. Returns True if written."""
+        rel = f"eval/{kind}_summary.parquet"
+        old = self._read_bytes(rel)
+        if old is not None and pq.read_table(io.BytesIO(old)).equals(table):
+            return False
+        self._write_parquet(rel, table)
+        return True
+
+    def read_summary_table(self, kind: str) -> pa.Table | None:
+        data = self._read_bytes(f"eval/{kind}_summary.parquet")
+        return None if data is None else pq.read_table(io.BytesIO(data))
 
     # --- arrays -----------------------------------------------------------------------------------------------
     def scene_group(self, scene_id: str) -> zarr.Group:

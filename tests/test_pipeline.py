@@ -77,6 +77,25 @@ def test_second_run_does_no_work_and_rewrites_nothing(finished_store, prefect_ha
     assert "computed 0, reused 28" in " ".join(result.output.split())
 
 
+def test_evaluate_flow_metrics_and_idempotence(finished_store, prefect_harness):
+    from flows.evaluate_dataset import evaluate_dataset
+
+    summary = evaluate_dataset(store=str(finished_store), preset="smoke", overrides=SMALL)
+    overall = summary[-1]
+    assert overall["group"] == "all" and overall["frames"] == 2 * 3 * 4
+    assert overall["teacher_psnr_gt"] == float("inf")  # the oracle is exact
+    assert overall["teacher_ssim_gt"] == pytest.approx(1.0)
+    assert 15 < overall["warp_psnr_gt"] < 60
+    assert overall["leak_rate_refined"] <= overall["leak_rate_plain"]
+    assert overall["false_hole_rate_refined"] >= overall["false_hole_rate_plain"]
+    store = RunStore(finished_store, create=False)
+    frames = store.read_tables("frames")
+    assert frames.num_rows == 2 * 3 * 5
+    before = store_snapshot(finished_store)
+    assert evaluate_dataset(store=str(finished_store), preset="smoke", overrides=SMALL) == summary
+    assert store_snapshot(finished_store) == before
+
+
 def test_order_and_batch_independence(finished_store, tmp_path):
     """Running stages scene by scene, in reverse order and without Prefect gives bit-identical arrays."""
     cfg = build_config("smoke", SMALL)

@@ -1,0 +1,517 @@
+"""Lyra's feed-forward 3DGS decoder (spec 4.3-4.8): latents + Plücker rays -> pixel-aligned 3D Gaussians.
+
+Per view, latent tokens (patch 1x2x2) plus Plücker tokens are concatenated view-major into one sequence, run
+through a stack of attention (and, on CUDA with ``mamba_ssm``, bidirectional Mamba-2) blocks, and decoded per
+view by one ConvTranspose3d into 12 channels per (frame, 8x8 pixel block): one Gaussian each, placed along the
+1/8-resolution ray through the block centre.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lyra_ops.cameras import Cameras
+from lyra_ops.errors import LyraConfigError
+from lyra_ops.gaussians import Gaussians
+from lyra_ops.latents import PixelPatchifyEncoder
+from lyra_ops.plucker import pixel_rays
+
+logger = logging.getLogger(__name__)
+
+ATTENTION = "attention"
+MAMBA2 = "mamba2"
+BLOCK_TYPES = (ATTENTION, MAMBA2)
+HEAD_CHANNELS = 12  # [distance (1), rgb (3), scale (3), quat (4), opacity (1)]
+HEAD_SPLIT = (1, 3, 3, 4, 1)
+PATCH_EMBED_LN_EPS = 1e-5  # the reference's PatchEmbed3D uses nn.LayerNorm's default eps
+# Channels of the embedded defaults (PixelPatchifyEncoder latents, encode_plucker's pooled fallback) and of
+# the Cosmos CV8x8x8 tokenizer (16 latent channels, 2 x 16 VAE-encoded Plücker channels) used by the paper.
+PATCHIFY_LATENT_CHANNELS = PixelPatchifyEncoder.latent_channels
+PATCHIFY_PLUCKER_CHANNELS = 8 * 6
+COSMOS_LATENT_CHANNELS = 16
+COSMOS_PLUCKER_CHANNELS = 32
+
+
+def lyra_block_pattern(depth: int, attention_every: int = 8) -> tuple[str, ...]:
+    """Lyra's hybrid pattern: block i (0-based) is attention iff (i + 1) % attention_every == 0, else Mamba-2."""
+    return tuple(ATTENTION if (i + 1) % attention_every == 0 else MAMBA2 for i in range(depth))
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Architecture and Gaussian activation constants of :class:`LatentGaussianDecoder`.
+
+    ``block_types`` lists "attention" / "mamba2" per block (``None``: all attention). Mamba-2 blocks need
+    ``mamba_ssm`` and CUDA; without them the model builds attention blocks instead and logs a warning.
+    ``latent_channels`` / ``plucker_channels`` default to the embedded PixelPatchifyEncoder (1536 / 48); the
+    ``paper`` preset uses the Cosmos tokenizer's 16 / 32. Distances along rays lie in [near, far].
+    """
+
+    width: int = 192
+    depth: int = 6
+    heads: int = 6
+    mlp_ratio: float = 4.0
+    block_types: tuple[str, ...] | None = None
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    latent_channels: int = PATCHIFY_LATENT_CHANNELS
+    plucker_channels: int = PATCHIFY_PLUCKER_CHANNELS
+    temporal_factor: int = 8
+    spatial_factor: int = 8
+    near: float = 0.1
+    far: float = 500.0
+    distance_shift: float = -1.65
+    scale_cap: float = 0.3
+    opacity_shift: float = -2.0
+    prune_ratio: float = 0.0
+    qkv_bias: bool = True
+    norm_eps: float = 1e-6
+    gradient_checkpointing: bool = False
+    mamba_d_state: int = 256
+    mamba_d_conv: int = 4
+    mamba_expand: int = 2
+    mamba_headdim: int = 64
+    mamba_chunk_size: int = 256
+
+    def __post_init__(self) -> None:
+        def bad(key: str, expected: str) -> LyraConfigError:
+            return LyraConfigError(f"decoder.{key}: expected {expected}, got {getattr(self, key)!r}")
+
+        for key in ("width", "depth", "heads", "latent_channels", "plucker_channels", "spatial_factor"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad(key, "a positive int")
+        if self.width % self.heads:
+            raise LyraConfigError(
+                f"decoder.width must be divisible by decoder.heads, got width={self.width}, heads={self.heads}"
+            )
+        tf = self.temporal_factor
+        if isinstance(tf, bool) or not isinstance(tf, int) or tf < 2 or tf % 2:
+            raise bad("temporal_factor", "an even int >= 2 (the head pads tf/2 frames on each side)")
+        patch = tuple(self.patch_size)
+        if len(patch) != 3 or patch[0] != 1 or not all(isinstance(p, int) and p >= 1 for p in patch):
+            raise bad("patch_size", "(1, ph, pw) with positive ints (the head needs a temporal patch of 1)")
+        object.__setattr__(self, "patch_size", patch)
+        types = (ATTENTION,) * self.depth if self.block_types is None else tuple(self.block_types)
+        if len(types) != self.depth or any(t not in BLOCK_TYPES for t in types):
+            raise LyraConfigError(
+                f"decoder.block_types: expected {self.depth} entries (one per block, decoder.depth) from "
+                f"{BLOCK_TYPES}, got {self.block_types!r}"
+            )
+        object.__setattr__(self, "block_types", types)
+        if not self.mlp_ratio > 0:
+            raise bad("mlp_ratio", "a positive number")
+        if not (math.isfinite(self.near) and math.isfinite(self.far) and 0 < self.near < self.far):
+            raise LyraConfigError(f"decoder.near/far: expected 0 < near < far, got {self.near}, {self.far}")
+        if not 0 < self.scale_cap:
+            raise bad("scale_cap", "a positive number")
+        if not 0.0 <= self.prune_ratio < 1.0:
+            raise bad("prune_ratio", "a fraction in [0, 1)")
+
+    # --- presets and (de)serialisation ------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> DecoderConfig:
+        """``tiny`` (CPU tests), ``small`` (CPU default) or ``paper`` (Lyra: 16 x 512, 7 Mamba-2 + 1 attention x 2).
+
+        ``overrides`` replace fields, e.g. ``DecoderConfig.preset("paper", latent_channels=1536,
+        plucker_channels=48)`` for the paper backbone on the embedded patchify latents.
+        """
+        if name not in PRESETS:
+            near = difflib.get_close_matches(str(name), PRESETS, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise LyraConfigError(f"decoder preset: expected one of {sorted(PRESETS)}, got {name!r}{hint}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python fields (tuples as lists), for checkpoint metadata and YAML."""
+        out = dataclasses.asdict(self)
+        out["block_types"] = list(self.block_types)
+        out["patch_size"] = list(self.patch_size)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> DecoderConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``LyraConfigError`` naming the nearest valid one."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in names:
+                near = difflib.get_close_matches(str(key), names, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise LyraConfigError(f"decoder.{key}: unknown key{hint}; valid keys: {names}")
+        kwargs = dict(values)
+        for key in ("block_types", "patch_size"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = tuple(kwargs[key])
+        return cls(**kwargs)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"width": 64, "depth": 2, "heads": 4, "block_types": (ATTENTION, ATTENTION)},
+    "small": {"width": 192, "depth": 6, "heads": 6, "block_types": (ATTENTION,) * 6},
+    "paper": {
+        "width": 512,
+        "depth": 16,
+        "heads": 8,
+        "block_types": lyra_block_pattern(16),
+        "latent_channels": COSMOS_LATENT_CHANNELS,
+        "plucker_channels": COSMOS_PLUCKER_CHANNELS,
+    },
+}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Blocks
+# ------------------------------------------------------------------------------------------------------------
+
+
+def mamba2_available() -> bool:
+    """True when ``mamba_ssm`` imports and CUDA is available (the only setting where Mamba-2 blocks are built)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import mamba_ssm  # noqa: F401
+    except Exception:  # ImportError, or a broken CUDA extension raising at import
+        return False
+    return True
+
+
+def resolve_block_types(config: DecoderConfig) -> tuple[str, ...]:
+    """The block types actually built: Mamba-2 entries become attention (with a warning) without mamba_ssm+CUDA."""
+    types = tuple(config.block_types)
+    count = types.count(MAMBA2)
+    if count and not mamba2_available():
+        logger.warning(
+            "Mamba-2 unavailable (needs the mamba_ssm package and CUDA): falling back to attention blocks for "
+            "%d of %d decoder blocks. The model differs from the configured hybrid and its checkpoints are not "
+            "interchangeable with Mamba-2 ones.",
+            count,
+            len(types),
+        )
+        return (ATTENTION,) * len(types)
+    return types
+
+
+def mamba_kwargs(config: DecoderConfig) -> dict[str, int]:
+    """Keyword arguments of ``mamba_ssm.Mamba2`` (spec 4.5: state 256, conv 4, expand 2, head dim 64, chunk 256)."""
+    return {
+        "d_state": config.mamba_d_state,
+        "d_conv": config.mamba_d_conv,
+        "expand": config.mamba_expand,
+        "headdim": config.mamba_headdim,
+        "chunk_size": config.mamba_chunk_size,
+    }
+
+
+class PatchEmbed3D(nn.Module):
+    """Conv3d with kernel = stride = patch, then LayerNorm: (V,C,T,h,w) -> tokens (V, T*h/ph*w/pw, width)."""
+
+    def __init__(self, in_channels: int, width: int, patch: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.proj = nn.Conv3d(in_channels, width, kernel_size=patch, stride=patch)
+        self.norm = nn.LayerNorm(width, eps=PATCH_EMBED_LN_EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).flatten(2).transpose(1, 2))
+
+
+class Attention(nn.Module):
+    """Global multi-head self-attention (qkv bias, no QK-norm) through ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, width: int, heads: int, qkv_bias: bool) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width, bias=qkv_bias)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU -> Linear."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN Transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, qkv_bias: bool, eps: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=eps)
+        self.attn = Attention(width, heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = Mlp(width, int(width * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class BiMamba2Block(nn.Module):
+    """Bidirectional Mamba-2 block (CUDA + ``mamba_ssm`` only): x + Fwd(RMSNorm(x)) + flip(Bwd(flip(RMSNorm(x)))).
+
+    Unlike the reference (one shared input/output projection around two scans), this wraps two complete
+    ``mamba_ssm.Mamba2`` mixers, so it holds about twice the projection parameters; outputs are summed as in
+    the reference. Not exercised by the CPU test-suite.
+    """
+
+    def __init__(self, width: int, eps: float, mamba_kwargs: Mapping[str, Any]) -> None:
+        super().__init__()
+        from mamba_ssm import Mamba2
+
+        self.norm = nn.RMSNorm(width, eps=eps)
+        self.forward_mixer = Mamba2(d_model=width, **mamba_kwargs)
+        self.backward_mixer = Mamba2(d_model=width, **mamba_kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return x + self.forward_mixer(h) + self.backward_mixer(h.flip(1)).flip(1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Gaussian parametrisation
+# ------------------------------------------------------------------------------------------------------------
+
+
+def ray_distance(delta: torch.Tensor, config: DecoderConfig) -> torch.Tensor:
+    """Distance along the unit ray: near (1 - w) + far w with w = sigmoid(delta + distance_shift)."""
+    w = torch.sigmoid(delta + config.distance_shift)
+    return config.near * (1.0 - w) + config.far * w
+
+
+def gaussian_processing(
+    raw: torch.Tensor, origins: torch.Tensor, dirs: torch.Tensor, config: DecoderConfig
+) -> Gaussians:
+    """Activate raw head channels (M,12) into Gaussians placed on rays (origins, unit dirs) (M,3) (spec 4.7).
+
+    Channels [delta (1), rgb (3), scale (3), quat (4), opacity (1)]: mean = o + t d with t = :func:`ray_distance`;
+    scale = min(exp(s - (1 - ln cap)), cap); quat normalised (w, x, y, z); opacity = sigmoid(a + opacity_shift);
+    colour = 0.5 tanh(c) + 0.5. Computed in float32 (at least), whatever the head's precision.
+    """
+    dtype = torch.promote_types(raw.dtype, torch.float32)
+    delta, rgb, scale, quat, alpha = raw.to(dtype).split(HEAD_SPLIT, dim=-1)
+    distance = ray_distance(delta, config)
+    means = origins.to(dtype) + distance * dirs.to(dtype)
+    cap = config.scale_cap
+    scales = torch.exp(scale - (1.0 - math.log(cap))).clamp(max=cap)
+    quats = F.normalize(quat, dim=-1)
+    opacities = torch.sigmoid(alpha.squeeze(-1) + config.opacity_shift)
+    colors = 0.5 * torch.tanh(rgb) + 0.5
+    return Gaussians(means=means, scales=scales, quats=quats, opacities=opacities, colors=colors)
+
+
+def prune_gaussians(gaussians: Gaussians, prune_ratio: float) -> Gaussians:
+    """Lyra's pruning (spec 4.8): keep the floor(M (1 - prune_ratio)) most opaque Gaussians."""
+    if not 0.0 <= float(prune_ratio) < 1.0:
+        raise LyraConfigError(f"prune_ratio: expected a fraction in [0, 1), got {prune_ratio!r}")
+    if prune_ratio == 0.0:
+        return gaussians
+    return gaussians.prune_by_opacity(1.0 - float(prune_ratio))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The decoder
+# ------------------------------------------------------------------------------------------------------------
+
+
+class LatentGaussianDecoder(nn.Module):
+    """Latents (V,C,T_l,h,w) + Plücker latents (V,Cp,T_l,h,w) + per-view cameras -> fused Gaussians.
+
+    Construction is deterministic in ``seed`` and leaves the global RNG untouched. Initialisation (spec 4.5):
+    Linear trunc-normal std 0.02 and zero bias; LayerNorm 1 / 0; latent patch-embed conv normal with std
+    sqrt(2 / fan_out), zero bias; Plücker patch-embed conv zero; head ConvTranspose3d PyTorch's default init.
+    """
+
+    def __init__(self, config: DecoderConfig, *, seed: int = 0) -> None:
+        super().__init__()
+        if not isinstance(config, DecoderConfig):
+            raise LyraConfigError(f"config must be a DecoderConfig, got {type(config).__name__}")
+        self.config = config
+        self.block_types = resolve_block_types(config)
+        tf = config.temporal_factor
+        _, ph, pw = config.patch_size
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # any init inside third-party modules (mamba_ssm) draws from this fork
+            self.latent_embed = PatchEmbed3D(config.latent_channels, config.width, config.patch_size)
+            self.plucker_embed = PatchEmbed3D(config.plucker_channels, config.width, config.patch_size)
+            blocks: list[nn.Module] = []
+            for kind in self.block_types:
+                if kind == ATTENTION:
+                    blocks.append(
+                        TransformerBlock(config.width, config.heads, config.mlp_ratio, config.qkv_bias, config.norm_eps)
+                    )
+                else:
+                    blocks.append(BiMamba2Block(config.width, config.norm_eps, mamba_kwargs(config)))
+            self.blocks = nn.ModuleList(blocks)
+            self.norm = nn.LayerNorm(config.width, eps=config.norm_eps)
+            self.head = nn.ConvTranspose3d(
+                config.width,
+                HEAD_CHANNELS,
+                kernel_size=(tf + 1, ph, pw),
+                stride=(tf, ph, pw),
+                padding=(tf // 2, 0, 0),
+            )
+        self._init_weights(torch.Generator().manual_seed(seed))
+
+    @torch.no_grad()
+    def _init_weights(self, gen: torch.Generator) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02, generator=gen)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+        conv = self.latent_embed.proj
+        fan_out = math.prod(conv.kernel_size) * conv.out_channels
+        conv.weight.normal_(0.0, math.sqrt(2.0 / fan_out), generator=gen)
+        conv.bias.zero_()
+        self.plucker_embed.proj.weight.zero_()
+        self.plucker_embed.proj.bias.zero_()
+        # PyTorch's default ConvTranspose3d init (kaiming-uniform a = sqrt(5)), drawn from the seeded generator.
+        nn.init.kaiming_uniform_(self.head.weight, a=math.sqrt(5), generator=gen)
+        fan_in, _ = nn.init._calculate_fan_in_and_fan_out(self.head.weight)
+        bound = 1.0 / math.sqrt(fan_in)
+        nn.init.uniform_(self.head.bias, -bound, bound, generator=gen)
+
+    # --- input checks --------------------------------------------------------------------------------------
+    def check_inputs(
+        self, latents: torch.Tensor, plucker: torch.Tensor, cameras_per_view: Sequence[Cameras] | None = None
+    ) -> None:
+        """Raise ``LyraConfigError`` naming expected vs found shapes when inputs do not fit this decoder."""
+        cfg = self.config
+        _, ph, pw = cfg.patch_size
+        for name, value, channels in (
+            ("latents", latents, cfg.latent_channels),
+            ("plucker", plucker, cfg.plucker_channels),
+        ):
+            if not isinstance(value, torch.Tensor) or value.ndim != 5:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise LyraConfigError(f"{name}: expected a tensor (V, C, T_l, h, w), got {shape}")
+            if value.shape[1] != channels:
+                raise LyraConfigError(
+                    f"{name}: expected {channels} channels (decoder.{name.rstrip('s')}_channels), found shape "
+                    f"{tuple(value.shape)} with {value.shape[1]} channels: were these made by another encoder than "
+                    "the one this decoder was configured for?"
+                )
+        v, _, t_l, h, w = (int(s) for s in latents.shape)
+        if (plucker.shape[0], *plucker.shape[2:]) != (v, t_l, h, w):
+            raise LyraConfigError(
+                f"plucker: expected (V, Cp, T_l, h, w) = ({v}, {cfg.plucker_channels}, {t_l}, {h}, {w}) to match "
+                f"latents {tuple(latents.shape)}, found {tuple(plucker.shape)}"
+            )
+        if h % ph or w % pw:
+            sf = cfg.spatial_factor
+            raise LyraConfigError(
+                f"latents: the {ph}x{pw} patch needs a latent grid h, w divisible by ({ph}, {pw}) (frames with H, W "
+                f"multiples of {sf * ph}, {sf * pw}), found h x w = {h} x {w} (frames {h * sf} x {w * sf})"
+            )
+        if cameras_per_view is None:
+            return
+        if len(cameras_per_view) != v:
+            raise LyraConfigError(
+                f"cameras_per_view: expected {v} Cameras (one per view), found {len(cameras_per_view)}"
+            )
+        frames = cfg.temporal_factor * (t_l - 1) + 1
+        size = (h * cfg.spatial_factor, w * cfg.spatial_factor)
+        for i, cams in enumerate(cameras_per_view):
+            if not isinstance(cams, Cameras):
+                raise LyraConfigError(f"cameras_per_view[{i}]: expected Cameras, found {type(cams).__name__}")
+            if len(cams) != frames or (cams.height, cams.width) != size:
+                raise LyraConfigError(
+                    f"cameras_per_view[{i}]: expected {frames} cameras (T = {cfg.temporal_factor} (T_l - 1) + 1 for "
+                    f"T_l = {t_l}) at {size[0]} x {size[1]}, found {len(cams)} cameras at {cams.height} x {cams.width}"
+                )
+
+    # --- forward -------------------------------------------------------------------------------------------
+    def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(module, x, use_reentrant=False)
+        return module(x)
+
+    def forward_raw(self, latents: torch.Tensor, plucker: torch.Tensor) -> torch.Tensor:
+        """Raw head output (V, 12, T, h, w) with T = 8 T_l - 7: one 12-vector per frame and 8x8 pixel block."""
+        self.check_inputs(latents, plucker)
+        dtype = self.latent_embed.proj.weight.dtype
+        v, _, t_l, h, w = latents.shape
+        _, ph, pw = self.config.patch_size
+        tokens = self.latent_embed(latents.to(dtype)) + self.plucker_embed(plucker.to(dtype))  # (V, N, D)
+        x = tokens.reshape(1, -1, self.config.width)  # views concatenated view-major, then (t, h, w)
+        for block in self.blocks:
+            x = self._run(block, x)
+        x = self.norm(x)
+        x = x.reshape(v, t_l, h // ph, w // pw, self.config.width).permute(0, 4, 1, 2, 3)
+        return self._run(self.head, x)
+
+    def rays(self, cameras_per_view: Sequence[Cameras], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 1/8-resolution Gaussian rays of all views: origins, dirs (V,T,h,w,3) float32 on ``device``."""
+        origins, dirs = [], []
+        for cams in cameras_per_view:
+            o, d = pixel_rays(cams, downsample=self.config.spatial_factor)
+            origins.append(o)
+            dirs.append(d)
+        return torch.stack(origins).to(device), torch.stack(dirs).to(device)
+
+    def forward(self, latents: torch.Tensor, plucker: torch.Tensor, cameras_per_view: Sequence[Cameras]) -> Gaussians:
+        """Gaussians of all V views fused (view-major, then t, h, w), pruned if ``config.prune_ratio`` > 0."""
+        self.check_inputs(latents, plucker, cameras_per_view)
+        raw = self.forward_raw(latents, plucker)  # (V,12,T,h,w)
+        origins, dirs = self.rays(cameras_per_view, raw.device)
+        raw = raw.permute(0, 2, 3, 4, 1).reshape(-1, HEAD_CHANNELS)
+        gaussians = gaussian_processing(raw, origins.reshape(-1, 3), dirs.reshape(-1, 3), self.config)
+        return prune_gaussians(gaussians, self.config.prune_ratio)
+
+
+def load_decoder_state(model: LatentGaussianDecoder, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Strictly load ``state_dict`` into ``model`` after checking every key and shape.
+
+    Raises ``LyraConfigError`` naming mismatching keys with expected (this model's config) vs found (checkpoint)
+    shapes, and missing / unexpected keys, instead of loading a checkpoint of another preset or encoder.
+    """
+    expected = model.state_dict()
+    problems = []
+    for key, tensor in expected.items():
+        if key in state_dict and tuple(state_dict[key].shape) != tuple(tensor.shape):
+            problems.append(
+                f"'{key}' expects shape {tuple(tensor.shape)} but the checkpoint has {tuple(state_dict[key].shape)}"
+            )
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if problems or missing or unexpected:
+        parts = []
+        if problems:
+            more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+            parts.append("shape mismatch: " + "; ".join(problems[:5]) + more)
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {missing[:5]}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected[:5]}")
+        raise LyraConfigError(
+            f"decoder checkpoint does not match this decoder (width={model.config.width}, "
+            f"depth={model.config.depth}, blocks={list(model.block_types)}, "
+            f"latent_channels={model.config.latent_channels}, plucker_channels={model.config.plucker_channels}): "
+            + " | ".join(parts)
+        )
+    model.load_state_dict(state_dict, strict=True)
