@@ -27,15 +27,23 @@ class ScenesConfig(Section):
 
 
 class VideoConfig(Section):
-    height: int = Field(88, ge=16)
+    """Video format. Frames and size follow the latent grid: T = 8k+1 frames (8x temporal compression, causal
+    first frame) and H, W multiples of 16 (8x spatial compression, then the decoder's 2x2 patches)."""
+
+    height: int = Field(96, ge=16)
     width: int = Field(160, ge=16)
-    num_frames: int = Field(9, ge=2)
+    num_frames: int = Field(9, ge=9)
     hfov_deg: float = Field(65.0, gt=1.0, lt=179.0)
 
     @model_validator(mode="after")
-    def _divisible(self) -> VideoConfig:
-        if self.height % 8 or self.width % 8:
-            raise ValueError(f"height and width must be multiples of 8 (latent grid), got {self.height}x{self.width}")
+    def _latent_grid(self) -> VideoConfig:
+        if self.height % 16 or self.width % 16:
+            raise ValueError(f"height and width must be multiples of 16 (latent grid /8, decoder patch 2), got "
+                             f"{self.height}x{self.width}")
+        if (self.num_frames - 1) % 8:
+            lo = (self.num_frames - 1) // 8 * 8 + 1
+            raise ValueError(f"num_frames must be 8k+1 (latent frames 1 + (T-1)/8), got {self.num_frames}; "
+                             f"nearest valid: {lo} or {lo + 8}")
         return self
 
 
@@ -127,7 +135,7 @@ class RunConfig(Section):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # CI-sized: 2 scenes x 6 paths x 9 frames at 88x160.
+    # CI-sized: 2 scenes x 6 paths x 9 frames at 96x160.
     "smoke": {},
     # Laptop-sized default: 6 scenes x 6 paths x 25 frames at 176x320 (a quarter of Lyra's 704x1280).
     "default": {"scenes": {"num_scenes": 6}, "video": {"height": 176, "width": 320, "num_frames": 25}},

@@ -123,7 +123,8 @@ def summarize_frames(table: pa.Table) -> list[dict]:
                 "teacher_psnr_gt": mean("teacher_psnr_gt"), "teacher_ssim_gt": mean("teacher_ssim_gt"),
                 "warp_psnr_gt": mean("warp_psnr_gt"), "valid_plain": mean("valid_plain"),
                 "valid_refined": mean("valid_refined"),
-                "leak_rate_plain": rate("leak_plain", "occluded"), "leak_rate_refined": rate("leak_refined", "occluded"),
+                "leak_rate_plain": rate("leak_plain", "occluded"),
+                "leak_rate_refined": rate("leak_refined", "occluded"),
                 "false_hole_rate_plain": rate("false_hole_plain", "seen"),
                 "false_hole_rate_refined": rate("false_hole_refined", "seen"),
                 "depth_abs_rel": mean("depth_abs_rel")}

@@ -24,9 +24,11 @@ def test_unknown_key_names_path_and_closest_key():
 
 def test_bad_values_and_presets():
     with pytest.raises(LyraConfigError, match=r"video\.num_frames"):
-        build_config("smoke", {"video": {"num_frames": 1}})
-    with pytest.raises(LyraConfigError, match=r"multiples of 8"):
-        build_config("smoke", {"video": {"height": 90}})
+        build_config("smoke", {"video": {"num_frames": 5}})
+    with pytest.raises(LyraConfigError, match=r"multiples of 16"):
+        build_config("smoke", {"video": {"height": 88}})
+    with pytest.raises(LyraConfigError, match=r"8k\+1.*nearest valid: 17 or 25"):
+        build_config("smoke", {"video": {"num_frames": 20}})
     with pytest.raises(LyraConfigError, match=r"did you mean 'zoom_in'"):
         build_config("smoke", {"trajectories": {"names": ["zoomin"]}})
     with pytest.raises(LyraConfigError, match=r"did you mean 'smoke'"):

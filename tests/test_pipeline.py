@@ -22,7 +22,7 @@ from lyra_pipeline.config import build_config
 from lyra_pipeline.storage import RunStore
 from tasks.sdg import SCENE_TASKS, sample_prompts
 
-SMALL = {"video": {"height": 48, "width": 80, "num_frames": 5},
+SMALL = {"video": {"height": 48, "width": 80, "num_frames": 9},
          "trajectories": {"names": ["left", "zoom_in", "clockwise"]}}
 
 
@@ -58,7 +58,7 @@ def test_flow_completes_every_stage(finished_store):
     rows = store.read_manifest().to_pylist()
     assert len(rows) == 2 * (2 + 4 * 3) and all(r["status"] == "done" for r in rows)
     teacher = store.read_array("proc-000000", "trajectories/left/teacher/rgb")
-    assert teacher.shape == (5, 3, 48, 80) and teacher.dtype == np.uint8
+    assert teacher.shape == (9, 3, 48, 80) and teacher.dtype == np.uint8
     # frame 0 of every path is the input view
     assert np.array_equal(teacher[0], store.read_array("proc-000000", "input/rgb"))
     # refinement only ever removes pixels from the splat mask
@@ -82,7 +82,7 @@ def test_evaluate_flow_metrics_and_idempotence(finished_store, prefect_harness):
 
     summary = evaluate_dataset(store=str(finished_store), preset="smoke", overrides=SMALL)
     overall = summary[-1]
-    assert overall["group"] == "all" and overall["frames"] == 2 * 3 * 4
+    assert overall["group"] == "all" and overall["frames"] == 2 * 3 * 8
     assert overall["teacher_psnr_gt"] == float("inf")  # the oracle is exact
     assert overall["teacher_ssim_gt"] == pytest.approx(1.0)
     assert 15 < overall["warp_psnr_gt"] < 60
@@ -90,7 +90,7 @@ def test_evaluate_flow_metrics_and_idempotence(finished_store, prefect_harness):
     assert overall["false_hole_rate_refined"] >= overall["false_hole_rate_plain"]
     store = RunStore(finished_store, create=False)
     frames = store.read_tables("frames")
-    assert frames.num_rows == 2 * 3 * 5
+    assert frames.num_rows == 2 * 3 * 9
     before = store_snapshot(finished_store)
     assert evaluate_dataset(store=str(finished_store), preset="smoke", overrides=SMALL) == summary
     assert store_snapshot(finished_store) == before
@@ -137,7 +137,7 @@ def test_storage_layout_document_matches_store(finished_store):
         if len(cells) >= 4 and "/" in cells[0] and cells[1].startswith("("):
             documented[cells[0]] = (cells[1], cells[2], cells[3])
     store = RunStore(finished_store, create=False)
-    sym = {"T": 5, "H": 48, "W": 80}
+    sym = {"T": 9, "H": 48, "W": 80}
     seen = set()
     for sid in store.scene_ids():
         for name, arr in store.list_arrays(sid).items():
