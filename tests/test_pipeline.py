@@ -91,6 +91,10 @@ def test_evaluate_flow_metrics_and_idempotence(finished_store, prefect_harness):
     store = RunStore(finished_store, create=False)
     frames = store.read_tables("frames")
     assert frames.num_rows == 2 * 3 * 9
+    doc = (Path(__file__).resolve().parents[1] / "storage_layout.md").read_text()
+    for col in frames.column_names:
+        assert f"| `{col}` |" in doc, f"eval column {col} not documented in storage_layout.md"
+    assert (finished_store / "eval" / "dataset_summary.parquet").exists() and "eval/dataset_summary.parquet" in doc
     before = store_snapshot(finished_store)
     assert evaluate_dataset(store=str(finished_store), preset="smoke", overrides=SMALL) == summary
     assert store_snapshot(finished_store) == before
