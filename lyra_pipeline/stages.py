@@ -9,17 +9,20 @@ from __future__ import annotations
 import hashlib
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lyra_ops.errors import LyraStorageError
 from lyra_ops.prompts import SceneRecord
 from lyra_pipeline.config import RunConfig, section_dict
-from lyra_pipeline.storage import ManifestRow, RunStore, content_key
+from lyra_pipeline.storage import SCENE_STAGES, ManifestRow, RunStore, content_key
 
 # Bump a stage's version when its code changes what it writes: finished work is then redone.
 STAGE_VERSIONS = {"input": 1, "depth": 1, "cameras": 1, "warp": 1, "refine": 1, "generate": 1, "evaluate": 1}
-UPSTREAM = {"depth": "input", "cameras": "input", "warp": "cameras", "refine": "warp", "generate": "refine"}
+# Stages whose data a stage reads: each must be done under its current key before the stage may run.
+UPSTREAM = {"input": (), "depth": ("input",), "cameras": ("input",), "warp": ("depth", "cameras"),
+            "refine": ("warp",), "generate": ("refine",), "evaluate": ("generate",)}
 
 
 def _file_sha(path: str | None) -> str:
@@ -127,3 +130,24 @@ def require_done(store: RunStore, scene_id: str, stage: str, key: str, trajector
             f"{store.url}: stage {stage!r} of {where} is not done for the current config "
             f"(expected key {key}); run it first, e.g. `lyra stage {stage}`"
         )
+
+
+def run_units(store_url: str, config: RunConfig, scene: SceneRecord, stage: str, run_id: str,
+              compute: Callable[[RunStore, str], None]) -> StageReport:
+    """Run ``compute(store, trajectory)`` for every unit of ``stage`` of ``scene`` that is not done yet.
+
+    Units are the scene itself (trajectory ``""``) for scene-level stages, else one per trajectory. Each unit
+    is guarded by ``StageRun`` (skip if done; running -> done / failed) after its upstream units are checked.
+    """
+    store, keys = RunStore(store_url), plan_keys(config, scene)
+    names = [""] if stage in SCENE_STAGES else list(config.trajectory_names)
+    report = StageReport(scene.scene_id, stage, trajectories=[n for n in names if n])
+    for name in names:
+        with StageRun(store, scene.scene_id, name, stage, keys.key(stage, name), run_id, report) as run:
+            if run.skip:
+                continue
+            for up in UPSTREAM[stage]:
+                up_name = "" if up in SCENE_STAGES else name
+                require_done(store, scene.scene_id, up, keys.key(up, up_name), up_name)
+            compute(store, name)
+    return report

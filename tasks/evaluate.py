@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import pyarrow as pa
-import torch
 from prefect import task
 from torchmetrics.functional.image import structural_similarity_index_measure
 
@@ -19,9 +18,9 @@ from lyra_ops.metrics import mask_confusion, psnr, source_visibility
 from lyra_ops.prompts import SceneRecord
 from lyra_ops.scenes import make_scene
 from lyra_pipeline.config import RunConfig
-from lyra_pipeline.stages import StageReport, StageRun, plan_keys, require_done
+from lyra_pipeline.stages import StageReport, run_units
 from lyra_pipeline.storage import RunStore
-from tasks.sdg import IDENTITY, read_cameras
+from tasks.sdg import IDENTITY, read_cameras, read_tensor
 
 FRAME_SCHEMA = pa.schema([
     ("scene_id", pa.string()), ("trajectory", pa.string()), ("frame", pa.int32()), ("source", pa.string()),
@@ -36,17 +35,13 @@ FRAME_SCHEMA = pa.schema([
 NAN = float("nan")
 
 
-def _tensor(store: RunStore, sid: str, name: str) -> torch.Tensor:
-    return torch.from_numpy(store.read_array(sid, name))
-
-
 def trajectory_frame_rows(store: RunStore, config: RunConfig, scene: SceneRecord, name: str) -> list[dict]:
     """One row of metrics per frame of one trajectory (frame 0, the input view itself, included)."""
     sid, base = scene.scene_id, f"trajectories/{name}"
     cams = read_cameras(store, sid, name, config)
-    teacher = from_uint8(_tensor(store, sid, f"{base}/teacher/rgb"))
-    warped = from_uint8(_tensor(store, sid, f"{base}/warp/rgb"))
-    plain, refined = _tensor(store, sid, f"{base}/warp/mask"), _tensor(store, sid, f"{base}/refine/mask")
+    teacher = from_uint8(read_tensor(store, sid, f"{base}/teacher/rgb"))
+    warped = from_uint8(read_tensor(store, sid, f"{base}/warp/rgb"))
+    plain, refined = read_tensor(store, sid, f"{base}/warp/mask"), read_tensor(store, sid, f"{base}/refine/mask")
     generator = store.scene_group(sid)[f"{base}/teacher/rgb"].attrs.get("generator", "")
     n = len(cams)
     rows = [{"scene_id": sid, "trajectory": name, "frame": f, "source": scene.source, "generator": generator,
@@ -62,10 +57,10 @@ def trajectory_frame_rows(store: RunStore, config: RunConfig, scene: SceneRecord
     teacher_psnr = psnr(teacher, gt_rgb)
     teacher_ssim = structural_similarity_index_measure(teacher, gt_rgb, data_range=1.0, reduction="none")
     warp_psnr = psnr(warped, gt_rgb, refined)
-    depth = _tensor(store, sid, "depth/depth")
-    depth_gt = world.render(IDENTITY[None], _tensor(store, sid, "input/K")[None], cams.height, cams.width).depth[0, 0]
+    depth = read_tensor(store, sid, "depth/depth")
+    k_src = read_tensor(store, sid, "input/K")
+    depth_gt = world.render(IDENTITY[None], k_src[None], cams.height, cams.width).depth[0, 0]
     depth_abs_rel = float(((depth - depth_gt).abs() / depth_gt.clamp_min(1e-6)).mean())
-    k_src = _tensor(store, sid, "input/K")
     for f, row in enumerate(rows):
         vis = source_visibility(world, gt.depth[f, 0], cams.c2w[f], cams.K[f], k_src)
         cp, cr = mask_confusion(plain[f, 0], vis), mask_confusion(refined[f, 0], vis)
@@ -80,24 +75,20 @@ def trajectory_frame_rows(store: RunStore, config: RunConfig, scene: SceneRecord
 @task(name="evaluate")
 def evaluate_scene(store_url: str, config: RunConfig, scene: SceneRecord, run_id: str = "") -> StageReport:
     """Per-frame dataset metrics of one scene, written to ``eval/frames/<scene_id>.parquet``."""
-    store, keys, sid = RunStore(store_url), plan_keys(config, scene), scene.scene_id
-    report = StageReport(sid, "evaluate", trajectories=config.trajectory_names)
-    old = store.read_scene_table("frames", sid)
-    rows = {n: [] for n in config.trajectory_names}
-    if old is not None:
-        for r in old.to_pylist():
-            if r["trajectory"] in rows:
-                rows[r["trajectory"]].append(r)
-    for name in config.trajectory_names:
-        with StageRun(store, sid, name, "evaluate", keys.key("evaluate", name), run_id, report) as run:
-            if run.skip:
-                continue
-            require_done(store, sid, "generate", keys.key("generate", name), name)
-            rows[name] = trajectory_frame_rows(store, config, scene, name)
-            # Rows are written before the unit is marked done: a crash re-computes, never loses.
-            store.write_scene_table("frames", sid, pa.Table.from_pylist(
-                [r for n in config.trajectory_names for r in rows[n]], schema=FRAME_SCHEMA))
-    return report
+    sid = scene.scene_id
+    old = RunStore(store_url).read_scene_table("frames", sid)
+    rows: dict[str, list[dict]] = {n: [] for n in config.trajectory_names}
+    for r in old.to_pylist() if old is not None else []:
+        if r["trajectory"] in rows:
+            rows[r["trajectory"]].append(r)
+
+    def compute(store: RunStore, name: str) -> None:
+        rows[name] = trajectory_frame_rows(store, config, scene, name)
+        # Rows are written before the unit is marked done: a crash re-computes, never loses.
+        table = pa.Table.from_pylist([r for n in config.trajectory_names for r in rows[n]], schema=FRAME_SCHEMA)
+        store.write_scene_table("frames", sid, table)
+
+    return run_units(store_url, config, scene, "evaluate", run_id, compute)
 
 
 def summarize_frames(table: pa.Table) -> list[dict]:

@@ -27,16 +27,11 @@ from lyra_ops.trajectories import ALL_PATHS, draw_distance, load_trajectory, mak
 from lyra_ops.warp import WarpResult, depth_reliability_mask, forward_warp, unproject_depth
 from lyra_pipeline.config import RunConfig, edge_threshold, mesh_downsample
 from lyra_pipeline.inputs import load_depth_file, load_image, scan_image_folder
-from lyra_pipeline.stages import StageReport, StageRun, plan_keys, require_done
+from lyra_pipeline.stages import StageReport, run_units
 from lyra_pipeline.storage import RunStore
 
 log = logging.getLogger(__name__)
 IDENTITY = torch.eye(4)
-
-
-def _frame_chunks(arr: np.ndarray) -> tuple[int, ...]:
-    """One chunk per frame for (T, ...) arrays."""
-    return (1, *arr.shape[1:])
 
 
 def preflight(config: RunConfig) -> None:
@@ -76,22 +71,26 @@ def sample_prompts(store_url: str, config: RunConfig) -> list[SceneRecord]:
 # 2. First frame -----------------------------------------------------------------------------------------------
 
 
+def read_tensor(store: RunStore, scene_id: str, name: str) -> torch.Tensor:
+    return torch.from_numpy(store.read_array(scene_id, name))
+
+
 @task(name="input")
 def make_input(store_url: str, config: RunConfig, scene: SceneRecord, run_id: str = "") -> StageReport:
-    store, keys, v = RunStore(store_url), plan_keys(config, scene), config.video
-    report = StageReport(scene.scene_id, "input")
-    with StageRun(store, scene.scene_id, "", "input", keys.input, run_id, report) as run:
-        if not run.skip:
-            K = default_intrinsics(v.height, v.width, v.hfov_deg)
-            if scene.source == "procedural":
-                procedural = make_scene(scene.seed, kind=config.scenes.scene_kind)
-                rgb = procedural.render(IDENTITY[None], K[None], v.height, v.width).rgb[0]
-            else:
-                rgb = load_image(scene.image_path, v.height, v.width, expected_sha=scene.content_sha)
-            store.scene_group(scene.scene_id).attrs.update(scene.as_row())
-            store.write_array(scene.scene_id, "input/rgb", to_uint8(rgb).numpy())
-            store.write_array(scene.scene_id, "input/K", K.numpy())
-    return report
+    v, sid = config.video, scene.scene_id
+
+    def compute(store: RunStore, _: str) -> None:
+        K = default_intrinsics(v.height, v.width, v.hfov_deg)
+        if scene.source == "procedural":
+            procedural = make_scene(scene.seed, kind=config.scenes.scene_kind)
+            rgb = procedural.render(IDENTITY[None], K[None], v.height, v.width).rgb[0]
+        else:
+            rgb = load_image(scene.image_path, v.height, v.width, expected_sha=scene.content_sha)
+        store.scene_group(sid).attrs.update(scene.as_row())
+        store.write_array(sid, "input/rgb", to_uint8(rgb).numpy())
+        store.write_array(sid, "input/K", K.numpy())
+
+    return run_units(store_url, config, scene, "input", run_id, compute)
 
 
 # 3. Depth -----------------------------------------------------------------------------------------------------
@@ -114,19 +113,17 @@ def _estimate_depth(config: RunConfig, scene: SceneRecord, rgb: torch.Tensor, K:
 
 @task(name="depth")
 def estimate_depth(store_url: str, config: RunConfig, scene: SceneRecord, run_id: str = "") -> StageReport:
-    store, keys = RunStore(store_url), plan_keys(config, scene)
-    report = StageReport(scene.scene_id, "depth")
-    with StageRun(store, scene.scene_id, "", "depth", keys.depth, run_id, report) as run:
-        if not run.skip:
-            require_done(store, scene.scene_id, "input", keys.input)
-            rgb = from_uint8(torch.from_numpy(store.read_array(scene.scene_id, "input/rgb")))
-            K = torch.from_numpy(store.read_array(scene.scene_id, "input/K"))
-            raw, valid, label = _estimate_depth(config, scene, rgb, K)
-            depth = postprocess_depth(raw, valid, config.depth.max_depth)
-            reliable = depth_reliability_mask(depth, config.depth.edge_window, edge_threshold(config))
-            store.write_array(scene.scene_id, "depth/depth", depth.numpy(), attrs={"label": label})
-            store.write_array(scene.scene_id, "depth/reliable", reliable.numpy())
-    return report
+    sid = scene.scene_id
+
+    def compute(store: RunStore, _: str) -> None:
+        rgb = from_uint8(read_tensor(store, sid, "input/rgb"))
+        raw, valid, label = _estimate_depth(config, scene, rgb, read_tensor(store, sid, "input/K"))
+        depth = postprocess_depth(raw, valid, config.depth.max_depth)
+        reliable = depth_reliability_mask(depth, config.depth.edge_window, edge_threshold(config))
+        store.write_array(sid, "depth/depth", depth.numpy(), attrs={"label": label})
+        store.write_array(sid, "depth/reliable", reliable.numpy())
+
+    return run_units(store_url, config, scene, "depth", run_id, compute)
 
 
 # 4. Camera trajectories ---------------------------------------------------------------------------------------
@@ -147,25 +144,26 @@ def trajectory_cameras(config: RunConfig, scene: SceneRecord | None, name: str,
 
 @task(name="cameras")
 def make_cameras(store_url: str, config: RunConfig, scene: SceneRecord, run_id: str = "") -> StageReport:
-    store, keys = RunStore(store_url), plan_keys(config, scene)
-    report = StageReport(scene.scene_id, "cameras", trajectories=config.trajectory_names)
-    for name in config.trajectory_names:
-        with StageRun(store, scene.scene_id, name, "cameras", keys.key("cameras", name), run_id, report) as run:
-            if not run.skip:
-                require_done(store, scene.scene_id, "input", keys.input)
-                K = torch.from_numpy(store.read_array(scene.scene_id, "input/K"))
-                cams, distance = trajectory_cameras(config, scene, name, K)
-                base = f"trajectories/{name}/cameras"
-                store.write_array(scene.scene_id, f"{base}/c2w", cams.c2w.numpy(), attrs={"distance": distance})
-                store.write_array(scene.scene_id, f"{base}/K", cams.K.numpy())
-    return report
+    sid = scene.scene_id
+
+    def compute(store: RunStore, name: str) -> None:
+        cams, distance = trajectory_cameras(config, scene, name, read_tensor(store, sid, "input/K"))
+        base = f"trajectories/{name}/cameras"
+        store.write_array(sid, f"{base}/c2w", cams.c2w.numpy(), attrs={"distance": distance})
+        store.write_array(sid, f"{base}/K", cams.K.numpy())
+
+    return run_units(store_url, config, scene, "cameras", run_id, compute)
 
 
 def read_cameras(store: RunStore, scene_id: str, name: str, config: RunConfig) -> Cameras:
     base = f"trajectories/{name}/cameras"
-    return Cameras(torch.from_numpy(store.read_array(scene_id, f"{base}/c2w")),
-                   torch.from_numpy(store.read_array(scene_id, f"{base}/K")),
+    return Cameras(read_tensor(store, scene_id, f"{base}/c2w"), read_tensor(store, scene_id, f"{base}/K"),
                    config.video.height, config.video.width)
+
+
+def write_frames(store: RunStore, scene_id: str, name: str, data: np.ndarray, **attrs) -> None:
+    """A (T, ...) per-frame array, one chunk per frame."""
+    store.write_array(scene_id, name, data, chunks=(1, *data.shape[1:]), attrs=attrs or None)
 
 
 # 5. Forward warping -------------------------------------------------------------------------------------------
@@ -173,26 +171,20 @@ def read_cameras(store: RunStore, scene_id: str, name: str, config: RunConfig) -
 
 @task(name="warp")
 def warp_frames(store_url: str, config: RunConfig, scene: SceneRecord, run_id: str = "") -> StageReport:
-    store, keys, sid = RunStore(store_url), plan_keys(config, scene), scene.scene_id
-    report = StageReport(sid, "warp", trajectories=config.trajectory_names)
-    for name in config.trajectory_names:
-        with StageRun(store, sid, name, "warp", keys.key("warp", name), run_id, report) as run:
-            if run.skip:
-                continue
-            require_done(store, sid, "depth", keys.depth)
-            require_done(store, sid, "cameras", keys.key("cameras", name), name)
-            rgb = to_signed(from_uint8(torch.from_numpy(store.read_array(sid, "input/rgb"))))
-            depth = torch.from_numpy(store.read_array(sid, "depth/depth"))
-            reliable = torch.from_numpy(store.read_array(sid, "depth/reliable"))
-            K = torch.from_numpy(store.read_array(sid, "input/K"))
-            cams = read_cameras(store, sid, name, config)
-            warp = forward_warp(rgb, depth, K, IDENTITY, cams.K, cams.w2c, source_mask=reliable,
-                                depth_weight_scale=config.warp.depth_weight_scale)
-            base = f"trajectories/{name}/warp"
-            for field, arr in (("rgb", to_uint8(from_signed(warp.rgb))), ("depth", warp.depth), ("mask", warp.mask)):
-                data = arr.numpy()
-                store.write_array(sid, f"{base}/{field}", data, chunks=_frame_chunks(data))
-    return report
+    sid = scene.scene_id
+
+    def compute(store: RunStore, name: str) -> None:
+        rgb = to_signed(from_uint8(read_tensor(store, sid, "input/rgb")))
+        cams = read_cameras(store, sid, name, config)
+        warp = forward_warp(rgb, read_tensor(store, sid, "depth/depth"), read_tensor(store, sid, "input/K"),
+                            IDENTITY, cams.K, cams.w2c, source_mask=read_tensor(store, sid, "depth/reliable"),
+                            depth_weight_scale=config.warp.depth_weight_scale)
+        base = f"trajectories/{name}/warp"
+        write_frames(store, sid, f"{base}/rgb", to_uint8(from_signed(warp.rgb)).numpy())
+        write_frames(store, sid, f"{base}/depth", warp.depth.numpy())
+        write_frames(store, sid, f"{base}/mask", warp.mask.numpy())
+
+    return run_units(store_url, config, scene, "warp", run_id, compute)
 
 
 # 6. Conservative mask refinement ------------------------------------------------------------------------------
@@ -200,30 +192,23 @@ def warp_frames(store_url: str, config: RunConfig, scene: SceneRecord, run_id: s
 
 @task(name="refine")
 def refine_masks(store_url: str, config: RunConfig, scene: SceneRecord, run_id: str = "") -> StageReport:
-    store, keys, sid = RunStore(store_url), plan_keys(config, scene), scene.scene_id
-    report = StageReport(sid, "refine", trajectories=config.trajectory_names)
-    for name in config.trajectory_names:
-        with StageRun(store, sid, name, "refine", keys.key("refine", name), run_id, report) as run:
-            if run.skip:
-                continue
-            require_done(store, sid, "warp", keys.key("warp", name), name)
-            base = f"trajectories/{name}/warp"
-            mask = torch.from_numpy(store.read_array(sid, f"{base}/mask"))
-            if config.mask.refine:
-                depth = torch.from_numpy(store.read_array(sid, "depth/depth"))
-                reliable = torch.from_numpy(store.read_array(sid, "depth/reliable"))
-                K = torch.from_numpy(store.read_array(sid, "input/K"))
-                cams = read_cameras(store, sid, name, config)
-                warp = WarpResult(
-                    to_signed(from_uint8(torch.from_numpy(store.read_array(sid, f"{base}/rgb")))),
-                    torch.from_numpy(store.read_array(sid, f"{base}/depth")), mask)
-                points = unproject_depth(depth, K, IDENTITY)
-                mask = refine_mask_conservative(warp, points, ~reliable, cams.w2c, cams.K,
-                                                threshold=config.mask.threshold,
-                                                factor=mesh_downsample(config)).mask
-            data = mask.numpy()
-            store.write_array(sid, f"trajectories/{name}/refine/mask", data, chunks=_frame_chunks(data))
-    return report
+    sid = scene.scene_id
+
+    def compute(store: RunStore, name: str) -> None:
+        base = f"trajectories/{name}/warp"
+        mask = read_tensor(store, sid, f"{base}/mask")
+        if config.mask.refine:
+            reliable = read_tensor(store, sid, "depth/reliable")
+            cams = read_cameras(store, sid, name, config)
+            warp = WarpResult(to_signed(from_uint8(read_tensor(store, sid, f"{base}/rgb"))),
+                              read_tensor(store, sid, f"{base}/depth"), mask)
+            points = unproject_depth(read_tensor(store, sid, "depth/depth"), read_tensor(store, sid, "input/K"),
+                                     IDENTITY)
+            mask = refine_mask_conservative(warp, points, ~reliable, cams.w2c, cams.K,
+                                            threshold=config.mask.threshold, factor=mesh_downsample(config)).mask
+        write_frames(store, sid, f"trajectories/{name}/refine/mask", mask.numpy())
+
+    return run_units(store_url, config, scene, "refine", run_id, compute)
 
 
 # 7. Video generation (teacher frames) -------------------------------------------------------------------------
@@ -237,25 +222,19 @@ def make_generator(config: RunConfig, scene: SceneRecord):
 
 @task(name="generate")
 def generate_video(store_url: str, config: RunConfig, scene: SceneRecord, run_id: str = "") -> StageReport:
-    store, keys, sid = RunStore(store_url), plan_keys(config, scene), scene.scene_id
-    report = StageReport(sid, "generate", trajectories=config.trajectory_names)
-    generator = make_generator(config, scene)
-    for name in config.trajectory_names:
-        with StageRun(store, sid, name, "generate", keys.key("generate", name), run_id, report) as run:
-            if run.skip:
-                continue
-            require_done(store, sid, "refine", keys.key("refine", name), name)
-            first = from_uint8(torch.from_numpy(store.read_array(sid, "input/rgb")))
-            mask = torch.from_numpy(store.read_array(sid, f"trajectories/{name}/refine/mask"))
-            warped = to_signed(from_uint8(torch.from_numpy(store.read_array(sid, f"trajectories/{name}/warp/rgb"))))
-            warped = torch.where(mask, warped, torch.full_like(warped, -1.0))
-            cams = read_cameras(store, sid, name, config)
-            frames = generator.generate(first, scene.text, cams, warped, mask,
-                                        seed=derive_seed(scene.seed, "generate", name))
-            data = to_uint8(frames).numpy()
-            store.write_array(sid, f"trajectories/{name}/teacher/rgb", data, chunks=_frame_chunks(data),
-                              attrs={"generator": generator.name})
-    return report
+    sid, generator = scene.scene_id, make_generator(config, scene)
+
+    def compute(store: RunStore, name: str) -> None:
+        base = f"trajectories/{name}"
+        first = from_uint8(read_tensor(store, sid, "input/rgb"))
+        mask = read_tensor(store, sid, f"{base}/refine/mask")
+        warped = to_signed(from_uint8(read_tensor(store, sid, f"{base}/warp/rgb")))
+        warped = torch.where(mask, warped, torch.full_like(warped, -1.0))
+        frames = generator.generate(first, scene.text, read_cameras(store, sid, name, config), warped, mask,
+                                    seed=derive_seed(scene.seed, "generate", name))
+        write_frames(store, sid, f"{base}/teacher/rgb", to_uint8(frames).numpy(), generator=generator.name)
+
+    return run_units(store_url, config, scene, "generate", run_id, compute)
 
 
 SCENE_TASKS = {"input": make_input, "depth": estimate_depth, "cameras": make_cameras, "warp": warp_frames,
