@@ -262,3 +262,20 @@ def test_sigkill_then_resume_matches_uninterrupted_run(finished_store, tmp_path,
     rows = RunStore(url, create=False).read_manifest().to_pylist()
     assert all(r["status"] == "done" for r in rows) and len(rows) == 28
     assert not list(url.rglob("*.partial")) and not list(url.rglob("*.tmp"))
+
+
+def test_stage_command_runs_one_stage_and_checks_upstream(tmp_path):
+    runner = CliRunner()
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text(yaml.safe_dump({"preset": "smoke", **SMALL, "scenes": {"num_scenes": 1}}))
+    store = str(tmp_path / "store")
+    base = ["--config", str(cfg), "--store", store]
+    result = runner.invoke(app, ["stage", "warp", *base])
+    assert result.exit_code == 2
+    assert "stage 'depth' of proc-000000 is not done" in " ".join(result.output.split())
+    for name in ("input", "depth", "cameras", "warp"):
+        result = runner.invoke(app, ["stage", name, *base])
+        assert result.exit_code == 0, result.output
+    assert "computed 3, reused 0" in result.output
+    result = runner.invoke(app, ["stage", "warp", *base, "--scene", "proc-000000"])
+    assert "computed 0, reused 3" in result.output
