@@ -1,4 +1,5 @@
-"""The synthetic-data-generation flow: prompts -> first frames -> depth -> cameras -> warp -> masks -> teacher.
+"""The synthetic-data-generation flow: prompts -> first frames -> depth -> cameras -> warp -> masks -> teacher
+-> latents.
 
 Every task is one stage of one scene; each skips work whose content key is already recorded as done, so a
 re-run after a crash (or on a finished store) only does what is missing.
@@ -19,6 +20,7 @@ from lyra_pipeline.config import build_config
 from lyra_pipeline.stages import StageReport
 from lyra_pipeline.storage import RunStore
 from tasks.sdg import (
+    encode_latents,
     estimate_depth,
     generate_video,
     make_cameras,
@@ -78,9 +80,11 @@ def generate_dataset(
     masks = each(refine_masks, scenes, after=warps)
     # 7. Teacher video: the generator conditioned on warped frames and refined masks.
     teacher = each(generate_video, scenes, after=masks)
+    # 8. Latents of the teacher video: what the 3DGS decoder reads.
+    latents = each(encode_latents, scenes, after=teacher)
 
     by_stage = {"input": inputs, "depth": depth, "cameras": cameras, "warp": warps, "refine": masks,
-                "generate": teacher}
+                "generate": teacher, "latents": latents}
     wait([f for futs in by_stage.values() for f in futs])
     summary = summarize(run_id, preset, config.model_dump(mode="json"), store, scenes, by_stage, started)
     RunStore(store).write_run_summary(run_id, summary)

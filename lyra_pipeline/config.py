@@ -102,6 +102,17 @@ class GeneratorConfig(Section):
     backend: Literal["oracle", "warp_only"] = "oracle"
 
 
+class LatentsConfig(Section):
+    """Latents of the teacher video, the decoder's input: (C, 1 + (T-1)/8, H/8, W/8) per trajectory.
+
+    ``patchify`` is the embedded lossless pixel space-to-depth encoder (1536 channels); VAE encoders of the
+    video model come with the diffusers backends. Stored as ``dtype``: float16 is exact for patchify latents
+    after 8-bit re-quantisation (|error| < 1/510)."""
+
+    encoder: Literal["patchify"] = "patchify"
+    dtype: Literal["float16", "float32"] = "float16"
+
+
 class RunConfig(Section):
     """Everything that determines a dataset; its sections feed the content keys of the stages they drive."""
 
@@ -113,6 +124,7 @@ class RunConfig(Section):
     warp: WarpConfig = WarpConfig()
     mask: MaskConfig = MaskConfig()
     generator: GeneratorConfig = GeneratorConfig()
+    latents: LatentsConfig = LatentsConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

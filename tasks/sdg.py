@@ -19,6 +19,7 @@ from lyra_ops.cameras import Cameras, default_intrinsics
 from lyra_ops.depth import ConstantDepth, PlanarDepth, postprocess_depth
 from lyra_ops.generation import OracleGenerator, WarpOnlyGenerator
 from lyra_ops.images import from_signed, from_uint8, to_signed, to_uint8
+from lyra_ops.latents import PixelPatchifyEncoder
 from lyra_ops.mask_refine import refine_mask_conservative
 from lyra_ops.prompts import SceneRecord, procedural_scene_id, sample_records
 from lyra_ops.scenes import make_scene
@@ -237,5 +238,25 @@ def generate_video(store_url: str, config: RunConfig, scene: SceneRecord, run_id
     return run_units(store_url, config, scene, "generate", run_id, compute)
 
 
+# 8. Latents of the teacher video (the decoder's input) ---------------------------------------------------------
+
+
+def make_latent_encoder(config: RunConfig) -> PixelPatchifyEncoder:
+    return PixelPatchifyEncoder()
+
+
+@task(name="latents")
+def encode_latents(store_url: str, config: RunConfig, scene: SceneRecord, run_id: str = "") -> StageReport:
+    sid, encoder = scene.scene_id, make_latent_encoder(config)
+
+    def compute(store: RunStore, name: str) -> None:
+        frames = to_signed(from_uint8(read_tensor(store, sid, f"trajectories/{name}/teacher/rgb")))
+        latents = encoder.encode(frames).to(getattr(torch, config.latents.dtype)).numpy()  # (C, T_l, h, w)
+        store.write_array(sid, f"trajectories/{name}/latents", latents, chunks=(latents.shape[0], 1,
+                          *latents.shape[2:]), attrs={"encoder": encoder.name})
+
+    return run_units(store_url, config, scene, "latents", run_id, compute)
+
+
 SCENE_TASKS = {"input": make_input, "depth": estimate_depth, "cameras": make_cameras, "warp": warp_frames,
-               "refine": refine_masks, "generate": generate_video}
+               "refine": refine_masks, "generate": generate_video, "latents": encode_latents}

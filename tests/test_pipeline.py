@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 from typer.testing import CliRunner
@@ -49,18 +50,25 @@ def finished_store(tmp_path_factory, prefect_harness) -> Path:
     root = tmp_path_factory.mktemp("flow") / "store"
     summary = generate_dataset(store=str(root), preset="smoke", overrides=SMALL)
     assert summary["failed_scenes"] == []
-    assert summary["computed"] == 2 * (2 + 4 * 3) and summary["skipped"] == 0
+    assert summary["computed"] == 2 * (2 + 5 * 3) and summary["skipped"] == 0
     return root
 
 
 def test_flow_completes_every_stage(finished_store):
     store = RunStore(finished_store, create=False)
     rows = store.read_manifest().to_pylist()
-    assert len(rows) == 2 * (2 + 4 * 3) and all(r["status"] == "done" for r in rows)
+    assert len(rows) == 2 * (2 + 5 * 3) and all(r["status"] == "done" for r in rows)
     teacher = store.read_array("proc-000000", "trajectories/left/teacher/rgb")
     assert teacher.shape == (9, 3, 48, 80) and teacher.dtype == np.uint8
     # frame 0 of every path is the input view
     assert np.array_equal(teacher[0], store.read_array("proc-000000", "input/rgb"))
+    # latents decode back to the teacher frames exactly (patchify encoder, float16 storage)
+    from lyra_ops.latents import PixelPatchifyEncoder
+
+    latents = store.read_array("proc-000000", "trajectories/left/latents")
+    assert latents.shape == (1536, 2, 6, 10) and latents.dtype == np.float16
+    decoded = PixelPatchifyEncoder().decode(torch.from_numpy(latents.astype(np.float32)))
+    assert np.array_equal(((decoded + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy(), teacher)
     # refinement only ever removes pixels from the splat mask
     plain = store.read_array("proc-000000", "trajectories/left/warp/mask")
     refined = store.read_array("proc-000000", "trajectories/left/refine/mask")
@@ -70,11 +78,11 @@ def test_flow_completes_every_stage(finished_store):
 def test_second_run_does_no_work_and_rewrites_nothing(finished_store, prefect_harness):
     before = store_snapshot(finished_store)
     summary = generate_dataset(store=str(finished_store), preset="smoke", overrides=SMALL)
-    assert summary["computed"] == 0 and summary["skipped"] == 2 * (2 + 4 * 3)
+    assert summary["computed"] == 0 and summary["skipped"] == 2 * (2 + 5 * 3)
     assert store_snapshot(finished_store) == before
     result = CliRunner().invoke(app, ["status", "--store", str(finished_store)])
     assert result.exit_code == 0, result.output
-    assert "computed 0, reused 28" in " ".join(result.output.split())
+    assert "computed 0, reused 34" in " ".join(result.output.split())
 
 
 def test_evaluate_flow_metrics_and_idempotence(finished_store, prefect_harness):
@@ -130,7 +138,7 @@ def test_config_change_reruns_only_affected_stages(finished_store, tmp_path):
     for s in sample_prompts.fn(str(url), cfg):
         for name, task in SCENE_TASKS.items():
             counts[name] = counts.get(name, 0) + task.fn(str(url), cfg, s).computed
-    assert counts == {"input": 0, "depth": 0, "cameras": 0, "warp": 0, "refine": 6, "generate": 6}
+    assert counts == {"input": 0, "depth": 0, "cameras": 0, "warp": 0, "refine": 6, "generate": 6, "latents": 6}
 
 
 def test_storage_layout_document_matches_store(finished_store):
@@ -181,7 +189,7 @@ def test_bad_image_fails_alone_and_is_recorded(tmp_path, examples_dir, prefect_h
     assert len(failed) == 1 and failed[0]["scene_id"] == "corrupt" and failed[0]["stage"] == "input"
     assert "corrupt.png: cannot decode image" in failed[0]["error"]
     good = [r for r in rows if r["scene_id"] == "good"]
-    assert len(good) == 2 + 4 * 3 and all(r["status"] == "done" for r in good)
+    assert len(good) == 2 + 5 * 3 and all(r["status"] == "done" for r in good)
     result = CliRunner().invoke(app, ["status", "--store", url, "--failed"])
     assert "corrupt.png: cannot decode image" in " ".join(result.output.split())
 
@@ -252,7 +260,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(finished_store, tmp_path,
         time.sleep(0.05)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, f"run ended before it could be killed: {proc.stderr.read()[-2000:]}"
-    assert 6 <= killed_with_done < 28
+    assert 6 <= killed_with_done < 34
     proc = _run_cli(args, env)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
@@ -260,7 +268,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(finished_store, tmp_path,
     assert peak_kib < 4 * 1024 * 1024, f"a lyra run peaked at {peak_kib / 1024:.0f} MiB"
     assert_same_arrays(all_arrays(str(url)), all_arrays(str(finished_store)))
     rows = RunStore(url, create=False).read_manifest().to_pylist()
-    assert all(r["status"] == "done" for r in rows) and len(rows) == 28
+    assert all(r["status"] == "done" for r in rows) and len(rows) == 34
     assert not list(url.rglob("*.partial")) and not list(url.rglob("*.tmp"))
 
 
