@@ -64,9 +64,9 @@ def _expected_units(config: RunConfig) -> int:
     return config.scenes.num_scenes * (2 + len(TRAJECTORY_STAGES) * len(config.trajectory_names))
 
 
-def _done_units(store: RunStore, run_started: float) -> int:
-    table = store.read_manifest().to_pylist()
-    return sum(1 for r in table if r["status"] == "done")
+def _done_units(store: RunStore) -> int:
+    """Dataset-generation units recorded as done (evaluation rows excluded)."""
+    return sum(1 for r in store.read_manifest().to_pylist() if r["status"] == "done" and r["stage"] in STAGES)
 
 
 def _fail(exc: BaseException) -> None:
@@ -115,7 +115,6 @@ def run(
             result["error"] = exc
 
     total = _expected_units(cfg)
-    started = time.time()
     thread = threading.Thread(target=target, daemon=True)
     with Progress(TextColumn("[bold]lyra run[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
@@ -124,10 +123,10 @@ def run(
         while thread.is_alive():
             thread.join(0.5)
             try:
-                progress.update(bar, completed=_done_units(RunStore(store), started))
+                progress.update(bar, completed=_done_units(RunStore(store)))
             except Exception:  # noqa: BLE001 - progress is best effort while files are being replaced
                 pass
-        progress.update(bar, completed=_done_units(RunStore(store), started))
+        progress.update(bar, completed=_done_units(RunStore(store)))
     err = result.get("error")
     if err is not None:
         if isinstance(err, PipelineFailed | LyraError):
