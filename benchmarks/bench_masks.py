@@ -102,6 +102,9 @@ def main() -> None:
                 counts["fhole_refined"] += ref_c["false_hole"]
                 counts["leak_out_plain"] += plain["outside_valid"]
                 counts["leak_out_refined"] += ref_c["outside_valid"]
+                counts["occ_int"] += plain["occluded_interior"]
+                counts["leak_int_plain"] += plain["leak_interior"]
+                counts["leak_int_refined"] += ref_c["leak_interior"]
     occ, vis = max(counts["occluded"], 1), max(counts["visible"], 1)
     leak_p, leak_r = counts["leak_plain"] / occ, counts["leak_refined"] / occ
     fh_p, fh_r = counts["fhole_plain"] / vis, counts["fhole_refined"] / vis
@@ -116,6 +119,9 @@ def main() -> None:
     )
     reduction = f"{leak_p / leak_r:.1f}x" if leak_r > 0 else "every leaked pixel removed"
     print(f"leakage rate     plain {leak_p:.4%}   refined {leak_r:.4%}   reduction {reduction}")
+    oi = max(counts["occ_int"], 1)
+    print(f"  of which interior (> 1 px from any seen pixel: leak-through, not silhouette rims): "
+          f"plain {counts['leak_int_plain'] / oi:.4%}   refined {counts['leak_int_refined'] / oi:.4%}")
     print(f"false-hole rate  plain {fh_p:.4%}   refined {fh_r:.4%}")
     out_n = max(counts["outside"], 1)
     print(

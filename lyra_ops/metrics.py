@@ -56,10 +56,16 @@ def mask_confusion(mask: torch.Tensor, vis: SourceVisibility) -> dict[str, int]:
     """Pixel counts of a warp mask (H,W) against exact visibility.
 
     leak = marked valid but hidden in the source (disoccluded); false_hole = marked hole but seen by the source;
-    outside_valid = marked valid but > 1 px outside the source image.
+    outside_valid = marked valid but > 1 px outside the source image. ``*_interior`` counts only occluded
+    pixels more than 1 px from any seen pixel: leaks there are background shining through a surface, while
+    leaks on the 1 px rim are the bilinear splat footprint straddling a silhouette.
     """
     occluded = vis.inside & ~vis.seen
+    near_seen = torch.nn.functional.max_pool2d(vis.seen[None, None].float(), 3, 1, 1)[0, 0] > 0
+    interior = occluded & ~near_seen
     return {
+        "occluded_interior": int(interior.sum()),
+        "leak_interior": int((mask & interior).sum()),
         "seen": int(vis.seen.sum()),
         "occluded": int(occluded.sum()),
         "outside": int(vis.outside.sum()),

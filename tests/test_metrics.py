@@ -39,5 +39,7 @@ def test_source_visibility_identity_and_motion():
     assert 0 < int((vis.inside & ~vis.seen).sum()) < h * w  # some disocclusion
     counts = mask_confusion(torch.ones(h, w, dtype=torch.bool), vis)
     assert counts["false_hole"] == 0 and counts["leak"] == counts["occluded"]
+    assert 0 < counts["occluded_interior"] < counts["occluded"]
+    assert counts["leak_interior"] == counts["occluded_interior"]
     counts = mask_confusion(torch.zeros(h, w, dtype=torch.bool), vis)
     assert counts["leak"] == 0 and counts["false_hole"] == counts["seen"]

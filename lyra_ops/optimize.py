@@ -1,0 +1,560 @@
+"""Per-scene 3D Gaussian optimisation: the quality ceiling the feed-forward decoder is compared against.
+
+For ONE scene, Gaussians are initialised from RGB-D frames (one Gaussian per strided pixel, unprojected with
+its depth) and then optimised directly against the teacher frames and their cameras with our differentiable
+rasterizer (:func:`lyra_ops.rasterize.rasterize`), 3DGS style: per-group Adam learning rates, log scales,
+logit opacities, raw quaternions, raw colours projected back into [0, 1] after every step, an exponentially
+decaying position learning rate and optional densification (clone / split by accumulated gradient) with
+pruning of transparent Gaussians.
+
+Loss: MSE against the frames (+ ``depth_weight`` times the scale/shift-invariant depth loss
+:func:`lyra_ops.losses.depth_loss_ssi` when depth targets are given), composited over Lyra's white background.
+Every step renders ``batch_views`` views drawn without replacement from per-epoch permutations of an explicit
+``torch.Generator``, so a run is deterministic given ``OptimizeConfig.seed`` (same machine / torch build) and
+its memory is bounded by ``batch_views`` rather than by the number of frames.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from lyra_ops.cameras import Cameras
+from lyra_ops.errors import LyraConfigError, LyraInputError
+from lyra_ops.gaussians import Gaussians
+from lyra_ops.losses import LossWeights, distillation_loss
+from lyra_ops.rasterize import BACKENDS, RasterOutput, rasterize
+from lyra_ops.warp import unproject_depth
+
+logger = logging.getLogger(__name__)
+
+OPACITY_EPS = 1e-4  # opacities are clamped into [eps, 1 - eps] before the logit
+SCALE_MIN = 1e-8  # linear scales are clamped to at least this before the log
+SPLIT_SCALE_DIVISOR = 1.6  # 3DGS: a split Gaussian's children get scales / (0.8 * N) with N = 2
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """Hyper-parameters of :func:`optimize_scene`.
+
+    Learning rates follow the 3DGS / gsplat defaults per parameter group, raised where a schedule of a few
+    hundred steps (instead of 30k) needs bigger moves; every one is an Adam step size in the unit of its
+    (internal) parameter:
+
+    * ``lr_means``: world units *relative to the scene extent* (3DGS ``position_lr_init`` 1.6e-4 x extent),
+      decayed exponentially to ``lr_means * lr_means_final_ratio`` at the last step (3DGS: 1.6e-6 / 1.6e-4).
+      The extent is ``scene_extent`` or, when None, the median distance of the initial means from the mean
+      camera centre (3DGS uses the camera spread, which is ~0 for Lyra's small camera moves).
+    * ``lr_colors``: RGB in [0, 1] (3DGS 2.5e-3 on SH DC = 7e-4 in RGB; 1e-2 here for the short schedule).
+    * ``lr_scales``: log scale (3DGS 5e-3; 1e-2 here).
+    * ``lr_quats``: raw (unnormalised) quaternion (3DGS 1e-3).
+    * ``lr_opacities``: opacity logit (3DGS / gsplat 5e-2).
+
+    Other fields: ``steps`` optimiser steps; ``batch_views`` views rendered per step; ``init_points`` keeps a
+    random subset of that many initial Gaussians (None: all); ``depth_weight`` weight of the SSI depth loss
+    (used only when depth targets are given); ``background`` RGB composited behind the Gaussians (Lyra: white);
+    ``densify`` enables 3DGS-style adaptive density control between ``densify_from`` and ``densify_until``
+    every ``densify_every`` steps: Gaussians whose mean screen-space gradient (pixels) exceeds
+    ``densify_grad_threshold`` are cloned (small) or split in two (largest scale > ``percent_dense`` x extent),
+    never beyond ``max_gaussians``; Gaussians below ``prune_opacity`` are removed at those steps too.
+    ``backend`` goes to :func:`lyra_ops.rasterize.rasterize`; ``seed`` seeds the view order, the
+    ``init_points`` subset and split sampling.
+    """
+
+    steps: int = 300
+    batch_views: int = 1
+    lr_means: float = 1.6e-4
+    lr_means_final_ratio: float = 0.01
+    lr_colors: float = 1e-2
+    lr_scales: float = 1e-2
+    lr_quats: float = 1e-3
+    lr_opacities: float = 5e-2
+    scene_extent: float | None = None
+    init_points: int | None = None
+    depth_weight: float = 0.2
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    densify: bool = False
+    densify_from: int = 50
+    densify_until: int | None = None
+    densify_every: int = 50
+    densify_grad_threshold: float = 2e-4
+    percent_dense: float = 0.01
+    prune_opacity: float = 0.005
+    max_gaussians: int = 200_000
+    backend: str = "torch"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def bad(name: str, expected: str) -> LyraConfigError:
+            return LyraConfigError(f"OptimizeConfig.{name} must be {expected}, got {getattr(self, name)!r}")
+
+        ints = {"steps": 0, "batch_views": 1, "densify_from": 0, "densify_every": 1, "max_gaussians": 1, "seed": 0}
+        for name, lo in ints.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise bad(name, f"an int >= {lo}")
+        for name in ("init_points", "densify_until"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise bad(name, "None or an int >= 1")
+        nonneg = ("lr_means", "lr_colors", "lr_scales", "lr_quats", "lr_opacities", "depth_weight",
+                  "densify_grad_threshold", "percent_dense", "prune_opacity")  # fmt: skip
+        for name in nonneg:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise bad(name, "a finite number >= 0")
+        ratio = self.lr_means_final_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= 1:
+            raise bad("lr_means_final_ratio", "a number in (0, 1]")
+        ext = self.scene_extent
+        if ext is not None and (not isinstance(ext, int | float) or not math.isfinite(ext) or ext <= 0):
+            raise bad("scene_extent", "None or a finite number > 0")
+        bg = self.background
+        if (
+            not isinstance(bg, tuple | list)
+            or len(bg) != 3
+            or not all(isinstance(v, int | float) and 0.0 <= v <= 1.0 for v in bg)
+        ):
+            raise bad("background", "a tuple of 3 numbers in [0, 1]")
+        if not isinstance(self.densify, bool):
+            raise bad("densify", "a bool")
+        if self.backend not in BACKENDS:
+            raise bad("backend", f"one of {BACKENDS}")
+
+
+@dataclass
+class OptimizeResult:
+    """Optimised (detached) Gaussians, the loss of every step and the wall time of the optimisation loop."""
+
+    gaussians: Gaussians
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Initialisation
+# ------------------------------------------------------------------------------------------------------------
+
+
+def init_gaussians_from_rgbd(
+    rgb: torch.Tensor,
+    depth: torch.Tensor,
+    K: torch.Tensor,
+    c2w: torch.Tensor,
+    *,
+    stride: int = 1,
+    opacity: float = 0.1,
+    scale_factor: float = 1.0,
+) -> Gaussians:
+    """One Gaussian per (strided) pixel of an RGB-D frame, as a point-cloud initialisation.
+
+    Pixels (i, j) with i, j = stride // 2, stride // 2 + stride, ... and a finite depth > 0 each give a
+    Gaussian at the unprojected pixel centre (:func:`lyra_ops.warp.unproject_depth`), with the pixel's colour,
+    identity rotation, opacity ``opacity`` and isotropic scale ``scale_factor * depth / fx * stride``: the
+    world-space footprint of the ``stride`` x ``stride`` pixel block it stands for (the 3DGS analogue of the
+    nearest-neighbour distance). Returns float32 Gaussians on ``rgb``'s device.
+
+    Args:
+        rgb: (3,H,W) colours in [0, 1].
+        depth: (H,W) metric z-depth; pixels with depth <= 0 or non-finite are skipped.
+        K: (3,3) pixel intrinsics; c2w: (4,4) camera-to-world pose (OpenCV axes).
+        stride: keep every ``stride``-th pixel in each direction.
+        opacity: initial opacity in [1/255, 1] (3DGS initialises at 0.1; render-back needs ~0.9).
+        scale_factor: multiplier of the pixel-footprint scale (> 0).
+    """
+    fn = "init_gaussians_from_rgbd"
+    if not isinstance(rgb, torch.Tensor) or rgb.ndim != 3 or rgb.shape[0] != 3 or not rgb.is_floating_point():
+        got = tuple(rgb.shape) if isinstance(rgb, torch.Tensor) else type(rgb).__name__
+        raise LyraInputError(f"{fn}: rgb must be a floating tensor of shape (3, H, W), got {got}")
+    _check_unit_range(rgb, f"{fn}: rgb")
+    h, w = rgb.shape[1:]
+    if not isinstance(depth, torch.Tensor) or tuple(depth.shape) != (h, w):
+        got = tuple(depth.shape) if isinstance(depth, torch.Tensor) else type(depth).__name__
+        raise LyraInputError(f"{fn}: depth must be a tensor of shape (H, W) = ({h}, {w}) matching rgb, got {got}")
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise LyraInputError(f"{fn}: stride must be an int >= 1, got {stride!r}")
+    if not isinstance(opacity, int | float) or not 1.0 / 255.0 <= opacity <= 1.0:
+        raise LyraInputError(f"{fn}: opacity must be a number in [1/255, 1] (smaller ones are never drawn), got "
+                             f"{opacity!r}")
+    if not isinstance(scale_factor, int | float) or not math.isfinite(scale_factor) or scale_factor <= 0:
+        raise LyraInputError(f"{fn}: scale_factor must be a finite number > 0, got {scale_factor!r}")
+    depth = depth.detach().to(torch.float64)
+    depth = torch.where(torch.isfinite(depth), depth, torch.zeros_like(depth))
+    k64 = K.detach().to("cpu", torch.float64) if isinstance(K, torch.Tensor) else K
+    c64 = c2w.detach().to("cpu", torch.float64) if isinstance(c2w, torch.Tensor) else c2w
+    points = unproject_depth(depth.cpu(), k64, c64)  # validates K and c2w
+    off = stride // 2
+    points = points[off::stride, off::stride].reshape(-1, 3)
+    d = depth.cpu()[off::stride, off::stride].reshape(-1)
+    colors = rgb.detach().to("cpu", torch.float32)[:, off::stride, off::stride].reshape(3, -1).T
+    keep = d > 0
+    if not bool(keep.any()):
+        raise LyraInputError(f"{fn}: depth has no pixel with a finite value > 0 (at stride {stride})")
+    points, d, colors = points[keep], d[keep], colors[keep]
+    m = points.shape[0]
+    scales = (scale_factor * stride * d / float(k64[0, 0]))[:, None].expand(m, 3)
+    quats = torch.zeros(m, 4, dtype=torch.float64)
+    quats[:, 0] = 1.0
+    g = Gaussians(
+        means=points,
+        scales=scales.contiguous(),
+        quats=quats,
+        opacities=torch.full((m,), float(opacity), dtype=torch.float64),
+        colors=colors.to(torch.float64).contiguous(),
+    )
+    return g.to(rgb.device, torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Optimisation
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _check_unit_range(x: torch.Tensor, name: str) -> None:
+    """Raise unless every value of ``x`` is finite and in [0, 1]."""
+    v = x.detach()
+    bad = ~torch.isfinite(v) | (v < 0) | (v > 1)
+    if bool(bad.any()):
+        first = v[bad][0]
+        raise LyraInputError(
+            f"{name} must hold finite values in [0, 1], got {float(first):.6g} "
+            f"(range [{float(v[torch.isfinite(v)].min()) if bool(torch.isfinite(v).any()) else float('nan'):.4g}, "
+            f"{float(v[torch.isfinite(v)].max()) if bool(torch.isfinite(v).any()) else float('nan'):.4g}])"
+        )
+
+
+def _check_inputs(
+    frames: torch.Tensor, cameras: Cameras, init: Gaussians, depths: torch.Tensor | None, config: OptimizeConfig
+) -> None:
+    fn = "optimize_scene"
+    if not isinstance(config, OptimizeConfig):
+        raise LyraInputError(f"{fn}: config must be an OptimizeConfig, got {type(config).__name__}")
+    if not isinstance(cameras, Cameras):
+        raise LyraInputError(f"{fn}: cameras must be a lyra_ops.cameras.Cameras, got {type(cameras).__name__}")
+    if not isinstance(init, Gaussians):
+        raise LyraInputError(f"{fn}: init must be a lyra_ops.gaussians.Gaussians, got {type(init).__name__}")
+    if init.num == 0:
+        raise LyraInputError(f"{fn}: init must hold at least one Gaussian, got 0")
+    if not isinstance(frames, torch.Tensor) or frames.ndim != 4 or frames.shape[1] != 3:
+        got = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
+        raise LyraInputError(f"{fn}: frames must be a tensor of shape (N, 3, H, W), got {got}")
+    if not frames.is_floating_point():
+        raise LyraInputError(f"{fn}: frames must be floating point in [0, 1], got dtype {frames.dtype}")
+    n, _, h, w = frames.shape
+    if n == 0:
+        raise LyraInputError(f"{fn}: frames must hold at least one frame, got shape {tuple(frames.shape)}")
+    if len(cameras) != n:
+        raise LyraInputError(f"{fn}: cameras must describe the N = {n} frames, got {len(cameras)} cameras")
+    if (cameras.height, cameras.width) != (h, w):
+        raise LyraInputError(
+            f"{fn}: cameras are {cameras.height}x{cameras.width} (HxW) but frames are {h}x{w}"
+        )
+    _check_unit_range(frames, f"{fn}: frames")
+    if depths is not None:
+        if not isinstance(depths, torch.Tensor) or tuple(depths.shape) != (n, 1, h, w):
+            got = tuple(depths.shape) if isinstance(depths, torch.Tensor) else type(depths).__name__
+            raise LyraInputError(f"{fn}: depths must be None or a tensor of shape ({n}, 1, {h}, {w}), got {got}")
+        if not depths.is_floating_point():
+            raise LyraInputError(f"{fn}: depths must be floating point, got dtype {depths.dtype}")
+
+
+def _scene_extent(means: torch.Tensor, cameras: Cameras) -> float:
+    """Median distance of the Gaussians from the mean camera centre (falls back to 1 when degenerate)."""
+    centre = cameras.centers.to(means.device, means.dtype).mean(dim=0)
+    extent = float((means.detach() - centre).norm(dim=-1).median())
+    return extent if math.isfinite(extent) and extent > 0 else 1.0
+
+
+class _ViewSampler:
+    """Endless stream of view indices: concatenated random permutations of range(n) from ``generator``."""
+
+    def __init__(self, n: int, generator: torch.Generator) -> None:
+        self.n, self.generator = n, generator
+        self.queue: list[int] = []
+
+    def take(self, k: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < k:
+            if not self.queue:
+                self.queue = torch.randperm(self.n, generator=self.generator).tolist()
+            # A batch never holds the same view twice unless there are fewer views than the batch.
+            nxt = next((i for i, v in enumerate(self.queue) if v not in out), 0) if len(out) < self.n else 0
+            out.append(self.queue.pop(nxt))
+        return out
+
+
+class _Params:
+    """The optimised tensors (internal parametrisation) and their Adam optimiser."""
+
+    NAMES = ("means", "log_scales", "quats", "logit_opacities", "colors")
+
+    def __init__(self, g: Gaussians, lrs: dict[str, float]) -> None:
+        g = g.detach()
+        self.tensors = {
+            "means": g.means.clone(),
+            "log_scales": torch.log(g.scales.clamp(min=SCALE_MIN)),
+            "quats": g.quats.clone(),
+            "logit_opacities": torch.logit(g.opacities.clamp(OPACITY_EPS, 1.0 - OPACITY_EPS)),
+            "colors": g.colors.clamp(0.0, 1.0),
+        }
+        for t in self.tensors.values():
+            t.requires_grad_(True)
+        self.optimizer = torch.optim.Adam(
+            [{"params": [self.tensors[name]], "lr": lrs[name], "name": name} for name in self.NAMES],
+            eps=1e-15,  # 3DGS's Adam epsilon
+        )
+
+    @property
+    def num(self) -> int:
+        return int(self.tensors["means"].shape[0])
+
+    def gaussians(self) -> Gaussians:
+        """Activated Gaussians (differentiable w.r.t. the parameters)."""
+        t = self.tensors
+        return Gaussians(
+            means=t["means"],
+            scales=torch.exp(t["log_scales"]),
+            quats=t["quats"],
+            opacities=torch.sigmoid(t["logit_opacities"]),
+            colors=t["colors"],
+        )
+
+    def set_lr(self, name: str, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            if group["name"] == name:
+                group["lr"] = lr
+
+    def project(self) -> None:
+        """Keep colours in [0, 1] (projected gradient step)."""
+        with torch.no_grad():
+            self.tensors["colors"].clamp_(0.0, 1.0)
+
+    def replace(self, keep: torch.Tensor, extra: dict[str, torch.Tensor] | None = None) -> None:
+        """Keep the rows ``keep`` (index or mask) and append ``extra`` rows; Adam moments follow (new rows: 0)."""
+        for group in self.optimizer.param_groups:
+            name = group["name"]
+            old = group["params"][0]
+            state = self.optimizer.state.pop(old, None)
+            add = extra[name].detach() if extra is not None else old.detach()[:0]
+            new = torch.cat([old.detach()[keep], add]).requires_grad_(True)
+            if state:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    state[key] = torch.cat([state[key][keep], torch.zeros_like(add)])
+                self.optimizer.state[new] = state
+            group["params"][0] = new
+            self.tensors[name] = new
+
+
+def _quat_to_rotmat(q: torch.Tensor) -> torch.Tensor:
+    w, x, y, z = torch.nn.functional.normalize(q, dim=-1).unbind(-1)
+    return torch.stack(
+        [
+            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+        ],
+        dim=-1,
+    ).reshape(q.shape[:-1] + (3, 3))  # fmt: skip
+
+
+class _Densifier:
+    """3DGS adaptive density control with a screen-space gradient estimated from the world-space one.
+
+    Our rasterizer does not expose the gradient of the projected 2D means, so each step approximates it per
+    view as ``|dL/dmu| * z / f``: moving a mean by one pixel parallel to the image plane moves it ``z / f``
+    world units. It is accumulated for Gaussians with a non-zero gradient (those drawn in that view) and
+    averaged over those steps; 3DGS thresholds the NDC gradient at 2e-4, we threshold pixel units
+    (``densify_grad_threshold``; NDC = 2 / image size pixels, so 2e-4 NDC ~ 1e-2 px at 100 px).
+    """
+
+    def __init__(self, n: int, device: torch.device, pixels: int) -> None:
+        self.pixels = pixels
+        self.reset(n, device)
+
+    def reset(self, n: int, device: torch.device) -> None:
+        self.grad_sum = torch.zeros(n, dtype=torch.float64, device=device)
+        self.count = torch.zeros(n, dtype=torch.float64, device=device)
+
+    def accumulate(self, grad_means: torch.Tensor, means: torch.Tensor, w2c: torch.Tensor, K: torch.Tensor) -> None:
+        with torch.no_grad():
+            z = (means.detach() @ w2c[:, 2, :3].T + w2c[:, 2, 3]).clamp(min=1e-6)  # (M,C)
+            focal = 0.5 * (K[:, 0, 0] + K[:, 1, 1])  # (C,)
+            # One world gradient for the batch: attribute it with the mean pixel size over the batch's views.
+            px = (z / focal).mean(dim=1)
+            norm = grad_means.norm(dim=-1)
+            seen = norm > 0
+            self.grad_sum += torch.where(seen, norm * px * self.pixels, 0.0).to(torch.float64)
+            self.count += seen.to(torch.float64)
+
+    def step(self, params: _Params, config: OptimizeConfig, extent: float, generator: torch.Generator) -> None:
+        """Clone / split Gaussians with a large mean gradient, prune transparent ones, reset the statistics."""
+        t = {k: v.detach() for k, v in params.tensors.items()}
+        n = params.num
+        device = t["means"].device
+        avg = (self.grad_sum / self.count.clamp(min=1)).to(t["means"].dtype)
+        grow = avg >= config.densify_grad_threshold
+        budget = max(config.max_gaussians - n, 0)
+        if int(grow.sum()) > budget:  # keep the largest gradients within the budget (a split adds one)
+            idx = torch.nonzero(grow).squeeze(1)
+            top = torch.topk(avg[idx], budget).indices if budget > 0 else idx[:0]
+            grow = torch.zeros_like(grow)
+            grow[idx[top]] = True
+        max_scale = torch.exp(t["log_scales"]).amax(dim=-1)
+        big = max_scale > config.percent_dense * extent
+        clone, split = grow & ~big, grow & big
+        extra: dict[str, list[torch.Tensor]] = {k: [] for k in _Params.NAMES}
+        if bool(clone.any()):
+            for k in _Params.NAMES:
+                extra[k].append(t[k][clone])
+        keep_parent = torch.ones(n, dtype=torch.bool, device=device)
+        if bool(split.any()):
+            # Two children sampled from the parent's Gaussian, scales / 1.6 (3DGS with N = 2); parent removed.
+            sc = torch.exp(t["log_scales"][split])
+            rot = _quat_to_rotmat(t["quats"][split])
+            for _ in range(2):
+                eps = torch.randn(sc.shape, generator=generator, dtype=torch.float32).to(device, sc.dtype)
+                extra["means"].append(t["means"][split] + (rot @ (eps * sc)[..., None])[..., 0])
+                extra["log_scales"].append(torch.log(sc / SPLIT_SCALE_DIVISOR))
+                for k in ("quats", "logit_opacities", "colors"):
+                    extra[k].append(t[k][split])
+            keep_parent = ~split
+        keep = keep_parent & (torch.sigmoid(t["logit_opacities"]) >= config.prune_opacity)
+        if not bool(keep.any()) and not extra["means"]:
+            keep = torch.sigmoid(t["logit_opacities"]) >= torch.sigmoid(t["logit_opacities"]).max()
+        params.replace(keep, {k: torch.cat(v) for k, v in extra.items()} if extra["means"] else None)
+        logger.debug(
+            "densify: %d cloned, %d split, %d pruned -> %d Gaussians",
+            int(clone.sum()), int(split.sum()), int((~keep & keep_parent).sum()), params.num,
+        )  # fmt: skip
+        self.reset(params.num, device)
+
+
+def optimize_scene(
+    frames: torch.Tensor,
+    cameras: Cameras,
+    init: Gaussians,
+    config: OptimizeConfig | None = None,
+    *,
+    depths: torch.Tensor | None = None,
+    callback: Callable[[int, float, Gaussians], object] | None = None,
+) -> OptimizeResult:
+    """Optimise 3D Gaussians for one scene against its frames (the per-scene quality ceiling).
+
+    Args:
+        frames: (N,3,H,W) target images in [0, 1] (the teacher frames).
+        cameras: their N cameras (OpenCV c2w, pixel K, same H x W).
+        init: initial Gaussians (e.g. :func:`init_gaussians_from_rgbd`, concatenated over frames); their
+            device is the device of the optimisation.
+        config: hyper-parameters (default ``OptimizeConfig()``).
+        depths: optional (N,1,H,W) depth targets (z-depth; <= 0 or non-finite = invalid) for the SSI depth
+            loss weighted by ``config.depth_weight``.
+        callback: called after every step as ``callback(step, loss, gaussians)`` with the detached current
+            Gaussians; a truthy return value stops the optimisation early.
+
+    Returns:
+        :class:`OptimizeResult` with the detached optimised Gaussians, the loss of every step and the seconds
+        spent in the loop.
+    """
+    config = OptimizeConfig() if config is None else config
+    _check_inputs(frames, cameras, init, depths, config)
+    device, dtype = init.device, torch.float32
+    n = frames.shape[0]
+    h, w = frames.shape[2:]
+    frames = frames.detach().to(device, dtype)
+    depths = depths.detach().to(device, dtype) if depths is not None else None
+    w2c_all = cameras.w2c.to(device, dtype)
+    k_all = cameras.K.to(device, dtype)
+    background = torch.tensor(config.background, dtype=dtype, device=device)
+    generator = torch.Generator().manual_seed(config.seed)
+
+    init = init.detach().to(device, dtype)
+    if config.init_points is not None and init.num > config.init_points:
+        subset = torch.randperm(init.num, generator=generator)[: config.init_points].sort().values
+        init = init.index(subset.to(device))
+    extent = float(config.scene_extent) if config.scene_extent is not None else _scene_extent(init.means, cameras)
+    lr_means0 = config.lr_means * extent
+    lrs = {
+        "means": lr_means0,
+        "log_scales": config.lr_scales,
+        "quats": config.lr_quats,
+        "logit_opacities": config.lr_opacities,
+        "colors": config.lr_colors,
+    }
+    params = _Params(init, lrs)
+    sampler = _ViewSampler(n, generator)
+    densify_until = config.densify_until if config.densify_until is not None else int(0.5 * config.steps)
+    densifier = _Densifier(params.num, device, h * w) if config.densify else None
+    weights = LossWeights(mse=1.0, lpips=0.0, depth=config.depth_weight if depths is not None else 0.0, opacity=0.0)
+    batch = min(config.batch_views, n)
+    logger.info(
+        "optimize_scene: %d frames %dx%d, %d Gaussians, %d steps x %d views, extent %.4g",
+        n, h, w, params.num, config.steps, batch, extent,
+    )  # fmt: skip
+
+    losses: list[float] = []
+    start = time.perf_counter()
+    for step in range(config.steps):
+        frac = step / max(config.steps - 1, 1)
+        params.set_lr("means", lr_means0 * config.lr_means_final_ratio**frac)
+        views = torch.tensor(sampler.take(batch), device=device)
+        g = params.gaussians()
+        out = rasterize(
+            g, w2c_all[views], k_all[views], w, h, background=background, backend=config.backend
+        )
+        loss, _ = distillation_loss(
+            out, frames[views], depths[views] if depths is not None else None, weights=weights
+        )
+        params.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if densifier is not None and step < densify_until:
+            densifier.accumulate(params.tensors["means"].grad, params.tensors["means"], w2c_all[views], k_all[views])
+        params.optimizer.step()
+        params.project()
+        losses.append(float(loss.detach()))
+        if (
+            densifier is not None
+            and step + 1 >= config.densify_from
+            and step + 1 < densify_until
+            and (step + 1) % config.densify_every == 0
+        ):
+            densifier.step(params, config, extent, generator)
+        if callback is not None and callback(step, losses[-1], params.gaussians().detach()):
+            break
+    seconds = time.perf_counter() - start
+    result = params.gaussians().detach()
+    logger.info(
+        "optimize_scene: %d steps in %.2f s, loss %.4g -> %.4g, %d Gaussians",
+        len(losses), seconds, losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"),
+        result.num,
+    )  # fmt: skip
+    return OptimizeResult(gaussians=result, losses=losses, seconds=seconds)
+
+
+@torch.no_grad()
+def render_views(
+    gaussians: Gaussians,
+    cameras: Cameras,
+    *,
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    batch_views: int = 4,
+    backend: str = "torch",
+) -> RasterOutput:
+    """Render ``gaussians`` into every camera, ``batch_views`` at a time, without gradients (evaluation)."""
+    if isinstance(batch_views, bool) or not isinstance(batch_views, int) or batch_views < 1:
+        raise LyraInputError(f"render_views: batch_views must be an int >= 1, got {batch_views!r}")
+    if not isinstance(cameras, Cameras):
+        raise LyraInputError(f"render_views: cameras must be a Cameras, got {type(cameras).__name__}")
+    g = gaussians.detach()
+    bg = torch.tensor(background, dtype=g.dtype, device=g.device)
+    w2c, k = cameras.w2c.to(g.device, g.dtype), cameras.K.to(g.device, g.dtype)
+    outs = [
+        rasterize(g, w2c[i : i + batch_views], k[i : i + batch_views], cameras.width, cameras.height,
+                  background=bg, backend=backend)
+        for i in range(0, len(cameras), batch_views)
+    ]  # fmt: skip
+    return RasterOutput(*(torch.cat([getattr(o, f.name) for o in outs]) for f in fields(RasterOutput)))
