@@ -53,6 +53,9 @@ def main() -> None:
         "fhole_refined",
         "leak_out_plain",
         "leak_out_refined",
+        "occ_int",
+        "leak_int_plain",
+        "leak_int_refined",
     )
     counts = {k: 0 for k in keys}
     threshold = 0.05 * 704 / h  # the pipeline's resolution-scaled depth-edge threshold (config.edge_threshold)
