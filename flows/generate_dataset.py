@@ -48,8 +48,12 @@ def generate_dataset(
     preset: str = "smoke",
     overrides: dict[str, Any] | None = None,
     run_id: str | None = None,
+    scene_ids: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Generate (or complete) a dataset in ``store`` from a preset plus config overrides."""
+    """Generate (or complete) a dataset in ``store`` from a preset plus config overrides.
+
+    ``scene_ids`` restricts the run to those scenes of the sampled list (``lyra retry`` passes the failed ones).
+    """
     logger = get_run_logger()
     config = build_config(preset, overrides)
     preflight(config)
@@ -67,6 +71,8 @@ def generate_dataset(
 
     # 1. Sample prompts: the scene list, reproducible from the run seed, recorded in prompts.parquet.
     scenes = sample_prompts(store, config)
+    if scene_ids is not None:
+        scenes = [s for s in scenes if s.scene_id in set(scene_ids)]
     # 2. First frames: procedural renders or user images, cover-cropped to the video size.
     inputs = each(make_input, scenes)
     # 3. Depth of the first frame (exact for procedural scenes), cleaned up and edge-filtered.

@@ -216,15 +216,14 @@ def init_gaussians_from_rgbd(
 
 
 def _check_unit_range(x: torch.Tensor, name: str) -> None:
-    """Raise unless every value of ``x`` is finite and in [0, 1]."""
+    """Raise ``LyraInputError`` naming the first bad value unless every value of ``x`` is finite and in [0, 1]."""
     v = x.detach()
     bad = ~torch.isfinite(v) | (v < 0) | (v > 1)
     if bool(bad.any()):
-        first = v[bad][0]
+        where = tuple(int(i) for i in bad.nonzero()[0])
         raise LyraInputError(
-            f"{name} must hold finite values in [0, 1], got {float(first):.6g} "
-            f"(range [{float(v[torch.isfinite(v)].min()) if bool(torch.isfinite(v).any()) else float('nan'):.4g}, "
-            f"{float(v[torch.isfinite(v)].max()) if bool(torch.isfinite(v).any()) else float('nan'):.4g}])"
+            f"{name} must hold finite values in [0, 1], got {float(v[where]):.6g} at index {where} "
+            f"({int(bad.sum())} bad values)"
         )
 
 

@@ -89,6 +89,7 @@ def run(
     seed: int = typer.Option(None, "--seed"),
     workers: int = typer.Option(2, "--workers", min=1, help="concurrent scene tasks"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show Prefect's task logs"),
+    only_scenes: list[str] = typer.Option(None, "--scene", help="only these scene ids"),
 ) -> None:
     """Generate (or complete) a dataset: every stage of every scene, skipping finished work."""
     _setup_env(verbose)
@@ -109,11 +110,12 @@ def run(
 
     def target() -> None:
         try:
-            result["summary"] = flow(store=store, preset=name, overrides=over)
+            result["summary"] = flow(store=store, preset=name, overrides=over, scene_ids=only_scenes)
         except BaseException as exc:  # noqa: BLE001 - reported below
             result["error"] = exc
 
-    total = _expected_units(cfg)
+    total = _expected_units(cfg) if not only_scenes else len(only_scenes) * _expected_units(cfg) // max(
+        cfg.scenes.num_scenes, 1)
     thread = threading.Thread(target=target, daemon=True)
     with Progress(TextColumn("[bold]lyra run[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
@@ -134,6 +136,31 @@ def run(
     s = result["summary"]
     console.print(f"run {s['run_id']}: computed {s['computed']} stage units, reused {s['skipped']} "
                   f"in {s['finished_at'] - s['started_at']:.1f} s -> {store}")
+
+
+@app.command()
+def retry(
+    preset: str = PresetOpt,
+    config: Path = ConfigOpt,
+    store: str = StoreOpt,
+    num_scenes: int = typer.Option(None, "--num-scenes", min=1),
+    images: Path = typer.Option(None, "--images"),
+    trajectory: Path = typer.Option(None, "--trajectory"),
+    seed: int = typer.Option(None, "--seed"),
+    workers: int = typer.Option(2, "--workers", min=1),
+) -> None:
+    """Re-run only the scenes that have failed units in the manifest (same config options as `run`)."""
+    try:
+        failed = sorted({r["scene_id"] for r in RunStore(store, create=False).read_manifest().to_pylist()
+                         if r["status"] == "failed"})
+    except LyraError as exc:
+        _fail(exc)
+    if not failed:
+        console.print("no failed scenes")
+        return
+    console.print(f"retrying {len(failed)} scene(s): {', '.join(failed[:20])}")
+    run(preset=preset, config=config, store=store, num_scenes=num_scenes, images=images, trajectory=trajectory,
+        seed=seed, workers=workers, verbose=False, only_scenes=failed)
 
 
 @app.command()

@@ -192,6 +192,17 @@ def test_bad_image_fails_alone_and_is_recorded(tmp_path, examples_dir, prefect_h
     assert len(good) == 2 + 5 * 3 and all(r["status"] == "done" for r in good)
     result = CliRunner().invoke(app, ["status", "--store", url, "--failed"])
     assert "corrupt.png: cannot decode image" in " ".join(result.output.split())
+    # the user fixes the file; `lyra retry` re-runs only the failed scene
+    Image.open(examples_dir / "samples" / "04.png").convert("RGB").resize((160, 90)).save(images / "corrupt.png")
+    cfg = tmp_path / "images.yaml"
+    cfg.write_text(yaml.safe_dump({"preset": "smoke", **over}))
+    good_before = {p: m for p, m in store_snapshot(Path(url)).items() if "good" in p}
+    result = CliRunner().invoke(app, ["retry", "--config", str(cfg), "--store", url])
+    assert result.exit_code == 0, result.output
+    assert "retrying 1 scene(s): corrupt" in result.output
+    rows = RunStore(url, create=False).read_manifest().to_pylist()
+    assert len(rows) == 2 * (2 + 5 * 3) and all(r["status"] == "done" for r in rows)
+    assert {p: m for p, m in store_snapshot(Path(url)).items() if "good" in p} == good_before
 
 
 def test_cli_errors_are_clear(tmp_path):
