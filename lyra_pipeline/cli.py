@@ -76,6 +76,11 @@ def _fail(exc: BaseException) -> None:
 PresetOpt = typer.Option(None, "--preset", help="smoke | default (the default) | paper")
 ConfigOpt = typer.Option(None, "--config", exists=False, help="YAML file with config overrides")
 StoreOpt = typer.Option(DEFAULT_STORE, "--store", help="local path or fsspec URL of the run store")
+NumScenesOpt = typer.Option(None, "--num-scenes", min=1, help="number of scenes")
+ImagesOpt = typer.Option(None, "--images", help="folder of NAME.png + NAME.txt inputs")
+TrajectoryOpt = typer.Option(None, "--trajectory", help="custom trajectory .npz or .json")
+SeedOpt = typer.Option(None, "--seed", help="run seed")
+WorkersOpt = typer.Option(2, "--workers", min=1, help="concurrent scene tasks")
 
 
 @app.command()
@@ -83,11 +88,11 @@ def run(
     preset: str = PresetOpt,
     config: Path = ConfigOpt,
     store: str = StoreOpt,
-    num_scenes: int = typer.Option(None, "--num-scenes", min=1),
-    images: Path = typer.Option(None, "--images", help="folder of NAME.png + NAME.txt inputs"),
-    trajectory: Path = typer.Option(None, "--trajectory", help="custom trajectory .npz or .json"),
-    seed: int = typer.Option(None, "--seed"),
-    workers: int = typer.Option(2, "--workers", min=1, help="concurrent scene tasks"),
+    num_scenes: int = NumScenesOpt,
+    images: Path = ImagesOpt,
+    trajectory: Path = TrajectoryOpt,
+    seed: int = SeedOpt,
+    workers: int = WorkersOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show Prefect's task logs"),
     only_scenes: list[str] = typer.Option(None, "--scene", help="only these scene ids"),
 ) -> None:
@@ -143,11 +148,11 @@ def retry(
     preset: str = PresetOpt,
     config: Path = ConfigOpt,
     store: str = StoreOpt,
-    num_scenes: int = typer.Option(None, "--num-scenes", min=1),
-    images: Path = typer.Option(None, "--images"),
-    trajectory: Path = typer.Option(None, "--trajectory"),
-    seed: int = typer.Option(None, "--seed"),
-    workers: int = typer.Option(2, "--workers", min=1),
+    num_scenes: int = NumScenesOpt,
+    images: Path = ImagesOpt,
+    trajectory: Path = TrajectoryOpt,
+    seed: int = SeedOpt,
+    workers: int = WorkersOpt,
 ) -> None:
     """Re-run only the scenes that have failed units in the manifest (same config options as `run`)."""
     try:
@@ -168,10 +173,10 @@ def evaluate(
     preset: str = PresetOpt,
     config: Path = ConfigOpt,
     store: str = StoreOpt,
-    num_scenes: int = typer.Option(None, "--num-scenes", min=1),
-    images: Path = typer.Option(None, "--images"),
-    trajectory: Path = typer.Option(None, "--trajectory"),
-    seed: int = typer.Option(None, "--seed"),
+    num_scenes: int = NumScenesOpt,
+    images: Path = ImagesOpt,
+    trajectory: Path = TrajectoryOpt,
+    seed: int = SeedOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Dataset quality against exact ground truth: teacher/warp PSNR and SSIM, mask leakage and false holes."""
@@ -272,10 +277,10 @@ def stage(
     config: Path = ConfigOpt,
     store: str = StoreOpt,
     scene: list[str] = typer.Option(None, "--scene", help="only these scene ids"),
-    num_scenes: int = typer.Option(None, "--num-scenes", min=1),
-    images: Path = typer.Option(None, "--images"),
-    trajectory: Path = typer.Option(None, "--trajectory"),
-    seed: int = typer.Option(None, "--seed"),
+    num_scenes: int = NumScenesOpt,
+    images: Path = ImagesOpt,
+    trajectory: Path = TrajectoryOpt,
+    seed: int = SeedOpt,
 ) -> None:
     """Run one stage locally, in this process, without Prefect (for debugging)."""
     _setup_env()
