@@ -68,13 +68,13 @@ def _held_out_psnr(g: Gaussians, cams, gt) -> float:
 def test_init_geometry_and_attributes(path_data):
     cams, gt = path_data
     rgb, depth, k, c2w = gt.rgb[3], gt.depth[3, 0], cams.K[3], cams.c2w[3]
-    g = init_gaussians_from_rgbd(rgb, depth, k, c2w, stride=2, opacity=0.3)
+    g = init_gaussians_from_rgbd(rgb, depth, k, c2w, stride=2, opacity=0.3, scale_factor=0.75)
     assert g.num == (H // 2) * (W // 2)
     assert g.dtype == torch.float32
     pts = unproject_depth(depth, k, c2w)[1::2, 1::2].reshape(-1, 3)
     torch.testing.assert_close(g.means, pts, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(g.colors, rgb[:, 1::2, 1::2].reshape(3, -1).T)
-    expected_scale = 2 * depth[1::2, 1::2].reshape(-1) / k[0, 0]
+    expected_scale = 0.75 * 2 * depth[1::2, 1::2].reshape(-1) / k[0, 0]
     torch.testing.assert_close(g.scales, expected_scale[:, None].expand(-1, 3), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(g.quats, torch.tensor([1.0, 0.0, 0.0, 0.0]).expand(g.num, 4))
     assert torch.all(g.opacities == 0.3)
