@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import Counter
 
 import numpy as np
 import torch
@@ -43,21 +44,8 @@ def main() -> None:
     args = ap.parse_args()
     h, w = args.height, args.width
     K = default_intrinsics(h, w)
-    keys = (
-        "occluded",
-        "visible",
-        "outside",
-        "leak_plain",
-        "leak_refined",
-        "fhole_plain",
-        "fhole_refined",
-        "leak_out_plain",
-        "leak_out_refined",
-        "occ_int",
-        "leak_int_plain",
-        "leak_int_refined",
-    )
-    counts = {k: 0 for k in keys}
+    plain_tot: Counter[str] = Counter()  # summed mask_confusion counts of the plain splat mask
+    ref_tot: Counter[str] = Counter()  # ... and of the refined mask
     threshold = 0.05 * 704 / h  # the pipeline's resolution-scaled depth-edge threshold (config.edge_threshold)
     factor = max(1, h // 176)  # the pipeline's seam-mesh factor (config.mesh_downsample)
     t_warp, t_refine, n_frames = 0.0, 0.0, 0
@@ -94,42 +82,30 @@ def main() -> None:
             gt = scene.render(cams.c2w, cams.K, h, w)
             for f in range(1, len(cams)):  # frame 0 is the source itself
                 vis = source_visibility(scene, gt.depth[f, 0], cams.c2w[f], cams.K[f], K)
-                plain = mask_confusion(warp.mask[f, 0], vis)
-                ref_c = mask_confusion(refined.mask[f, 0], vis)
-                counts["visible"] += plain["seen"]
-                counts["occluded"] += plain["occluded"]
-                counts["outside"] += plain["outside"]
-                counts["leak_plain"] += plain["leak"]
-                counts["leak_refined"] += ref_c["leak"]
-                counts["fhole_plain"] += plain["false_hole"]
-                counts["fhole_refined"] += ref_c["false_hole"]
-                counts["leak_out_plain"] += plain["outside_valid"]
-                counts["leak_out_refined"] += ref_c["outside_valid"]
-                counts["occ_int"] += plain["occluded_interior"]
-                counts["leak_int_plain"] += plain["leak_interior"]
-                counts["leak_int_refined"] += ref_c["leak_interior"]
-    occ, vis = max(counts["occluded"], 1), max(counts["visible"], 1)
-    leak_p, leak_r = counts["leak_plain"] / occ, counts["leak_refined"] / occ
-    fh_p, fh_r = counts["fhole_plain"] / vis, counts["fhole_refined"] / vis
+                plain_tot.update(mask_confusion(warp.mask[f, 0], vis))
+                ref_tot.update(mask_confusion(refined.mask[f, 0], vis))
+    occ, vis, outside = max(plain_tot["occluded"], 1), max(plain_tot["seen"], 1), plain_tot["outside"]
+    leak_p, leak_r = plain_tot["leak"] / occ, ref_tot["leak"] / occ
+    fh_p, fh_r = plain_tot["false_hole"] / vis, ref_tot["false_hole"] / vis
     print(
         f"scenes={args.scenes} paths={len(LYRA_PATHS)} frames={args.frames} size={h}x{w} "
         f"torch_threads={torch.get_num_threads()}"
     )
-    total = occ + vis + counts["outside"]
+    total = occ + vis + outside
     print(
         f"target pixels: {vis / total:.2%} seen by the source, {occ / total:.2%} occluded in it, "
-        f"{counts['outside'] / total:.2%} outside its image"
+        f"{outside / total:.2%} outside its image"
     )
     reduction = f"{leak_p / leak_r:.1f}x" if leak_r > 0 else "every leaked pixel removed"
     print(f"leakage rate     plain {leak_p:.4%}   refined {leak_r:.4%}   reduction {reduction}")
-    oi = max(counts["occ_int"], 1)
+    oi = max(plain_tot["occluded_interior"], 1)
     print(f"  of which interior (> 1 px from any seen pixel: leak-through, not silhouette rims): "
-          f"plain {counts['leak_int_plain'] / oi:.4%}   refined {counts['leak_int_refined'] / oi:.4%}")
+          f"plain {plain_tot['leak_interior'] / oi:.4%}   refined {ref_tot['leak_interior'] / oi:.4%}")
     print(f"false-hole rate  plain {fh_p:.4%}   refined {fh_r:.4%}")
-    out_n = max(counts["outside"], 1)
+    out_n = max(outside, 1)
     print(
-        f"outside-source-image pixels marked valid: plain {counts['leak_out_plain'] / out_n:.4%}   "
-        f"refined {counts['leak_out_refined'] / out_n:.4%} (background behind unseen near surfaces)"
+        f"outside-source-image pixels marked valid: plain {plain_tot['outside_valid'] / out_n:.4%}   "
+        f"refined {ref_tot['outside_valid'] / out_n:.4%} (background behind unseen near surfaces)"
     )
     print(f"time per frame   warp {t_warp / n_frames * 1e3:.1f} ms   refine (fast) {t_refine / n_frames * 1e3:.1f} ms")
     if ref_done:

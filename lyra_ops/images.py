@@ -6,19 +6,25 @@ import torch
 import torch.nn.functional as F
 
 
+def cover_crop(x: torch.Tensor, height: int, width: int, *, mode: str) -> torch.Tensor:
+    """Resize (C,H,W) so it covers height x width keeping its aspect (``mode`` of F.interpolate), then
+    centre-crop. No clamping: works for images and for metric maps (``mode="nearest"`` for depth)."""
+    _, h, w = x.shape
+    scale = max(height / h, width / w)
+    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
+    smooth = {"antialias": True, "align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    resized = F.interpolate(x[None], size=(new_h, new_w), mode=mode, **smooth)[0]
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    return resized[:, top : top + height, left : left + width]
+
+
 def cover_crop_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Resize (C,H,W) float so it covers height x width keeping its aspect, then centre-crop (bicubic, antialias).
+    """Resize an image (C,H,W) in [0,1] to cover height x width, centre-crop (bicubic, antialias), clamp.
 
     Unlike Lyra, which stretches inputs to 16:9 differently for each consumer, every stage sees the same
     undistorted frame.
     """
-    _, h, w = image.shape
-    scale = max(height / h, width / w)
-    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
-    resized = F.interpolate(image[None], size=(new_h, new_w), mode="bicubic", antialias=True,
-                            align_corners=False)[0]
-    top, left = (new_h - height) // 2, (new_w - width) // 2
-    return resized[:, top : top + height, left : left + width].clamp(0.0, 1.0)
+    return cover_crop(image, height, width, mode="bicubic").clamp(0.0, 1.0)
 
 
 def to_uint8(image01: torch.Tensor) -> torch.Tensor:

@@ -59,8 +59,8 @@ def _resolve(preset: str | None, config_file: Path | None, num_scenes: int | Non
     return name, over, build_config(name, over, source=str(config_file or "command line"))
 
 
-def _expected_units(config: RunConfig) -> int:
-    return config.scenes.num_scenes * (2 + len(TRAJECTORY_STAGES) * len(config.trajectory_names))
+def _units_per_scene(config: RunConfig) -> int:
+    return len(SCENE_STAGES) + len(TRAJECTORY_STAGES) * len(config.trajectory_names)
 
 
 def _done_units(store: RunStore) -> int:
@@ -119,8 +119,7 @@ def run(
         except BaseException as exc:  # noqa: BLE001 - reported below
             result["error"] = exc
 
-    total = _expected_units(cfg) if not only_scenes else len(only_scenes) * _expected_units(cfg) // max(
-        cfg.scenes.num_scenes, 1)
+    total = len(only_scenes or range(cfg.scenes.num_scenes)) * _units_per_scene(cfg)
     thread = threading.Thread(target=target, daemon=True)
     with Progress(TextColumn("[bold]lyra run[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as progress:

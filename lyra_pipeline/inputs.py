@@ -12,7 +12,7 @@ from PIL import Image, UnidentifiedImageError
 
 from lyra_ops.depth import check_user_depth
 from lyra_ops.errors import LyraInputError
-from lyra_ops.images import cover_crop_resize
+from lyra_ops.images import cover_crop, cover_crop_resize
 from lyra_ops.prompts import SceneRecord
 from lyra_ops.seeding import derive_seed
 from lyra_pipeline.storage import validate_scene_id
@@ -79,9 +79,4 @@ def load_depth_file(path: str | Path, height: int, width: int) -> torch.Tensor:
         raise LyraInputError(f"{p}: cannot read depth as a .npy array ({exc})") from exc
     depth = torch.from_numpy(np.asarray(arr, dtype=np.float32))
     check_user_depth(depth, source=str(p))
-    h, w = depth.shape
-    scale = max(height / h, width / w)
-    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
-    resized = torch.nn.functional.interpolate(depth[None, None], size=(new_h, new_w), mode="nearest")[0, 0]
-    top, left = (new_h - height) // 2, (new_w - width) // 2
-    return resized[top : top + height, left : left + width].contiguous()
+    return cover_crop(depth[None], height, width, mode="nearest")[0].contiguous()

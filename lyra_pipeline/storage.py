@@ -172,15 +172,7 @@ class RunStore:
     # --- prompts --------------------------------------------------------------------------------------------
     def write_prompts(self, rows: list[dict[str, Any]]) -> bool:
         """Record the scene list; rewrites nothing when it is unchanged. Returns True if written."""
-        table = pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA)
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        data = buf.getvalue()
-        old = self._read_bytes("prompts.parquet")
-        if old is not None and pq.read_table(io.BytesIO(old)).equals(table):
-            return False
-        self._write_bytes("prompts.parquet", data)
-        return True
+        return self._write_parquet_if_changed("prompts.parquet", pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA))
 
     def read_prompts(self) -> list[dict[str, Any]]:
         data = self._read_bytes("prompts.parquet")
@@ -232,6 +224,14 @@ class RunStore:
         pq.write_table(table, buf)
         self._write_bytes(rel, buf.getvalue())
 
+    def _write_parquet_if_changed(self, rel: str, table: pa.Table) -> bool:
+        """Write ``table`` unless the file already holds equal content (re-runs rewrite nothing)."""
+        old = self._read_bytes(rel)
+        if old is not None and pq.read_table(io.BytesIO(old)).equals(table):
+            return False
+        self._write_parquet(rel, table)
+        return True
+
     def _read_parquet_dir(self, rel: str, schema: pa.Schema | None = None) -> pa.Table:
         """Concatenation of every ``*.parquet`` directly under ``rel`` (sorted by name)."""
         path = self._path(rel)
@@ -257,16 +257,7 @@ class RunStore:
 
     def write_summary_table(self, kind: str, table: pa.Table) -> bool:
         """``eval/<kind>_summary.parquet``; rewritten only when its content changed. Returns True if written."""
-        rel = f"eval/{kind}_summary.parquet"
-        old = self._read_bytes(rel)
-        if old is not None and pq.read_table(io.BytesIO(old)).equals(table):
-            return False
-        self._write_parquet(rel, table)
-        return True
-
-    def read_summary_table(self, kind: str) -> pa.Table | None:
-        data = self._read_bytes(f"eval/{kind}_summary.parquet")
-        return None if data is None else pq.read_table(io.BytesIO(data))
+        return self._write_parquet_if_changed(f"eval/{kind}_summary.parquet", table)
 
     # --- arrays -----------------------------------------------------------------------------------------------
     def scene_group(self, scene_id: str) -> zarr.Group:
@@ -297,13 +288,6 @@ class RunStore:
         except KeyError:
             raise LyraStorageError(f"{self.url}: scene {scene_id!r} has no array {name!r}") from None
         return np.asarray(arr[...])
-
-    def has_array(self, scene_id: str, name: str) -> bool:
-        try:
-            self.scene_group(scene_id)[name]
-        except KeyError:
-            return False
-        return True
 
     def list_arrays(self, scene_id: str) -> dict[str, zarr.Array]:
         """Every array of a scene by its path inside the scene group."""

@@ -8,15 +8,17 @@ truth; only mask coverage is reported for them.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pyarrow as pa
+import torch
 from prefect import task
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from lyra_ops.images import from_uint8, to_uint8
 from lyra_ops.metrics import mask_confusion, psnr, source_visibility
 from lyra_ops.prompts import SceneRecord
-from lyra_ops.scenes import make_scene
+from lyra_ops.scenes import ProceduralScene, make_scene
 from lyra_pipeline.config import RunConfig
 from lyra_pipeline.stages import StageReport, run_units
 from lyra_pipeline.storage import RunStore
@@ -35,8 +37,28 @@ FRAME_SCHEMA = pa.schema([
 NAN = float("nan")
 
 
-def trajectory_frame_rows(store: RunStore, config: RunConfig, scene: SceneRecord, name: str) -> list[dict]:
-    """One row of metrics per frame of one trajectory (frame 0, the input view itself, included)."""
+@dataclass(frozen=True)
+class SceneTruth:
+    """Scene-level ground truth shared by all trajectories of a procedural scene."""
+
+    world: ProceduralScene
+    k_src: torch.Tensor  # intrinsics of the first (source) frame
+    depth_abs_rel: float  # error of the stored first-frame depth vs exact depth
+
+
+def scene_truth(store: RunStore, config: RunConfig, scene: SceneRecord) -> SceneTruth:
+    world = make_scene(scene.seed, kind=config.scenes.scene_kind)
+    k_src = read_tensor(store, scene.scene_id, "input/K")
+    depth = read_tensor(store, scene.scene_id, "depth/depth")
+    depth_gt = world.render(IDENTITY[None], k_src[None], *depth.shape).depth[0, 0]
+    return SceneTruth(world, k_src, float(((depth - depth_gt).abs() / depth_gt.clamp_min(1e-6)).mean()))
+
+
+def trajectory_frame_rows(store: RunStore, config: RunConfig, scene: SceneRecord, name: str,
+                          truth: SceneTruth | None) -> list[dict]:
+    """One row of metrics per frame of one trajectory (frame 0, the input view itself, included).
+
+    ``truth`` is None for image scenes, which have no ground truth."""
     sid, base = scene.scene_id, f"trajectories/{name}"
     cams = read_cameras(store, sid, name, config)
     teacher = from_uint8(read_tensor(store, sid, f"{base}/teacher/rgb"))
@@ -47,28 +69,23 @@ def trajectory_frame_rows(store: RunStore, config: RunConfig, scene: SceneRecord
     rows = [{"scene_id": sid, "trajectory": name, "frame": f, "source": scene.source, "generator": generator,
              "valid_plain": float(plain[f].float().mean()), "valid_refined": float(refined[f].float().mean())}
             for f in range(n)]
-    if scene.source != "procedural":
+    if truth is None:
         return [{**r, **dict.fromkeys(("teacher_psnr_gt", "teacher_ssim_gt", "warp_psnr_gt", "depth_abs_rel"), NAN),
                  **dict.fromkeys(("seen", "occluded", "outside", "leak_plain", "leak_refined", "false_hole_plain",
                                   "false_hole_refined"), 0)} for r in rows]
-    world = make_scene(scene.seed, kind=config.scenes.scene_kind)
-    gt = world.render(cams.c2w, cams.K, cams.height, cams.width)
+    gt = truth.world.render(cams.c2w, cams.K, cams.height, cams.width)
     gt_rgb = from_uint8(to_uint8(gt.rgb))  # the same 8-bit quantisation as stored frames
     teacher_psnr = psnr(teacher, gt_rgb)
     teacher_ssim = structural_similarity_index_measure(teacher, gt_rgb, data_range=1.0, reduction="none")
     warp_psnr = psnr(warped, gt_rgb, refined)
-    depth = read_tensor(store, sid, "depth/depth")
-    k_src = read_tensor(store, sid, "input/K")
-    depth_gt = world.render(IDENTITY[None], k_src[None], cams.height, cams.width).depth[0, 0]
-    depth_abs_rel = float(((depth - depth_gt).abs() / depth_gt.clamp_min(1e-6)).mean())
     for f, row in enumerate(rows):
-        vis = source_visibility(world, gt.depth[f, 0], cams.c2w[f], cams.K[f], k_src)
+        vis = source_visibility(truth.world, gt.depth[f, 0], cams.c2w[f], cams.K[f], truth.k_src)
         cp, cr = mask_confusion(plain[f, 0], vis), mask_confusion(refined[f, 0], vis)
         row.update(teacher_psnr_gt=float(teacher_psnr[f]), teacher_ssim_gt=float(teacher_ssim[f]),
                    warp_psnr_gt=float(warp_psnr[f]), seen=cp["seen"], occluded=cp["occluded"],
                    outside=cp["outside"], leak_plain=cp["leak"], leak_refined=cr["leak"],
                    false_hole_plain=cp["false_hole"], false_hole_refined=cr["false_hole"],
-                   depth_abs_rel=depth_abs_rel)
+                   depth_abs_rel=truth.depth_abs_rel)
     return rows
 
 
@@ -82,8 +99,12 @@ def evaluate_scene(store_url: str, config: RunConfig, scene: SceneRecord, run_id
         if r["trajectory"] in rows:
             rows[r["trajectory"]].append(r)
 
+    truth: list[SceneTruth | None] = []  # computed once, by the first trajectory that needs work
+
     def compute(store: RunStore, name: str) -> None:
-        rows[name] = trajectory_frame_rows(store, config, scene, name)
+        if not truth:
+            truth.append(scene_truth(store, config, scene) if scene.source == "procedural" else None)
+        rows[name] = trajectory_frame_rows(store, config, scene, name, truth[0])
         # Rows are written before the unit is marked done: a crash re-computes, never loses.
         table = pa.Table.from_pylist([r for n in config.trajectory_names for r in rows[n]], schema=FRAME_SCHEMA)
         store.write_scene_table("frames", sid, table)
