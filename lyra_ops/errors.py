@@ -15,3 +15,7 @@ class LyraInputError(LyraError, ValueError):
 
 class LyraStorageError(LyraError, RuntimeError):
     """The run store is unreachable, read-only, or holds data that does not match its manifest."""
+
+
+class LyraNonFiniteError(LyraInputError, FloatingPointError):
+    """Tensors that must be finite hold NaN/Inf (in training: a diverged model; caught as FloatingPointError)."""

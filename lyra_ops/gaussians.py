@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lyra_ops.errors import LyraInputError
+from lyra_ops.errors import LyraInputError, LyraNonFiniteError
 
 # Zeroth-order real spherical-harmonic constant: rgb = 0.5 + SH_C0 * f_dc (standard 3DGS PLY convention).
 SH_C0 = 0.28209479177387814
@@ -85,7 +85,7 @@ class Gaussians:
             finite = torch.isfinite(value.detach())
             if not bool(finite.all()):
                 row = int((~finite).reshape(m, -1).any(dim=1).nonzero()[0])
-                raise LyraInputError(f"Gaussians.{name}[{row}] contains NaN or Inf values")
+                raise LyraNonFiniteError(f"Gaussians.{name}[{row}] contains NaN or Inf values")
         if m and bool((self.scales.detach() < 0).any()):
             row = int((self.scales.detach() < 0).any(dim=1).nonzero()[0])
             raise LyraInputError(

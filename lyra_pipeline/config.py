@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -156,31 +156,35 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in override.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
 def _valid_keys(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
-    """Field names valid at ``path`` in the config tree (for 'did you mean' hints)."""
+    """Field names valid at ``path`` in the config tree (for 'did you mean' hints); list indices are skipped."""
     for part in path:
+        if isinstance(part, int):
+            continue
         field = model.model_fields.get(str(part))
         ann = getattr(field, "annotation", None) if field else None
+        if get_origin(ann) is list:
+            ann = get_args(ann)[0]
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return []
         model = ann
     return list(model.model_fields)
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def format_errors(err: ValidationError, source: str, root: type[BaseModel] | None = None) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
         key = ".".join(str(p) for p in loc) or "<root>"
         if e["type"] == "extra_forbidden":
-            valid = _valid_keys(RunConfig, loc[:-1])
+            valid = _valid_keys(root or RunConfig, loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
             hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
             lines.append(f"unknown config key {key!r}{hint} (valid keys here: {', '.join(valid)})")
@@ -197,11 +201,11 @@ def build_config(
         close = difflib.get_close_matches(preset, list(PRESETS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise LyraConfigError(f"unknown preset {preset!r}{hint}; valid presets: {', '.join(PRESETS)}")
-    data = _merge(PRESETS[preset], overrides or {})
+    data = merge(PRESETS[preset], overrides or {})
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise LyraConfigError(_format_errors(err, source)) from None
+        raise LyraConfigError(format_errors(err, source)) from None
 
 
 def load_config_file(path: str | Path) -> tuple[str | None, dict[str, Any]]:

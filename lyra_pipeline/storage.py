@@ -163,7 +163,7 @@ class RunStore:
         if not self.is_local:
             return 0
         removed = 0
-        for pattern in ("**/*.partial", "manifest/*.tmp", "*.tmp", "runs/*.tmp"):
+        for pattern in ("**/*.partial", "manifest/*.tmp", "*.tmp", "runs/*.tmp", "train/**/*.tmp"):
             for p in Path(self.root).glob(pattern):
                 p.unlink(missing_ok=True)
                 removed += 1
@@ -296,6 +296,52 @@ class RunStore:
 
     def scene_ids(self) -> list[str]:
         return sorted(name for name, _ in self._zroot.groups())
+
+    # --- decoder training (train/<run>/...) -------------------------------------------------------------------
+    @staticmethod
+    def train_rel(run: str, *parts: str) -> str:
+        """Path of a training run's file, relative to the store: ``train/<run>/<parts...>``."""
+        validate_scene_id(run, source="training run name")
+        return "/".join(["train", run, *parts])
+
+    @staticmethod
+    def checkpoint_rel(run: str, step: int, name: str = "") -> str:
+        """``train/<run>/checkpoints/step-<8 digits>[/name]``."""
+        parts = ["checkpoints", f"step-{int(step):08d}"] + ([name] if name else [])
+        return RunStore.train_rel(run, *parts)
+
+    def write_file(self, rel: str, data: bytes) -> None:
+        """Atomic write of one file (temp + rename locally, one PUT on object stores)."""
+        self._write_bytes(rel, data)
+
+    def read_file(self, rel: str) -> bytes | None:
+        """Bytes of a file relative to the store, or None if it does not exist."""
+        return self._read_bytes(rel)
+
+    def list_names(self, rel: str) -> list[str]:
+        """Sorted names directly under a folder relative to the store ([] if it does not exist)."""
+        path = self._path(rel)
+        if not self.fs.exists(path):
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
+
+    def remove_tree(self, rel: str) -> None:
+        """Delete a folder relative to the store (missing is fine)."""
+        path = self._path(rel)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    def write_table(self, rel: str, table: pa.Table) -> bool:
+        """Write a Parquet table unless the file already holds equal content. Returns True if written."""
+        return self._write_parquet_if_changed(rel, table)
+
+    def read_table(self, rel: str) -> pa.Table | None:
+        data = self._read_bytes(rel)
+        return None if data is None else pq.read_table(io.BytesIO(data))
+
+    def read_table_dir(self, rel: str, schema: pa.Schema | None = None) -> pa.Table:
+        """Every ``*.parquet`` directly under ``rel``, concatenated in name order."""
+        return self._read_parquet_dir(rel, schema)
 
     # --- runs -------------------------------------------------------------------------------------------------
     def write_run_summary(self, run_id: str, summary: dict[str, Any]) -> None:

@@ -31,3 +31,28 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def make_smoke_store(path: Path, num_scenes: int = 3) -> Path:
+    """A finished smoke-preset store built in-process, without Prefect (every SDG stage's ``.fn``)."""
+    from lyra_pipeline.config import build_config
+    from tasks.sdg import SCENE_TASKS, sample_prompts
+
+    config = build_config("smoke", {"scenes": {"num_scenes": num_scenes}})
+    for scene in sample_prompts.fn(str(path), config):
+        for task in SCENE_TASKS.values():
+            task.fn(str(path), config, scene, "fixture")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smoke_store_template(tmp_path_factory) -> Path:
+    """A 3-scene smoke store shared by the session; copy it (``smoke_store``) before writing."""
+    return make_smoke_store(tmp_path_factory.mktemp("smoke-template") / "store")
+
+
+@pytest.fixture
+def smoke_store(smoke_store_template, tmp_path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(smoke_store_template, tmp_path / "store"))

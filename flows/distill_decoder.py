@@ -1,0 +1,56 @@
+"""The decoder self-distillation flow: train the 3DGS decoder on a store's teacher videos, then validate it.
+
+Each chunk of ``checkpoint_every`` steps is one task that resumes from the newest checkpoint, so a killed
+flow re-run continues where it stopped (to the same weights), and a finished run re-run does nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+
+from flows.generate_dataset import DEFAULT_STORE
+from lyra_pipeline.storage import RunStore
+from lyra_pipeline.training import build_train_config, chunk_ends, final_checkpoint, load_run, write_latest
+from tasks.train import evaluate_decoder, plan_training, train_chunk
+
+
+@flow(name="distill-decoder")
+def distill_decoder(
+    store: str = DEFAULT_STORE,
+    preset: str = "smoke",
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train (or resume, or skip if finished) the decoder for ``preset`` + ``overrides`` on ``store``."""
+    logger = get_run_logger()
+    config = build_train_config(preset, overrides)
+    # 1. The run: named by the config and the dataset's content; the train/val split by scene is fixed in it.
+    plan = plan_training(store, config)
+    run_name = plan["run"]
+    logger.info("run %s: %d train / %d val scenes, %d steps", run_name, len(plan["train_scenes"]),
+                len(plan["val_scenes"]), plan["total_steps"])
+    # 2. Progressive stages, one task per checkpoint interval (each resumes from the newest checkpoint).
+    chunks = [train_chunk(store, run_name, end) for end in chunk_ends(config)]
+    computed = sum(c["computed"] for c in chunks)
+    # 3. Validation on the held-out scenes against the teacher frames and the exact ground truth.
+    st = RunStore(store, create=False)
+    run = load_run(st, run_name)
+    step = final_checkpoint(st, run)
+    metrics = evaluate_decoder(store, run_name, step) if run.val_scenes else {}
+    # 4. Publish: train/latest.json points at this decoder; a Prefect artifact shows the numbers.
+    write_latest(st, run, step)
+    summary = {"run": run_name, "step": step, "steps_computed": computed, **metrics}
+    create_table_artifact(key="decoder-validation", table=[summary],
+                          description=f"Decoder {run_name} on the held-out scenes of {store}")
+    logger.info("decoder %s: %s", run_name, summary)
+    return summary
+
+
+@flow(name="retrain-decoder")
+def retrain_decoder(store: str = DEFAULT_STORE, preset: str = "default",
+                    overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Scheduled retraining: train on the store's newest dataset (a run named by its content: an unchanged
+    dataset finds its finished run and does nothing; new scenes start a new run)."""
+    return distill_decoder(store=store, preset=preset, overrides=overrides)

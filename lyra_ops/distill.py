@@ -1,0 +1,321 @@
+"""Self-distillation of the 3DGS decoder (spec 5.1-5.4): sampling, batch assembly and one optimisation step.
+
+Pure functions over tensors (no I/O): the training loop, checkpoints and the store live in
+``lyra_pipeline/training.py``. One training sample is one scene: ``V`` of its trajectories ("views") are the
+decoder's input videos; ``targets`` frame indices are drawn once and rendered for every input view (Lyra's
+protocol), and the splatted images are compared with the teacher frames at those cameras.
+
+Differences from the reference, on purpose: stage steps are per stage (not cumulative), the sampling
+generator is an explicit ``torch.Generator`` saved in checkpoints (the reference reshuffles on resume), and
+the opacity penalty applies no second sigmoid (see ``lyra_ops.losses``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from lyra_ops.cameras import Cameras
+from lyra_ops.decoder import LatentGaussianDecoder, prune_gaussians
+from lyra_ops.errors import LyraConfigError, LyraInputError
+from lyra_ops.gaussians import Gaussians
+from lyra_ops.latents import LatentEncoder, PixelPatchifyEncoder
+from lyra_ops.losses import LossWeights, LPIPSLoss, distillation_loss
+from lyra_ops.plucker import encode_plucker, plucker_embedding
+from lyra_ops.rasterize import RasterOutput, rasterize_views_chunked
+
+FRAME_SAMPLINGS = ("uniform", "exponential")
+EXPONENTIAL_RATE = 3.0  # Lyra's "exponential" target sampling: weight exp(3 p), p the relative frame position
+RENDER_NEAR, RENDER_FAR = 0.1, 500.0  # spec 4.9
+WHITE = (1.0, 1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One progressive training stage (spec 5.4), scaled to what the store holds.
+
+    ``steps`` optimiser steps in this stage; ``scale`` integer downsampling of the stored frames (1: store
+    resolution; > 1 re-encodes the latents from area-downsampled teacher frames, as Lyra's stages 1-4 re-encode
+    RGB); ``input_frames`` frames per input view (None: the whole trajectory, using the stored latents when
+    ``scale`` is 1; else 8k+1 frames picked as Lyra does: start, end and a sorted random subset between);
+    ``input_views`` trajectories per sample, drawn as ``V ~ U{1..input_views}`` when ``random_views`` (Lyra's
+    multi-view stages) else exactly ``input_views``; ``targets`` target frame indices per sample, rendered for
+    every input view, drawn without replacement uniformly or with weight ``exp(3 p)`` (``frame_sampling``);
+    ``prune_ratio`` / ``opacity_weight``: Lyra's prune stages (0.8 / 0.1).
+    """
+
+    name: str
+    steps: int
+    scale: int = 1
+    input_frames: int | None = None
+    input_views: int = 1
+    random_views: bool = False
+    targets: int = 4
+    frame_sampling: str = "uniform"
+    prune_ratio: float = 0.0
+    opacity_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        def bad(field: str, expected: str) -> LyraConfigError:
+            return LyraConfigError(f"stage {self.name!r}: {field} must be {expected}, got {getattr(self, field)!r}")
+
+        for field in ("steps", "scale", "input_views", "targets"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if field == "steps" else 1):
+                raise bad(field, "a positive int" if field != "steps" else "an int >= 0")
+        if self.input_frames is not None and (
+            isinstance(self.input_frames, bool) or not isinstance(self.input_frames, int)
+            or self.input_frames < 1 or (self.input_frames - 1) % 8
+        ):
+            raise bad("input_frames", "None or 8k+1 (the latent grid's frame count)")
+        if self.frame_sampling not in FRAME_SAMPLINGS:
+            raise bad("frame_sampling", f"one of {FRAME_SAMPLINGS}")
+        if not 0.0 <= self.prune_ratio < 1.0:
+            raise bad("prune_ratio", "a fraction in [0, 1)")
+        if self.opacity_weight < 0:
+            raise bad("opacity_weight", ">= 0")
+
+    @property
+    def reencode(self) -> bool:
+        """True when the stage cannot use the stored latents (other resolution or a frame subset)."""
+        return self.scale != 1 or self.input_frames is not None
+
+
+@dataclass(frozen=True)
+class ViewData:
+    """One trajectory of one scene as stored: teacher frames (T,3,H,W) uint8, cameras, stored latents
+    (C,T_l,h,w) or None, and a depth target (T,1,H,W) with its validity mask (or None)."""
+
+    frames: torch.Tensor
+    cameras: Cameras
+    latents: torch.Tensor | None = None
+    depth: torch.Tensor | None = None
+    depth_valid: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class DistillBatch:
+    """Decoder inputs and render targets of one sample (V input views, N = V x targets target images)."""
+
+    latents: torch.Tensor  # (V,C,T_l,h,w)
+    plucker: torch.Tensor  # (V,Cp,T_l,h,w)
+    input_cameras: tuple[Cameras, ...]  # V x (T_in cameras)
+    viewmats: torch.Tensor  # (N,4,4) w2c
+    Ks: torch.Tensor  # (N,3,3)
+    rgb: torch.Tensor  # (N,3,H,W) in [0,1]
+    depth: torch.Tensor | None  # (N,1,H,W)
+    depth_valid: torch.Tensor | None  # (N,1,H,W) bool
+    height: int
+    width: int
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sampling (spec 5.1)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _randint(gen: torch.Generator, low: int, high: int) -> int:
+    """Uniform int in [low, high] (inclusive)."""
+    return int(torch.randint(low, high + 1, (1,), generator=gen))
+
+
+def sample_views(gen: torch.Generator, available: Sequence[str], stage: StageSpec) -> list[str]:
+    """Input trajectories of one sample: ``V`` distinct names (V ~ U{1..input_views} when ``random_views``)."""
+    if not available:
+        raise LyraInputError("sample_views: the scene has no trajectory with teacher frames")
+    most = min(stage.input_views, len(available))
+    count = _randint(gen, 1, most) if stage.random_views else most
+    order = torch.randperm(len(available), generator=gen)[:count]
+    return [available[int(i)] for i in order]
+
+
+def sample_input_frames(gen: torch.Generator, num_frames: int, stage: StageSpec) -> tuple[list[int], int, int]:
+    """Input frame indices and the [start, end] window targets are drawn from.
+
+    Whole trajectory when ``stage.input_frames`` is None. Otherwise (Lyra): a gap g ~ U{n-1..T-1}, a random
+    start, inputs = start, end and a sorted random subset of the frames in between.
+    """
+    if stage.input_frames is None or stage.input_frames >= num_frames:
+        if stage.input_frames is not None and stage.input_frames > num_frames:
+            raise LyraInputError(
+                f"stage {stage.name!r}: input_frames={stage.input_frames} but the trajectories have {num_frames}"
+            )
+        return list(range(num_frames)), 0, num_frames - 1
+    n = stage.input_frames
+    gap = _randint(gen, n - 1, num_frames - 1)
+    start = _randint(gen, 0, num_frames - 1 - gap)
+    end = start + gap
+    middle = torch.randperm(gap - 1, generator=gen)[: n - 2] + start + 1 if n > 2 else torch.empty(0)
+    return sorted([start, end, *(int(i) for i in middle)]), start, end
+
+
+def sample_targets(gen: torch.Generator, start: int, end: int, count: int, mode: str) -> list[int]:
+    """``count`` distinct frame indices in [start, end], uniform or with weight exp(3 p) (p in [0, 1])."""
+    if mode not in FRAME_SAMPLINGS:
+        raise LyraConfigError(f"frame_sampling must be one of {FRAME_SAMPLINGS}, got {mode!r}")
+    span = end - start + 1
+    count = min(count, span)
+    if mode == "uniform":
+        weights = torch.ones(span, dtype=torch.float64)
+    else:
+        weights = torch.exp(EXPONENTIAL_RATE * torch.linspace(0.0, 1.0, span, dtype=torch.float64))
+    picked = torch.multinomial(weights, count, replacement=False, generator=gen)
+    return sorted(int(i) + start for i in picked)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Batch assembly
+# ------------------------------------------------------------------------------------------------------------
+
+
+def downsample_view(view: ViewData, scale: int) -> ViewData:
+    """Area-downsample frames by an integer factor (exact box filter), intrinsics scaled to match (pixel
+    centres stay at +0.5), depth and its mask by nearest sampling of each block's centre pixel."""
+    if scale == 1:
+        return view
+    _, _, h, w = view.frames.shape
+    if h % scale or w % scale:
+        raise LyraConfigError(f"scale {scale} does not divide the stored frame size {h}x{w}")
+    frames = F.avg_pool2d(view.frames.float(), scale)
+    cameras = view.cameras.resized(h // scale, w // scale)
+    pick = (slice(None), slice(None), slice(scale // 2, None, scale), slice(scale // 2, None, scale))
+    depth = view.depth[pick] if view.depth is not None else None
+    valid = view.depth_valid[pick] if view.depth_valid is not None else None
+    return ViewData(frames=frames, cameras=cameras, latents=None, depth=depth, depth_valid=valid)
+
+
+def build_batch(
+    views: Sequence[ViewData],
+    input_frames: Sequence[int],
+    target_frames: Sequence[int],
+    stage: StageSpec,
+    encoder: LatentEncoder,
+) -> DistillBatch:
+    """Decoder inputs (latents + Plücker latents) and render targets of one sample."""
+    if not views:
+        raise LyraInputError("build_batch: no input views")
+    scaled = [downsample_view(v, stage.scale) for v in views]
+    height, width = int(scaled[0].frames.shape[2]), int(scaled[0].frames.shape[3])
+    idx_in = torch.tensor(list(input_frames), dtype=torch.long)
+    idx_t = torch.tensor(list(target_frames), dtype=torch.long)
+    latents, pluckers, cams_in = [], [], []
+    viewmats, ks, rgbs, depths, valids = [], [], [], [], []
+    for original, view in zip(views, scaled, strict=True):
+        frames01 = view.frames.float() / 255.0  # uint8, or area-averaged 0..255 floats
+        cams = view.cameras[idx_in]
+        if not stage.reencode and original.latents is not None:
+            latents.append(original.latents.float())
+        else:
+            if not isinstance(encoder, PixelPatchifyEncoder):
+                raise LyraConfigError(
+                    f"stage {stage.name!r} re-encodes frames (scale {stage.scale}, input_frames {stage.input_frames}) "
+                    f"but encoder {getattr(encoder, 'name', encoder)!r} is not available for re-encoding here"
+                )
+            latents.append(encoder.encode(frames01[idx_in] * 2.0 - 1.0))
+        pluckers.append(encode_plucker(plucker_embedding(cams), encoder))
+        cams_in.append(cams)
+        viewmats.append(view.cameras.w2c[idx_t])
+        ks.append(view.cameras.K[idx_t])
+        rgbs.append(frames01[idx_t])
+        if view.depth is not None:
+            depths.append(view.depth[idx_t].float())
+            valids.append(view.depth_valid[idx_t] if view.depth_valid is not None else view.depth[idx_t] > 0)
+    return DistillBatch(
+        latents=torch.stack(latents),
+        plucker=torch.stack(pluckers),
+        input_cameras=tuple(cams_in),
+        viewmats=torch.cat(viewmats).float(),
+        Ks=torch.cat(ks).float(),
+        rgb=torch.cat(rgbs),
+        depth=torch.cat(depths) if len(depths) == len(views) else None,
+        depth_valid=torch.cat(valids) if len(valids) == len(views) else None,
+        height=height,
+        width=width,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Forward, loss, step
+# ------------------------------------------------------------------------------------------------------------
+
+
+def decode_gaussians(model: LatentGaussianDecoder, batch: DistillBatch, prune_ratio: float = 0.0) -> Gaussians:
+    """Decoder forward on one batch, then Lyra's opacity pruning."""
+    return prune_gaussians(model(batch.latents, batch.plucker, list(batch.input_cameras)), prune_ratio)
+
+
+def render_batch(
+    gaussians: Gaussians, batch: DistillBatch, *, backend: str = "torch", views_per_chunk: int = 4
+) -> RasterOutput:
+    """Render the batch's target cameras over Lyra's white background with deferred (chunked) back-prop."""
+    background = torch.tensor(WHITE, dtype=gaussians.dtype, device=gaussians.device)
+    return rasterize_views_chunked(
+        gaussians, batch.viewmats.to(gaussians.device), batch.Ks.to(gaussians.device), batch.width, batch.height,
+        views_per_chunk=views_per_chunk, background=background, backend=backend, near=RENDER_NEAR, far=RENDER_FAR,
+    )  # fmt: skip
+
+
+def batch_loss(
+    model: LatentGaussianDecoder,
+    batch: DistillBatch,
+    stage: StageSpec,
+    *,
+    weights: LossWeights,
+    lpips: LPIPSLoss | None = None,
+    backend: str = "torch",
+    views_per_chunk: int = 4,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """Distillation loss of one batch: (total, parts, number of Gaussians after pruning)."""
+    gaussians = decode_gaussians(model, batch, stage.prune_ratio)
+    out = render_batch(gaussians, batch, backend=backend, views_per_chunk=views_per_chunk)
+    total, parts = distillation_loss(
+        out, batch.rgb.to(out.rgb.device), batch.depth, gaussians.opacities,
+        weights=replace(weights, opacity=stage.opacity_weight), lpips=lpips, depth_valid=batch.depth_valid,
+    )  # fmt: skip
+    return total, parts, gaussians.num
+
+
+def warmup_lambda(warmup_steps: int):
+    """Learning-rate factor of ``constant_with_warmup`` (spec 5.3): linear from 0 to 1 over ``warmup_steps``."""
+
+    def factor(step: int) -> float:
+        return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+
+    return factor
+
+
+def train_step(
+    model: LatentGaussianDecoder,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batch: DistillBatch,
+    stage: StageSpec,
+    *,
+    weights: LossWeights,
+    grad_clip: float = 1.0,
+    lpips: LPIPSLoss | None = None,
+    backend: str = "torch",
+    views_per_chunk: int = 4,
+) -> dict[str, float]:
+    """One AdamW step with gradient clipping. Raises ``FloatingPointError`` (naming the loss part or the
+    gradients) BEFORE touching the weights when anything is non-finite, so a NaN never reaches a checkpoint."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    total, parts, count = batch_loss(
+        model, batch, stage, weights=weights, lpips=lpips, backend=backend, views_per_chunk=views_per_chunk
+    )
+    total.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    if not math.isfinite(float(norm)):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"train_step: non-finite gradient norm ({float(norm)}) in stage {stage.name!r}")
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    out = {name: float(value.detach()) for name, value in parts.items()}
+    out.update(grad_norm=float(norm), lr=float(lr), gaussians=float(count))
+    return out

@@ -1,0 +1,662 @@
+"""Decoder self-distillation on a store: config, dataset index and split, checkpoints, the training loop.
+
+A training run lives under ``train/<run>/`` in the store (see storage_layout.md). Its name is a content hash of
+the training config and the dataset fingerprint (every done ``latents`` unit with its key), so re-running on an
+unchanged store resumes or does nothing, and a grown dataset starts a new run. Progress is made in chunks of
+``checkpoint_every`` steps; each chunk ends with a checkpoint (safetensors weights + optimizer state + sampler
+RNG, ``state.json`` written last with the files' sha256) from which a killed run resumes to the same weights
+as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pyarrow as pa
+import torch
+from pydantic import Field, ValidationError, model_validator
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from lyra_ops.cameras import Cameras
+from lyra_ops.decoder import DecoderConfig, LatentGaussianDecoder, load_decoder_state
+from lyra_ops.distill import (
+    StageSpec,
+    ViewData,
+    build_batch,
+    sample_input_frames,
+    sample_targets,
+    sample_views,
+    warmup_lambda,
+)
+from lyra_ops.distill import train_step as run_train_step
+from lyra_ops.errors import LyraConfigError, LyraInputError, LyraStorageError
+from lyra_ops.latents import PixelPatchifyEncoder
+from lyra_ops.losses import LossWeights, make_lpips
+from lyra_ops.seeding import derive_seed
+from lyra_pipeline.config import Section, format_errors, merge
+from lyra_pipeline.storage import RunStore, content_key
+
+log = logging.getLogger(__name__)
+TRAIN_FORMAT_VERSION = 1
+LATEST = "train/latest.json"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------------------
+
+
+class StageConfig(Section):
+    """One progressive stage; see :class:`lyra_ops.distill.StageSpec` for the meaning of each field."""
+
+    name: str
+    steps: int = Field(ge=0)
+    scale: int = Field(1, ge=1)
+    input_frames: int | None = None
+    input_views: int = Field(1, ge=1)
+    random_views: bool = False
+    targets: int = Field(4, ge=1)
+    frame_sampling: Literal["uniform", "exponential"] = "uniform"
+    prune_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    opacity_weight: float = Field(0.0, ge=0.0)
+
+    def spec(self) -> StageSpec:
+        return StageSpec(**self.model_dump())
+
+
+class OptimConfig(Section):
+    """AdamW with constant-with-warm-up learning rate and gradient clipping (Lyra: 1e-4, wd 0.01, 100, 1.0)."""
+
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.01, ge=0)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+
+
+class LossConfig(Section):
+    """Loss weights (Lyra: MSE 1, LPIPS 0.5, depth 0.05). LPIPS runs only with local VGG weights
+    (``lpips_weights``: a torchvision VGG16 or LPIPS state dict); without them it is skipped and logged."""
+
+    mse: float = Field(1.0, ge=0)
+    lpips: float = Field(0.5, ge=0)
+    depth: float = Field(0.05, ge=0)
+    lpips_weights: str | None = None
+    lpips_linear_weights: str | None = None
+
+
+class TrainConfig(Section):
+    """Everything that determines a decoder training run (its hash names the run)."""
+
+    seed: int = 42
+    decoder: Literal["tiny", "small", "paper"] = "tiny"
+    decoder_overrides: dict[str, Any] = Field(default_factory=dict)
+    stages: list[StageConfig]
+    optim: OptimConfig = OptimConfig()
+    loss: LossConfig = LossConfig()
+    val_scenes: int = Field(1, ge=0)  # held-out scenes (never trained on), chosen by a seeded hash of the id
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)  # newest N kept, plus the last checkpoint of every stage
+    backend: Literal["torch", "gsplat"] = "torch"
+    device: str = "cpu"
+    views_per_chunk: int = Field(4, ge=1)
+    torch_threads: int | None = Field(1, ge=1)  # pin intra-op threads (None: torch's default)
+    eval_frame_stride: int = Field(1, ge=1)  # validation renders every k-th frame of every trajectory
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if not self.stages:
+            raise ValueError("at least one training stage is required")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        for s in self.stages:
+            s.spec()  # StageSpec's own checks (input_frames = 8k+1, ...)
+        self.decoder_config()
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    def decoder_config(self) -> DecoderConfig:
+        return DecoderConfig.preset(self.decoder, **self.decoder_overrides)
+
+    def stage_at(self, step: int) -> tuple[int, StageConfig]:
+        """(index, stage) that trains global step ``step`` (0-based)."""
+        end = 0
+        for i, s in enumerate(self.stages):
+            end += s.steps
+            if step < end:
+                return i, s
+        return len(self.stages) - 1, self.stages[-1]
+
+    def stage_ends(self) -> list[int]:
+        """Global step count at the end of each stage."""
+        out, end = [], 0
+        for s in self.stages:
+            end += s.steps
+            out.append(end)
+        return out
+
+
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # CI-sized: tiny decoder, a few steps of one view, then a prune stage; for the smoke store (96x160, 9 frames).
+    "smoke": {
+        "decoder": "tiny",
+        "decoder_overrides": {"far": 20.0},
+        "stages": [
+            {"name": "views_1", "steps": 4, "targets": 2},
+            {"name": "prune", "steps": 2, "targets": 2, "prune_ratio": 0.8, "opacity_weight": 0.1},
+        ],
+        "optim": {"lr": 1e-3, "warmup_steps": 2},
+        "checkpoint_every": 2,
+    },
+    # Procedural rooms are a few units deep: far = 20 puts the initial Gaussians (sigmoid(-1.65) of the way from
+    # near to far) at ~3.3 units instead of Lyra's ~80 for far = 500, which CPU-length training cannot undo.
+    # CPU default: Lyra's progression at a quarter of its resolution (176x320 store, 25 frames).
+    "default": {
+        "decoder": "small",
+        "decoder_overrides": {"far": 20.0},
+        "stages": [
+            {"name": "res_88x160_frames_9", "steps": 600, "scale": 2, "input_frames": 9, "targets": 4},
+            {"name": "res_176x320_frames_25", "steps": 900, "targets": 4},
+            {"name": "multi_view", "steps": 300, "input_views": 6, "random_views": True, "targets": 2,
+             "frame_sampling": "exponential"},
+            {"name": "prune", "steps": 100, "input_views": 6, "random_views": True, "targets": 2,
+             "frame_sampling": "exponential", "prune_ratio": 0.8, "opacity_weight": 0.1},
+        ],
+        "optim": {"lr": 3e-4, "warmup_steps": 100},
+        "checkpoint_every": 100,
+        "eval_frame_stride": 2,
+    },
+    # Lyra's static stages 1-7 (spec 5.4, per-stage steps) for a paper-preset store (704x1280, 121 frames).
+    "paper": {
+        "decoder": "paper",
+        "stages": [
+            {"name": "res_176_320_views_17", "steps": 10000, "scale": 4, "input_frames": 17, "targets": 17},
+            {"name": "res_176_320_views_49", "steps": 2500, "scale": 4, "input_frames": 49, "targets": 49},
+            {"name": "res_352_640_views_49", "steps": 2500, "scale": 2, "input_frames": 49, "targets": 49},
+            {"name": "res_704_1280_views_49", "steps": 2500, "input_frames": 49, "targets": 49},
+            {"name": "res_704_1280_views_121", "steps": 57500, "targets": 9},
+            {"name": "multi_6", "steps": 7000, "input_views": 6, "random_views": True, "targets": 9,
+             "frame_sampling": "exponential"},
+            {"name": "multi_6_prune", "steps": 1000, "input_views": 6, "random_views": True, "targets": 9,
+             "frame_sampling": "exponential", "prune_ratio": 0.8, "opacity_weight": 0.1},
+        ],
+        "val_scenes": 16,
+        "checkpoint_every": 100,
+        "device": "cuda",
+        "backend": "gsplat",
+        "torch_threads": None,
+        "eval_frame_stride": 4,
+    },
+}
+
+
+def build_train_config(preset: str = "smoke", overrides: dict[str, Any] | None = None, *,
+                       source: str = "train config") -> TrainConfig:
+    """A training preset plus overrides (nested dicts; ``stages`` replaces the whole list), validated."""
+    if preset not in TRAIN_PRESETS:
+        raise LyraConfigError(f"unknown training preset {preset!r}; valid: {', '.join(TRAIN_PRESETS)}")
+    try:
+        return TrainConfig.model_validate(merge(TRAIN_PRESETS[preset], overrides or {}))
+    except ValidationError as err:
+        raise LyraConfigError(format_errors(err, source, TrainConfig)) from None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Dataset: what the store holds, the split, per-view data
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetIndex:
+    """Scenes with finished latents (and their trajectories), the fingerprint of those units, the format."""
+
+    scenes: dict[str, list[str]]
+    fingerprint: str
+    height: int
+    width: int
+    frames: int
+    encoder: str
+
+
+def index_dataset(store: RunStore) -> DatasetIndex:
+    """Every (scene, trajectory) whose ``generate`` and ``latents`` stages are done; raises on an empty store."""
+    table = store.read_manifest().to_pylist()
+    done = {(r["scene_id"], r["trajectory"], r["stage"]): r["key"] for r in table if r["status"] == "done"}
+    units = sorted((s, t) for (s, t, stage) in done if stage == "latents" and (s, t, "generate") in done)
+    if not units:
+        raise LyraInputError(
+            f"{store.url}: no scene has finished latents (manifest stage 'latents' done); generate a dataset "
+            f"first, e.g. `lyra run --store {store.url}`"
+        )
+    scenes: dict[str, list[str]] = {}
+    for s, t in units:
+        scenes.setdefault(s, []).append(t)
+    blob = json.dumps([[s, t, done[(s, t, "generate")], done[(s, t, "latents")]] for s, t in units])
+    first, traj = units[0]
+    frames = store.scene_group(first)[f"trajectories/{traj}/teacher/rgb"]
+    latents = store.scene_group(first)[f"trajectories/{traj}/latents"]
+    t, _, h, w = frames.shape
+    return DatasetIndex(scenes, hashlib.sha256(blob.encode()).hexdigest()[:16], int(h), int(w), int(t),
+                        str(latents.attrs.get("encoder", "patchify")))
+
+
+def split_scenes(scene_ids: list[str], val_scenes: int, seed: int) -> tuple[list[str], list[str]]:
+    """(train, val) by scene: the ``val_scenes`` ids with the smallest seeded hash are held out. Independent of
+    the order scenes were listed in; at least one scene is left for training."""
+    if val_scenes >= len(scene_ids):
+        raise LyraConfigError(
+            f"train.val_scenes = {val_scenes} leaves no training scene: the dataset has {len(scene_ids)} scene(s) "
+            "with finished latents; lower val_scenes or generate more scenes"
+        )
+    ranked = sorted(scene_ids, key=lambda s: (derive_seed(seed, "val-split", s), s))
+    val = sorted(ranked[:val_scenes])
+    return sorted(set(scene_ids) - set(val)), val
+
+
+class ViewCache:
+    """Reads one trajectory of one scene from the store as :class:`ViewData` (LRU-cached)."""
+
+    def __init__(self, store: RunStore, size: int = 32) -> None:
+        self.store, self.size = store, size
+        self._cache: OrderedDict[tuple[str, str], ViewData] = OrderedDict()
+
+    def get(self, scene_id: str, trajectory: str) -> ViewData:
+        key = (scene_id, trajectory)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        view = self._read(scene_id, trajectory)
+        self._cache[key] = view
+        if len(self._cache) > self.size:
+            self._cache.popitem(last=False)
+        return view
+
+    def _read(self, scene_id: str, trajectory: str) -> ViewData:
+        base = f"trajectories/{trajectory}"
+
+        def arr(name: str) -> torch.Tensor:
+            return torch.from_numpy(self.store.read_array(scene_id, f"{base}/{name}"))
+
+        frames = arr("teacher/rgb")
+        _, _, h, w = frames.shape
+        cameras = Cameras(arr("cameras/c2w").float(), arr("cameras/K").float(), int(h), int(w))
+        depth = arr("warp/depth").float()
+        valid = arr("refine/mask").bool() & (depth > 0)
+        return ViewData(frames=frames, cameras=cameras, latents=arr("latents"), depth=depth, depth_valid=valid)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Runs and checkpoints
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """A training run: its name, config, the dataset it trains on and its fixed split."""
+
+    name: str
+    config: TrainConfig
+    fingerprint: str
+    train_scenes: list[str]
+    val_scenes: list[str]
+    height: int
+    width: int
+    frames: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "format_version": TRAIN_FORMAT_VERSION, "name": self.name, "config": self.config.model_dump(mode="json"),
+            "dataset_fingerprint": self.fingerprint, "train_scenes": self.train_scenes,
+            "val_scenes": self.val_scenes, "height": self.height, "width": self.width, "frames": self.frames,
+        }  # fmt: skip
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> TrainRun:
+        return cls(doc["name"], TrainConfig.model_validate(doc["config"]), doc["dataset_fingerprint"],
+                   list(doc["train_scenes"]), list(doc["val_scenes"]), doc["height"], doc["width"], doc["frames"])
+
+
+def plan_run(store: RunStore, config: TrainConfig) -> TrainRun:
+    """The run for ``config`` on the store's current dataset, created (run.json) if new, else read back."""
+    index = index_dataset(store)
+    if index.encoder not in ("patchify", PixelPatchifyEncoder.name):
+        raise LyraConfigError(f"{store.url}: latents encoder {index.encoder!r} is not supported for training yet")
+    dec = config.decoder_config()
+    if dec.latent_channels != PixelPatchifyEncoder.latent_channels:
+        raise LyraConfigError(
+            f"decoder preset {config.decoder!r} expects {dec.latent_channels}-channel latents but the store holds "
+            f"{PixelPatchifyEncoder.latent_channels}-channel patchify latents; set decoder_overrides "
+            "latent_channels/plucker_channels (1536 / 48)"
+        )
+    for s in config.stages:
+        if index.height % (16 * s.scale) or index.width % (16 * s.scale):
+            raise LyraConfigError(
+                f"stage {s.name!r}: scale {s.scale} needs the stored {index.height}x{index.width} frames to be "
+                f"multiples of {16 * s.scale}"
+            )
+        if s.input_frames is not None and s.input_frames > index.frames:
+            raise LyraConfigError(
+                f"stage {s.name!r}: input_frames {s.input_frames} > {index.frames} frames per trajectory in the store"
+            )
+    name = "decoder-" + content_key("train", TRAIN_FORMAT_VERSION, config.model_dump(mode="json"),
+                                    {"dataset": index.fingerprint})[:12]
+    existing = store.read_file(RunStore.train_rel(name, "run.json"))
+    if existing is not None:
+        return TrainRun.from_json(json.loads(existing))
+    train, val = split_scenes(sorted(index.scenes), config.val_scenes, config.seed)
+    run = TrainRun(name, config, index.fingerprint, train, val, index.height, index.width, index.frames)
+    store.write_file(RunStore.train_rel(name, "run.json"), json.dumps(run.as_json(), indent=2).encode())
+    return run
+
+
+def load_run(store: RunStore, name: str) -> TrainRun:
+    data = store.read_file(RunStore.train_rel(name, "run.json"))
+    if data is None:
+        raise LyraStorageError(f"{store.url}: no training run {name!r} (train/{name}/run.json missing)")
+    return TrainRun.from_json(json.loads(data))
+
+
+@dataclass
+class Trainer:
+    """Mutable training state: model, AdamW, scheduler, sampling generator and the number of steps done."""
+
+    model: LatentGaussianDecoder
+    optimizer: torch.optim.AdamW
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    generator: torch.Generator
+    step: int
+
+
+def new_trainer(config: TrainConfig) -> Trainer:
+    model = LatentGaussianDecoder(config.decoder_config(), seed=config.seed).to(config.device)
+    o = config.optim
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(o.warmup_steps))
+    generator = torch.Generator().manual_seed(derive_seed(config.seed, "decoder-sampling"))
+    return Trainer(model, optimizer, scheduler, generator, 0)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def checkpoint_steps(store: RunStore, run: str) -> list[int]:
+    """Steps of the committed checkpoints of a run (those with a ``state.json``), ascending."""
+    steps = []
+    for name in store.list_names(RunStore.train_rel(run, "checkpoints")):
+        if name.startswith("step-") and name[5:].isdigit():
+            if store.read_file(RunStore.checkpoint_rel(run, int(name[5:]), "state.json")) is not None:
+                steps.append(int(name[5:]))
+    return sorted(steps)
+
+
+def save_checkpoint(store: RunStore, run: TrainRun, trainer: Trainer) -> str:
+    """Write ``step-N/{model,optimizer}.safetensors`` then ``state.json`` (the commit marker, with hashes).
+    Returns the model file's sha256."""
+    model_state = {k: v.detach().cpu().contiguous() for k, v in trainer.model.state_dict().items()}
+    # One metadata key: safetensors writes its metadata map in hash order, so several keys would make the bytes
+    # (and the sha256 that names the checkpoint in evaluations) differ between identical saves.
+    meta = {"decoder_config": json.dumps(trainer.model.config.to_dict(), sort_keys=True)}
+    model_bytes = st_save(model_state, metadata=meta)
+    opt_tensors: dict[str, torch.Tensor] = {}
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    for p, st in trainer.optimizer.state.items():
+        for k, v in st.items():
+            opt_tensors[f"{k}/{names[id(p)]}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    opt_tensors["rng/sampler"] = trainer.generator.get_state()
+    opt_bytes = st_save(opt_tensors)
+    store.write_file(RunStore.checkpoint_rel(run.name, trainer.step, "model.safetensors"), model_bytes)
+    store.write_file(RunStore.checkpoint_rel(run.name, trainer.step, "optimizer.safetensors"), opt_bytes)
+    state = {
+        "step": trainer.step, "run": run.name, "stage": run.config.stage_at(max(trainer.step - 1, 0))[1].name,
+        "scheduler": trainer.scheduler.state_dict(),
+        "sha256": {"model.safetensors": _sha(model_bytes), "optimizer.safetensors": _sha(opt_bytes)},
+        "saved_at": time.time(),
+    }  # fmt: skip
+    store.write_file(RunStore.checkpoint_rel(run.name, trainer.step, "state.json"), json.dumps(state).encode())
+    return state["sha256"]["model.safetensors"]
+
+
+def _read_checked(store: RunStore, run: str, step: int, name: str, expected_sha: str) -> bytes:
+    rel = RunStore.checkpoint_rel(run, step, name)
+    data = store.read_file(rel)
+    if data is None or _sha(data) != expected_sha:
+        what = "is missing" if data is None else "does not match the sha256 recorded in state.json (corrupt)"
+        raise LyraStorageError(
+            f"{store.url}/{rel} {what}; delete {RunStore.checkpoint_rel(run, step)} to resume from the previous "
+            "checkpoint"
+        )
+    return data
+
+
+def load_trainer(store: RunStore, run: TrainRun, step: int) -> Trainer:
+    """Restore the exact training state of checkpoint ``step`` (weights, AdamW moments, scheduler, sampler RNG)."""
+    state = json.loads(store.read_file(RunStore.checkpoint_rel(run.name, step, "state.json")))
+    trainer = new_trainer(run.config)
+    model_bytes = _read_checked(store, run.name, step, "model.safetensors", state["sha256"]["model.safetensors"])
+    load_decoder_state(trainer.model, {k: v.to(run.config.device) for k, v in st_load(model_bytes).items()})
+    opt = st_load(_read_checked(store, run.name, step, "optimizer.safetensors", state["sha256"]["optimizer.safetensors"]))
+    params = dict(trainer.model.named_parameters())
+    for key, value in opt.items():
+        if key == "rng/sampler":
+            continue
+        field, pname = key.split("/", 1)
+        if pname not in params:
+            raise LyraStorageError(f"{store.url}: checkpoint step {step} optimizer state names unknown parameter "
+                                   f"{pname!r}")
+        trainer.optimizer.state[params[pname]][field] = value.to(run.config.device)
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    for group, lr in zip(trainer.optimizer.param_groups, trainer.scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
+    trainer.generator.set_state(opt["rng/sampler"])
+    trainer.step = int(state["step"])
+    return trainer
+
+
+def prune_checkpoints(store: RunStore, run: TrainRun) -> None:
+    """Keep the newest ``keep_checkpoints`` and the last one of every stage; drop incomplete newer folders."""
+    steps = checkpoint_steps(store, run.name)
+    keep = set(steps[-run.config.keep_checkpoints:]) | set(run.config.stage_ends())
+    for step in steps:
+        if step not in keep:
+            store.remove_tree(RunStore.checkpoint_rel(run.name, step))
+
+
+def remove_uncommitted(store: RunStore, run: str, after: int) -> None:
+    """Delete checkpoint folders newer than ``after`` without a state.json (a kill mid-save)."""
+    committed = set(checkpoint_steps(store, run))
+    for name in store.list_names(RunStore.train_rel(run, "checkpoints")):
+        if name.startswith("step-") and name[5:].isdigit():
+            step = int(name[5:])
+            if step > after and step not in committed:
+                store.remove_tree(RunStore.checkpoint_rel(run, step))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The training loop
+# ------------------------------------------------------------------------------------------------------------
+
+METRIC_SCHEMA = pa.schema([
+    ("run", pa.string()), ("step", pa.int64()), ("stage", pa.string()), ("total", pa.float64()),
+    ("mse", pa.float64()), ("lpips", pa.float64()), ("depth", pa.float64()), ("opacity", pa.float64()),
+    ("grad_norm", pa.float64()), ("lr", pa.float64()), ("gaussians", pa.int64()), ("views", pa.int32()),
+    ("seconds", pa.float64()),
+])  # fmt: skip
+
+
+def sample_batch(run: TrainRun, views: ViewCache, trainer: Trainer, stage: StageConfig, index: dict[str, list[str]]):
+    """Draw one training sample (scene, views, frames) from the trainer's generator and assemble it."""
+    gen, spec = trainer.generator, stage.spec()
+    scene = run.train_scenes[int(torch.randint(len(run.train_scenes), (1,), generator=gen))]
+    names = sample_views(gen, index[scene], spec)
+    inputs, start, end = sample_input_frames(gen, run.frames, spec)
+    targets = sample_targets(gen, start, end, spec.targets, spec.frame_sampling)
+    data = [views.get(scene, n) for n in names]
+    return build_batch(data, inputs, targets, spec, PixelPatchifyEncoder())
+
+
+def _batch_to(batch, device: str):
+    if device == "cpu":
+        return batch
+    from dataclasses import replace
+
+    move = {k: getattr(batch, k).to(device) for k in ("latents", "plucker", "viewmats", "Ks", "rgb")}
+    for k in ("depth", "depth_valid"):
+        if getattr(batch, k) is not None:
+            move[k] = getattr(batch, k).to(device)
+    return replace(batch, **move)
+
+
+def train_until(store_url: str, run_name: str, until_step: int) -> dict[str, Any]:
+    """Train run ``run_name`` from its newest checkpoint up to ``until_step`` steps and checkpoint there.
+
+    Does nothing when a checkpoint at or beyond ``until_step`` exists. Metrics of the chunk are written to
+    ``train/<run>/metrics/step-N.parquet`` before the checkpoint commits, so they always match the weights.
+    """
+    store = RunStore(store_url, create=False)
+    run = load_run(store, run_name)
+    cfg = run.config
+    until_step = min(until_step, cfg.total_steps)
+    steps = checkpoint_steps(store, run.name)
+    start = max([s for s in steps if s <= until_step], default=0)
+    if steps and steps[-1] >= until_step:
+        return {"run": run.name, "from": steps[-1], "to": steps[-1], "computed": 0}
+    remove_uncommitted(store, run.name, start)
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    trainer = load_trainer(store, run, start) if start else new_trainer(cfg)
+    index = index_dataset(store).scenes
+    missing = [s for s in run.train_scenes if s not in index]
+    if missing:
+        raise LyraStorageError(f"{store.url}: training scenes {missing[:5]} of run {run.name} no longer have "
+                               "finished latents")
+    lpips = None
+    if cfg.loss.lpips > 0:
+        if cfg.loss.lpips_weights:
+            lpips = make_lpips(cfg.loss.lpips_weights, cfg.loss.lpips_linear_weights).to(cfg.device)
+        else:
+            log.info("LPIPS skipped: no local weights configured (train.loss.lpips_weights)")
+    weights = LossWeights(mse=cfg.loss.mse, lpips=cfg.loss.lpips if lpips is not None else 0.0, depth=cfg.loss.depth)
+    views = ViewCache(store)
+    rows = []
+    first = trainer.step
+    while trainer.step < until_step:
+        t0 = time.perf_counter()
+        _, stage = cfg.stage_at(trainer.step)
+        batch = _batch_to(sample_batch(run, views, trainer, stage, index), cfg.device)
+        try:
+            out = run_train_step(
+                trainer.model, trainer.optimizer, trainer.scheduler, batch, stage.spec(), weights=weights,
+                grad_clip=cfg.optim.grad_clip, lpips=lpips, backend=cfg.backend, views_per_chunk=cfg.views_per_chunk,
+            )  # fmt: skip
+        except FloatingPointError as exc:
+            raise FloatingPointError(
+                f"run {run.name}, step {trainer.step + 1} (stage {stage.name!r}): {exc}; nothing was saved after "
+                f"checkpoint step {first} — lower optim.lr or check the dataset"
+            ) from exc
+        trainer.step += 1
+        rows.append({
+            "run": run.name, "step": trainer.step, "stage": stage.name, "total": out["total"],
+            "mse": out.get("mse", math.nan), "lpips": out.get("lpips", math.nan), "depth": out.get("depth", math.nan),
+            "opacity": out.get("opacity", math.nan), "grad_norm": out["grad_norm"], "lr": out["lr"],
+            "gaussians": int(out["gaussians"]), "views": int(batch.latents.shape[0]),
+            "seconds": time.perf_counter() - t0,
+        })  # fmt: skip
+        if trainer.step % 10 == 0 or trainer.step == until_step:
+            log.info("%s step %d/%d [%s] loss %.4f (%.2f s/step)", run.name, trainer.step, cfg.total_steps,
+                     stage.name, out["total"], rows[-1]["seconds"])
+    store.write_table(RunStore.train_rel(run.name, "metrics", f"step-{trainer.step:08d}.parquet"),
+                      pa.Table.from_pylist(rows, schema=METRIC_SCHEMA))
+    sha = save_checkpoint(store, run, trainer)
+    prune_checkpoints(store, run)
+    return {"run": run.name, "from": first, "to": trainer.step, "computed": trainer.step - first,
+            "loss_first": rows[0]["total"], "loss_last": rows[-1]["total"], "model_sha256": sha}
+
+
+def chunk_ends(config: TrainConfig) -> list[int]:
+    """Step counts at which the flow checkpoints: every ``checkpoint_every`` steps and at every stage end."""
+    ends = set(config.stage_ends())
+    ends.update(range(config.checkpoint_every, config.total_steps, config.checkpoint_every))
+    return sorted(e for e in ends if e > 0)
+
+
+def read_metrics(store: RunStore, run: str) -> pa.Table:
+    return store.read_table_dir(RunStore.train_rel(run, "metrics"), METRIC_SCHEMA)
+
+
+def final_checkpoint(store: RunStore, run: TrainRun) -> int:
+    steps = checkpoint_steps(store, run.name)
+    if not steps or steps[-1] < run.config.total_steps:
+        raise LyraStorageError(f"{store.url}: run {run.name} has not finished ({steps[-1] if steps else 0} of "
+                               f"{run.config.total_steps} steps)")
+    return steps[-1]
+
+
+def write_latest(store: RunStore, run: TrainRun, step: int) -> None:
+    """Point ``train/latest.json`` at a finished run's final checkpoint (what reconstruct/export use)."""
+    doc = {"run": run.name, "step": step, "checkpoint": RunStore.checkpoint_rel(run.name, step, "model.safetensors")}
+    if store.read_file(LATEST) != json.dumps(doc).encode():
+        store.write_file(LATEST, json.dumps(doc).encode())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Loading a decoder for inference
+# ------------------------------------------------------------------------------------------------------------
+
+
+def load_decoder_bytes(data: bytes, source: str, expected: DecoderConfig | None = None) -> LatentGaussianDecoder:
+    """A decoder from safetensors bytes written by :func:`save_checkpoint` (config read from its metadata).
+
+    ``expected``: raise when the checkpoint was trained with another architecture. Any unreadable file, or
+    weights that do not fit the recorded config, raises ``LyraConfigError`` naming ``source``.
+    """
+    try:
+        tensors = st_load(data)
+        meta = _safetensors_metadata(data)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for garbage
+        raise LyraConfigError(f"{source}: not a readable safetensors decoder checkpoint ({exc})") from None
+    if "decoder_config" not in meta:
+        raise LyraConfigError(f"{source}: safetensors file without 'decoder_config' metadata (not written by lyra)")
+    config = DecoderConfig.from_dict(json.loads(meta["decoder_config"]))
+    if expected is not None and config != expected:
+        diff = {k: (v, expected.to_dict()[k]) for k, v in config.to_dict().items() if expected.to_dict()[k] != v}
+        raise LyraConfigError(f"{source}: checkpoint decoder differs from the configured one (checkpoint, "
+                              f"configured): {diff}")
+    model = LatentGaussianDecoder(config)
+    try:
+        load_decoder_state(model, tensors)
+    except LyraConfigError as exc:
+        raise LyraConfigError(f"{source}: {exc}") from None
+    return model.eval()
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    return dict(header.get("__metadata__") or {})
+
+
+def load_latest_decoder(store: RunStore) -> tuple[LatentGaussianDecoder, str]:
+    """The decoder of ``train/latest.json`` and a description of where it came from."""
+    doc = store.read_file(LATEST)
+    if doc is None:
+        raise LyraStorageError(f"{store.url}: no finished decoder training (train/latest.json missing); run "
+                               "`lyra train` first or pass --checkpoint")
+    info = json.loads(doc)
+    data = store.read_file(info["checkpoint"])
+    if data is None:
+        raise LyraStorageError(f"{store.url}/{info['checkpoint']} is missing")
+    return load_decoder_bytes(data, f"{store.url}/{info['checkpoint']}"), f"{info['run']} step {info['step']}"

@@ -1,0 +1,137 @@
+"""Prefect tasks of decoder self-distillation: plan a run, train one chunk of steps, evaluate a checkpoint.
+
+Tasks are coarse (a chunk is ``checkpoint_every`` steps) and return small dicts; the training state travels
+through the store's checkpoints, never through Prefect results.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+import pyarrow as pa
+import torch
+from prefect import task
+from torchmetrics.functional.image import structural_similarity_index_measure
+
+from lyra_ops.distill import StageSpec, build_batch, decode_gaussians, render_batch
+from lyra_ops.images import from_uint8, to_uint8
+from lyra_ops.latents import PixelPatchifyEncoder
+from lyra_ops.metrics import psnr
+from lyra_ops.scenes import make_scene
+from lyra_pipeline.storage import RunStore
+from lyra_pipeline.training import (
+    TrainConfig,
+    TrainRun,
+    ViewCache,
+    index_dataset,
+    load_decoder_bytes,
+    load_run,
+    plan_run,
+    train_until,
+)
+
+INFERENCE = StageSpec("inference", steps=0)
+EVAL_SCHEMA = pa.schema([
+    ("run", pa.string()), ("step", pa.int64()), ("model_sha256", pa.string()), ("scene_id", pa.string()),
+    ("trajectory", pa.string()), ("frame", pa.int32()), ("input_views", pa.int32()), ("gaussians", pa.int64()),
+    ("psnr_teacher", pa.float64()), ("ssim_teacher", pa.float64()),
+    ("psnr_gt", pa.float64()), ("ssim_gt", pa.float64()),
+])  # fmt: skip
+
+
+@task(name="plan-training")
+def plan_training(store_url: str, config: TrainConfig) -> dict[str, Any]:
+    """Create (or find) the run for this config and the store's current dataset; record its split."""
+    run = plan_run(RunStore(store_url, create=False), config)
+    return {"run": run.name, "train_scenes": run.train_scenes, "val_scenes": run.val_scenes,
+            "total_steps": config.total_steps}
+
+
+@task(name="train-chunk")
+def train_chunk(store_url: str, run_name: str, until_step: int) -> dict[str, Any]:
+    """Train from the newest checkpoint up to ``until_step`` steps (no-op when already there)."""
+    return train_until(store_url, run_name, until_step)
+
+
+def scene_gaussians(model, views: ViewCache, scene_id: str, trajectories: list[str], frames: int):
+    """Decoder Gaussians of one scene from all given trajectories (Lyra's inference: every path as input)."""
+    data = [views.get(scene_id, t) for t in trajectories]
+    batch = build_batch(data, list(range(frames)), [], INFERENCE, PixelPatchifyEncoder())
+    with torch.no_grad():
+        return decode_gaussians(model, batch)
+
+
+def decoder_frame_rows(store: RunStore, run: TrainRun, step: int, model, sha: str) -> list[dict[str, Any]]:
+    """Per frame of every trajectory of every validation scene: PSNR/SSIM vs teacher and vs ground truth."""
+    index = index_dataset(store).scenes
+    prompts = {r["scene_id"]: r for r in store.read_prompts()}
+    views = ViewCache(store, size=8)
+    stride = run.config.eval_frame_stride
+    rows: list[dict[str, Any]] = []
+    for sid in run.val_scenes:
+        trajs = index.get(sid, [])
+        if not trajs:
+            continue
+        gaussians = scene_gaussians(model, views, sid, trajs, run.frames)
+        record = prompts.get(sid, {})
+        world = make_scene(int(record["seed"])) if record.get("source") == "procedural" else None
+        for traj in trajs:
+            targets = list(range(0, run.frames, stride))
+            batch = build_batch([views.get(sid, traj)], list(range(run.frames)), targets, INFERENCE,
+                                PixelPatchifyEncoder())
+            with torch.no_grad():
+                render = render_batch(gaussians, batch).rgb.clamp(0, 1)
+            teacher = batch.rgb
+            p_t = psnr(render, teacher)
+            s_t = structural_similarity_index_measure(render, teacher, data_range=1.0, reduction="none")
+            if world is not None:
+                cams = views.get(sid, traj).cameras
+                gt = from_uint8(to_uint8(world.render(cams.c2w[targets], cams.K[targets], cams.height,
+                                                      cams.width).rgb))
+                p_g = psnr(render, gt)
+                s_g = structural_similarity_index_measure(render, gt, data_range=1.0, reduction="none")
+            for i, f in enumerate(targets):
+                rows.append({
+                    "run": run.name, "step": step, "model_sha256": sha, "scene_id": sid, "trajectory": traj,
+                    "frame": f, "input_views": len(trajs), "gaussians": gaussians.num,
+                    "psnr_teacher": float(p_t[i]), "ssim_teacher": float(s_t[i]),
+                    "psnr_gt": float(p_g[i]) if world is not None else math.nan,
+                    "ssim_gt": float(s_g[i]) if world is not None else math.nan,
+                })  # fmt: skip
+    return rows
+
+
+@task(name="evaluate-decoder")
+def evaluate_decoder(store_url: str, run_name: str, step: int) -> dict[str, Any]:
+    """Validation metrics of checkpoint ``step`` on the held-out scenes, in ``train/<run>/eval.parquet``.
+
+    Skipped when that file already holds the metrics of the same checkpoint (same model sha256)."""
+    store = RunStore(store_url, create=False)
+    run = load_run(store, run_name)
+    rel_state = RunStore.checkpoint_rel(run.name, step, "state.json")
+    sha = json.loads(store.read_file(rel_state))["sha256"]["model.safetensors"]
+    rel = RunStore.train_rel(run.name, "eval.parquet")
+    old = store.read_table(rel)
+    if old is not None and old.num_rows and set(old.column("model_sha256").to_pylist()) == {sha}:
+        return summarize_decoder(old.to_pylist()) | {"computed": False}
+    t0 = time.perf_counter()
+    model_rel = RunStore.checkpoint_rel(run.name, step, "model.safetensors")
+    model = load_decoder_bytes(store.read_file(model_rel), f"{store.url}/{model_rel}").to(run.config.device)
+    rows = decoder_frame_rows(store, run, step, model, sha)
+    store.write_table(rel, pa.Table.from_pylist(rows, schema=EVAL_SCHEMA))
+    return summarize_decoder(rows) | {"computed": True, "seconds": time.perf_counter() - t0}
+
+
+def summarize_decoder(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean PSNR/SSIM over validation frames (frame 0, the input view, included as Lyra's evaluation does)."""
+
+    def mean(key: str) -> float:
+        vals = [r[key] for r in rows if r[key] is not None and math.isfinite(r[key])]
+        return sum(vals) / len(vals) if vals else math.nan
+
+    return {"frames": len(rows), "scenes": len({r["scene_id"] for r in rows}),
+            "psnr_teacher": mean("psnr_teacher"), "ssim_teacher": mean("ssim_teacher"),
+            "psnr_gt": mean("psnr_gt"), "ssim_gt": mean("ssim_gt")}

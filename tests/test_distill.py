@@ -1,0 +1,275 @@
+"""Decoder self-distillation: sampling, batches, the training step, checkpoints, exact resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load as st_load
+
+from lyra_ops.cameras import default_intrinsics
+from lyra_ops.decoder import DecoderConfig, LatentGaussianDecoder
+from lyra_ops.distill import (
+    StageSpec,
+    ViewData,
+    batch_loss,
+    build_batch,
+    sample_input_frames,
+    sample_targets,
+    sample_views,
+    train_step,
+    warmup_lambda,
+)
+from lyra_ops.errors import LyraConfigError, LyraInputError, LyraStorageError
+from lyra_ops.latents import PixelPatchifyEncoder
+from lyra_ops.losses import LossWeights
+from lyra_ops.trajectories import make_trajectory
+from lyra_pipeline.storage import RunStore
+from lyra_pipeline.training import (
+    ViewCache,
+    build_train_config,
+    checkpoint_steps,
+    index_dataset,
+    load_decoder_bytes,
+    new_trainer,
+    plan_run,
+    read_metrics,
+    sample_batch,
+    split_scenes,
+    train_until,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# --- sampling ------------------------------------------------------------------------------------------------
+
+
+def test_sample_targets_uniform_and_exponential():
+    for mode in ("uniform", "exponential"):
+        picks = sample_targets(gen(1), 3, 20, 5, mode)
+        assert picks == sorted(set(picks)) and len(picks) == 5 and all(3 <= p <= 20 for p in picks)
+    g = gen(2)
+    late = {m: 0 for m in ("uniform", "exponential")}
+    for _ in range(400):
+        for m in late:
+            late[m] += sum(p >= 15 for p in sample_targets(g, 0, 19, 1, m))
+    # P(frame >= 15) is 25% uniform and ~63% with weight exp(3 p)
+    assert 70 < late["uniform"] < 130 and late["exponential"] > 200
+
+
+def test_sample_input_frames_lyra_window():
+    spec = StageSpec("s", 1, input_frames=9)
+    for seed in range(20):
+        frames, start, end = sample_input_frames(gen(seed), 25, spec)
+        assert len(frames) == 9 == len(set(frames)) and frames == sorted(frames)
+        assert frames[0] == start and frames[-1] == end and end - start >= 8
+    assert sample_input_frames(gen(0), 25, StageSpec("s", 1)) == (list(range(25)), 0, 24)
+    with pytest.raises(LyraInputError, match="input_frames=33"):
+        sample_input_frames(gen(0), 25, StageSpec("s", 1, input_frames=33))
+
+
+def test_sample_views_counts():
+    names = ["left", "right", "up", "zoom_out", "zoom_in", "clockwise"]
+    assert len(sample_views(gen(0), names, StageSpec("s", 1, input_views=6))) == 6
+    counts = {len(sample_views(gen(s), names, StageSpec("s", 1, input_views=6, random_views=True)))
+              for s in range(60)}
+    assert counts == set(range(1, 7))
+
+
+def test_stage_spec_validation():
+    with pytest.raises(LyraConfigError, match="input_frames"):
+        StageSpec("bad", 1, input_frames=10)
+    with pytest.raises(LyraConfigError, match="frame_sampling"):
+        StageSpec("bad", 1, frame_sampling="gaussian")
+    assert [warmup_lambda(4)(s) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+
+
+# --- batches -------------------------------------------------------------------------------------------------
+
+
+def toy_view(frames: int = 9, h: int = 32, w: int = 48, seed: int = 0) -> ViewData:
+    cams = make_trajectory("left", default_intrinsics(h, w), h, w, frames, distance=0.2)
+    rgb = torch.randint(0, 256, (frames, 3, h, w), generator=gen(seed), dtype=torch.uint8)
+    latents = PixelPatchifyEncoder().encode(rgb.float() / 127.5 - 1.0)
+    depth = torch.full((frames, 1, h, w), 2.0)
+    return ViewData(rgb, cams, latents.half(), depth, depth > 0)
+
+
+def test_build_batch_uses_stored_latents_or_reencodes():
+    view = toy_view()
+    batch = build_batch([view, view], list(range(9)), [2, 5], StageSpec("s", 1), PixelPatchifyEncoder())
+    assert batch.latents.shape == (2, 1536, 2, 4, 6) and batch.plucker.shape == (2, 48, 2, 4, 6)
+    assert batch.rgb.shape == (4, 3, 32, 48) and batch.viewmats.shape == (4, 4, 4)
+    torch.testing.assert_close(batch.rgb[1], view.frames[5].float() / 255)
+    torch.testing.assert_close(batch.viewmats[0], view.cameras.w2c[2])
+    # scale 2: frames area-downsampled, intrinsics halved, latents re-encoded from the downsampled frames
+    half = build_batch([view], list(range(9)), [0], StageSpec("s", 1, scale=2), PixelPatchifyEncoder())
+    assert half.rgb.shape == (1, 3, 16, 24) and (half.height, half.width) == (16, 24)
+    torch.testing.assert_close(half.Ks[0, 0, 0], view.cameras.K[0, 0, 0] / 2)
+    expected = torch.nn.functional.avg_pool2d(view.frames.float(), 2) / 255 * 2 - 1
+    torch.testing.assert_close(half.latents[0], PixelPatchifyEncoder().encode(expected))
+
+
+# --- the training step ---------------------------------------------------------------------------------------
+
+
+def tiny_model() -> LatentGaussianDecoder:
+    return LatentGaussianDecoder(DecoderConfig.preset("tiny", far=20.0), seed=0)
+
+
+def test_train_step_nan_raises_before_touching_weights():
+    model = tiny_model()
+    with torch.no_grad():
+        model.head.bias.fill_(float("nan"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(0))
+    batch = build_batch([toy_view()], list(range(9)), [3], StageSpec("s", 1), PixelPatchifyEncoder())
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        train_step(model, opt, sched, batch, StageSpec("s", 1), weights=LossWeights(lpips=0))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) or torch.isnan(before[k]).all() for k in before)
+    assert not opt.state  # no AdamW step happened
+
+
+def test_prune_stage_keeps_top_fraction_and_penalises_opacity():
+    model = tiny_model()
+    batch = build_batch([toy_view()], list(range(9)), [3], StageSpec("s", 1), PixelPatchifyEncoder())
+    _, parts, full = batch_loss(model, batch, StageSpec("s", 1), weights=LossWeights(lpips=0))
+    _, parts_p, pruned = batch_loss(model, batch, StageSpec("p", 1, prune_ratio=0.8, opacity_weight=0.1),
+                                    weights=LossWeights(lpips=0))
+    assert pruned == int(full * 0.2) and "opacity" in parts_p and "opacity" not in parts
+
+
+# --- training on a store -------------------------------------------------------------------------------------
+
+
+def overrides(steps: int = 6, every: int = 2) -> dict:
+    return {"stages": [{"name": "views_1", "steps": steps, "targets": 2}], "checkpoint_every": every}
+
+
+def test_training_on_smoke_store_decreases_loss(smoke_store):
+    store = RunStore(smoke_store)
+    config = build_train_config("smoke", {**overrides(10, 10), "optim": {"lr": 2e-3, "warmup_steps": 0}})
+    run = plan_run(store, config)
+    assert len(run.train_scenes) == 2 and len(run.val_scenes) == 1
+    assert not set(run.train_scenes) & set(run.val_scenes)
+    # a fixed batch of a training scene, scored before and after training
+    trainer = new_trainer(config)
+    batch = sample_batch(run, ViewCache(store), trainer, config.stages[0], index_dataset(store).scenes)
+    spec, w = config.stages[0].spec(), LossWeights(lpips=0)
+    with torch.no_grad():
+        before = float(batch_loss(trainer.model, batch, spec, weights=w)[0])
+    report = train_until(str(smoke_store), run.name, 10)
+    assert report["computed"] == 10
+    data = store.read_file(RunStore.checkpoint_rel(run.name, 10, "model.safetensors"))
+    model = load_decoder_bytes(data, "trained")
+    with torch.no_grad():
+        after = float(batch_loss(model, batch, spec, weights=w)[0])
+    assert after < 0.8 * before, (before, after)
+    metrics = read_metrics(store, run.name).to_pylist()
+    assert [r["step"] for r in metrics] == list(range(1, 11)) and all(r["mse"] > 0 for r in metrics)
+    # finished: a second call does nothing and rewrites nothing
+    mtime = os.stat(smoke_store / RunStore.checkpoint_rel(run.name, 10, "model.safetensors")).st_mtime_ns
+    assert train_until(str(smoke_store), run.name, 10)["computed"] == 0
+    assert os.stat(smoke_store / RunStore.checkpoint_rel(run.name, 10, "model.safetensors")).st_mtime_ns == mtime
+
+
+KILL_SCRIPT = """
+import sys
+from lyra_pipeline.storage import RunStore
+from lyra_pipeline.training import build_train_config, plan_run, train_until, chunk_ends
+config = build_train_config("smoke", {"stages": [{"name": "views_1", "steps": 12, "targets": 2}],
+                                      "checkpoint_every": 2})
+run = plan_run(RunStore(sys.argv[1]), config)
+for end in chunk_ends(config):
+    train_until(sys.argv[1], run.name, end)
+"""
+
+
+def test_kill_mid_training_resumes_to_identical_weights(smoke_store, tmp_path):
+    import shutil
+
+    other = Path(shutil.copytree(smoke_store, tmp_path / "uninterrupted"))
+    config = build_train_config("smoke", overrides(12, 2))
+    run = plan_run(RunStore(other), config)
+    for end in (2, 4, 6, 8, 10, 12):
+        train_until(str(other), run.name, end)
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(smoke_store)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    marker = smoke_store / RunStore.checkpoint_rel(run.name, 4, "state.json")
+    deadline = time.time() + 120
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    store = RunStore(smoke_store)
+    done = checkpoint_steps(store, run.name)
+    assert done and done[-1] < 12, f"the training finished before the kill ({done}); nothing was tested"
+    for end in (2, 4, 6, 8, 10, 12):
+        train_until(str(smoke_store), run.name, end)
+    a = st_load(store.read_file(RunStore.checkpoint_rel(run.name, 12, "model.safetensors")))
+    b = st_load(RunStore(other).read_file(RunStore.checkpoint_rel(run.name, 12, "model.safetensors")))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # optimizer moments and the sampler RNG match too
+    oa = st_load(store.read_file(RunStore.checkpoint_rel(run.name, 12, "optimizer.safetensors")))
+    ob = st_load(RunStore(other).read_file(RunStore.checkpoint_rel(run.name, 12, "optimizer.safetensors")))
+    assert all(torch.equal(oa[k], ob[k]) for k in oa)
+    steps = [r["step"] for r in read_metrics(store, run.name).to_pylist()]
+    assert steps == list(range(1, 13))
+
+
+# --- errors --------------------------------------------------------------------------------------------------
+
+
+def test_empty_store_and_bad_split_errors(tmp_path, smoke_store):
+    with pytest.raises(LyraInputError, match="no scene has finished latents"):
+        index_dataset(RunStore(tmp_path / "empty"))
+    with pytest.raises(LyraConfigError, match="val_scenes = 3 leaves no training scene"):
+        plan_run(RunStore(smoke_store), build_train_config("smoke", {"val_scenes": 3}))
+    assert split_scenes(["b", "a", "c"], 1, 0) == split_scenes(["c", "b", "a"], 1, 0)
+    with pytest.raises(LyraConfigError, match="stages.0.stepz"):
+        build_train_config("smoke", {"stages": [{"name": "x", "steps": 1, "stepz": 2}]})
+
+
+def test_bad_checkpoints_give_clear_errors_and_overwrite_nothing(smoke_store):
+    store = RunStore(smoke_store)
+    config = build_train_config("smoke", overrides(4, 2))
+    run = plan_run(store, config)
+    train_until(str(smoke_store), run.name, 2)
+    rel = RunStore.checkpoint_rel(run.name, 2, "model.safetensors")
+    good = store.read_file(rel)
+    # another preset's architecture
+    with pytest.raises(LyraConfigError, match="differs from the configured one"):
+        load_decoder_bytes(good, "ckpt", expected=DecoderConfig.preset("small"))
+    # not a checkpoint at all
+    with pytest.raises(LyraConfigError, match="not a readable safetensors"):
+        load_decoder_bytes(b"garbage" * 10, "junk.safetensors")
+    # weights that do not fit the recorded architecture
+    tensors = st_load(good)
+    tensors["head.bias"] = torch.zeros(7)
+    from safetensors.torch import save as st_save
+
+    meta = {"decoder_config": json.dumps(DecoderConfig.preset("tiny", far=20.0).to_dict())}
+    with pytest.raises(LyraConfigError, match="head.bias"):
+        load_decoder_bytes(st_save(tensors, metadata=meta), "wrong-shapes.safetensors")
+    # a corrupted file inside a run: resuming names it and writes nothing
+    (smoke_store / rel).write_bytes(good[:-10] + b"0123456789")
+    with pytest.raises(LyraStorageError, match="model.safetensors does not match the sha256"):
+        train_until(str(smoke_store), run.name, 4)
+    assert checkpoint_steps(store, run.name) == [2]
+    assert (smoke_store / rel).read_bytes()[:-10] == good[:-10]
