@@ -310,6 +310,87 @@ def stage(
     console.print(f"stage {name}: computed {computed}, reused {skipped}")
 
 
+TrainPresetOpt = typer.Option("default", "--preset", help="training preset: smoke | default | paper")
+
+
+@app.command()
+def train(
+    store: str = StoreOpt,
+    preset: str = TrainPresetOpt,
+    config: Path = typer.Option(None, "--config", help="YAML with training overrides (stages, optim, ...)"),
+    steps: int = typer.Option(None, "--steps", min=1, help="scale every stage's steps to this total"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Distill the 3DGS decoder from the store's teacher videos (resumes; a finished run does nothing)."""
+    _setup_env(verbose)
+    from flows.distill_decoder import distill_decoder
+    from lyra_pipeline.training import build_train_config
+
+    try:
+        file_preset, over = load_config_file(config) if config else (None, {})
+        name = file_preset or preset
+        if steps is not None:
+            base = build_train_config(name, over, source=str(config or "command line"))
+            total = base.total_steps
+            stages = [s.model_dump() for s in base.stages]
+            for s in stages:
+                s["steps"] = max(1, round(s["steps"] * steps / total)) if s["steps"] else 0
+            over = {**over, "stages": stages}
+        build_train_config(name, over, source=str(config or "command line"))
+        RunStore(store, create=False)
+        summary = distill_decoder(store=store, preset=name, overrides=over)
+    except (LyraError, FloatingPointError) as exc:
+        _fail(exc)
+    console.print(f"decoder {summary['run']}: {summary['step']} steps ({summary['steps_computed']} computed now)")
+    if "psnr_gt" in summary:
+        out.print(f"held-out scenes: {summary['scenes']}, frames {summary['frames']}: PSNR vs teacher "
+                  f"{summary['psnr_teacher']:.2f} dB, vs ground truth {summary['psnr_gt']:.2f} dB, SSIM vs ground "
+                  f"truth {summary['ssim_gt']:.3f}")
+
+
+@app.command("export-ply")
+def export_ply(
+    scene: str = typer.Argument(..., help="scene id"),
+    store: str = StoreOpt,
+    out: Path = typer.Option(None, "--out", help="PLY path (default: <scene>.ply)"),
+    checkpoint: Path = typer.Option(None, "--checkpoint", help="decoder model.safetensors (default: the store's "
+                                    "newest finished training)"),
+    html: bool = typer.Option(False, "--html", help="also write a self-contained HTML viewer (needs node/npx)"),
+) -> None:
+    """Decode a stored scene into 3D Gaussians: standard 3DGS PLY + a PNG strip (teacher above, render below)."""
+    _setup_env()
+    from lyra_pipeline.reconstruct import export_scene
+
+    try:
+        res = export_scene(store, scene, out or Path(f"{scene}.ply"), checkpoint=checkpoint, html=html)
+    except LyraError as exc:
+        _fail(exc)
+    console.print(f"wrote {res.ply} ({res.gaussians} Gaussians, decoder {res.decoder})"
+                  + (f", {res.strip}" if res.strip else "") + (f", {res.html}" if res.html else ""))
+
+
+@app.command()
+def reconstruct(
+    image: Path = typer.Option(..., "--image", help="input image (PNG/JPEG)"),
+    prompt: str = typer.Option(None, "--prompt", help="text prompt (default: IMAGE.txt beside it, or its name)"),
+    checkpoint: str = typer.Option(DEFAULT_STORE, "--checkpoint", help="decoder model.safetensors, or a store "
+                                   "whose newest finished `lyra train` is used"),
+    out: Path = typer.Option(Path("reconstruction"), "--out", help="output folder (its store/ holds the scene)"),
+    preset: str = typer.Option("default", "--preset", help="video format preset of the generated scene"),
+    html: bool = typer.Option(False, "--html", help="also write a self-contained HTML viewer (needs node/npx)"),
+) -> None:
+    """One image -> camera trajectories -> teacher videos -> decoder -> Gaussians (PLY) + a rendered strip."""
+    _setup_env()
+    from lyra_pipeline.reconstruct import reconstruct_image
+
+    try:
+        res = reconstruct_image(image, out, prompt=prompt, checkpoint=checkpoint, preset=preset, html=html)
+    except LyraError as exc:
+        _fail(exc)
+    console.print(f"wrote {res.ply} ({res.gaussians} Gaussians, decoder {res.decoder}), {res.strip}"
+                  + (f", {res.html}" if res.html else ""))
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -448,7 +448,8 @@ def load_trainer(store: RunStore, run: TrainRun, step: int) -> Trainer:
     trainer = new_trainer(run.config)
     model_bytes = _read_checked(store, run.name, step, "model.safetensors", state["sha256"]["model.safetensors"])
     load_decoder_state(trainer.model, {k: v.to(run.config.device) for k, v in st_load(model_bytes).items()})
-    opt = st_load(_read_checked(store, run.name, step, "optimizer.safetensors", state["sha256"]["optimizer.safetensors"]))
+    opt_bytes = _read_checked(store, run.name, step, "optimizer.safetensors", state["sha256"]["optimizer.safetensors"])
+    opt = st_load(opt_bytes)
     params = dict(trainer.model.named_parameters())
     for key, value in opt.items():
         if key == "rng/sampler":

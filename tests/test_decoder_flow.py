@@ -1,0 +1,162 @@
+"""The distill-decoder flow through Prefect, PLY export/round trip, and PlayCanvas splat-transform interop."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lyra_ops.distill import build_batch, render_batch
+from lyra_ops.gaussians import SH_C0, Gaussians
+from lyra_ops.latents import PixelPatchifyEncoder
+from lyra_ops.metrics import psnr
+from lyra_pipeline.reconstruct import decode_scene, export_scene, load_decoder, splat_transform, splat_transform_command
+from lyra_pipeline.storage import RunStore
+from lyra_pipeline.training import LATEST, read_metrics
+from tasks.train import INFERENCE
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = {"stages": [{"name": "views_1", "steps": 4, "targets": 2},
+                    {"name": "prune", "steps": 2, "targets": 2, "prune_ratio": 0.8, "opacity_weight": 0.1}],
+         "checkpoint_every": 2}
+
+
+@pytest.fixture(scope="module")
+def trained_store(smoke_store_template, tmp_path_factory, prefect_harness):
+    """One smoke store trained by the flow, shared by this module's tests (which only read it)."""
+    import shutil
+
+    from flows.distill_decoder import distill_decoder
+
+    path = Path(shutil.copytree(smoke_store_template, tmp_path_factory.mktemp("trained") / "store"))
+    summary = distill_decoder(store=str(path), preset="smoke", overrides=TRAIN)
+    return path, summary
+
+
+def all_files(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def test_flow_trains_validates_and_rerun_does_nothing(trained_store, prefect_harness):
+    from flows.distill_decoder import distill_decoder
+
+    store_path, summary = trained_store
+    assert summary["step"] == 6 and summary["steps_computed"] == 6
+    assert summary["scenes"] == 1 and summary["frames"] == 6 * 9  # one held-out scene, 6 paths x 9 frames
+    assert 0 < summary["psnr_gt"] < 60 and 0 <= summary["ssim_gt"] <= 1
+    store = RunStore(store_path)
+    run = summary["run"]
+    assert [r["stage"] for r in read_metrics(store, run).to_pylist()] == ["views_1"] * 4 + ["prune"] * 2
+    assert store.read_file(LATEST) is not None
+    eval_rows = store.read_table(RunStore.train_rel(run, "eval.parquet")).to_pylist()
+    run_doc = json.loads(store.read_file(RunStore.train_rel(run, "run.json")))
+    assert {r["scene_id"] for r in eval_rows} == set(run_doc["val_scenes"])
+    assert not set(run_doc["val_scenes"]) & set(run_doc["train_scenes"])
+    before = all_files(store_path / "train")
+    again = distill_decoder(store=str(store_path), preset="smoke", overrides=TRAIN)
+    assert again["steps_computed"] == 0 and again["computed"] is False
+    assert all_files(store_path / "train") == before
+
+
+def test_prefect_yaml_deployments_point_at_flows():
+    import importlib
+
+    doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    by_name = {d["name"]: d for d in doc["deployments"]}
+    assert {"generate-dataset", "distill-decoder", "retrain-decoder"} <= set(by_name)
+    for dep in doc["deployments"]:
+        module, func = dep["entrypoint"].split(":")
+        fn = getattr(importlib.import_module(module.removesuffix(".py").replace("/", ".")), func)
+        params = fn.parameters.properties  # Prefect's parameter schema of the flow
+        assert set(dep["parameters"]) <= set(params), dep["name"]
+    from prefect.client.schemas.schedules import CronSchedule
+
+    cron = by_name["retrain-decoder"]["schedules"][0]["cron"]
+    assert CronSchedule(cron=cron).cron == cron
+
+
+def test_export_ply_round_trips_and_renders_the_same(trained_store, tmp_path):
+    store_path, summary = trained_store
+    store = RunStore(store_path)
+    scene_id = sorted(store.scene_ids())[0]
+    res = export_scene(str(store_path), scene_id, tmp_path / "scene.ply")
+    assert res.gaussians > 0 and res.strip is not None and res.strip.stat().st_size > 0
+    model, _ = load_decoder(store, None)
+    gaussians, views, trajectories = decode_scene(model, store, scene_id)
+    back = Gaussians.from_ply(res.ply)
+    assert back.num == gaussians.num
+    torch.testing.assert_close(back.means, gaussians.means)
+    torch.testing.assert_close(back.colors, gaussians.colors, atol=1e-6, rtol=0)
+    torch.testing.assert_close(back.scales, gaussians.scales, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(back.opacities, gaussians.opacities, atol=1e-6, rtol=0)
+    torch.testing.assert_close(back.quats, gaussians.quats, atol=1e-6, rtol=0)
+    view = views.get(scene_id, trajectories[0])
+    batch = build_batch([view], list(range(9)), [0, 4, 8], INFERENCE, PixelPatchifyEncoder())
+    a, b = render_batch(gaussians, batch).rgb, render_batch(back, batch).rgb
+    assert float(psnr(a, b).min()) > 60
+
+
+@pytest.mark.skipif(splat_transform_command() is None, reason="node/npx not installed")
+def test_splat_transform_reads_our_ply(trained_store, tmp_path):
+    store_path, _ = trained_store
+    scene_id = sorted(RunStore(store_path).scene_ids())[0]
+    res = export_scene(str(store_path), scene_id, tmp_path / "scene.ply", strip=False)
+    ours = Gaussians.from_ply(res.ply)
+    out = splat_transform(res.ply, tmp_path / "scene.csv")
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == ours.num
+
+    def col(*names: str) -> torch.Tensor:
+        return torch.tensor([[float(r[n]) for n in names] for r in rows], dtype=torch.float64)
+
+    # splat-transform may reorder rows: compare after sorting both by position
+    theirs_means = col("x", "y", "z")
+    order_t = torch.argsort(theirs_means[:, 0] * 1e6 + theirs_means[:, 1] * 1e3 + theirs_means[:, 2])
+    means = ours.means.double()
+    order_o = torch.argsort(means[:, 0] * 1e6 + means[:, 1] * 1e3 + means[:, 2])
+    torch.testing.assert_close(theirs_means[order_t], means[order_o], atol=1e-6, rtol=0)
+    rgb = 0.5 + SH_C0 * col("f_dc_0", "f_dc_1", "f_dc_2")[order_t]
+    torch.testing.assert_close(rgb, ours.colors.double()[order_o], atol=1e-5, rtol=0)
+    opacity = torch.sigmoid(col("opacity")[order_t, 0])
+    torch.testing.assert_close(opacity, ours.opacities.double()[order_o], atol=1e-5, rtol=0)
+    scales = torch.exp(col("scale_0", "scale_1", "scale_2")[order_t])
+    torch.testing.assert_close(scales, ours.scales.double()[order_o], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.skipif(splat_transform_command() is None, reason="node/npx not installed")
+def test_export_ply_html_viewer(trained_store, tmp_path):
+    store_path, _ = trained_store
+    scene_id = sorted(RunStore(store_path).scene_ids())[0]
+    res = export_scene(str(store_path), scene_id, tmp_path / "scene.ply", html=True, strip=False)
+    text = res.html.read_text(errors="replace")
+    assert res.html.stat().st_size > 10_000 and "<html" in text.lower()
+    assert os.path.getsize(res.ply) > 0
+
+
+def test_storage_layout_documents_training_files(trained_store):
+    import re
+
+    from lyra_pipeline.training import METRIC_SCHEMA
+    from tasks.train import EVAL_SCHEMA
+
+    store_path, _ = trained_store
+    doc = (REPO / "storage_layout.md").read_text()
+    patterns = []
+    for line in doc.splitlines():
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0].startswith("train/"):
+            regex = re.escape(cells[0]).replace(re.escape("<run>"), r"decoder-[0-9a-f]{12}")
+            patterns.append(re.compile("^" + regex.replace(re.escape("<N>"), r"\d{8}") + "$"))
+    written = [str(p.relative_to(store_path)) for p in (store_path / "train").rglob("*") if p.is_file()]
+    for f in written:
+        assert any(p.match(f) for p in patterns), f"{f} is written but not documented in storage_layout.md"
+    for p in patterns:
+        assert any(p.match(f) for f in written), f"{p.pattern} documented but not written"
+    for col in METRIC_SCHEMA.names + EVAL_SCHEMA.names:
+        assert f"| `{col}` |" in doc, f"column {col} not documented"
