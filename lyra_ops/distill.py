@@ -238,6 +238,15 @@ def build_batch(
     )
 
 
+def batch_to(batch: DistillBatch, device: torch.device | str) -> DistillBatch:
+    """The batch with its tensors on ``device`` (cameras stay on the CPU: the decoder moves its rays)."""
+    moved = {k: getattr(batch, k).to(device) for k in ("latents", "plucker", "viewmats", "Ks", "rgb")}
+    for k in ("depth", "depth_valid"):
+        value = getattr(batch, k)
+        moved[k] = value.to(device) if value is not None else None
+    return replace(batch, **moved)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Forward, loss, step
 # ------------------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from lyra_ops.decoder import DecoderConfig, LatentGaussianDecoder, load_decoder_
 from lyra_ops.distill import (
     StageSpec,
     ViewData,
+    batch_to,
     build_batch,
     sample_input_frames,
     sample_targets,
@@ -168,16 +169,15 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         "decoder": "small",
         "decoder_overrides": {"far": 20.0},
         "stages": [
-            {"name": "res_88x160_frames_9", "steps": 600, "scale": 2, "input_frames": 9, "targets": 4},
-            {"name": "res_176x320_frames_25", "steps": 900, "targets": 4},
-            {"name": "multi_view", "steps": 300, "input_views": 6, "random_views": True, "targets": 2,
+            {"name": "frames_9", "steps": 300, "input_frames": 9, "targets": 2},
+            {"name": "frames_25", "steps": 500, "targets": 2},
+            {"name": "multi_view", "steps": 100, "input_views": 3, "random_views": True, "targets": 2,
              "frame_sampling": "exponential"},
-            {"name": "prune", "steps": 100, "input_views": 6, "random_views": True, "targets": 2,
+            {"name": "prune", "steps": 50, "input_views": 3, "random_views": True, "targets": 2,
              "frame_sampling": "exponential", "prune_ratio": 0.8, "opacity_weight": 0.1},
         ],
-        "optim": {"lr": 3e-4, "warmup_steps": 100},
-        "checkpoint_every": 100,
-        "eval_frame_stride": 2,
+        "optim": {"lr": 3e-4, "warmup_steps": 50},
+        "checkpoint_every": 50,
     },
     # Lyra's static stages 1-7 (spec 5.4, per-stage steps) for a paper-preset store (704x1280, 121 frames).
     "paper": {
@@ -509,18 +509,6 @@ def sample_batch(run: TrainRun, views: ViewCache, trainer: Trainer, stage: Stage
     return build_batch(data, inputs, targets, spec, PixelPatchifyEncoder())
 
 
-def _batch_to(batch, device: str):
-    if device == "cpu":
-        return batch
-    from dataclasses import replace
-
-    move = {k: getattr(batch, k).to(device) for k in ("latents", "plucker", "viewmats", "Ks", "rgb")}
-    for k in ("depth", "depth_valid"):
-        if getattr(batch, k) is not None:
-            move[k] = getattr(batch, k).to(device)
-    return replace(batch, **move)
-
-
 def train_until(store_url: str, run_name: str, until_step: int) -> dict[str, Any]:
     """Train run ``run_name`` from its newest checkpoint up to ``until_step`` steps and checkpoint there.
 
@@ -557,7 +545,7 @@ def train_until(store_url: str, run_name: str, until_step: int) -> dict[str, Any
     while trainer.step < until_step:
         t0 = time.perf_counter()
         _, stage = cfg.stage_at(trainer.step)
-        batch = _batch_to(sample_batch(run, views, trainer, stage, index), cfg.device)
+        batch = batch_to(sample_batch(run, views, trainer, stage, index), cfg.device)
         try:
             out = run_train_step(
                 trainer.model, trainer.optimizer, trainer.scheduler, batch, stage.spec(), weights=weights,

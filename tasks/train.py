@@ -16,7 +16,7 @@ import torch
 from prefect import task
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from lyra_ops.distill import StageSpec, build_batch, decode_gaussians, render_batch
+from lyra_ops.distill import StageSpec, batch_to, build_batch, decode_gaussians, render_batch
 from lyra_ops.images import from_uint8, to_uint8
 from lyra_ops.latents import PixelPatchifyEncoder
 from lyra_ops.metrics import psnr
@@ -59,7 +59,8 @@ def train_chunk(store_url: str, run_name: str, until_step: int) -> dict[str, Any
 def scene_gaussians(model, views: ViewCache, scene_id: str, trajectories: list[str], frames: int):
     """Decoder Gaussians of one scene from all given trajectories (Lyra's inference: every path as input)."""
     data = [views.get(scene_id, t) for t in trajectories]
-    batch = build_batch(data, list(range(frames)), [], INFERENCE, PixelPatchifyEncoder())
+    device = next(model.parameters()).device
+    batch = batch_to(build_batch(data, list(range(frames)), [], INFERENCE, PixelPatchifyEncoder()), device)
     with torch.no_grad():
         return decode_gaussians(model, batch)
 
@@ -83,7 +84,7 @@ def decoder_frame_rows(store: RunStore, run: TrainRun, step: int, model, sha: st
             batch = build_batch([views.get(sid, traj)], list(range(run.frames)), targets, INFERENCE,
                                 PixelPatchifyEncoder())
             with torch.no_grad():
-                render = render_batch(gaussians, batch).rgb.clamp(0, 1)
+                render = render_batch(gaussians, batch, backend=run.config.backend).rgb.clamp(0, 1).cpu()
             teacher = batch.rgb
             p_t = psnr(render, teacher)
             s_t = structural_similarity_index_measure(render, teacher, data_range=1.0, reduction="none")
