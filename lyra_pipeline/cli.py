@@ -391,6 +391,23 @@ def reconstruct(
                   + (f", {res.html}" if res.html else ""))
 
 
+@app.command()
+def report(
+    store: str = StoreOpt,
+    out: Path = typer.Option(Path("lyra_report"), "--out", help="output folder (index.html, self-contained)"),
+    scenes: int = typer.Option(2, "--scenes", min=0, help="contact sheets of the first N scenes"),
+) -> None:
+    """Self-contained HTML report: dataset metrics and plots, decoder training and validation, contact sheets."""
+    _setup_env()
+    from lyra_pipeline.report import build_report
+
+    try:
+        path = build_report(store, out, scenes=scenes)
+    except LyraError as exc:
+        _fail(exc)
+    console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -160,3 +160,48 @@ def test_storage_layout_documents_training_files(trained_store):
         assert any(p.match(f) for f in written), f"{p.pattern} documented but not written"
     for col in METRIC_SCHEMA.names + EVAL_SCHEMA.names:
         assert f"| `{col}` |" in doc, f"column {col} not documented"
+
+
+def test_report_is_self_contained_and_renders(trained_store, tmp_path):
+    import base64
+    import io
+    import re
+    import shutil
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    from lyra_pipeline.config import build_config
+    from lyra_pipeline.report import build_report
+    from tasks.evaluate import evaluate_scene
+    from tasks.sdg import sample_prompts
+
+    store_path = Path(shutil.copytree(trained_store[0], tmp_path / "store"))
+    config = build_config("smoke", {"scenes": {"num_scenes": 3}})
+    for scene in sample_prompts.fn(str(store_path), config):
+        evaluate_scene.fn(str(store_path), config, scene, "test")
+    import pyarrow as pa
+
+    from tasks.evaluate import summarize_frames
+
+    st = RunStore(store_path)
+    st.write_summary_table("dataset", pa.Table.from_pylist(summarize_frames(st.read_tables("frames"))))
+    page = build_report(str(store_path), tmp_path / "report")
+    text = page.read_text()
+    assert "Dataset quality" in text and "Decoder decoder-" in text and "paper" in text
+    assert "http://" not in text and "https://" not in text  # nothing to fetch: opens offline
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
+    assert len(images) >= 6
+    for data in images:
+        img = np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"), dtype=np.float32)
+        assert img.std() > 5, "blank image in the report"
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if chromium is None:
+        pytest.skip("no headless Chromium to screenshot the report")
+    shot = tmp_path / "shot.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1280,2000", f"--screenshot={shot}", page.as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    img = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
+    assert img.shape[:2] == (2000, 1280) and img.std() > 20
