@@ -250,19 +250,43 @@ def status(store: str = StoreOpt, failed: bool = typer.Option(False, "--failed",
 def inspect(
     scene: str = typer.Argument(..., help="scene id"),
     store: str = StoreOpt,
-    out: Path = typer.Option(None, "--out", help="PNG path (default: <scene>_sheet.png)"),
+    out: Path = typer.Option(None, "--out", help="output: PNG contact sheet, or with --array .png/.gif/.webp/.mp4"),
     trajectory: list[str] = typer.Option(None, "--trajectory", help="limit to these trajectories"),
-    frames: int = typer.Option(3, "--frames", min=1, help="frames per trajectory"),
+    frames: int = typer.Option(3, "--frames", min=1, help="frames per trajectory (contact sheet)"),
+    array: str = typer.Option(None, "--array", help="one array, e.g. trajectories/left/teacher/rgb: print its "
+                              "shape, dtype, chunks, stats; export its frames with --out"),
+    list_arrays: bool = typer.Option(False, "--list", help="list every array of the scene"),
 ) -> None:
-    """Contact sheet of a scene: input, depth, warped frames, plain and refined masks, teacher frames."""
-    from lyra_pipeline.inspect import contact_sheet
+    """Contact sheet of a scene (input, depth, warps, masks, teacher), or any one array: stats and frames."""
+    from lyra_pipeline.inspect import array_frames, array_info, contact_sheet, export_frames
 
     try:
         st = RunStore(store, create=False)
         if scene not in st.scene_ids():
             raise LyraError(f"{store}: no scene {scene!r}; scenes: {', '.join(st.scene_ids()[:20])}")
+        if list_arrays:
+            table = Table(title=f"{scene}: arrays")
+            for col in ("array", "shape", "dtype", "chunks"):
+                table.add_column(col)
+            for name, arr in sorted(st.list_arrays(scene).items()):
+                table.add_row(name, str(tuple(arr.shape)), str(arr.dtype), str(tuple(arr.chunks)))
+            out_console = Console(soft_wrap=True)
+            out_console.print(table)
+            return
+        if array:
+            info = array_info(st, scene, array)
+            for key, value in info.items():
+                console.print(f"{key:>10}: {value}")
+            if out is None and st.list_arrays(scene)[array].size <= 4096:
+                import numpy as np
+
+                print(np.array2string(st.read_array(scene, array), precision=5, suppress_small=True))
+            if out is not None:
+                export_frames(array_frames(st.read_array(scene, array), array), out)
+                console.print(f"wrote {out}")
+            return
         sheet = contact_sheet(st, scene, trajectory or None, frames)
-    except LyraError as exc:
+    except (LyraError, ValueError, RuntimeError) as exc:
         _fail(exc)
     path = out or Path(f"{scene}_sheet.png")
     sheet.save(path)

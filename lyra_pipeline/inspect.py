@@ -84,3 +84,96 @@ def contact_sheet(store: RunStore, scene_id: str, trajectories: list[str] | None
             x += t.width
         y += max((t.height for t in r), default=0)
     return sheet
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Any array: summary and frame export
+# ------------------------------------------------------------------------------------------------------------
+
+
+def array_info(store: RunStore, scene_id: str, name: str) -> dict:
+    """Shape, dtype, chunks, attributes and value statistics of one stored array (read whole)."""
+    arrays = store.list_arrays(scene_id)
+    if name not in arrays:
+        from lyra_ops.errors import LyraStorageError
+
+        raise LyraStorageError(f"{store.url}: scene {scene_id!r} has no array {name!r}; arrays: "
+                               f"{', '.join(sorted(arrays))}")
+    arr = arrays[name]
+    data = np.asarray(arr[...])
+    values = data.astype(np.float64) if data.dtype != bool else data.astype(np.float64)
+    finite = np.isfinite(values)
+    stats = {"min": float(values[finite].min()), "max": float(values[finite].max()),
+             "mean": float(values[finite].mean()), "std": float(values[finite].std())} if finite.any() else {}
+    return {"array": name, "shape": tuple(arr.shape), "dtype": str(arr.dtype), "chunks": tuple(arr.chunks),
+            "attrs": dict(arr.attrs), "nonfinite": int((~finite).sum()), **stats}
+
+
+def array_frames(data: np.ndarray, name: str = "") -> list[np.ndarray]:
+    """Viewable uint8 (H,W,3) frames of a stored array, by its layout:
+
+    video (T,3,H,W) uint8 -> frames; masks (T,1,H,W) bool -> white = True; depth-like (T,1,H,W) / (H,W) float ->
+    inverse-depth colours; an image (3,H,W); patchify latents (1536,T_l,h,w) -> decoded back to frames; other
+    latents (C,T_l,h,w) -> their first three channels, normalised.
+    """
+    if data.ndim == 4 and data.shape[1] == 3 and data.dtype == np.uint8:
+        return [_chw(f) for f in data]
+    if data.ndim == 4 and data.shape[1] == 1:
+        if data.dtype == bool:
+            return [np.repeat(f[0][..., None].astype(np.uint8) * 255, 3, axis=-1) for f in data]
+        return [depth_to_rgb(f[0].astype(np.float64)) for f in data]
+    if data.ndim == 3 and data.shape[0] == 3:
+        return [_chw(data.astype(np.uint8))]
+    if data.ndim == 2:
+        if data.dtype == bool:
+            return [np.repeat(data[..., None].astype(np.uint8) * 255, 3, axis=-1)]
+        return [depth_to_rgb(data.astype(np.float64))]
+    if data.ndim == 4 and "latents" in name:
+        import torch
+
+        from lyra_ops.latents import PixelPatchifyEncoder
+
+        if data.shape[0] == PixelPatchifyEncoder.latent_channels:
+            frames = PixelPatchifyEncoder().decode(torch.from_numpy(data.astype(np.float32)))
+            return [((f.permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).round().astype(np.uint8) for f in frames]
+        first = data[:3].astype(np.float64)
+        lo, hi = np.percentile(first, [1, 99])
+        norm = ((first - lo) / max(hi - lo, 1e-12)).clip(0, 1)
+        return [(np.moveaxis(norm[:, t], 0, -1) * 255).round().astype(np.uint8) for t in range(norm.shape[1])]
+    if data.ndim == 3 and data.shape[-2:] == (4, 4) or data.ndim == 2 and data.shape == (3, 3):
+        raise ValueError(f"{name}: camera matrices have no image form (run without --out to print them)")
+    raise ValueError(f"{name}: no image form for an array of shape {data.shape} and dtype {data.dtype}")
+
+
+def export_frames(frames: list[np.ndarray], path, fps: int = 12) -> None:
+    """``.png``: a grid (up to 8 per row); ``.gif`` / ``.webp``: an animation (Pillow); ``.mp4``: H.264 through
+    imageio-ffmpeg's bundled ffmpeg (``pip install lyra-pipeline[video]``)."""
+    from pathlib import Path
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        cols = min(8, len(frames))
+        h, w = frames[0].shape[:2]
+        rows = (len(frames) + cols - 1) // cols
+        grid = Image.new("RGB", (cols * w, rows * h))
+        for i, f in enumerate(frames):
+            grid.paste(Image.fromarray(f), ((i % cols) * w, (i // cols) * h))
+        grid.save(path)
+    elif suffix in (".gif", ".webp"):
+        images = [Image.fromarray(f) for f in frames]
+        images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    elif suffix == ".mp4":
+        try:
+            import imageio_ffmpeg
+        except ImportError as exc:
+            raise RuntimeError("mp4 export needs imageio-ffmpeg: pip install 'lyra-pipeline[video]'") from exc
+        h, w = frames[0].shape[:2]
+        writer = imageio_ffmpeg.write_frames(str(path), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
+                                             macro_block_size=1, quality=8)
+        writer.send(None)
+        for f in frames:
+            writer.send(np.ascontiguousarray(f))
+        writer.close()
+    else:
+        raise ValueError(f"{path}: unsupported export format (use .png, .gif, .webp or .mp4)")
