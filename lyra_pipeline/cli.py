@@ -432,6 +432,33 @@ def report(
     console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
+@app.command()
+def view(
+    target: str = typer.Argument(..., help="scene id in --store, or a .ply file"),
+    store: str = StoreOpt,
+    checkpoint: str = typer.Option(None, "--checkpoint", help="decoder model.safetensors (default: the store's "
+                                   "newest finished training; without one the input RGB-D point cloud is shown)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="bind address (0.0.0.0 exposes it to your network)"),
+    port: int = typer.Option(8080, "--port"),
+) -> None:
+    """Interactive 3D view in the browser (viser): Gaussians, camera trajectories as frustums, the input image."""
+    _setup_env()
+    from lyra_pipeline.viewer import start_viewer
+
+    try:
+        if target.lower().endswith(".ply"):
+            server = start_viewer(ply=target, host=host, port=port)
+        else:
+            server = start_viewer(store=store, scene=target, checkpoint=checkpoint, host=host, port=port)
+    except LyraError as exc:
+        _fail(exc)
+    console.print(f"viewer on http://{host}:{server.get_port()} (Ctrl-C to stop)")
+    try:
+        server.sleep_forever()
+    except KeyboardInterrupt:
+        server.stop()
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -205,3 +205,39 @@ def test_report_is_self_contained_and_renders(trained_store, tmp_path):
                    check=True, capture_output=True, timeout=120)
     img = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
     assert img.shape[:2] == (2000, 1280) and img.std() > 20
+
+
+def test_viewer_serves_scene_and_stops(trained_store, tmp_path):
+    import shutil
+    import socket
+    import subprocess
+    import urllib.request
+
+    import numpy as np
+    from PIL import Image
+
+    pytest.importorskip("viser")
+    from lyra_pipeline.viewer import start_viewer
+
+    store_path, _ = trained_store
+    scene = sorted(RunStore(store_path).scene_ids())[0]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = start_viewer(store=str(store_path), scene=scene, port=port)
+    try:
+        assert server.get_host() == "127.0.0.1"
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read().decode()
+        assert "<html" in page.lower()
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+        if chromium:
+            shot = tmp_path / "viewer.png"
+            subprocess.run([chromium, "--headless", "--no-sandbox", "--enable-unsafe-swiftshader",
+                            "--use-angle=swiftshader", "--window-size=800,600", "--virtual-time-budget=10000",
+                            f"--screenshot={shot}", f"http://127.0.0.1:{port}/"], capture_output=True, timeout=120)
+            img = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
+            assert img.std() > 10, "blank viewer screenshot"
+    finally:
+        server.stop()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)

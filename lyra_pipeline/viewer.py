@@ -1,0 +1,136 @@
+"""``lyra view``: a scene's Gaussians, its camera trajectories (frustums) and input image in the browser (viser).
+
+viser is an optional dependency (``pip install 'lyra-pipeline[viewer]'``). The server binds 127.0.0.1 by default;
+the page works offline (viser serves its own client bundle).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lyra_ops.cameras import Cameras
+from lyra_ops.errors import LyraConfigError, LyraError, LyraInputError
+from lyra_ops.gaussians import Gaussians
+from lyra_pipeline.storage import RunStore
+
+TRAJECTORY_COLOURS = [(230, 80, 60), (60, 160, 230), (90, 200, 90), (230, 180, 40), (170, 90, 220), (40, 200, 200),
+                      (220, 120, 180), (140, 140, 140)]
+
+
+def _viser():
+    try:
+        import viser
+    except ImportError as exc:
+        raise LyraConfigError("the viewer needs viser: pip install 'lyra-pipeline[viewer]'") from exc
+    return viser
+
+
+def covariances(gaussians: Gaussians) -> np.ndarray:
+    """(M,3,3) world covariances R diag(s^2) R^T of the Gaussians (quaternions w, x, y, z)."""
+    w, x, y, z = gaussians.quats.detach().double().unbind(-1)
+    rot = torch.stack([
+        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+    ], dim=-1).reshape(-1, 3, 3)  # fmt: skip
+    scaled = rot * gaussians.scales.detach().double()[:, None, :]
+    return (scaled @ scaled.transpose(1, 2)).float().numpy()
+
+
+def rgbd_points(rgb: np.ndarray, depth: np.ndarray, K: np.ndarray, stride: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Point cloud of the input frame (camera = world frame): (N,3) points, (N,3) uint8 colours."""
+    h, w = depth.shape
+    ys, xs = np.mgrid[stride // 2 : h : stride, stride // 2 : w : stride]
+    z = depth[ys, xs]
+    ok = np.isfinite(z) & (z > 0)
+    x = (xs + 0.5 - K[0, 2]) / K[0, 0] * z
+    y = (ys + 0.5 - K[1, 2]) / K[1, 1] * z
+    pts = np.stack([x[ok], y[ok], z[ok]], axis=-1).astype(np.float32)
+    return pts, np.moveaxis(rgb, 0, -1)[ys[ok], xs[ok]]
+
+
+def add_trajectories(server, trajectories: dict[str, Cameras], image: np.ndarray | None, every: int = 4) -> None:
+    """Frustums (OpenCV convention, as viser's) every ``every`` frames, one colour per trajectory; the input
+    image on the first camera."""
+    viser = _viser()
+    for i, (name, cams) in enumerate(sorted(trajectories.items())):
+        colour = TRAJECTORY_COLOURS[i % len(TRAJECTORY_COLOURS)]
+        fov = float(2 * np.arctan(cams.height / (2 * float(cams.K[0, 1, 1]))))
+        for f in range(0, len(cams), every):
+            c2w = cams.c2w[f].double().numpy()
+            server.scene.add_camera_frustum(
+                f"/trajectories/{name}/{f:03d}", fov=fov, aspect=cams.width / cams.height, scale=0.05,
+                thickness=0.004, color=colour, wxyz=viser.transforms.SO3.from_matrix(c2w[:3, :3]).wxyz,
+                position=c2w[:3, 3],
+            )  # fmt: skip
+    if image is not None and trajectories:
+        cams = next(iter(trajectories.values()))
+        fov = float(2 * np.arctan(cams.height / (2 * float(cams.K[0, 1, 1]))))
+        server.scene.add_camera_frustum("/input", fov=fov, aspect=cams.width / cams.height, scale=0.25,
+                                        thickness=0.004, color=(255, 255, 255), image=image)
+
+
+def start_viewer(
+    *,
+    store: str | None = None,
+    scene: str | None = None,
+    ply: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+):
+    """Start a viser server showing a PLY, or a stored scene (decoder Gaussians when a decoder is available,
+    else the input RGB-D point cloud) with its trajectories and input image. Returns the running server."""
+    viser = _viser()
+    if ply is None and (store is None or scene is None):
+        raise LyraInputError("lyra view: give a PLY path, or --store and a scene id")
+    gaussians, trajectories, image, points = None, {}, None, None
+    note = ""
+    if ply is not None:
+        gaussians = Gaussians.from_ply(ply)
+        note = f"{ply}: {gaussians.num} Gaussians"
+    else:
+        st = RunStore(store, create=False)
+        if scene not in st.scene_ids():
+            raise LyraInputError(f"{store}: no scene {scene!r}")
+        arrays = st.list_arrays(scene)
+        for path in arrays:
+            parts = path.split("/")
+            if parts[0] == "trajectories" and parts[2:] == ["cameras", "c2w"]:
+                c2w = torch.from_numpy(st.read_array(scene, path)).float()
+                k = torch.from_numpy(st.read_array(scene, f"trajectories/{parts[1]}/cameras/K")).float()
+                rgb = st.list_arrays(scene).get("input/rgb")
+                h, w = (rgb.shape[1], rgb.shape[2]) if rgb is not None else (int(2 * k[0, 1, 2]), int(2 * k[0, 0, 2]))
+                trajectories[parts[1]] = Cameras(c2w, k, h, w)
+        if "input/rgb" in arrays:
+            image = np.moveaxis(st.read_array(scene, "input/rgb"), 0, -1)
+        try:
+            from lyra_pipeline.reconstruct import decode_scene, load_decoder
+
+            model, source = load_decoder(st, checkpoint)
+            gaussians, _, _ = decode_scene(model, st, scene)
+            note = f"{scene}: {gaussians.num} Gaussians from decoder {source}"
+        except LyraError as exc:
+            if "depth/depth" not in arrays or "input/rgb" not in arrays:
+                raise
+            points = rgbd_points(st.read_array(scene, "input/rgb"), st.read_array(scene, "depth/depth"),
+                                 st.read_array(scene, "input/K"))
+            note = f"{scene}: input RGB-D point cloud ({len(points[0])} points; no decoder: {exc})"
+    server = viser.ViserServer(host=host, port=port, label="lyra", verbose=False)
+    if gaussians is not None:
+        server.scene.add_gaussian_splats(
+            "/gaussians", centers=gaussians.means.detach().numpy(), covariances=covariances(gaussians),
+            rgbs=gaussians.colors.detach().clamp(0, 1).numpy(), opacities=gaussians.opacities.detach()[:, None].numpy(),
+        )  # fmt: skip
+    if points is not None:
+        server.scene.add_point_cloud("/points", points=points[0], colors=points[1], point_size=0.01)
+    add_trajectories(server, trajectories, image)
+    # OpenCV world (y down, z forward): look from behind the first camera, y up = -y.
+    server.scene.set_up_direction("-y")
+    server.initial_camera.position = (0.0, -0.3, -1.2)
+    server.initial_camera.look_at = (0.0, 0.0, 2.0)
+    server.gui.add_markdown(f"**lyra** · {note}")
+    return server
