@@ -260,6 +260,28 @@ class RunStore:
         return self._write_parquet_if_changed(f"eval/{kind}_summary.parquet", table)
 
     # --- arrays -----------------------------------------------------------------------------------------------
+    @staticmethod
+    def dimension_names(name: str, ndim: int) -> tuple[str, ...] | None:
+        """Zarr ``dimension_names`` of a stored array (by its path), so ``xarray.open_zarr`` can open any group."""
+        leaf = name.rsplit("/", 1)[-1]
+        parent = name.rsplit("/", 2)[-2] if name.count("/") >= 1 else ""
+        table = {
+            ("input", "rgb"): ("channel", "y", "x"), ("input", "K"): ("i3", "j3"),
+            ("depth", "depth"): ("y", "x"), ("depth", "reliable"): ("y", "x"),
+            ("cameras", "c2w"): ("frame", "i4", "j4"), ("cameras", "K"): ("frame", "i3", "j3"),
+        }  # fmt: skip
+        if (parent, leaf) in table:
+            dims = table[(parent, leaf)]
+        elif leaf == "latents":
+            dims = ("latent_channel", "latent_frame", "latent_y", "latent_x")
+        elif leaf == "rgb":
+            dims = ("frame", "channel", "y", "x")
+        elif leaf in ("depth", "mask"):
+            dims = ("frame", "band", "y", "x")
+        else:
+            return None
+        return dims if len(dims) == ndim else None
+
     def scene_group(self, scene_id: str) -> zarr.Group:
         validate_scene_id(scene_id)
         return self._zroot.require_group(scene_id)
@@ -276,7 +298,8 @@ class RunStore:
         """(Over)write array ``name`` (e.g. ``trajectories/left/warp/rgb``) of a scene, whole."""
         group = self.scene_group(scene_id)
         arr = group.create_array(
-            name, shape=data.shape, dtype=data.dtype, chunks=chunks or data.shape, overwrite=True
+            name, shape=data.shape, dtype=data.dtype, chunks=chunks or data.shape, overwrite=True,
+            dimension_names=self.dimension_names(name, data.ndim),
         )
         arr[...] = data
         if attrs:

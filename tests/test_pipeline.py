@@ -161,6 +161,8 @@ def test_storage_layout_document_matches_store(finished_store):
             assert arr.shape == expect, f"{name}: shape {arr.shape}, documented {shape}"
             assert str(arr.dtype) == dtype, f"{name}: dtype {arr.dtype}, documented {dtype}"
             assert tuple(arr.chunks) == tuple(eval(chunks, {}, sym)), f"{name}: chunks {arr.chunks} vs {chunks}"
+            dims = arr.metadata.dimension_names
+            assert dims is not None and len(dims) == arr.ndim, f"{name}: dimension_names {dims} (xarray needs them)"
             seen.add(key)
     assert seen == set(documented), f"documented but not written: {set(documented) - seen}"
     for f in ("store.json", "prompts.parquet", "manifest/proc-000000.parquet"):
