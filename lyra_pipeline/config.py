@@ -99,7 +99,21 @@ class MaskConfig(Section):
 
 
 class GeneratorConfig(Section):
-    backend: Literal["oracle", "warp_only"] = "oracle"
+    """Teacher video backend. ``diffusers``: a local diffusers video checkpoint (Wan 2.x T2V or I2V folder saved
+    with ``save_pretrained``) with GEN3C conditioning; see README "Real checkpoints"."""
+
+    backend: Literal["oracle", "warp_only", "diffusers"] = "oracle"
+    model_path: str | None = None  # diffusers pipeline folder (model_index.json, transformer/, vae/, ...)
+    conditioned_path: str | None = None  # fine-tuned GEN3C-widened transformer folder (default: zero-widened base)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    steps: int = Field(35, ge=1)  # sampler steps (Lyra: 35)
+    guidance: float = Field(1.0, ge=0)  # eps_c + g (eps_c - eps_u) (Lyra's SDG: 1); 0 skips the unconditional pass
+    negative_prompt: str | None = None  # None: a short list of low-quality-video descriptors
+    max_text_tokens: int = Field(512, ge=1)
+    cpu_offload: bool = False  # diffusers enable_model_cpu_offload (small-memory GPUs)
+    vae_tiling: bool = False
+    vae_slicing: bool = False
 
 
 class LatentsConfig(Section):
@@ -109,7 +123,7 @@ class LatentsConfig(Section):
     video model come with the diffusers backends. Stored as ``dtype``: float16 is exact for patchify latents
     after 8-bit re-quantisation (|error| < 1/510)."""
 
-    encoder: Literal["patchify"] = "patchify"
+    encoder: Literal["patchify", "vae"] = "patchify"  # vae: the diffusers generator's own latents
     dtype: Literal["float16", "float32"] = "float16"
 
 
@@ -136,6 +150,12 @@ class RunConfig(Section):
         if self.scenes.source == "procedural" and self.depth.backend == "file":
             raise ValueError("depth.backend 'file' reads NAME.depth.npy beside input images; procedural scenes "
                              "have exact depth ('procedural')")
+        if self.generator.backend == "diffusers" and not self.generator.model_path:
+            raise ValueError("generator.model_path is required for generator.backend 'diffusers' (a local "
+                             "diffusers pipeline folder)")
+        if self.latents.encoder == "vae" and self.generator.backend != "diffusers":
+            raise ValueError("latents.encoder 'vae' stores the diffusers generator's latents; use 'patchify' with "
+                             f"generator.backend {self.generator.backend!r}")
         if self.scenes.source == "images" and self.generator.backend == "oracle":
             raise ValueError("generator.backend 'oracle' renders procedural scenes only; use 'warp_only' "
                              "for images")

@@ -6,6 +6,7 @@ reading array data: a stage is done iff its manifest row says ``done`` under the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 import traceback
@@ -28,6 +29,29 @@ UPSTREAM = {"input": (), "depth": ("input",), "cameras": ("input",), "warp": ("d
 
 def _file_sha(path: str | None) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else ""
+
+
+def _checkpoint_fingerprint(config: RunConfig) -> str:
+    """Identity of the generator's checkpoint (config files + weight file names and sizes), '' without one."""
+    g = config.generator
+    return _fingerprint(g.model_path, g.conditioned_path) if g.backend == "diffusers" else ""
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint(model_path: str, conditioned_path: str | None) -> str:
+    from lyra_pipeline.backends.diffusers_video import inspect_checkpoint
+
+    info = inspect_checkpoint(model_path, conditioned_path)
+    return info.fingerprint + (inspect_checkpoint_files(conditioned_path) if conditioned_path else "")
+
+
+def inspect_checkpoint_files(folder: str) -> str:
+    h = hashlib.sha256()
+    for p in sorted(Path(folder).glob("*")):
+        h.update(f"{p.name}:{p.stat().st_size}".encode())
+        if p.suffix == ".json":
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -53,6 +77,7 @@ def plan_keys(config: RunConfig, scene: SceneRecord) -> SceneKeys:
     k_depth = content_key("depth", v["depth"], section_dict(config, "depth"), {"input": k_input})
     traj_params = {**section_dict(config, "trajectories", "video"),
                    "custom_sha": _file_sha(config.trajectories.custom)}
+    gen_params = {**section_dict(config, "generator"), "checkpoint": _checkpoint_fingerprint(config)}
     per_traj: dict[str, dict[str, str]] = {}
     for name in config.trajectory_names:
         k_cam = content_key("cameras", v["cameras"], {**traj_params, "name": name}, {"input": k_input})
@@ -60,8 +85,8 @@ def plan_keys(config: RunConfig, scene: SceneRecord) -> SceneKeys:
         k_warp = content_key("warp", v["warp"], warp_params, {"depth": k_depth, "cameras": k_cam})
         k_refine = content_key("refine", v["refine"], {**section_dict(config, "mask"), "video": video},
                                {"warp": k_warp})
-        k_gen = content_key("generate", v["generate"], section_dict(config, "generator"),
-                            {"refine": k_refine, "input": k_input, "cameras": k_cam})
+        k_gen = content_key("generate", v["generate"], gen_params, {"refine": k_refine, "input": k_input,
+                                                                     "cameras": k_cam})
         k_lat = content_key("latents", v["latents"], section_dict(config, "latents"), {"generate": k_gen})
         # generate's key covers every upstream stage (depth -> warp -> refine -> generate)
         k_eval = content_key("evaluate", v["evaluate"], {}, {"generate": k_gen})

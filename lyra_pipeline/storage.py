@@ -366,6 +366,10 @@ class RunStore:
         """Every ``*.parquet`` directly under ``rel``, concatenated in name order."""
         return self._read_parquet_dir(rel, schema)
 
+    # --- caches -------------------------------------------------------------------------------------------------
+    def text_cache(self) -> TextEmbeddingCache:
+        return TextEmbeddingCache(self)
+
     # --- runs -------------------------------------------------------------------------------------------------
     def write_run_summary(self, run_id: str, summary: dict[str, Any]) -> None:
         self._write_bytes(f"runs/{run_id}.json", json.dumps(summary, indent=2, sort_keys=True).encode())
@@ -376,3 +380,21 @@ class RunStore:
             return []
         out = [json.loads(self.fs.cat_file(p)) for p in self.fs.ls(path, detail=False) if p.endswith(".json")]
         return sorted(out, key=lambda s: s.get("started_at", 0))
+
+
+class TextEmbeddingCache:
+    """Prompt embeddings in the store, ``cache/text/<key>.safetensors`` (key: hash of encoder and prompt)."""
+
+    def __init__(self, store: RunStore) -> None:
+        self.store = store
+
+    def get(self, key: str):
+        from safetensors.torch import load
+
+        data = self.store.read_file(f"cache/text/{key}.safetensors")
+        return None if data is None else load(data)["embedding"]
+
+    def put(self, key: str, embedding) -> None:
+        from safetensors.torch import save
+
+        self.store.write_file(f"cache/text/{key}.safetensors", save({"embedding": embedding.contiguous()}))

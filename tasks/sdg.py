@@ -36,7 +36,13 @@ IDENTITY = torch.eye(4)
 
 
 def preflight(config: RunConfig) -> None:
-    """Check run-wide inputs before any work starts (a bad custom trajectory would fail every scene)."""
+    """Check run-wide inputs before any work starts (a bad custom trajectory would fail every scene, a bad
+    checkpoint folder every generation)."""
+    if config.generator.backend == "diffusers":
+        from lyra_pipeline.backends.diffusers_video import check_frame_format, inspect_checkpoint
+
+        info = inspect_checkpoint(config.generator.model_path, config.generator.conditioned_path)
+        check_frame_format(info, config.video.num_frames, config.video.height, config.video.width)
     if config.trajectories.custom:
         trajectory_cameras(config, None, "custom", None)  # raises LyraInputError naming file/field/frame
     if config.scenes.source == "images":
@@ -215,15 +221,25 @@ def refine_masks(store_url: str, config: RunConfig, scene: SceneRecord, run_id: 
 # 7. Video generation (teacher frames) -------------------------------------------------------------------------
 
 
-def make_generator(config: RunConfig, scene: SceneRecord):
-    if config.generator.backend == "oracle":
+def make_generator(config: RunConfig, scene: SceneRecord, store: RunStore | None = None):
+    g = config.generator
+    if g.backend == "oracle":
         return OracleGenerator(make_scene(scene.seed, kind=config.scenes.scene_kind))
+    if g.backend == "diffusers":
+        from lyra_pipeline.backends.diffusers_video import DEFAULT_NEGATIVE_PROMPT, DiffusersVideoGenerator
+
+        return DiffusersVideoGenerator(
+            g.model_path, conditioned_path=g.conditioned_path, dtype=g.dtype, device=g.device, steps=g.steps,
+            guidance=g.guidance, negative_prompt=g.negative_prompt or DEFAULT_NEGATIVE_PROMPT,
+            max_text_tokens=g.max_text_tokens, cpu_offload=g.cpu_offload, vae_tiling=g.vae_tiling,
+            vae_slicing=g.vae_slicing, text_cache=store.text_cache() if store is not None else None,
+        )  # fmt: skip
     return WarpOnlyGenerator()
 
 
 @task(name="generate")
 def generate_video(store_url: str, config: RunConfig, scene: SceneRecord, run_id: str = "") -> StageReport:
-    sid, generator = scene.scene_id, make_generator(config, scene)
+    sid, generator = scene.scene_id, make_generator(config, scene, RunStore(store_url))
 
     def compute(store: RunStore, name: str) -> None:
         base = f"trajectories/{name}"
@@ -231,8 +247,14 @@ def generate_video(store_url: str, config: RunConfig, scene: SceneRecord, run_id
         mask = read_tensor(store, sid, f"{base}/refine/mask")
         warped = to_signed(from_uint8(read_tensor(store, sid, f"{base}/warp/rgb")))
         warped = torch.where(mask, warped, torch.full_like(warped, -1.0))
-        frames = generator.generate(first, scene.text, read_cameras(store, sid, name, config), warped, mask,
-                                    seed=derive_seed(scene.seed, "generate", name))
+        cams, seed = read_cameras(store, sid, name, config), derive_seed(scene.seed, "generate", name)
+        if hasattr(generator, "generate_with_latents"):  # diffusion backends: keep the sampled latents too
+            frames, latents = generator.generate_with_latents(first, scene.text, cams, warped, mask, seed=seed)
+            store.write_array(sid, f"{base}/teacher/latents", latents.float().numpy(),
+                              chunks=(latents.shape[0], 1, *latents.shape[2:]),
+                              attrs={"encoder": generator.encoder_id})
+        else:
+            frames = generator.generate(first, scene.text, cams, warped, mask, seed=seed)
         write_frames(store, sid, f"{base}/teacher/rgb", to_uint8(frames).numpy(), generator=generator.name)
 
     return run_units(store_url, config, scene, "generate", run_id, compute)
@@ -250,10 +272,16 @@ def encode_latents(store_url: str, config: RunConfig, scene: SceneRecord, run_id
     sid, encoder = scene.scene_id, make_latent_encoder(config)
 
     def compute(store: RunStore, name: str) -> None:
-        frames = to_signed(from_uint8(read_tensor(store, sid, f"trajectories/{name}/teacher/rgb")))
-        latents = encoder.encode(frames).to(getattr(torch, config.latents.dtype)).numpy()  # (C, T_l, h, w)
-        store.write_array(sid, f"trajectories/{name}/latents", latents, chunks=(latents.shape[0], 1,
-                          *latents.shape[2:]), attrs={"encoder": encoder.name})
+        base = f"trajectories/{name}"
+        if config.latents.encoder == "vae":  # the generator's own sampled latents (the decoded frames' source)
+            arr = store.scene_group(sid)[f"{base}/teacher/latents"]
+            latents, name_attr = np.asarray(arr[...]).astype(config.latents.dtype), arr.attrs["encoder"]
+        else:
+            frames = to_signed(from_uint8(read_tensor(store, sid, f"{base}/teacher/rgb")))
+            latents = encoder.encode(frames).to(getattr(torch, config.latents.dtype)).numpy()  # (C, T_l, h, w)
+            name_attr = encoder.name
+        store.write_array(sid, f"{base}/latents", latents, chunks=(latents.shape[0], 1, *latents.shape[2:]),
+                          attrs={"encoder": name_attr})
 
     return run_units(store_url, config, scene, "latents", run_id, compute)
 

@@ -1,0 +1,55 @@
+"""Tiny random-initialised diffusers checkpoints in the layouts of real ones (for tests and benchmarks).
+
+``make_tiny_wan(path)`` writes a complete ``WanPipeline`` / ``WanImageToVideoPipeline`` folder (transformer, VAE,
+UMT5 text encoder, a word-level tokenizer, flow-matching scheduler, ``model_index.json``) with a few hundred
+thousand parameters, built offline. The pipeline code that loads real checkpoints loads these unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def make_tiny_tokenizer():
+    """A word-level fast tokenizer built in code (no download): lowercase words, 256 ids, pad/eos/unk."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "</s>", "<unk>"] + [f"w{i}" for i in range(253)]
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def make_tiny_wan(path: str | Path, *, i2v: bool = False, seed: int = 0) -> Path:
+    """Write a tiny Wan 2.x pipeline folder (T2V base: 16 input channels; ``i2v``: 36 = 16 + 4 mask + 16)."""
+    import torch
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanImageToVideoPipeline,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    z = 16
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=2 * z + 4 if i2v else z,
+        out_channels=z, text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
+    )
+    vae = AutoencoderKLWan(base_dim=8, z_dim=z, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=256, d_model=32, d_kv=8, d_ff=32, num_layers=1,
+                                               num_heads=2, relative_attention_num_buckets=8))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    cls = WanImageToVideoPipeline if i2v else WanPipeline
+    extra = {"image_encoder": None, "image_processor": None} if i2v else {}
+    pipe = cls(tokenizer=make_tiny_tokenizer(), text_encoder=text_encoder, vae=vae, transformer=transformer,
+               scheduler=scheduler, **extra)
+    path = Path(path)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
