@@ -73,7 +73,12 @@ class TrajectoryConfig(Section):
 class DepthConfig(Section):
     """First-frame depth: estimator backend and Lyra's clean-up / depth-edge filter."""
 
-    backend: Literal["procedural", "constant", "planar", "file"] = "procedural"  # file: NAME.depth.npy
+    backend: Literal["procedural", "constant", "planar", "file", "transformers"] = "procedural"  # file: NAME.depth.npy
+    model_path: str | None = None  # transformers depth-estimation folder (backend "transformers")
+    kind: Literal["auto", "metric", "relative"] = "auto"  # auto: from the model config (depth_estimation_type)
+    relative_near: float = Field(0.5, gt=0)  # relative models: disparity mapped to z-depth in [near, far]
+    relative_far: float = Field(20.0, gt=0)
+    device: str = "cpu"
     max_depth: float = Field(100.0, gt=0)  # invalid/sky/NaN depth -> max_depth (Lyra: 100)
     edge_window: int = Field(5, ge=3)
     # Lyra's (max-min)/mean < 0.05 over 5x5 pixels, defined at 704 rows. Relative depth change across a window
@@ -147,6 +152,10 @@ class RunConfig(Section):
         if self.scenes.source == "images" and self.depth.backend == "procedural":
             raise ValueError("depth.backend 'procedural' needs procedural scenes; use 'constant', 'planar' "
                              "or 'file' for images")
+        if self.depth.backend == "transformers" and not self.depth.model_path:
+            raise ValueError("depth.model_path is required for depth.backend 'transformers'")
+        if self.depth.relative_near >= self.depth.relative_far:
+            raise ValueError("depth.relative_near must be smaller than depth.relative_far")
         if self.scenes.source == "procedural" and self.depth.backend == "file":
             raise ValueError("depth.backend 'file' reads NAME.depth.npy beside input images; procedural scenes "
                              "have exact depth ('procedural')")

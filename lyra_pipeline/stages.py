@@ -74,7 +74,10 @@ def plan_keys(config: RunConfig, scene: SceneRecord) -> SceneKeys:
         "input", v["input"], {**video, "source": config.scenes.source, "kind": config.scenes.scene_kind},
         {"scene": scene.content_sha, "seed": str(scene.seed)},
     )
-    k_depth = content_key("depth", v["depth"], section_dict(config, "depth"), {"input": k_input})
+    depth_params = section_dict(config, "depth")
+    if config.depth.backend == "transformers":
+        depth_params["checkpoint"] = inspect_checkpoint_files(config.depth.model_path)
+    k_depth = content_key("depth", v["depth"], depth_params, {"input": k_input})
     traj_params = {**section_dict(config, "trajectories", "video"),
                    "custom_sha": _file_sha(config.trajectories.custom)}
     gen_params = {**section_dict(config, "generator"), "checkpoint": _checkpoint_fingerprint(config)}

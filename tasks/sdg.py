@@ -38,6 +38,10 @@ IDENTITY = torch.eye(4)
 def preflight(config: RunConfig) -> None:
     """Check run-wide inputs before any work starts (a bad custom trajectory would fail every scene, a bad
     checkpoint folder every generation)."""
+    if config.depth.backend == "transformers":
+        from lyra_pipeline.backends.transformers_depth import inspect_depth_checkpoint
+
+        inspect_depth_checkpoint(config.depth.model_path)
     if config.generator.backend == "diffusers":
         from lyra_pipeline.backends.diffusers_video import check_frame_format, inspect_checkpoint
 
@@ -113,7 +117,13 @@ def _estimate_depth(config: RunConfig, scene: SceneRecord, rgb: torch.Tensor, K:
     if d.backend == "file":
         path = Path(scene.image_path).with_suffix(".depth.npy")
         return load_depth_file(path, rgb.shape[-2], rgb.shape[-1]), None, f"file {path.name}"
-    estimator = ConstantDepth(d.constant_value) if d.backend == "constant" else PlanarDepth(d.constant_value)
+    if d.backend == "transformers":
+        from lyra_pipeline.backends.transformers_depth import TransformersDepth
+
+        estimator = TransformersDepth(d.model_path, kind=d.kind, near=d.relative_near, far=d.relative_far,
+                                      device=d.device)
+    else:
+        estimator = ConstantDepth(d.constant_value) if d.backend == "constant" else PlanarDepth(d.constant_value)
     pred = estimator.estimate(rgb, K)
     return pred.depth, pred.valid, pred.label
 

@@ -53,3 +53,21 @@ def make_tiny_wan(path: str | Path, *, i2v: bool = False, seed: int = 0) -> Path
     path = Path(path)
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def make_tiny_depth(path: str | Path, *, kind: str = "relative", seed: int = 0) -> Path:
+    """Write a tiny random Depth Anything model (Dinov2 backbone, DPT head) with its image processor."""
+    import torch
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+
+    torch.manual_seed(seed)
+    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                            image_size=56, patch_size=14, out_features=["stage1", "stage2", "stage3", "stage4"],
+                            reshape_hidden_states=False)
+    config = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32, neck_hidden_sizes=[8, 16, 32, 32],
+                                 fusion_hidden_size=16, head_hidden_size=8, depth_estimation_type=kind, max_depth=20)
+    path = Path(path)
+    DepthAnythingForDepthEstimation(config).save_pretrained(path)
+    DPTImageProcessor(size={"height": 56, "width": 56}, keep_aspect_ratio=False, ensure_multiple_of=14,
+                      do_pad=False).save_pretrained(path)
+    return path
