@@ -20,10 +20,23 @@ class Section(BaseModel):
 
 
 class ScenesConfig(Section):
-    source: Literal["procedural", "images"] = "procedural"
+    source: Literal["procedural", "images", "text"] = "procedural"
     num_scenes: int = Field(2, ge=1)
     images_dir: str | None = None  # folder of NAME.png/.jpg + NAME.txt prompts (source=images)
+    # source=text: one prompt per line (blank lines and '#' comments skipped); None: seeded template prompts
+    prompts_file: str | None = None
     scene_kind: Literal["room"] = "room"
+
+
+class TextToImageConfig(Section):
+    """First frames for text-only scenes (``scenes.source: text``): a local diffusers text-to-image pipeline."""
+
+    model_path: str | None = None
+    steps: int = Field(20, ge=1)
+    guidance: float = Field(4.5, ge=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    max_text_tokens: int = Field(300, ge=1)
 
 
 class VideoConfig(Section):
@@ -137,6 +150,7 @@ class RunConfig(Section):
 
     seed: int = 0
     scenes: ScenesConfig = ScenesConfig()
+    text_to_image: TextToImageConfig = TextToImageConfig()
     video: VideoConfig = VideoConfig()
     trajectories: TrajectoryConfig = TrajectoryConfig()
     depth: DepthConfig = DepthConfig()
@@ -147,6 +161,15 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
+        if self.scenes.source == "text":
+            if not self.text_to_image.model_path:
+                raise ValueError("text_to_image.model_path is required for scenes.source 'text' (a local diffusers "
+                                 "text-to-image pipeline folder makes the first frames)")
+            if self.depth.backend in ("procedural", "file"):
+                raise ValueError(f"depth.backend {self.depth.backend!r} cannot serve generated first frames; use "
+                                 "'transformers', 'planar' or 'constant'")
+            if self.generator.backend == "oracle":
+                raise ValueError("generator.backend 'oracle' renders procedural scenes only")
         if self.scenes.source == "images" and not self.scenes.images_dir:
             raise ValueError("scenes.images_dir is required when scenes.source is 'images'")
         if self.scenes.source == "images" and self.depth.backend == "procedural":

@@ -70,10 +70,11 @@ def plan_keys(config: RunConfig, scene: SceneRecord) -> SceneKeys:
     """Every stage key of ``scene`` under ``config`` (no I/O except hashing a custom trajectory file)."""
     v = STAGE_VERSIONS
     video = section_dict(config, "video")
-    k_input = content_key(
-        "input", v["input"], {**video, "source": config.scenes.source, "kind": config.scenes.scene_kind},
-        {"scene": scene.content_sha, "seed": str(scene.seed)},
-    )
+    input_params = {**video, "source": config.scenes.source, "kind": config.scenes.scene_kind}
+    if config.scenes.source == "text":
+        input_params["text_to_image"] = {**section_dict(config, "text_to_image"),
+                                         "checkpoint": inspect_checkpoint_files(config.text_to_image.model_path)}
+    k_input = content_key("input", v["input"], input_params, {"scene": scene.content_sha, "seed": str(scene.seed)})
     depth_params = section_dict(config, "depth")
     if config.depth.backend == "transformers":
         depth_params["checkpoint"] = inspect_checkpoint_files(config.depth.model_path)

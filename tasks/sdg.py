@@ -17,11 +17,12 @@ from prefect import task
 
 from lyra_ops.cameras import Cameras, default_intrinsics
 from lyra_ops.depth import ConstantDepth, PlanarDepth, postprocess_depth
+from lyra_ops.errors import LyraInputError
 from lyra_ops.generation import OracleGenerator, WarpOnlyGenerator
 from lyra_ops.images import from_signed, from_uint8, to_signed, to_uint8
 from lyra_ops.latents import PixelPatchifyEncoder
 from lyra_ops.mask_refine import refine_mask_conservative
-from lyra_ops.prompts import SceneRecord, procedural_scene_id, sample_records
+from lyra_ops.prompts import SceneRecord, compose_prompts, procedural_scene_id, sample_records, text_scene_id
 from lyra_ops.scenes import make_scene
 from lyra_ops.seeding import derive_seed, numpy_rng
 from lyra_ops.trajectories import ALL_PATHS, draw_distance, load_trajectory, make_trajectory
@@ -38,6 +39,12 @@ IDENTITY = torch.eye(4)
 def preflight(config: RunConfig) -> None:
     """Check run-wide inputs before any work starts (a bad custom trajectory would fail every scene, a bad
     checkpoint folder every generation)."""
+    if config.scenes.source == "text":
+        from lyra_pipeline.backends.diffusers_image import inspect_t2i_checkpoint
+
+        inspect_t2i_checkpoint(config.text_to_image.model_path)
+        if config.scenes.prompts_file:
+            read_prompts_file(config.scenes.prompts_file)
     if config.depth.backend == "transformers":
         from lyra_pipeline.backends.transformers_depth import inspect_depth_checkpoint
 
@@ -67,11 +74,41 @@ def procedural_records(config: RunConfig) -> list[SceneRecord]:
     return records
 
 
+def read_prompts_file(path: str) -> list[str]:
+    """Prompts of a text file: one per line; blank lines and '#' comments skipped; duplicates dropped."""
+    p = Path(path)
+    if not p.is_file():
+        raise LyraInputError(f"{p}: prompts file not found (scenes.prompts_file: one prompt per line)")
+    seen, out = set(), []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        text = line.strip()
+        if text and not text.startswith("#") and text not in seen:
+            seen.add(text)
+            out.append(text)
+    if not out:
+        raise LyraInputError(f"{p}: no prompts (one per line expected)")
+    return out
+
+
+def text_records(config: RunConfig) -> list[SceneRecord]:
+    """Text-only scenes: the prompts file's rows, or seeded template prompts (scene type x style x lighting)."""
+    s = config.scenes
+    prompts = read_prompts_file(s.prompts_file) if s.prompts_file else compose_prompts(s.num_scenes, config.seed)
+    records = []
+    for i, text in enumerate(prompts):
+        sid = text_scene_id(i)
+        records.append(SceneRecord(sid, text, None, hashlib.sha256(text.encode()).hexdigest(),
+                                   derive_seed(config.seed, sid), "text"))
+    return records
+
+
 @task(name="sample-prompts")
 def sample_prompts(store_url: str, config: RunConfig) -> list[SceneRecord]:
     """Seeded, order-independent scene list; recorded as ``prompts.parquet`` (rewritten only if it changed)."""
     if config.scenes.source == "procedural":
         records = procedural_records(config)
+    elif config.scenes.source == "text":
+        records = sample_records(text_records(config), config.scenes.num_scenes, config.seed)
     else:
         bank = scan_image_folder(config.scenes.images_dir, config.seed)
         records = sample_records(bank, config.scenes.num_scenes, config.seed)
@@ -86,6 +123,14 @@ def read_tensor(store: RunStore, scene_id: str, name: str) -> torch.Tensor:
     return torch.from_numpy(store.read_array(scene_id, name))
 
 
+def make_text_to_image(config: RunConfig):
+    from lyra_pipeline.backends.diffusers_image import TextToImage
+
+    t = config.text_to_image
+    return TextToImage(t.model_path, steps=t.steps, guidance=t.guidance, dtype=t.dtype, device=t.device,
+                       max_text_tokens=t.max_text_tokens)
+
+
 @task(name="input")
 def make_input(store_url: str, config: RunConfig, scene: SceneRecord, run_id: str = "") -> StageReport:
     v, sid = config.video, scene.scene_id
@@ -95,6 +140,9 @@ def make_input(store_url: str, config: RunConfig, scene: SceneRecord, run_id: st
         if scene.source == "procedural":
             procedural = make_scene(scene.seed, kind=config.scenes.scene_kind)
             rgb = procedural.render(IDENTITY[None], K[None], v.height, v.width).rgb[0]
+        elif scene.source == "text":
+            rgb = make_text_to_image(config).generate(scene.text, v.height, v.width,
+                                                      seed=derive_seed(scene.seed, "text-to-image"))
         else:
             rgb = load_image(scene.image_path, v.height, v.width, expected_sha=scene.content_sha)
         store.scene_group(sid).attrs.update(scene.as_row())

@@ -71,3 +71,25 @@ def make_tiny_depth(path: str | Path, *, kind: str = "relative", seed: int = 0) 
     DPTImageProcessor(size={"height": 56, "width": 56}, keep_aspect_ratio=False, ensure_multiple_of=14,
                       do_pad=False).save_pretrained(path)
     return path
+
+
+def make_tiny_pixart(path: str | Path, *, seed: int = 0) -> Path:
+    """Write a tiny random PixArt-Sigma text-to-image pipeline (transformer, VAE, T5 encoder, tokenizer)."""
+    import torch
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(
+        sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2, in_channels=4, out_channels=8,
+        cross_attention_dim=16, caption_channels=32, norm_type="ada_norm_single", use_additional_conditions=False,
+    )  # fmt: skip
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                        layers_per_block=1)
+    text_encoder = T5EncoderModel(T5Config(vocab_size=256, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
+    pipe = PixArtSigmaPipeline(tokenizer=make_tiny_tokenizer(), text_encoder=text_encoder, vae=vae,
+                               transformer=transformer, scheduler=DPMSolverMultistepScheduler())
+    path = Path(path)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
