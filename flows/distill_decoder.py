@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from flows.generate_dataset import DEFAULT_STORE
 from lyra_pipeline.storage import RunStore
@@ -32,7 +32,12 @@ def distill_decoder(
     logger.info("run %s: %d train / %d val scenes, %d steps", run_name, len(plan["train_scenes"]),
                 len(plan["val_scenes"]), plan["total_steps"])
     # 2. Progressive stages, one task per checkpoint interval (each resumes from the newest checkpoint).
-    chunks = [train_chunk(store, run_name, end) for end in chunk_ends(config)]
+    ends = chunk_ends(config)
+    progress = create_progress_artifact(progress=0.0, description=f"training {run_name} ({ends[-1]} steps)")
+    chunks = []
+    for end in ends:
+        chunks.append(train_chunk(store, run_name, end))
+        update_progress_artifact(progress, progress=100.0 * end / ends[-1])
     computed = sum(c["computed"] for c in chunks)
     # 3. Validation on the held-out scenes against the teacher frames and the exact ground truth.
     st = RunStore(store, create=False)

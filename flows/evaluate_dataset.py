@@ -12,8 +12,12 @@ from typing import Any
 
 import pyarrow as pa
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
-from prefect.futures import wait
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.generate_dataset import DEFAULT_STORE, PipelineFailed
@@ -21,6 +25,7 @@ from lyra_pipeline.config import build_config
 from lyra_pipeline.storage import RunStore
 from tasks.evaluate import evaluate_scene, summarize_frames
 from tasks.sdg import sample_prompts
+from tasks.train import evaluate_checkpoint_scene, summarize_decoder
 
 
 @flow(name="evaluate-dataset", task_runner=ThreadPoolTaskRunner(max_workers=2))
@@ -29,17 +34,26 @@ def evaluate_dataset(
     preset: str = "smoke",
     overrides: dict[str, Any] | None = None,
     run_id: str | None = None,
+    checkpoint: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Evaluate the dataset that ``generate-dataset`` wrote with the same preset and overrides."""
+    """Evaluate the dataset that ``generate-dataset`` wrote with the same preset and overrides, and, when a
+    decoder ``checkpoint`` (model.safetensors) is given, that decoder on every scene."""
     logger = get_run_logger()
     config = build_config(preset, overrides)
     run_id = run_id or "eval-" + uuid.uuid4().hex[:8]
     # 1. The scenes of the dataset (the same seeded list generate-dataset recorded).
     scenes = sample_prompts(store, config)
+    progress = create_progress_artifact(progress=0.0, description=f"evaluating {len(scenes)} scenes of {store}")
     # 2. Per-scene metrics against ground truth (skipped where already computed for these inputs).
     futures = [evaluate_scene.submit(store, config, s, run_id) for s in scenes]
-    wait(futures)
+    decoder = [evaluate_checkpoint_scene.submit(store, checkpoint, s.scene_id) for s in scenes] if checkpoint else []
+    done = 0
+    for fut in [*futures, *decoder]:
+        fut.wait()
+        done += 1
+        update_progress_artifact(progress, progress=100.0 * done / (len(futures) + len(decoder)))
     failed = [s.scene_id for s, f in zip(scenes, futures, strict=True) if not f.state.is_completed()]
+    failed += [s.scene_id for s, f in zip(scenes, decoder, strict=False) if not f.state.is_completed()]
     # 3. Aggregate per trajectory and overall; publish as a table and a Prefect artifact.
     st = RunStore(store)
     ids = {s.scene_id for s in scenes}
@@ -50,7 +64,43 @@ def evaluate_dataset(
     st.write_summary_table("dataset", pa.Table.from_pylist(summary))
     create_table_artifact(key="dataset-quality", table=summary,
                           description=f"Dataset quality of {store} ({len(scenes)} scenes) against ground truth")
+    # 4. A contact sheet of the first scene in the Prefect UI.
+    if scenes:
+        create_markdown_artifact(key="dataset-contact-sheet", markdown=contact_sheet_markdown(st, scenes[0].scene_id),
+                                 description=f"Contact sheet of {scenes[0].scene_id}")
+    # 5. The decoder checkpoint's metrics, when one was given.
+    if checkpoint:
+        summary += decoder_summary(st, checkpoint)
     logger.info("evaluated %d scenes, %d frames", len(scenes), frames.num_rows)
     if failed:
         raise PipelineFailed(f"evaluation failed for {failed}; see `lyra status --store {store} --failed`")
     return summary
+
+
+def contact_sheet_markdown(store: RunStore, scene_id: str) -> str:
+    """Markdown with the scene's contact sheet inlined as a PNG data URI (rendered by the Prefect UI)."""
+    import base64
+    import io
+
+    from lyra_pipeline.inspect import contact_sheet
+
+    sheet = contact_sheet(store, scene_id, None, 2)
+    sheet.thumbnail((1200, 1200))
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG", optimize=True)
+    data = base64.b64encode(buf.getvalue()).decode()
+    return (f"### {scene_id}\n\nInput, depth, seams; per trajectory: warped, splat mask, refined mask, warped x "
+            f"refined, teacher.\n\n![contact sheet](data:image/png;base64,{data})\n")
+
+
+def decoder_summary(store: RunStore, checkpoint: str) -> list[dict[str, Any]]:
+    """One summary row of a decoder checkpoint over the scenes evaluated with it (``eval/decoder/<sha16>``)."""
+    import hashlib
+    from pathlib import Path
+
+    sha = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
+    rows = store.read_tables(f"decoder/{sha[:16]}").to_pylist()
+    row = {"group": f"decoder {sha[:12]}", **summarize_decoder(rows)}
+    store.write_summary_table(f"decoder_{sha[:16]}", pa.Table.from_pylist([row]))
+    create_table_artifact(key="decoder-quality", table=[row], description=f"Decoder {checkpoint} on {store}")
+    return [row]

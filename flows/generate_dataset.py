@@ -13,6 +13,7 @@ from collections import Counter
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -91,7 +92,10 @@ def generate_dataset(
 
     by_stage = {"input": inputs, "depth": depth, "cameras": cameras, "warp": warps, "refine": masks,
                 "generate": teacher, "latents": latents}
-    wait([f for futs in by_stage.values() for f in futs])
+    progress = create_progress_artifact(progress=0.0, description=f"{len(scenes)} scenes x {len(by_stage)} stages")
+    for i, futs in enumerate(by_stage.values()):  # stage by stage, in DAG order
+        wait(futs)
+        update_progress_artifact(progress, progress=100.0 * (i + 1) / len(by_stage))
     summary = summarize(run_id, preset, config.model_dump(mode="json"), store, scenes, by_stage, started)
     RunStore(store).write_run_summary(run_id, summary)
     logger.info("run %s: computed %d, reused %d, failed scenes %d", run_id, summary["computed"],

@@ -177,6 +177,8 @@ def evaluate(
     trajectory: Path = TrajectoryOpt,
     seed: int = SeedOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    checkpoint: Path = typer.Option(None, "--checkpoint", help="also evaluate this decoder model.safetensors on "
+                                    "every scene (PSNR/SSIM vs teacher and ground truth)"),
 ) -> None:
     """Dataset quality against exact ground truth: teacher/warp PSNR and SSIM, mask leakage and false holes."""
     _setup_env(verbose)
@@ -189,7 +191,10 @@ def evaluate(
     from flows.generate_dataset import PipelineFailed
 
     try:
-        summary = evaluate_dataset(store=store, preset=name, overrides=over)
+        if checkpoint is not None and not checkpoint.is_file():
+            raise LyraError(f"{checkpoint}: decoder checkpoint not found")
+        summary = evaluate_dataset(store=store, preset=name, overrides=over,
+                                   checkpoint=str(checkpoint.resolve()) if checkpoint else None)
     except (PipelineFailed, LyraError) as exc:
         _fail(exc)
     table = Table(title=f"dataset quality: {store}", caption="PSNR in dB vs ground truth (warp: over refined-mask "
@@ -200,7 +205,10 @@ def evaluate(
             ("holes\nrefined", "false_hole_rate_refined")]
     for label, _ in cols:
         table.add_column(label, justify="right")
+    decoders = [r for r in summary if str(r["group"]).startswith("decoder")]
     for row in summary:
+        if row in decoders:
+            continue
         cells = []
         for _, key in cols:
             v = row[key]
@@ -208,6 +216,10 @@ def evaluate(
                          else str(v))
         table.add_row(*cells)
     out.print(table)
+    for row in decoders:
+        out.print(f"{row['group']}: {row['scenes']} scenes, {row['frames']} frames: PSNR vs teacher "
+                  f"{row['psnr_teacher']:.2f} dB, vs ground truth {row['psnr_gt']:.2f} dB, SSIM vs ground truth "
+                  f"{row['ssim_gt']:.3f}")
 
 
 @app.command()

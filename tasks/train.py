@@ -65,44 +65,71 @@ def scene_gaussians(model, views: ViewCache, scene_id: str, trajectories: list[s
         return decode_gaussians(model, batch)
 
 
+def scene_decoder_rows(store: RunStore, scene_id: str, model, *, sha: str, run: str, step: int, stride: int = 1,
+                       backend: str = "torch", views: ViewCache | None = None) -> list[dict[str, Any]]:
+    """Per frame (every ``stride``-th) of every trajectory of one scene: the decoder (all trajectories as input)
+    rendered there, PSNR/SSIM vs the teacher frame and, for procedural scenes, vs the exact ground truth."""
+    trajs = index_dataset(store).scenes.get(scene_id, [])
+    if not trajs:
+        return []
+    views = views or ViewCache(store, size=len(trajs))
+    record = next((r for r in store.read_prompts() if r["scene_id"] == scene_id), {})
+    world = make_scene(int(record["seed"])) if record.get("source") == "procedural" else None
+    frames = int(views.get(scene_id, trajs[0]).frames.shape[0])
+    gaussians = scene_gaussians(model, views, scene_id, trajs, frames)
+    rows: list[dict[str, Any]] = []
+    for traj in trajs:
+        targets = list(range(0, frames, stride))
+        batch = build_batch([views.get(scene_id, traj)], list(range(frames)), targets, INFERENCE,
+                            PixelPatchifyEncoder())
+        with torch.no_grad():
+            render = render_batch(gaussians, batch, backend=backend).rgb.clamp(0, 1).cpu()
+        p_t = psnr(render, batch.rgb)
+        s_t = structural_similarity_index_measure(render, batch.rgb, data_range=1.0, reduction="none")
+        if world is not None:
+            cams = views.get(scene_id, traj).cameras
+            gt = from_uint8(to_uint8(world.render(cams.c2w[targets], cams.K[targets], cams.height, cams.width).rgb))
+            p_g = psnr(render, gt)
+            s_g = structural_similarity_index_measure(render, gt, data_range=1.0, reduction="none")
+        for i, f in enumerate(targets):
+            rows.append({
+                "run": run, "step": step, "model_sha256": sha, "scene_id": scene_id, "trajectory": traj,
+                "frame": f, "input_views": len(trajs), "gaussians": gaussians.num,
+                "psnr_teacher": float(p_t[i]), "ssim_teacher": float(s_t[i]),
+                "psnr_gt": float(p_g[i]) if world is not None else math.nan,
+                "ssim_gt": float(s_g[i]) if world is not None else math.nan,
+            })  # fmt: skip
+    return rows
+
+
 def decoder_frame_rows(store: RunStore, run: TrainRun, step: int, model, sha: str) -> list[dict[str, Any]]:
-    """Per frame of every trajectory of every validation scene: PSNR/SSIM vs teacher and vs ground truth."""
-    index = index_dataset(store).scenes
-    prompts = {r["scene_id"]: r for r in store.read_prompts()}
+    """Validation rows of a training run: :func:`scene_decoder_rows` over its held-out scenes."""
     views = ViewCache(store, size=8)
-    stride = run.config.eval_frame_stride
     rows: list[dict[str, Any]] = []
     for sid in run.val_scenes:
-        trajs = index.get(sid, [])
-        if not trajs:
-            continue
-        gaussians = scene_gaussians(model, views, sid, trajs, run.frames)
-        record = prompts.get(sid, {})
-        world = make_scene(int(record["seed"])) if record.get("source") == "procedural" else None
-        for traj in trajs:
-            targets = list(range(0, run.frames, stride))
-            batch = build_batch([views.get(sid, traj)], list(range(run.frames)), targets, INFERENCE,
-                                PixelPatchifyEncoder())
-            with torch.no_grad():
-                render = render_batch(gaussians, batch, backend=run.config.backend).rgb.clamp(0, 1).cpu()
-            teacher = batch.rgb
-            p_t = psnr(render, teacher)
-            s_t = structural_similarity_index_measure(render, teacher, data_range=1.0, reduction="none")
-            if world is not None:
-                cams = views.get(sid, traj).cameras
-                gt = from_uint8(to_uint8(world.render(cams.c2w[targets], cams.K[targets], cams.height,
-                                                      cams.width).rgb))
-                p_g = psnr(render, gt)
-                s_g = structural_similarity_index_measure(render, gt, data_range=1.0, reduction="none")
-            for i, f in enumerate(targets):
-                rows.append({
-                    "run": run.name, "step": step, "model_sha256": sha, "scene_id": sid, "trajectory": traj,
-                    "frame": f, "input_views": len(trajs), "gaussians": gaussians.num,
-                    "psnr_teacher": float(p_t[i]), "ssim_teacher": float(s_t[i]),
-                    "psnr_gt": float(p_g[i]) if world is not None else math.nan,
-                    "ssim_gt": float(s_g[i]) if world is not None else math.nan,
-                })  # fmt: skip
+        rows += scene_decoder_rows(store, sid, model, sha=sha, run=run.name, step=step,
+                                   stride=run.config.eval_frame_stride, backend=run.config.backend, views=views)
     return rows
+
+
+@task(name="evaluate-checkpoint")
+def evaluate_checkpoint_scene(store_url: str, checkpoint: str, scene_id: str, stride: int = 1) -> dict[str, Any]:
+    """Metrics of any decoder checkpoint on one scene, ``eval/decoder/<sha[:16]>/<scene>.parquet`` (skipped when
+    that file exists: it is named by the checkpoint's content)."""
+    import hashlib
+    from pathlib import Path
+
+    store = RunStore(store_url, create=False)
+    data = Path(checkpoint).read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    kind = f"decoder/{sha[:16]}"
+    if store.read_scene_table(kind, scene_id) is not None:
+        return {"scene_id": scene_id, "computed": False}
+    model = load_decoder_bytes(data, checkpoint)
+    rows = scene_decoder_rows(store, scene_id, model, sha=sha, run=Path(checkpoint).parent.name, step=-1,
+                              stride=stride)
+    store.write_scene_table(kind, scene_id, pa.Table.from_pylist(rows, schema=EVAL_SCHEMA))
+    return {"scene_id": scene_id, "computed": True}
 
 
 @task(name="evaluate-decoder")

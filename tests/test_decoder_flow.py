@@ -241,3 +241,23 @@ def test_viewer_serves_scene_and_stops(trained_store, tmp_path):
         server.stop()
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+
+
+def test_evaluate_flow_with_a_decoder_checkpoint(trained_store, tmp_path, prefect_harness):
+    import shutil
+
+    from flows.evaluate_dataset import evaluate_dataset
+
+    store_path = Path(shutil.copytree(trained_store[0], tmp_path / "store"))
+    latest = json.loads(RunStore(store_path).read_file(LATEST))
+    ckpt = str(store_path / latest["checkpoint"])
+    over = {"scenes": {"num_scenes": 3}}
+    summary = evaluate_dataset(store=str(store_path), preset="smoke", overrides=over, checkpoint=ckpt)
+    dec = [r for r in summary if str(r["group"]).startswith("decoder")]
+    assert len(dec) == 1 and dec[0]["scenes"] == 3 and dec[0]["frames"] == 3 * 6 * 9
+    assert 0 < dec[0]["psnr_gt"] < 60
+    files = sorted((store_path / "eval" / "decoder").rglob("*.parquet"))
+    assert len(files) == 3
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    evaluate_dataset(store=str(store_path), preset="smoke", overrides=over, checkpoint=ckpt)
+    assert [f.stat().st_mtime_ns for f in files] == mtimes  # same checkpoint: no work
