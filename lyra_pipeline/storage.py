@@ -113,17 +113,25 @@ class RunStore:
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self._manifest_cache: dict[str, dict[tuple[str, str], ManifestRow]] = {}
         marker = self._path("store.json")
-        if self.fs.exists(marker):
-            meta = json.loads(self.fs.cat_file(marker))
+        hint = ("" if self.is_local else "; check the URL, that the bucket exists, and the credentials (taken only "
+                "from the standard environment / config files of the filesystem, e.g. AWS_* variables)")
+        try:
+            exists = self.fs.exists(marker)
+            meta = json.loads(self.fs.cat_file(marker)) if exists else None
+        except Exception as exc:  # noqa: BLE001 - permission, network, missing bucket, bad credentials...
+            raise LyraStorageError(f"store {self.url!r}: cannot read ({type(exc).__name__}: {exc}){hint}") from None
+        if meta is not None:
             if meta.get("format") != STORE_FORMAT:
                 raise LyraStorageError(f"{self.url}: store.json does not describe a {STORE_FORMAT} store")
         elif create:
             try:
-                self.fs.makedirs(self.root, exist_ok=True)
+                if self.is_local:  # object stores have no folders (and makedirs would create a missing bucket)
+                    self.fs.makedirs(self.root, exist_ok=True)
                 self._write_bytes("store.json", json.dumps({"format": STORE_FORMAT, "version": STORE_VERSION})
                                   .encode())
-            except OSError as exc:
-                raise LyraStorageError(f"store {self.url!r}: cannot write ({exc})") from exc
+            except Exception as exc:  # noqa: BLE001 - read-only folder, missing bucket, denied...
+                raise LyraStorageError(f"store {self.url!r}: cannot write ({type(exc).__name__}: {exc}){hint}") \
+                    from None
         else:
             raise LyraStorageError(f"{self.url}: not a lyra store (no store.json)")
         self._zroot = zarr.open_group(store=self._zarr_store(), mode="a")
