@@ -471,6 +471,35 @@ def view(
         server.stop()
 
 
+server_app = typer.Typer(help="A Prefect server on PostgreSQL (production-like; `lyra run` needs none).")
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("start")
+def server_start(
+    db_url: str = typer.Option(None, "--db-url", help="postgresql+asyncpg://USER@HOST:PORT/NAME (created if missing; "
+                               "default postgres@127.0.0.1:5432/lyra_prefect)"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(4200, "--port"),
+) -> None:
+    """Create the database if needed and run `prefect server start` on it (Ctrl-C stops it)."""
+    from lyra_pipeline.server import DEFAULT_DB_URL, start_server
+
+    url = db_url or DEFAULT_DB_URL
+    try:
+        proc = start_server(url, host, port)
+    except LyraError as exc:
+        _fail(exc)
+    console.print(f"Prefect server on http://{host}:{port} (database {url.rsplit('/', 1)[-1]}); in other shells:\n"
+                  f"  export PREFECT_API_URL=http://{host}:{port}/api\n  prefect work-pool create lyra-process "
+                  "--type process; prefect deploy --all; prefect worker start --pool lyra-process")
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(30)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
