@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -163,6 +165,65 @@ def require_done(store: RunStore, scene_id: str, stage: str, key: str, trajector
         )
 
 
+LEASE_TTL_S = 600.0  # a lease not renewed for this long is stale (its run died) and may be taken over
+LEASE_POLL_S = 0.5
+LEASE_SETTLE_S = 0.05  # re-read after writing: the last writer wins a simultaneous claim (local rename)
+LEASE_SETTLE_REMOTE_S = 0.5  # object stores: allow for request latency between another run's read and write
+
+
+def lease_owner(run_id: str) -> str:
+    return f"{run_id}:{os.uname().nodename}:{os.getpid()}:{threading.get_ident()}"
+
+
+class SceneLease:
+    """Exclusive right to write one scene (its arrays and manifest) across concurrent runs on one store.
+
+    A lease is a small JSON file (``leases/<scene>.json``: owner, expiry). ``acquire`` waits while another
+    live owner holds it, takes it over when it has expired (a killed run), writes its own claim and re-reads it
+    after a short settle time so that of two simultaneous claims only the last writer proceeds. It works on
+    local and object stores (atomic single-file writes). ``renew`` extends the expiry after every unit.
+    """
+
+    def __init__(self, store: RunStore, scene_id: str, owner: str, ttl_s: float = LEASE_TTL_S) -> None:
+        self.store, self.scene_id, self.owner, self.ttl_s = store, scene_id, owner, ttl_s
+
+    def acquire(self, timeout_s: float = 24 * 3600.0) -> None:
+        deadline = time.time() + timeout_s
+        while True:
+            lease = self.store.read_lease(self.scene_id)
+            if lease is None or lease.get("owner") == self.owner or self.stale(lease):
+                self.store.write_lease(self.scene_id, self.owner, self.ttl_s)
+                time.sleep(LEASE_SETTLE_S if self.store.is_local else LEASE_SETTLE_REMOTE_S)
+                lease = self.store.read_lease(self.scene_id)
+                if lease is not None and lease.get("owner") == self.owner:
+                    self.store.forget_manifest(self.scene_id)  # another run may have written it meanwhile
+                    return
+            if time.time() > deadline:
+                raise LyraStorageError(f"{self.store.url}: scene {self.scene_id!r} is leased by {lease} for longer "
+                                       f"than {timeout_s:.0f} s")
+            time.sleep(LEASE_POLL_S)
+
+    @staticmethod
+    def stale(lease: dict) -> bool:
+        """Expired, or held by a process of this host that no longer exists (a killed run)."""
+        if lease.get("expires_at", 0) < time.time():
+            return True
+        if lease.get("host") == os.uname().nodename and isinstance(lease.get("pid"), int):
+            try:
+                os.kill(lease["pid"], 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                return False
+        return False
+
+    def renew(self) -> None:
+        self.store.write_lease(self.scene_id, self.owner, self.ttl_s)
+
+    def release(self) -> None:
+        self.store.release_lease(self.scene_id, self.owner)
+
+
 def run_units(store_url: str, config: RunConfig, scene: SceneRecord, stage: str, run_id: str,
               compute: Callable[[RunStore, str], None]) -> StageReport:
     """Run ``compute(store, trajectory)`` for every unit of ``stage`` of ``scene`` that is not done yet.
@@ -173,12 +234,21 @@ def run_units(store_url: str, config: RunConfig, scene: SceneRecord, stage: str,
     store, keys = RunStore(store_url), plan_keys(config, scene)
     names = [""] if stage in SCENE_STAGES else list(config.trajectory_names)
     report = StageReport(scene.scene_id, stage, trajectories=[n for n in names if n])
-    for name in names:
-        with StageRun(store, scene.scene_id, name, stage, keys.key(stage, name), run_id, report) as run:
-            if run.skip:
-                continue
-            for up in UPSTREAM[stage]:
-                up_name = "" if up in SCENE_STAGES else name
-                require_done(store, scene.scene_id, up, keys.key(up, up_name), up_name)
-            compute(store, name)
+    if all(store.is_done(scene.scene_id, n, stage, keys.key(stage, n)) for n in names):
+        report.skipped = len(names)  # finished work: no lease, no write
+        return report
+    lease = SceneLease(store, scene.scene_id, lease_owner(run_id))
+    lease.acquire()
+    try:
+        for name in names:
+            with StageRun(store, scene.scene_id, name, stage, keys.key(stage, name), run_id, report) as run:
+                if run.skip:
+                    continue
+                for up in UPSTREAM[stage]:
+                    up_name = "" if up in SCENE_STAGES else name
+                    require_done(store, scene.scene_id, up, keys.key(up, up_name), up_name)
+                compute(store, name)
+            lease.renew()
+    finally:
+        lease.release()
     return report

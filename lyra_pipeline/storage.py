@@ -171,7 +171,7 @@ class RunStore:
         if not self.is_local:
             return 0
         removed = 0
-        for pattern in ("**/*.partial", "manifest/*.tmp", "*.tmp", "runs/*.tmp", "train/**/*.tmp"):
+        for pattern in ("**/*.partial", "manifest/*.tmp", "*.tmp", "runs/*.tmp", "train/**/*.tmp", "leases/*.tmp"):
             for p in Path(self.root).glob(pattern):
                 p.unlink(missing_ok=True)
                 removed += 1
@@ -201,6 +201,10 @@ class RunStore:
                 (r["trajectory"], r["stage"]): ManifestRow(**r) for r in rows
             }
         return self._manifest_cache[scene_id]
+
+    def forget_manifest(self, scene_id: str) -> None:
+        """Drop the cached manifest of a scene (re-read it: another process may have written it)."""
+        self._manifest_cache.pop(scene_id, None)
 
     def is_done(self, scene_id: str, trajectory: str, stage: str, key: str) -> bool:
         row = self.scene_manifest(scene_id).get((trajectory, stage))
@@ -373,6 +377,23 @@ class RunStore:
     def read_table_dir(self, rel: str, schema: pa.Schema | None = None) -> pa.Table:
         """Every ``*.parquet`` directly under ``rel``, concatenated in name order."""
         return self._read_parquet_dir(rel, schema)
+
+    # --- leases (one writer per scene across concurrent runs) ------------------------------------------------
+    def read_lease(self, scene_id: str) -> dict[str, Any] | None:
+        data = self._read_bytes(f"leases/{validate_scene_id(scene_id)}.json")
+        try:
+            return json.loads(data) if data else None
+        except json.JSONDecodeError:
+            return None  # a torn write on a non-atomic filesystem: treat as free
+
+    def write_lease(self, scene_id: str, owner: str, ttl_s: float) -> None:
+        doc = {"owner": owner, "expires_at": time.time() + ttl_s, "host": os.uname().nodename, "pid": os.getpid()}
+        self._write_bytes(f"leases/{validate_scene_id(scene_id)}.json", json.dumps(doc).encode())
+
+    def release_lease(self, scene_id: str, owner: str) -> None:
+        lease = self.read_lease(scene_id)
+        if lease is not None and lease.get("owner") == owner:
+            self.fs.rm_file(self._path(f"leases/{validate_scene_id(scene_id)}.json"))
 
     # --- caches -------------------------------------------------------------------------------------------------
     def text_cache(self) -> TextEmbeddingCache:

@@ -300,3 +300,26 @@ def test_stage_command_runs_one_stage_and_checks_upstream(tmp_path):
     assert "computed 3, reused 0" in result.output
     result = runner.invoke(app, ["stage", "warp", *base, "--scene", "proc-000000"])
     assert "computed 0, reused 3" in result.output
+
+
+def test_two_concurrent_runs_on_one_store_match_a_single_run(finished_store, tmp_path, prefect_harness):
+    """Two `lyra run` processes on one store at once: per-scene leases keep one writer per scene; the final
+    store is complete and identical to a single run, and no lease is left behind."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONUNBUFFERED": "1"}
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text(yaml.safe_dump({"preset": "smoke", **SMALL}))
+    url = tmp_path / "shared"
+    args = ["run", "--config", str(cfg), "--store", str(url), "--workers", "2"]
+    procs = [_run_cli(args, env), _run_cli(args, env)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=400)
+        assert proc.returncode == 0, err[-3000:]
+    assert_same_arrays(all_arrays(str(url)), all_arrays(str(finished_store)))
+    rows = RunStore(url, create=False).read_manifest().to_pylist()
+    assert len(rows) == 34 and all(r["status"] == "done" for r in rows)
+    assert not list((url / "leases").glob("*.json")) if (url / "leases").exists() else True
+    # each unit was computed once in all (no duplicated work): the two run summaries add up to 34
+    runs = RunStore(url, create=False).run_summaries()
+    assert len(runs) == 2 and sum(r["computed"] for r in runs) == 34
