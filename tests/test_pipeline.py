@@ -323,3 +323,43 @@ def test_two_concurrent_runs_on_one_store_match_a_single_run(finished_store, tmp
     # each unit was computed once in all (no duplicated work): the two run summaries add up to 34
     runs = RunStore(url, create=False).run_summaries()
     assert len(runs) == 2 and sum(r["computed"] for r in runs) == 34
+
+
+def _kill_resume_cycles(finished_store, tmp_path, kills: int, seed: int) -> None:
+    import random
+
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONUNBUFFERED": "1"}
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text(yaml.safe_dump({"preset": "smoke", **SMALL}))
+    url = tmp_path / "killed"
+    args = ["run", "--config", str(cfg), "--store", str(url), "--workers", "2"]
+    rng = random.Random(seed)
+    killed = 0
+    for _ in range(kills):
+        proc = _run_cli(args, env)
+        try:
+            proc.wait(timeout=rng.uniform(4.0, 14.0))  # a random moment: start-up, any stage, or finished
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            killed += 1
+    assert killed >= kills // 2, f"only {killed} of {kills} runs were still running when killed"
+    proc = _run_cli(args, env)
+    _, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    assert_same_arrays(all_arrays(str(url)), all_arrays(str(finished_store)))
+    rows = RunStore(url, create=False).read_manifest().to_pylist()
+    assert len(rows) == 34 and all(r["status"] == "done" for r in rows)
+    assert not list(url.rglob("*.partial")) and not list(url.rglob("*.tmp"))
+    assert not list(url.glob("leases/*.json"))
+
+
+def test_two_random_sigkills_then_resume(finished_store, tmp_path, prefect_harness):
+    _kill_resume_cycles(finished_store, tmp_path, kills=2, seed=1)
+
+
+@pytest.mark.slow
+def test_ten_random_sigkills_then_resume(finished_store, tmp_path, prefect_harness):
+    _kill_resume_cycles(finished_store, tmp_path, kills=10, seed=2)
