@@ -95,6 +95,8 @@ def run(
     workers: int = WorkersOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show Prefect's task logs"),
     only_scenes: list[str] = typer.Option(None, "--scene", help="only these scene ids"),
+    dask: bool = typer.Option(False, "--dask", help="run scene tasks on a local Dask cluster (--workers processes)"),
+    dask_address: str = typer.Option(None, "--dask-address", help="run scene tasks on an existing Dask scheduler"),
 ) -> None:
     """Generate (or complete) a dataset: every stage of every scene, skipping finished work."""
     _setup_env(verbose)
@@ -106,11 +108,12 @@ def run(
         RunStore(store)  # fail fast on an unusable store
     except LyraError as exc:
         _fail(exc)
-    from prefect.task_runners import ThreadPoolTaskRunner
-
     from flows.generate_dataset import PipelineFailed, generate_dataset
 
-    flow = generate_dataset.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
+    try:
+        flow = generate_dataset.with_options(task_runner=make_task_runner(workers, dask, dask_address))
+    except LyraError as exc:
+        _fail(exc)
     result: dict[str, Any] = {}
 
     def target() -> None:
@@ -142,6 +145,23 @@ def run(
                   f"in {s['finished_at'] - s['started_at']:.1f} s -> {store}")
 
 
+def make_task_runner(workers: int, dask: bool = False, dask_address: str | None = None):
+    """Threads in this process (default), a local Dask cluster of ``workers`` single-threaded processes, or an
+    existing Dask scheduler."""
+    if not dask and not dask_address:
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=workers)
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError as exc:
+        raise LyraError("Dask scale-out needs prefect-dask: pip install 'lyra-pipeline[dask]'") from exc
+    if dask_address:
+        return DaskTaskRunner(address=dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None})
+
+
 @app.command()
 def retry(
     preset: str = PresetOpt,
@@ -164,7 +184,7 @@ def retry(
         return
     console.print(f"retrying {len(failed)} scene(s): {', '.join(failed[:20])}")
     run(preset=preset, config=config, store=store, num_scenes=num_scenes, images=images, trajectory=trajectory,
-        seed=seed, workers=workers, verbose=False, only_scenes=failed)
+        seed=seed, workers=workers, verbose=False, only_scenes=failed, dask=False, dask_address=None)
 
 
 @app.command()

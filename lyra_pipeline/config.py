@@ -145,6 +145,12 @@ class LatentsConfig(Section):
     dtype: Literal["float16", "float32"] = "float16"
 
 
+class ComputeConfig(Section):
+    """How stages use the machine (not part of any content key: it never changes results)."""
+
+    torch_threads: int | None = Field(1, ge=1)  # intra-op threads per task; None: torch's default (all cores)
+
+
 class RunConfig(Section):
     """Everything that determines a dataset; its sections feed the content keys of the stages they drive."""
 
@@ -158,6 +164,7 @@ class RunConfig(Section):
     mask: MaskConfig = MaskConfig()
     generator: GeneratorConfig = GeneratorConfig()
     latents: LatentsConfig = LatentsConfig()
+    compute: ComputeConfig = ComputeConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

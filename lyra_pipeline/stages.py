@@ -237,6 +237,10 @@ def run_units(store_url: str, config: RunConfig, scene: SceneRecord, stage: str,
     if all(store.is_done(scene.scene_id, n, stage, keys.key(stage, n)) for n in names):
         report.skipped = len(names)  # finished work: no lease, no write
         return report
+    if config.compute.torch_threads:
+        import torch
+
+        torch.set_num_threads(config.compute.torch_threads)  # workers must not oversubscribe the cores
     lease = SceneLease(store, scene.scene_id, lease_owner(run_id))
     lease.acquire()
     try:

@@ -363,3 +363,15 @@ def test_two_random_sigkills_then_resume(finished_store, tmp_path, prefect_harne
 @pytest.mark.slow
 def test_ten_random_sigkills_then_resume(finished_store, tmp_path, prefect_harness):
     _kill_resume_cycles(finished_store, tmp_path, kills=10, seed=2)
+
+
+def test_dask_task_runner_gives_the_same_store(finished_store, tmp_path, prefect_harness):
+    pytest.importorskip("prefect_dask")
+    from flows.generate_dataset import generate_dataset
+    from lyra_pipeline.cli import make_task_runner
+
+    url = tmp_path / "dask"
+    flow = generate_dataset.with_options(task_runner=make_task_runner(2, dask=True))
+    summary = flow(store=str(url), preset="smoke", overrides=SMALL)
+    assert summary["failed_scenes"] == [] and summary["computed"] == 34
+    assert_same_arrays(all_arrays(str(url)), all_arrays(str(finished_store)))
