@@ -56,6 +56,7 @@ def evaluate_dataset(
     failed += [s.scene_id for s, f in zip(scenes, decoder, strict=False) if not f.state.is_completed()]
     # 3. Aggregate per trajectory and overall; publish as a table and a Prefect artifact.
     st = RunStore(store)
+    st.compact_manifest()
     ids = {s.scene_id for s in scenes}
     frames = st.read_tables("frames")
     if frames.num_rows:

@@ -96,6 +96,7 @@ def generate_dataset(
     for i, futs in enumerate(by_stage.values()):  # stage by stage, in DAG order
         wait(futs)
         update_progress_artifact(progress, progress=100.0 * (i + 1) / len(by_stage))
+    RunStore(store).compact_manifest()  # one index file: `lyra status` stays fast at 100k+ scenes
     summary = summarize(run_id, preset, config.model_dump(mode="json"), store, scenes, by_stage, started)
     RunStore(store).write_run_summary(run_id, summary)
     logger.info("run %s: computed %d, reused %d, failed scenes %d", run_id, summary["computed"],

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import threading
@@ -36,6 +37,7 @@ from fsspec.implementations.local import LocalFileSystem
 from lyra_ops.errors import LyraInputError, LyraStorageError
 
 STORE_FORMAT = "lyra-store"
+MANIFEST_INDEX = "manifest_index.parquet"
 STORE_VERSION = 1
 SCENE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 SCENE_STAGES = ("input", "depth")
@@ -98,6 +100,21 @@ class ManifestRow:
     error: str = ""
     run_id: str = ""
     updated_at: float = field(default_factory=time.time)
+
+
+def _mtime(info: dict[str, Any]) -> float:
+    """Modification time (unix seconds) of an fsspec listing entry (local: mtime; S3: LastModified)."""
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if hasattr(value, "timestamp"):
+            return float(value.timestamp())
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            continue
+    return math.inf  # unknown: always re-read
 
 
 class RunStore:
@@ -227,8 +244,48 @@ class RunStore:
         self._write_parquet(self._manifest_rel(scene_id), table)
 
     def read_manifest(self) -> pa.Table:
-        """All scenes' manifest rows as one table (empty table if nothing was recorded yet)."""
-        return self._read_parquet_dir("manifest", MANIFEST_SCHEMA)
+        """All scenes' manifest rows as one table (empty table if nothing was recorded yet).
+
+        Reads the compacted index (``manifest_index.parquet``) plus only the per-scene files written after it, so
+        a finished store of 100k scenes answers from one file (see :meth:`compact_manifest`)."""
+        path = self._path("manifest")
+        if not self.fs.exists(path):
+            return MANIFEST_SCHEMA.empty_table()
+        listing = {info["name"].rstrip("/").rsplit("/", 1)[-1]: _mtime(info)
+                   for info in self.fs.ls(path, detail=True) if info["name"].endswith(".parquet")}
+        index = self._read_bytes(MANIFEST_INDEX)
+        base = pq.read_table(io.BytesIO(index)) if index is not None else None
+        as_of = float(base.schema.metadata.get(b"as_of", b"-inf")) if base is not None else -math.inf
+        indexed = set(base.schema.metadata.get(b"scenes", b"").decode().split("\n")) if base is not None else set()
+        fresh = sorted(f for f, m in listing.items() if m >= as_of or f.removesuffix(".parquet") not in indexed)
+        tables = [pq.read_table(io.BytesIO(self.fs.cat_file(f"{path}/{f}")), schema=MANIFEST_SCHEMA) for f in fresh]
+        if base is not None:
+            present = {f.removesuffix(".parquet") for f in listing}
+            keep = present - {f.removesuffix(".parquet") for f in fresh}
+            base = base.cast(MANIFEST_SCHEMA.with_metadata(None)).replace_schema_metadata(None)
+            base = base.filter(pa.compute.is_in(base["scene_id"], value_set=pa.array(sorted(keep), pa.string())))
+            tables.insert(0, base)
+        if not tables:
+            return MANIFEST_SCHEMA.empty_table()
+        return pa.concat_tables([t.replace_schema_metadata(None) for t in tables]).sort_by(
+            [("scene_id", "ascending")])
+
+    def compact_manifest(self) -> int:
+        """Rewrite ``manifest_index.parquet`` from the index and the per-scene files changed since (one writer:
+        the flow, after its tasks). Returns the number of rows indexed."""
+        path = self._path("manifest")
+        if not self.fs.exists(path):
+            return 0
+        listing = [info for info in self.fs.ls(path, detail=True) if info["name"].endswith(".parquet")]
+        as_of = max((_mtime(i) for i in listing), default=0.0)
+        table = self.read_manifest()
+        scenes = sorted({i["name"].rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet") for i in listing})
+        meta = {b"as_of": repr(as_of).encode(), b"scenes": "\n".join(scenes).encode()}
+        table = table.replace_schema_metadata(meta)
+        old = self._read_bytes(MANIFEST_INDEX)
+        if old is None or not pq.read_table(io.BytesIO(old)).equals(table, check_metadata=True):
+            self._write_parquet(MANIFEST_INDEX, table)  # unchanged stores are not rewritten
+        return table.num_rows
 
     # --- parquet helpers ----------------------------------------------------------------------------------
     def _write_parquet(self, rel: str, table: pa.Table) -> None:

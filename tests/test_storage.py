@@ -78,3 +78,32 @@ def test_clean_partial_files(tmp_path):
     (tmp_path / "s" / "manifest" / "a.parquet.123.tmp").write_bytes(b"x")
     assert store.clean_partial_files() == 2
     assert not junk.exists()
+
+
+def test_manifest_index_plus_changed_files_equals_full_read(tmp_path):
+    import os
+
+    from lyra_pipeline.storage import MANIFEST_INDEX, ManifestRow, RunStore
+
+    store = RunStore(tmp_path / "s")
+
+    def rows(sid: str, status: str) -> list[ManifestRow]:
+        return [ManifestRow(sid, "", "input", status, "k"), ManifestRow(sid, "left", "warp", status, "k")]
+
+    for i in range(5):
+        store.record(rows(f"s{i}", "done"))
+    full = store._read_parquet_dir("manifest").sort_by("scene_id")
+    assert store.read_manifest().equals(full)
+    assert store.compact_manifest() == 10 and (tmp_path / "s" / MANIFEST_INDEX).exists()
+    mtime = os.stat(tmp_path / "s" / MANIFEST_INDEX).st_mtime_ns
+    store.compact_manifest()
+    assert os.stat(tmp_path / "s" / MANIFEST_INDEX).st_mtime_ns == mtime  # unchanged: not rewritten
+    # after the index: one scene changes, one is added, one manifest file disappears
+    fresh = RunStore(tmp_path / "s")
+    fresh.record(rows("s1", "failed"))
+    fresh.record(rows("s9", "running"))
+    (tmp_path / "s" / "manifest" / "s3.parquet").unlink()
+    got = RunStore(tmp_path / "s").read_manifest()
+    want = RunStore(tmp_path / "s")._read_parquet_dir("manifest").sort_by("scene_id")
+    assert sorted(got.to_pylist(), key=str) == sorted(want.to_pylist(), key=str)
+    assert {r["status"] for r in got.to_pylist() if r["scene_id"] == "s1"} == {"failed"}

@@ -1,0 +1,120 @@
+"""Benchmark: operations at scale. Printed and written as JSON, never asserted.
+
+(a) Prefect overhead per scene task: flow wall time vs the sum of the stage durations recorded in the manifest
+    (thread runner, 1 worker), as % of stage time.
+(b) Dask: the same batch on a LocalCluster of 1 vs 2 single-threaded worker processes (2 cores).
+(c) Resume: a re-run of the finished batch as % of the first run's wall time.
+(d) Status at scale: ``read_manifest`` + per-stage counts over a synthetic store of ``--status-scenes`` scenes
+    x 6 trajectories (per-scene manifest files + the compacted index the flows write), cold and with 100
+    scenes changed since the index.
+
+    python benchmarks/bench_scale.py --scenes 8 --status-scenes 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+from lyra_pipeline.storage import MANIFEST_SCHEMA, STAGES, RunStore  # noqa: E402
+
+
+def run_batch(store: str, scenes: int, runner) -> float:
+    from flows.generate_dataset import generate_dataset
+
+    flow = generate_dataset.with_options(task_runner=runner)
+    t0 = time.perf_counter()
+    flow(store=store, preset="smoke", overrides={"scenes": {"num_scenes": scenes}})
+    return time.perf_counter() - t0
+
+
+def synthetic_store(path: Path, scenes: int) -> RunStore:
+    store = RunStore(path)
+    trajectories = ["left", "right", "up", "zoom_out", "zoom_in", "clockwise"]
+    (path / "manifest").mkdir(exist_ok=True)
+    for i in range(scenes):
+        sid = f"proc-{i:06d}"
+        rows = [(sid, "", s) for s in ("input", "depth")] + [(sid, t, s) for t in trajectories for s in STAGES[2:]]
+        table = pa.table({"scene_id": [r[0] for r in rows], "trajectory": [r[1] for r in rows],
+                          "stage": [r[2] for r in rows], "status": ["done"] * len(rows),
+                          "key": ["0" * 32] * len(rows), "duration_s": [1.0] * len(rows), "error": [""] * len(rows),
+                          "run_id": ["bench"] * len(rows), "updated_at": [time.time()] * len(rows)},
+                         schema=MANIFEST_SCHEMA)
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        (path / "manifest" / f"{sid}.parquet").write_bytes(buf.getvalue())
+    return store
+
+
+def status(store: RunStore) -> Counter:
+    t = store.read_manifest()
+    return Counter(zip(t["stage"].to_pylist(), t["status"].to_pylist(), strict=True))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenes", type=int, default=8)
+    ap.add_argument("--status-scenes", type=int, default=100_000)
+    ap.add_argument("--skip-dask", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect.testing.utilities import prefect_test_harness
+
+    result: dict = {"scenes": args.scenes}
+    with tempfile.TemporaryDirectory() as tmp, prefect_test_harness(server_startup_timeout=120):
+        store = f"{tmp}/a"
+        wall = run_batch(store, args.scenes, ThreadPoolTaskRunner(max_workers=1))
+        rows = RunStore(store).read_manifest().to_pylist()
+        stage_s = sum(r["duration_s"] for r in rows)
+        result["a_flow_wall_s"], result["a_stage_s"] = wall, stage_s
+        result["a_prefect_overhead_pct"] = 100 * (wall - stage_s) / stage_s
+        resume = run_batch(store, args.scenes, ThreadPoolTaskRunner(max_workers=1))
+        result["c_resume_s"], result["c_resume_pct"] = resume, 100 * resume / wall
+        if not args.skip_dask:
+            from lyra_pipeline.cli import make_task_runner
+
+            d1 = run_batch(f"{tmp}/d1", args.scenes, make_task_runner(1, dask=True))
+            d2 = run_batch(f"{tmp}/d2", args.scenes, make_task_runner(2, dask=True))
+            result["b_dask_1_worker_s"], result["b_dask_2_workers_s"], result["b_speedup"] = d1, d2, d1 / d2
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        store = synthetic_store(Path(tmp) / "big", args.status_scenes)
+        result["d_synthetic_write_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        counts = status(store)
+        result["d_status_no_index_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        store.compact_manifest()
+        result["d_compact_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        counts2 = status(RunStore(Path(tmp) / "big"))
+        result["d_status_s"] = time.perf_counter() - t0
+        assert counts == counts2
+        for i in range(100):  # a run touches 100 scenes after the index was written
+            p = Path(tmp) / "big" / "manifest" / f"proc-{i:06d}.parquet"
+            p.write_bytes(p.read_bytes())
+        t0 = time.perf_counter()
+        status(RunStore(Path(tmp) / "big"))
+        result["d_status_100_changed_s"] = time.perf_counter() - t0
+        result["d_rows"] = sum(counts.values())
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
