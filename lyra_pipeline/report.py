@@ -91,6 +91,25 @@ def _figure(src: str, caption: str) -> str:
     return f'<figure><img src="{src}" alt="{text}"><figcaption>{text}</figcaption></figure>'
 
 
+def _per_frame_plot(rows: list[dict[str, Any]], key: str, ylabel: str, title: str) -> str | None:
+    """PNG data URI of ``key`` averaged per (trajectory, frame index), one line per trajectory (None if empty)."""
+    by: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for r in rows:
+        if r[key] is not None and math.isfinite(r[key]):
+            by[(r["trajectory"], r["frame"])].append(r[key])
+    if not by:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for traj in sorted({t for t, _ in by}):
+        idx = sorted(f for t, f in by if t == traj)
+        ax.plot(idx, [float(np.mean(by[(traj, f)])) for f in idx], marker=".", label=traj)
+    ax.set_xlabel("frame index")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    return _png(fig)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Dataset section
 # ------------------------------------------------------------------------------------------------------------
@@ -131,20 +150,10 @@ def dataset_section(store: RunStore) -> tuple[str, dict[str, Any]]:
         ax.set_title("Warped frames vs ground truth (refined-mask pixels)")
         ax.tick_params(axis="x", rotation=20)
         figs.append(_figure(_png(fig), "Warp PSNR per trajectory type"))
-    by_frame: dict[tuple[str, int], list[float]] = defaultdict(list)
-    for r in frames.to_pylist():
-        if r["frame"] > 0 and math.isfinite(r["warp_psnr_gt"] or math.nan):
-            by_frame[(r["trajectory"], r["frame"])].append(r["warp_psnr_gt"])
-    if by_frame:
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        for traj in sorted({t for t, _ in by_frame}):
-            idx = sorted(f for t, f in by_frame if t == traj)
-            ax.plot(idx, [float(np.mean(by_frame[(traj, f)])) for f in idx], marker=".", label=traj)
-        ax.set_xlabel("frame index")
-        ax.set_ylabel("warp PSNR (dB)")
-        ax.set_title("Warp PSNR per frame index")
-        ax.legend(fontsize=7, ncol=2)
-        figs.append(_figure(_png(fig), "Warp PSNR vs frame index (mean over scenes)"))
+    plot = _per_frame_plot([r for r in frames.to_pylist() if r["frame"] > 0], "warp_psnr_gt", "warp PSNR (dB)",
+                           "Warp PSNR per frame index")
+    if plot:
+        figs.append(_figure(plot, "Warp PSNR vs frame index (mean over scenes)"))
     parts.append("<div class='grid'>" + "".join(figs) + "</div>")
     return "".join(parts), next((r for r in rows if r["group"] == "all"), {})
 
@@ -203,20 +212,9 @@ def decoder_section(store: RunStore) -> tuple[str, dict[str, Any]]:
         ax.set_title("Training loss (dashed: stage boundaries)")
         ax.legend(fontsize=8)
         figs.append(_figure(_png(fig), "Distillation loss per step"))
-    if rows:
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        for t in sorted({r["trajectory"] for r in rows}):
-            by: dict[int, list[float]] = defaultdict(list)
-            for r in rows:
-                if r["trajectory"] == t and math.isfinite(r["psnr_gt"]):
-                    by[r["frame"]].append(r["psnr_gt"])
-            if by:
-                ax.plot(sorted(by), [float(np.mean(by[f])) for f in sorted(by)], marker=".", label=t)
-        ax.set_xlabel("frame index")
-        ax.set_ylabel("PSNR vs ground truth (dB)")
-        ax.set_title("Decoder renders on held-out scenes")
-        ax.legend(fontsize=7, ncol=2)
-        figs.append(_figure(_png(fig), "Decoder PSNR per frame index and trajectory"))
+    plot = _per_frame_plot(rows, "psnr_gt", "PSNR vs ground truth (dB)", "Decoder renders on held-out scenes")
+    if plot:
+        figs.append(_figure(plot, "Decoder PSNR per frame index and trajectory"))
     parts.append("<div class='grid'>" + "".join(figs) + "</div>")
     if run.val_scenes:
         model, _ = load_latest_decoder(store)

@@ -8,7 +8,6 @@ a user image.
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import threading
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 
 from lyra_ops.errors import LyraConfigError
 from lyra_ops.images import cover_crop_resize
+from lyra_pipeline.backends.local import local_folder, read_json
 
 SUPPORTED = ("PixArtSigmaPipeline", "PixArtAlphaPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
              "StableDiffusionXLPipeline", "StableDiffusionPipeline", "SanaPipeline")
@@ -26,17 +26,9 @@ _LOCK = threading.Lock()
 
 def inspect_t2i_checkpoint(model_path: str | os.PathLike[str]) -> str:
     """Validate a local text-to-image pipeline folder from its ``model_index.json``; returns its class name."""
-    root = Path(model_path).expanduser()
-    if not root.is_dir():
-        raise LyraConfigError(f"text_to_image.model_path: {root} is not a directory (a local diffusers text-to-image "
-                              "pipeline folder is expected; nothing is downloaded)")
+    root = local_folder(model_path, "text_to_image.model_path", "diffusers text-to-image pipeline")
     index_path = root / "model_index.json"
-    if not index_path.is_file():
-        raise LyraConfigError(f"{index_path}: missing (save the pipeline with save_pretrained)")
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise LyraConfigError(f"{index_path}: corrupt JSON ({exc})") from None
+    index = read_json(index_path, "pipeline index")
     cls = index.get("_class_name")
     if cls not in SUPPORTED:
         raise LyraConfigError(f"{index_path}: _class_name {cls!r} is not a supported text-to-image pipeline; "

@@ -28,6 +28,7 @@ from lyra_ops.cameras import Cameras
 from lyra_ops.errors import LyraConfigError
 from lyra_ops.gen3c import Conditioning, first_frame_mask, mask_video, sample, set_submodule, widen_conv_input
 from lyra_ops.generation import check_generation_inputs
+from lyra_pipeline.backends.local import local_folder, read_json
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +62,6 @@ class CheckpointInfo:
     @property
     def conditioned_in_channels(self) -> int:
         return self.base_in_channels + self.gen3c_channels
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise LyraConfigError(f"{path}: missing ({what}); is this a diffusers pipeline folder saved with "
-                              "save_pretrained?")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LyraConfigError(f"{path}: corrupt {what} ({exc})") from None
 
 
 def _check_safetensors(path: Path) -> None:
@@ -107,11 +98,8 @@ def inspect_checkpoint(model_path: str | os.PathLike[str], conditioned_path: str
     """Validate a local diffusers video checkpoint without loading weights; raise ``LyraConfigError`` naming the
     file, the field and what was expected (missing folder, corrupt files, unsupported family, mismatched VAE /
     transformer, a conditioned transformer of the wrong width)."""
-    root = Path(model_path).expanduser()
-    if not root.is_dir():
-        raise LyraConfigError(f"generator.model_path: {root} is not a directory (a local diffusers pipeline "
-                              "folder is expected; nothing is downloaded)")
-    index = _read_json(root / "model_index.json", "pipeline index")
+    root = local_folder(model_path, "generator.model_path", "diffusers pipeline")
+    index = read_json(root / "model_index.json", "pipeline index")
     cls = index.get("_class_name")
     if cls not in PIPELINE_FAMILIES:
         raise LyraConfigError(f"{root / 'model_index.json'}: _class_name {cls!r} is not a supported video model "
@@ -128,8 +116,8 @@ def inspect_checkpoint(model_path: str | os.PathLike[str], conditioned_path: str
             raise LyraConfigError(f"{root / 'model_index.json'}: {comp} is {got!r}, expected {want!r} for a {cls}")
     if index.get("transformer_2") not in (None, [None, None]):
         raise LyraConfigError(f"{root}: two-transformer (MoE) Wan 2.2 checkpoints are not supported yet")
-    t_cfg = _read_json(root / "transformer" / "config.json", "transformer config")
-    v_cfg = _read_json(root / "vae" / "config.json", "VAE config")
+    t_cfg = read_json(root / "transformer" / "config.json", "transformer config")
+    v_cfg = read_json(root / "vae" / "config.json", "VAE config")
     files = _weights(root / "transformer", "transformer") + _weights(root / "vae", "VAE")
     files += _weights(root / "text_encoder", "text encoder")
     if t_cfg.get("image_dim"):
@@ -161,7 +149,7 @@ def inspect_checkpoint(model_path: str | os.PathLike[str], conditioned_path: str
                           digest.hexdigest()[:32])
     if conditioned_path:
         cond = Path(conditioned_path).expanduser()
-        c_cfg = _read_json(cond / "config.json", "conditioned transformer config")
+        c_cfg = read_json(cond / "config.json", "conditioned transformer config")
         _weights(cond, "conditioned transformer")
         if int(c_cfg.get("in_channels", -1)) != info.conditioned_in_channels:
             raise LyraConfigError(

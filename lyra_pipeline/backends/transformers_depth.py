@@ -10,7 +10,6 @@ run config (``video.hfov_deg``): these models predict none.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 
 from lyra_ops.depth import DepthPrediction
 from lyra_ops.errors import LyraConfigError
+from lyra_pipeline.backends.local import local_folder, read_json
 
 _MODELS: dict[tuple, tuple] = {}
 _LOCK = threading.Lock()
@@ -28,17 +28,9 @@ METRIC_MODEL_TYPES = ("zoedepth",)
 
 def inspect_depth_checkpoint(model_path: str | os.PathLike[str]) -> dict:
     """Validate a local transformers depth-estimation folder from its config (no weights loaded)."""
-    root = Path(model_path).expanduser()
-    if not root.is_dir():
-        raise LyraConfigError(f"depth.model_path: {root} is not a directory (a local transformers depth-estimation "
-                              "model folder is expected; nothing is downloaded)")
+    root = local_folder(model_path, "depth.model_path", "transformers depth-estimation model")
     cfg_path = root / "config.json"
-    if not cfg_path.is_file():
-        raise LyraConfigError(f"{cfg_path}: missing (save the model with save_pretrained)")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise LyraConfigError(f"{cfg_path}: corrupt JSON ({exc})") from None
+    cfg = read_json(cfg_path, "model config")
     archs = cfg.get("architectures") or []
     if not any(a.endswith("ForDepthEstimation") for a in archs):
         raise LyraConfigError(f"{cfg_path}: architectures {archs} has no *ForDepthEstimation model (model_type "
