@@ -19,7 +19,7 @@ from lyra_pipeline.backends.diffusers_video import (
     save_conditioned_transformer,
     widen_transformer,
 )
-from lyra_pipeline.backends.tiny import make_tiny_wan
+from lyra_pipeline.backends.tiny import make_tiny_cogvideox, make_tiny_wan
 from lyra_pipeline.config import build_config
 from lyra_pipeline.storage import RunStore
 
@@ -49,32 +49,43 @@ def test_widen_conv_input_keeps_the_base_output():
     assert combine_guidance(cond, uncond, 1.0).item() == 3.0 and combine_guidance(cond, uncond, 0.0).item() == 2.0
 
 
-def test_zero_init_widened_transformer_equals_base(tiny_wan, tmp_path):
-    from diffusers import WanTransformer3DModel
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+def test_zero_init_widened_transformer_equals_base(family, tiny_wan, tmp_path):
+    import diffusers
 
-    info = inspect_checkpoint(tiny_wan)
-    base = WanTransformer3DModel.from_pretrained(tiny_wan / "transformer", local_files_only=True).eval()
-    wide = widen_transformer(WanTransformer3DModel.from_pretrained(tiny_wan / "transformer",
-                                                                   local_files_only=True), info).eval()
+    from lyra_pipeline.backends.diffusers_video import FAMILIES
+
+    ckpt = tiny_wan if family == "wan" else make_tiny_cogvideox(tmp_path / "cog")
+    info = inspect_checkpoint(ckpt)
+    cls = getattr(diffusers, FAMILIES[family].classes["transformer"])
+    base = cls.from_pretrained(ckpt / "transformer", local_files_only=True).eval()
+    wide = widen_transformer(cls.from_pretrained(ckpt / "transformer", local_files_only=True), info).eval()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, 3, 8, 8, generator=g)
     extra = torch.randn(1, info.gen3c_channels, 3, 8, 8, generator=g)
     text = torch.randn(1, 16, 32, generator=g)
     t = torch.tensor([500])
-    with torch.no_grad():
-        out_base = base(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
-        out_wide = wide(hidden_states=torch.cat([x, extra], 1), timestep=t, encoder_hidden_states=text,
-                        return_dict=False)[0]
+    kwargs = {}
+    if family == "cogvideox":  # frames-first layout and rotary position embeddings
+        from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+        kwargs["image_rotary_emb"] = get_3d_rotary_pos_embed(16, ((0, 0), (4, 4)), (4, 4), 3, device="cpu")
+
+    def run(model, hidden):
+        if family == "cogvideox":
+            hidden = hidden.permute(0, 2, 1, 3, 4)
+        with torch.no_grad():
+            return model(hidden_states=hidden, timestep=t, encoder_hidden_states=text, return_dict=False,
+                         **kwargs)[0]
+
+    out_base, out_wide = run(base, x), run(wide, torch.cat([x, extra], 1))
     assert (out_base - out_wide).abs().max().item() == 0.0
     # saved with save_pretrained and reloaded as a conditioned transformer: same width, same output
-    path = save_conditioned_transformer(str(tiny_wan), tmp_path / "conditioned")
+    path = save_conditioned_transformer(str(ckpt), tmp_path / "conditioned")
     assert json.loads((path / "config.json").read_text())["in_channels"] == 16 + info.gen3c_channels
-    inspect_checkpoint(tiny_wan, str(path))
-    again = WanTransformer3DModel.from_pretrained(path, local_files_only=True).eval()
-    with torch.no_grad():
-        out_again = again(hidden_states=torch.cat([x, extra], 1), timestep=t, encoder_hidden_states=text,
-                          return_dict=False)[0]
-    assert torch.equal(out_again, out_wide)
+    inspect_checkpoint(ckpt, str(path))
+    again = cls.from_pretrained(path, local_files_only=True).eval()
+    assert torch.equal(run(again, torch.cat([x, extra], 1)), out_wide)
 
 
 def broken_copy(src: Path, dst: Path, edit) -> Path:
@@ -183,3 +194,22 @@ def test_i2v_generator_and_seed_dependence(tiny_wan_i2v):
     b, lb = gen.generate_with_latents(first, "a room", cams, warped, mask, seed=2)
     assert a.shape == (9, 3, 64, 64) and la.shape == (16, 3, 8, 8)
     assert torch.equal(a[0], first) and not torch.equal(la, lb)
+
+
+@pytest.mark.parametrize("i2v", [False, True])
+def test_cogvideox_generator(tmp_path, i2v):
+    from lyra_ops.cameras import default_intrinsics
+    from lyra_ops.trajectories import make_trajectory
+
+    path = make_tiny_cogvideox(tmp_path / "cog", i2v=i2v)
+    gen = DiffusersVideoGenerator(str(path), steps=2, max_text_tokens=16)
+    assert gen.name == f"diffusers-cogvideox-{'i2v' if i2v else 't2v'}"
+    assert gen.info.conditioned_in_channels == (32 + 32 if i2v else 16 + 33)
+    cams = make_trajectory("left", default_intrinsics(64, 64), 64, 64, 9, distance=0.2)
+    g = torch.Generator().manual_seed(0)
+    first, warped = torch.rand(3, 64, 64, generator=g), torch.rand(9, 3, 64, 64, generator=g) * 2 - 1
+    mask = torch.rand(9, 1, 64, 64, generator=g) > 0.5
+    frames, latents = gen.generate_with_latents(first, "a room", cams, warped, mask, seed=1)
+    assert frames.shape == (9, 3, 64, 64) and latents.shape == (16, 3, 8, 8)
+    again, latents2 = gen.generate_with_latents(first, "a room", cams, warped, mask, seed=1)
+    assert torch.equal(latents, latents2) and torch.equal(frames, again)

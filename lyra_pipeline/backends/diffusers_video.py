@@ -1,7 +1,9 @@
 """Camera-conditioned video generation with diffusers checkpoints from a local folder (GEN3C style).
 
 Supported families: Wan 2.x (``WanPipeline`` T2V bases with 16 input channels, ``WanImageToVideoPipeline`` I2V
-bases with 36 = 16 + 4 mask + 16 first-frame channels, without a CLIP image encoder). The transformer's patch
+bases with 36 = 16 + 4 mask + 16 first-frame channels, without a CLIP image encoder) and CogVideoX 1.0
+(``CogVideoXPipeline`` 16 channels, ``CogVideoXImageToVideoPipeline`` 32 = 16 + 16 first-frame channels; its DPM
+scheduler is swapped for the DDIM one of the same config). The transformer's patch
 embedding is widened by ``2 z`` (+1 indicator channel for T2V bases) zero-initialised input channels for the
 VAE-encoded warped video and mask (``lyra_ops.gen3c``); a folder with fine-tuned conditioned transformer
 weights (``generator.conditioned_path``, written by ``save_pretrained``) replaces them.
@@ -32,11 +34,34 @@ from lyra_pipeline.backends.local import local_folder, read_json
 
 log = logging.getLogger(__name__)
 
-# model_index.json _class_name -> family
-PIPELINE_FAMILIES = {"WanPipeline": "wan", "WanImageToVideoPipeline": "wan"}
-FAMILY_CLASSES = {"wan": {"transformer": "WanTransformer3DModel", "vae": "AutoencoderKLWan",
-                          "text_encoder": "UMT5EncoderModel"}}
-PATCH_EMBEDDING = {"wan": "patch_embedding"}
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one diffusers video model family lays out its inputs (the rest of the GEN3C code is shared)."""
+
+    name: str
+    pipelines: tuple[str, ...]  # model_index.json _class_name values
+    classes: dict[str, str]  # component -> class name
+    patch_embedding: str  # submodule path of the input Conv
+    z_key: str  # VAE config key of the latent channels
+    temporal_key: str  # VAE config key of the temporal compression
+    i2v_mask_channels: bool  # Wan I2V adds temporal_factor mask channels to its first-frame condition
+    frames_first: bool  # the transformer takes (B, T, C, H, W) instead of (B, C, T, H, W)
+    zero_padded_text: bool  # padded text positions are zeroed (Wan) or kept (CogVideoX)
+
+
+FAMILIES = {
+    "wan": Family("wan", ("WanPipeline", "WanImageToVideoPipeline"),
+                  {"transformer": "WanTransformer3DModel", "vae": "AutoencoderKLWan",
+                   "text_encoder": "UMT5EncoderModel"},
+                  "patch_embedding", "z_dim", "scale_factor_temporal", True, False, True),
+    "cogvideox": Family("cogvideox", ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline"),
+                        {"transformer": "CogVideoXTransformer3DModel", "vae": "AutoencoderKLCogVideoX",
+                         "text_encoder": "T5EncoderModel"},
+                        "patch_embed.proj", "latent_channels", "temporal_compression_ratio", False, True, False),
+}
+PIPELINE_FAMILIES = {cls: f.name for f in FAMILIES.values() for cls in f.pipelines}
 REQUIRED = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 DEFAULT_NEGATIVE_PROMPT = (
     "blurry, low quality, low resolution, distorted, deformed, flickering, jittery, overexposed, underexposed, "
@@ -109,7 +134,8 @@ def inspect_checkpoint(model_path: str | os.PathLike[str], conditioned_path: str
         if not (root / comp).is_dir():
             raise LyraConfigError(f"{root}: component folder {comp!r} missing (model_index.json lists "
                                   f"{sorted(k for k in index if not k.startswith('_'))})")
-    expected = FAMILY_CLASSES[family]
+    fam = FAMILIES[family]
+    expected = fam.classes
     for comp, want in expected.items():
         got = (index.get(comp) or [None, None])[1]
         if got != want:
@@ -123,17 +149,22 @@ def inspect_checkpoint(model_path: str | os.PathLike[str], conditioned_path: str
     if t_cfg.get("image_dim"):
         raise LyraConfigError(f"{root / 'transformer' / 'config.json'}: image_dim={t_cfg['image_dim']} (a CLIP "
                               "image-conditioned Wan 2.1 I2V) is not supported yet; use a Wan T2V or Wan 2.2 I2V base")
-    z = int(v_cfg.get("z_dim", 16))
+    z = int(v_cfg.get(fam.z_key, 16))
+    tf = int(v_cfg.get(fam.temporal_key) or 4)
     base_in = int(t_cfg.get("in_channels", 16))
+    i2v_in = 2 * z + (tf if fam.i2v_mask_channels else 0)
     if base_in == z:
         mode = "t2v"
-    elif base_in == 2 * z + 4:
+    elif base_in == i2v_in:
         mode = "i2v"
     else:
         raise LyraConfigError(
             f"mismatched VAE/transformer pair in {root}: the transformer takes in_channels={base_in}, but a "
-            f"{z}-channel VAE (vae/config.json z_dim) needs {z} (text-to-video) or {2 * z + 4} (image-to-video)"
+            f"{z}-channel VAE (vae/config.json {fam.z_key}) needs {z} (text-to-video) or {i2v_in} (image-to-video)"
         )
+    if t_cfg.get("patch_size_t"):
+        raise LyraConfigError(f"{root / 'transformer' / 'config.json'}: patch_size_t={t_cfg['patch_size_t']} "
+                              "(CogVideoX 1.5, a Linear patch embedding) is not supported yet")
     if int(t_cfg.get("out_channels", z)) != z:
         raise LyraConfigError(f"mismatched VAE/transformer pair in {root}: transformer out_channels="
                               f"{t_cfg.get('out_channels')} but the VAE has z_dim={z}")
@@ -144,8 +175,8 @@ def inspect_checkpoint(model_path: str | os.PathLike[str], conditioned_path: str
         digest.update(p.read_bytes() if p.is_file() else b"")
     for f in files:
         digest.update(f"{f.relative_to(root)}:{f.stat().st_size}".encode())
-    info = CheckpointInfo(root.resolve(), family, cls, mode, z, base_in, gen3c,
-                          int(v_cfg.get("scale_factor_temporal") or 4), int(v_cfg.get("scale_factor_spatial") or 8),
+    info = CheckpointInfo(root.resolve(), family, cls, mode, z, base_in, gen3c, tf,
+                          int(v_cfg.get("scale_factor_spatial") or 8),
                           digest.hexdigest()[:32])
     if conditioned_path:
         cond = Path(conditioned_path).expanduser()
@@ -178,7 +209,7 @@ _LOAD_LOCK = threading.Lock()
 
 def widen_transformer(transformer, info: CheckpointInfo):
     """GEN3C widening in place: patch embedding + ``info.gen3c_channels`` zero-initialised input channels."""
-    attr = PATCH_EMBEDDING[info.family]
+    attr = FAMILIES[info.family].patch_embedding
     conv = transformer.get_submodule(attr)
     set_submodule(transformer, attr, widen_conv_input(conv, info.gen3c_channels))
     transformer.register_to_config(in_channels=info.conditioned_in_channels)
@@ -207,6 +238,10 @@ def load_pipeline(info: CheckpointInfo, *, conditioned_path: str | None, dtype: 
         except Exception as exc:  # noqa: BLE001 - diffusers/transformers raise many types for bad folders
             raise LyraConfigError(f"{info.path}: cannot load the checkpoint ({type(exc).__name__}: {exc})") from None
         pipe.transformer = transformer.eval()
+        if type(pipe.scheduler).__name__ == "CogVideoXDPMScheduler":  # its step() takes extra state: use DDIM
+            from diffusers import CogVideoXDDIMScheduler
+
+            pipe.scheduler = CogVideoXDDIMScheduler.from_config(pipe.scheduler.config)
         pipe.vae.eval()
         pipe.text_encoder.eval()
         if vae_tiling:
@@ -225,10 +260,10 @@ def save_conditioned_transformer(model_path: str, out: str | Path, *, dtype: tor
     """Write the GEN3C-widened transformer of ``model_path`` (zero new weights) with ``save_pretrained``: the
     starting point for fine-tuning the conditioning, loadable as ``generator.conditioned_path``."""
     info = inspect_checkpoint(model_path)
-    from diffusers import WanTransformer3DModel
+    import diffusers
 
-    transformer = WanTransformer3DModel.from_pretrained(str(info.path / "transformer"), local_files_only=True,
-                                                        dtype=dtype)
+    cls = getattr(diffusers, FAMILIES[info.family].classes["transformer"])
+    transformer = cls.from_pretrained(str(info.path / "transformer"), local_files_only=True, dtype=dtype)
     widen_transformer(transformer, info).save_pretrained(str(out), safe_serialization=True)
     return Path(out)
 
@@ -282,17 +317,21 @@ class DiffusersVideoGenerator:
         device = pipe._execution_device if hasattr(pipe, "_execution_device") else self.device
         with torch.no_grad():
             hidden = pipe.text_encoder(tokens.input_ids.to(device), tokens.attention_mask.to(device)).last_hidden_state
-        hidden = hidden.float().cpu() * tokens.attention_mask[..., None].float()
+        hidden = hidden.float().cpu()
+        if FAMILIES[self.info.family].zero_padded_text:
+            hidden = hidden * tokens.attention_mask[..., None].float()
         if self.text_cache is not None:
             self.text_cache.put(key, hidden)
         return hidden
 
     # --- VAE ------------------------------------------------------------------------------------------------
     def _stats(self, pipe) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (mean, std) normalising raw VAE latents: Wan's statistics, or 1 / scaling_factor."""
         cfg = pipe.vae.config
-        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1)
-        std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1)
-        return mean, std
+        z = self.info.z_dim
+        if getattr(cfg, "latents_mean", None) is not None:
+            return torch.tensor(cfg.latents_mean).view(1, z, 1, 1, 1), torch.tensor(cfg.latents_std).view(1, z, 1, 1, 1)
+        return torch.zeros(1, z, 1, 1, 1), torch.full((1, z, 1, 1, 1), 1.0 / float(cfg.scaling_factor))
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """(T,3,H,W) in [-1,1] -> normalised latents (1, z, T_l, h, w) float32 (the distribution's mode)."""
@@ -328,9 +367,13 @@ class DiffusersVideoGenerator:
         gen3c = [warp_latent, mask_latent]
         base = None
         first_latent = None
-        if info.mode == "i2v":
+        fam = FAMILIES[info.family]
+        if info.mode == "i2v" and fam.i2v_mask_channels:  # Wan: [mask (tf), latents of first frame + zeros]
             clip = torch.cat([first_signed[None], torch.zeros(t - 1, *first_signed.shape)], dim=0)
             base = torch.cat([first_frame_mask(t_l, h, w, info.temporal_factor)[None], self.encode(clip)], dim=1)
+        elif info.mode == "i2v":  # CogVideoX: first-frame latent, zero-padded to T_l latent frames
+            image = self.encode(first_signed[None])
+            base = torch.cat([image, torch.zeros(1, z, t_l - 1, h, w)], dim=2)
         else:
             first_latent = self.encode(first_signed[None])  # (1, z, 1, h, w): a causal VAE's first latent frame
             indicator = torch.zeros(1, 1, t_l, h, w)
@@ -343,10 +386,19 @@ class DiffusersVideoGenerator:
         device = pipe._execution_device if self.offload["cpu_offload"] else torch.device(self.device)
         transformer = pipe.transformer
 
+        extra = {}
+        if fam.frames_first and getattr(transformer.config, "use_rotary_positional_embeddings", False):
+            extra["image_rotary_emb"] = pipe._prepare_rotary_positional_embeddings(cameras.height, cameras.width,
+                                                                                   t_l, device)
+
         def denoiser(x: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+            x = x.to(device)
+            if fam.frames_first:
+                x = x.permute(0, 2, 1, 3, 4)
             with torch.no_grad():
-                return transformer(hidden_states=x.to(device), timestep=timestep.to(device),
-                                   encoder_hidden_states=hidden.to(device, self.dtype), return_dict=False)[0]
+                out = transformer(hidden_states=x, timestep=timestep.to(device),
+                                  encoder_hidden_states=hidden.to(device, self.dtype), return_dict=False, **extra)[0]
+            return out.permute(0, 2, 1, 3, 4) if fam.frames_first else out
 
         cond = Conditioning(
             base=base.to(device) if base is not None else None, warp=warp.to(device), text=text,

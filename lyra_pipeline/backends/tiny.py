@@ -93,3 +93,34 @@ def make_tiny_pixart(path: str | Path, *, seed: int = 0) -> Path:
     path = Path(path)
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def make_tiny_cogvideox(path: str | Path, *, i2v: bool = False, seed: int = 0) -> Path:
+    """Write a tiny random CogVideoX 1.0 pipeline (T2V: 16 input channels; ``i2v``: 32 = 16 + 16 first frame)."""
+    import torch
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXImageToVideoPipeline,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=32 if i2v else 16, out_channels=16,
+        time_embed_dim=8, text_embed_dim=32, num_layers=1, sample_width=8, sample_height=8, sample_frames=9,
+        patch_size=2, temporal_compression_ratio=4, max_text_seq_length=16, use_rotary_positional_embeddings=True,
+    )  # fmt: skip
+    vae = AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * 4,
+                                 up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                 latent_channels=16, layers_per_block=1, norm_num_groups=2,
+                                 temporal_compression_ratio=4)
+    text_encoder = T5EncoderModel(T5Config(vocab_size=256, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
+    cls = CogVideoXImageToVideoPipeline if i2v else CogVideoXPipeline
+    pipe = cls(tokenizer=make_tiny_tokenizer(), text_encoder=text_encoder, vae=vae, transformer=transformer,
+               scheduler=CogVideoXDDIMScheduler())
+    path = Path(path)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
