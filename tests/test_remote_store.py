@@ -79,3 +79,19 @@ def test_bad_remote_urls_and_read_only_stores(s3, tmp_path):
     ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
     with pytest.raises(LyraStorageError, match="cannot write"):
         RunStore(ro / "store")
+
+
+def test_missing_credentials_fail_clearly(s3, monkeypatch):
+    import s3fs
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        with pytest.raises(LyraStorageError, match="Unable to locate credentials.*standard environment"):
+            RunStore("s3://lyra/creds")
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
