@@ -20,6 +20,7 @@ from lyra_ops.metrics import mask_confusion, psnr, source_visibility
 from lyra_ops.prompts import SceneRecord
 from lyra_ops.scenes import ProceduralScene, make_scene
 from lyra_pipeline.config import RunConfig
+from lyra_pipeline.retries import STAGE_TASK_OPTIONS
 from lyra_pipeline.stages import StageReport, run_units
 from lyra_pipeline.storage import RunStore
 from tasks.sdg import IDENTITY, read_cameras, read_tensor
@@ -89,7 +90,7 @@ def trajectory_frame_rows(store: RunStore, config: RunConfig, scene: SceneRecord
     return rows
 
 
-@task(name="evaluate")
+@task(name="evaluate", **STAGE_TASK_OPTIONS)
 def evaluate_scene(store_url: str, config: RunConfig, scene: SceneRecord, run_id: str = "") -> StageReport:
     """Per-frame dataset metrics of one scene, written to ``eval/frames/<scene_id>.parquet``."""
     sid = scene.scene_id

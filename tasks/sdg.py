@@ -29,6 +29,7 @@ from lyra_ops.trajectories import ALL_PATHS, draw_distance, load_trajectory, mak
 from lyra_ops.warp import WarpResult, depth_reliability_mask, forward_warp, unproject_depth
 from lyra_pipeline.config import RunConfig, edge_threshold, mesh_downsample
 from lyra_pipeline.inputs import load_depth_file, load_image, scan_image_folder
+from lyra_pipeline.retries import STAGE_TASK_OPTIONS
 from lyra_pipeline.stages import StageReport, run_units
 from lyra_pipeline.storage import RunStore
 
@@ -102,7 +103,7 @@ def text_records(config: RunConfig) -> list[SceneRecord]:
     return records
 
 
-@task(name="sample-prompts")
+@task(name="sample-prompts", **STAGE_TASK_OPTIONS)
 def sample_prompts(store_url: str, config: RunConfig) -> list[SceneRecord]:
     """Seeded, order-independent scene list; recorded as ``prompts.parquet`` (rewritten only if it changed)."""
     if config.scenes.source == "procedural":
@@ -131,7 +132,7 @@ def make_text_to_image(config: RunConfig):
                        max_text_tokens=t.max_text_tokens)
 
 
-@task(name="input")
+@task(name="input", **STAGE_TASK_OPTIONS)
 def make_input(store_url: str, config: RunConfig, scene: SceneRecord, run_id: str = "") -> StageReport:
     v, sid = config.video, scene.scene_id
 
@@ -176,7 +177,7 @@ def _estimate_depth(config: RunConfig, scene: SceneRecord, rgb: torch.Tensor, K:
     return pred.depth, pred.valid, pred.label
 
 
-@task(name="depth")
+@task(name="depth", **STAGE_TASK_OPTIONS)
 def estimate_depth(store_url: str, config: RunConfig, scene: SceneRecord, run_id: str = "") -> StageReport:
     sid = scene.scene_id
 
@@ -207,7 +208,7 @@ def trajectory_cameras(config: RunConfig, scene: SceneRecord | None, name: str,
     return cams, distance
 
 
-@task(name="cameras")
+@task(name="cameras", **STAGE_TASK_OPTIONS)
 def make_cameras(store_url: str, config: RunConfig, scene: SceneRecord, run_id: str = "") -> StageReport:
     sid = scene.scene_id
 
@@ -234,7 +235,7 @@ def write_frames(store: RunStore, scene_id: str, name: str, data: np.ndarray, **
 # 5. Forward warping -------------------------------------------------------------------------------------------
 
 
-@task(name="warp")
+@task(name="warp", **STAGE_TASK_OPTIONS)
 def warp_frames(store_url: str, config: RunConfig, scene: SceneRecord, run_id: str = "") -> StageReport:
     sid = scene.scene_id
 
@@ -255,7 +256,7 @@ def warp_frames(store_url: str, config: RunConfig, scene: SceneRecord, run_id: s
 # 6. Conservative mask refinement ------------------------------------------------------------------------------
 
 
-@task(name="refine")
+@task(name="refine", **STAGE_TASK_OPTIONS)
 def refine_masks(store_url: str, config: RunConfig, scene: SceneRecord, run_id: str = "") -> StageReport:
     sid = scene.scene_id
 
@@ -295,7 +296,7 @@ def make_generator(config: RunConfig, scene: SceneRecord, store: RunStore | None
     return WarpOnlyGenerator()
 
 
-@task(name="generate")
+@task(name="generate", **STAGE_TASK_OPTIONS)
 def generate_video(store_url: str, config: RunConfig, scene: SceneRecord, run_id: str = "") -> StageReport:
     sid, generator = scene.scene_id, make_generator(config, scene, RunStore(store_url))
 
@@ -325,7 +326,7 @@ def make_latent_encoder(config: RunConfig) -> PixelPatchifyEncoder:
     return PixelPatchifyEncoder()
 
 
-@task(name="latents")
+@task(name="latents", **STAGE_TASK_OPTIONS)
 def encode_latents(store_url: str, config: RunConfig, scene: SceneRecord, run_id: str = "") -> StageReport:
     sid, encoder = scene.scene_id, make_latent_encoder(config)
 

@@ -21,6 +21,7 @@ from lyra_ops.images import from_uint8, to_uint8
 from lyra_ops.latents import PixelPatchifyEncoder
 from lyra_ops.metrics import psnr
 from lyra_ops.scenes import make_scene
+from lyra_pipeline.retries import STAGE_TASK_OPTIONS
 from lyra_pipeline.storage import RunStore
 from lyra_pipeline.training import (
     TrainConfig,
@@ -42,7 +43,7 @@ EVAL_SCHEMA = pa.schema([
 ])  # fmt: skip
 
 
-@task(name="plan-training")
+@task(name="plan-training", **STAGE_TASK_OPTIONS)
 def plan_training(store_url: str, config: TrainConfig) -> dict[str, Any]:
     """Create (or find) the run for this config and the store's current dataset; record its split."""
     run = plan_run(RunStore(store_url, create=False), config)
@@ -50,7 +51,7 @@ def plan_training(store_url: str, config: TrainConfig) -> dict[str, Any]:
             "total_steps": config.total_steps}
 
 
-@task(name="train-chunk")
+@task(name="train-chunk", **STAGE_TASK_OPTIONS)
 def train_chunk(store_url: str, run_name: str, until_step: int) -> dict[str, Any]:
     """Train from the newest checkpoint up to ``until_step`` steps (no-op when already there)."""
     return train_until(store_url, run_name, until_step)
@@ -112,7 +113,7 @@ def decoder_frame_rows(store: RunStore, run: TrainRun, step: int, model, sha: st
     return rows
 
 
-@task(name="evaluate-checkpoint")
+@task(name="evaluate-checkpoint", **STAGE_TASK_OPTIONS)
 def evaluate_checkpoint_scene(store_url: str, checkpoint: str, scene_id: str, stride: int = 1) -> dict[str, Any]:
     """Metrics of any decoder checkpoint on one scene, ``eval/decoder/<sha[:16]>/<scene>.parquet`` (skipped when
     that file exists: it is named by the checkpoint's content)."""
@@ -132,7 +133,7 @@ def evaluate_checkpoint_scene(store_url: str, checkpoint: str, scene_id: str, st
     return {"scene_id": scene_id, "computed": True}
 
 
-@task(name="evaluate-decoder")
+@task(name="evaluate-decoder", **STAGE_TASK_OPTIONS)
 def evaluate_decoder(store_url: str, run_name: str, step: int) -> dict[str, Any]:
     """Validation metrics of checkpoint ``step`` on the held-out scenes, in ``train/<run>/eval.parquet``.
 
