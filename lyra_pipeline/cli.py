@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import threading
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -249,21 +250,31 @@ def status(store: str = StoreOpt, failed: bool = typer.Option(False, "--failed",
         st = RunStore(store, create=False)
     except LyraError as exc:
         _fail(exc)
-    rows = st.read_manifest().to_pylist()
+    import pyarrow.compute as pc
+
+    table = st.read_manifest()
     prompts = st.read_prompts()
-    table = Table(title=f"{store}: {len(prompts)} scenes")
-    table.add_column("stage")
+    out_table = Table(title=f"{store}: {len(prompts)} scenes")
+    out_table.add_column("stage")
     for col in ("done", "running", "failed", "units"):
-        table.add_column(col, justify="right")
-    n_traj = max((len({r["trajectory"] for r in rows if r["scene_id"] == p["scene_id"] and r["trajectory"]})
-                  for p in prompts), default=0)
-    stages = [*STAGES, *(s for s in EVAL_STAGES if any(r["stage"] == s for r in rows))]
+        out_table.add_column(col, justify="right")
+    traj = table.filter(pc.not_equal(table["trajectory"], ""))
+    n_traj = 0
+    if traj.num_rows:
+        per_scene = traj.group_by("scene_id").aggregate([("trajectory", "count_distinct")])
+        n_traj = pc.max(per_scene["trajectory_count_distinct"]).as_py()
+    counts = Counter()
+    if table.num_rows:
+        agg = table.group_by(["stage", "status"]).aggregate([("scene_id", "count")])
+        counts.update(dict(zip(zip(agg["stage"].to_pylist(), agg["status"].to_pylist(), strict=True),
+                               agg["scene_id_count"].to_pylist(), strict=True)))
+    present = {stage for stage, _ in counts}
+    stages = [*STAGES, *(s for s in EVAL_STAGES if s in present)]
     for stage in stages:
-        sub = [r for r in rows if r["stage"] == stage]
-        counts = {s: sum(1 for r in sub if r["status"] == s) for s in ("done", "running", "failed")}
         units = len(prompts) * (1 if stage in SCENE_STAGES else n_traj)
-        table.add_row(stage, str(counts["done"]), str(counts["running"]), str(counts["failed"]), str(units))
-    out.print(table)
+        out_table.add_row(stage, str(counts[(stage, "done")]), str(counts[(stage, "running")]),
+                          str(counts[(stage, "failed")]), str(units))
+    out.print(out_table)
     runs = st.run_summaries()
     if runs:
         last = runs[-1]
@@ -271,7 +282,7 @@ def status(store: str = StoreOpt, failed: bool = typer.Option(False, "--failed",
                         f"reused {last['skipped']}, failed scenes {len(last['failed_scenes'])}, "
                         f"{last['finished_at'] - last['started_at']:.1f} s")
     if failed:
-        bad = [r for r in rows if r["status"] == "failed"]
+        bad = table.filter(pc.equal(table["status"], "failed")).to_pylist() if table.num_rows else []
         for r in bad:
             out.print(f"[red]FAILED[/] {r['scene_id']} {r['trajectory'] or '-'} {r['stage']}: {r['error']}")
         if not bad:
