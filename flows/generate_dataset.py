@@ -18,8 +18,8 @@ from prefect.futures import PrefectFuture, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from lyra_pipeline.config import build_config
-from lyra_pipeline.stages import StageReport
-from lyra_pipeline.storage import RunStore
+from lyra_pipeline.stages import StageReport, plan_keys
+from lyra_pipeline.storage import SCENE_STAGES, TRAJECTORY_STAGES, RunStore
 from tasks.sdg import (
     encode_latents,
     estimate_depth,
@@ -74,6 +74,11 @@ def generate_dataset(
     scenes = sample_prompts(store, config)
     if scene_ids is not None:
         scenes = [s for s in scenes if s.scene_id in set(scene_ids)]
+    # Scenes whose every unit is done under the current keys need no task at all (a finished batch resumes in
+    # the time it takes to read the manifest index).
+    finished = finished_scenes(RunStore(store), config, scenes)
+    reused = len(finished) * units_per_scene(config)
+    scenes = [s for s in scenes if s.scene_id not in finished]
     # 2. First frames: procedural renders or user images, cover-cropped to the video size.
     inputs = each(make_input, scenes)
     # 3. Depth of the first frame (exact for procedural scenes), cleaned up and edge-filtered.
@@ -98,6 +103,8 @@ def generate_dataset(
         update_progress_artifact(progress, progress=100.0 * (i + 1) / len(by_stage))
     RunStore(store).compact_manifest()  # one index file: `lyra status` stays fast at 100k+ scenes
     summary = summarize(run_id, preset, config.model_dump(mode="json"), store, scenes, by_stage, started)
+    summary["skipped"] += reused
+    summary["scenes_already_done"] = len(finished)
     RunStore(store).write_run_summary(run_id, summary)
     logger.info("run %s: computed %d, reused %d, failed scenes %d", run_id, summary["computed"],
                 summary["skipped"], len(summary["failed_scenes"]))
@@ -105,6 +112,23 @@ def generate_dataset(
         raise PipelineFailed(f"{len(summary['failed_scenes'])} scene(s) failed: {summary['failed_scenes']}; "
                              f"see `lyra status --store {store} --failed`")
     return summary
+
+
+def units_per_scene(config) -> int:
+    return len(SCENE_STAGES) + len(TRAJECTORY_STAGES) * len(config.trajectory_names)
+
+
+def finished_scenes(store: RunStore, config, scenes: list) -> set[str]:
+    """Scenes whose every SDG unit is recorded done under the key the current config gives."""
+    done = {(r["scene_id"], r["trajectory"], r["stage"]): r["key"]
+            for r in store.read_manifest().to_pylist() if r["status"] == "done"} if scenes else {}
+    out = set()
+    for scene in scenes:
+        keys = plan_keys(config, scene)
+        units = [("", s) for s in SCENE_STAGES] + [(t, s) for t in config.trajectory_names for s in TRAJECTORY_STAGES]
+        if all(done.get((scene.scene_id, t, s)) == keys.key(s, t) for t, s in units):
+            out.add(scene.scene_id)
+    return out
 
 
 def summarize(run_id: str, preset: str, config: dict[str, Any], store: str, scenes: list,

@@ -197,6 +197,7 @@ class SceneLease:
                 lease = self.store.read_lease(self.scene_id)
                 if lease is not None and lease.get("owner") == self.owner:
                     self.store.forget_manifest(self.scene_id)  # another run may have written it meanwhile
+                    self._written = time.time()
                     return
             if time.time() > deadline:
                 raise LyraStorageError(f"{self.store.url}: scene {self.scene_id!r} is leased by {lease} for longer "
@@ -218,7 +219,10 @@ class SceneLease:
         return False
 
     def renew(self) -> None:
-        self.store.write_lease(self.scene_id, self.owner, self.ttl_s)
+        """Extend the expiry, at most every quarter TTL (a write per unit would cost more than it protects)."""
+        if time.time() - self._written > self.ttl_s / 4:
+            self.store.write_lease(self.scene_id, self.owner, self.ttl_s)
+            self._written = time.time()
 
     def release(self) -> None:
         self.store.release_lease(self.scene_id, self.owner)

@@ -162,16 +162,18 @@ class RunStore:
             return zarr.storage.LocalStore(self._path("scenes.zarr"))
         return zarr.storage.FsspecStore.from_url(self.url.rstrip("/") + "/scenes.zarr")
 
-    def _write_bytes(self, rel: str, data: bytes) -> None:
-        """Atomic write: temp file + rename locally; object stores publish a PUT atomically."""
+    def _write_bytes(self, rel: str, data: bytes, *, durable: bool = True) -> None:
+        """Atomic write: temp file + rename locally (fsync'd unless ``durable`` is False: leases need atomicity,
+        not durability); object stores publish a PUT atomically."""
         path = self._path(rel)
         if self.is_local:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
             with open(tmp, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
         else:
             self.fs.pipe_file(path, data)
@@ -455,7 +457,7 @@ class RunStore:
 
     def write_lease(self, scene_id: str, owner: str, ttl_s: float) -> None:
         doc = {"owner": owner, "expires_at": time.time() + ttl_s, "host": os.uname().nodename, "pid": os.getpid()}
-        self._write_bytes(f"leases/{validate_scene_id(scene_id)}.json", json.dumps(doc).encode())
+        self._write_bytes(f"leases/{validate_scene_id(scene_id)}.json", json.dumps(doc).encode(), durable=False)
 
     def release_lease(self, scene_id: str, owner: str) -> None:
         lease = self.read_lease(scene_id)
