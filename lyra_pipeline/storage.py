@@ -253,8 +253,7 @@ class RunStore:
         path = self._path("manifest")
         if not self.fs.exists(path):
             return MANIFEST_SCHEMA.empty_table()
-        listing = {info["name"].rstrip("/").rsplit("/", 1)[-1]: _mtime(info)
-                   for info in self.fs.ls(path, detail=True) if info["name"].endswith(".parquet")}
+        listing = self._listing_mtimes(path)
         index = self._read_bytes(MANIFEST_INDEX)
         base = pq.read_table(io.BytesIO(index)) if index is not None else None
         as_of = float(base.schema.metadata.get(b"as_of", b"-inf")) if base is not None else -math.inf
@@ -282,16 +281,24 @@ class RunStore:
         return {(st, su): n for st, su, n in zip(agg["stage"].to_pylist(), agg["status"].to_pylist(),
                                                    agg["scene_id_count"].to_pylist(), strict=True)}
 
+    def _listing_mtimes(self, path: str) -> dict[str, float]:
+        """``{file name: mtime}`` of the ``*.parquet`` files of a folder (os.scandir locally: 2x faster)."""
+        if self.is_local:
+            with os.scandir(path) as it:
+                return {e.name: e.stat().st_mtime for e in it if e.name.endswith(".parquet")}
+        return {info["name"].rstrip("/").rsplit("/", 1)[-1]: _mtime(info)
+                for info in self.fs.ls(path, detail=True) if info["name"].endswith(".parquet")}
+
     def compact_manifest(self) -> int:
         """Rewrite ``manifest_index.parquet`` from the index and the per-scene files changed since (one writer:
         the flow, after its tasks). Returns the number of rows indexed."""
         path = self._path("manifest")
         if not self.fs.exists(path):
             return 0
-        listing = [info for info in self.fs.ls(path, detail=True) if info["name"].endswith(".parquet")]
-        as_of = max((_mtime(i) for i in listing), default=0.0)
+        listing = self._listing_mtimes(path)
+        as_of = max(listing.values(), default=0.0)
         table = self.read_manifest()
-        scenes = sorted({i["name"].rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet") for i in listing})
+        scenes = sorted(f.removesuffix(".parquet") for f in listing)
         meta = {b"as_of": repr(as_of).encode(), b"scenes": "\n".join(scenes).encode()}
         table = table.replace_schema_metadata(meta)
         old = self._read_bytes(MANIFEST_INDEX)
