@@ -179,9 +179,10 @@ class SceneLease:
     """Exclusive right to write one scene (its arrays and manifest) across concurrent runs on one store.
 
     A lease is a small JSON file (``leases/<scene>.json``: owner, expiry). ``acquire`` waits while another
-    live owner holds it, takes it over when it has expired (a killed run), writes its own claim and re-reads it
-    after a short settle time so that of two simultaneous claims only the last writer proceeds. It works on
-    local and object stores (atomic single-file writes). ``renew`` extends the expiry after every unit.
+    live owner holds it. A free lease is claimed with an exclusive create on local stores; on object stores,
+    and when taking over a stale lease (expired, or its process on this host is gone), the claim is written and
+    re-read after a short settle time so that of two simultaneous claims only the last writer proceeds.
+    ``renew`` extends the expiry (at most every quarter TTL).
     """
 
     def __init__(self, store: RunStore, scene_id: str, owner: str, ttl_s: float = LEASE_TTL_S) -> None:
@@ -191,7 +192,12 @@ class SceneLease:
         deadline = time.time() + timeout_s
         while True:
             lease = self.store.read_lease(self.scene_id)
-            if lease is None or lease.get("owner") == self.owner or self.stale(lease):
+            if lease is None and self.store.is_local:  # free: one atomic exclusive create, no settle time
+                if self.store.create_lease_exclusive(self.scene_id, self.owner, self.ttl_s):
+                    self.store.forget_manifest(self.scene_id)
+                    self._written = time.time()
+                    return
+            elif lease is None or lease.get("owner") == self.owner or self.stale(lease):
                 self.store.write_lease(self.scene_id, self.owner, self.ttl_s)
                 time.sleep(LEASE_SETTLE_S if self.store.is_local else LEASE_SETTLE_REMOTE_S)
                 lease = self.store.read_lease(self.scene_id)

@@ -466,6 +466,19 @@ class RunStore:
         doc = {"owner": owner, "expires_at": time.time() + ttl_s, "host": os.uname().nodename, "pid": os.getpid()}
         self._write_bytes(f"leases/{validate_scene_id(scene_id)}.json", json.dumps(doc).encode(), durable=False)
 
+    def create_lease_exclusive(self, scene_id: str, owner: str, ttl_s: float) -> bool:
+        """Local stores: claim a free lease atomically (O_CREAT | O_EXCL); False if the file exists."""
+        path = Path(self._path(f"leases/{validate_scene_id(scene_id)}.json"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        doc = {"owner": owner, "expires_at": time.time() + ttl_s, "host": os.uname().nodename, "pid": os.getpid()}
+        with os.fdopen(fd, "wb") as f:
+            f.write(json.dumps(doc).encode())
+        return True
+
     def release_lease(self, scene_id: str, owner: str) -> None:
         lease = self.read_lease(scene_id)
         if lease is not None and lease.get("owner") == owner:

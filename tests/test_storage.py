@@ -107,3 +107,50 @@ def test_manifest_index_plus_changed_files_equals_full_read(tmp_path):
     want = RunStore(tmp_path / "s")._read_parquet_dir("manifest").sort_by("scene_id")
     assert sorted(got.to_pylist(), key=str) == sorted(want.to_pylist(), key=str)
     assert {r["status"] for r in got.to_pylist() if r["scene_id"] == "s1"} == {"failed"}
+
+
+def test_scene_lease_mutual_exclusion_and_stale_takeover(tmp_path):
+    import threading
+    import time
+
+    from lyra_pipeline.stages import SceneLease
+    from lyra_pipeline.storage import RunStore
+
+    store = RunStore(tmp_path / "s")
+    inside, overlaps, order = [0], [0], []
+
+    def worker(name: str) -> None:
+        lease = SceneLease(RunStore(tmp_path / "s"), "scene-a", name)
+        lease.acquire(timeout_s=30)
+        inside[0] += 1
+        overlaps[0] = max(overlaps[0], inside[0])
+        order.append(name)
+        time.sleep(0.1)
+        inside[0] -= 1
+        lease.release()
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps[0] == 1 and sorted(order) == ["w0", "w1", "w2", "w3"]
+    assert store.read_lease("scene-a") is None  # released
+    # an expired lease is taken over; so is one held by a process of this host that is gone
+    store.write_lease("scene-b", "dead-run", ttl_s=-1)
+    SceneLease(store, "scene-b", "me").acquire(timeout_s=5)
+    assert store.read_lease("scene-b")["owner"] == "me"
+    import json
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    doc = {"owner": "killed", "expires_at": time.time() + 600, "host": __import__("os").uname().nodename,
+           "pid": int(gone.stdout)}
+    (tmp_path / "s" / "leases" / "scene-c.json").write_text(json.dumps(doc))
+    SceneLease(store, "scene-c", "me").acquire(timeout_s=5)
+    assert store.read_lease("scene-c")["owner"] == "me"
+    # a live foreign lease is not taken: acquire times out naming the holder
+    store.write_lease("scene-d", "other-live-run", ttl_s=600)
+    with pytest.raises(Exception, match="leased by"):
+        SceneLease(store, "scene-d", "me").acquire(timeout_s=0.3)
