@@ -35,6 +35,8 @@ def evaluate_dataset(
     overrides: dict[str, Any] | None = None,
     run_id: str | None = None,
     checkpoint: str | None = None,
+    lpips_weights: str | None = None,
+    lpips_backbone: str | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate the dataset that ``generate-dataset`` wrote with the same preset and overrides, and, when a
     decoder ``checkpoint`` (model.safetensors) is given, that decoder on every scene."""
@@ -46,7 +48,8 @@ def evaluate_dataset(
     progress = create_progress_artifact(progress=0.0, description=f"evaluating {len(scenes)} scenes of {store}")
     # 2. Per-scene metrics against ground truth (skipped where already computed for these inputs).
     futures = [evaluate_scene.submit(store, config, s, run_id) for s in scenes]
-    decoder = [evaluate_checkpoint_scene.submit(store, checkpoint, s.scene_id) for s in scenes] if checkpoint else []
+    decoder = [evaluate_checkpoint_scene.submit(store, checkpoint, s.scene_id, 1, lpips_weights, lpips_backbone)
+               for s in scenes] if checkpoint else []
     done = 0
     for fut in [*futures, *decoder]:
         fut.wait()

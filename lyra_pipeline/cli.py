@@ -200,6 +200,10 @@ def evaluate(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     checkpoint: Path = typer.Option(None, "--checkpoint", help="also evaluate this decoder model.safetensors on "
                                     "every scene (PSNR/SSIM vs teacher and ground truth)"),
+    lpips_weights: Path = typer.Option(None, "--lpips-weights", help="local LPIPS-VGG weights (.pth): adds LPIPS to "
+                                       "the decoder metrics"),
+    lpips_backbone: Path = typer.Option(None, "--lpips-backbone", help="torchvision VGG16 state dict, when "
+                                        "--lpips-weights holds only the linear heads"),
 ) -> None:
     """Dataset quality against exact ground truth: teacher/warp PSNR and SSIM, mask leakage and false holes."""
     _setup_env(verbose)
@@ -215,7 +219,9 @@ def evaluate(
         if checkpoint is not None and not checkpoint.is_file():
             raise LyraError(f"{checkpoint}: decoder checkpoint not found")
         summary = evaluate_dataset(store=store, preset=name, overrides=over,
-                                   checkpoint=str(checkpoint.resolve()) if checkpoint else None)
+                                   checkpoint=str(checkpoint.resolve()) if checkpoint else None,
+                                   lpips_weights=str(lpips_weights) if lpips_weights else None,
+                                   lpips_backbone=str(lpips_backbone) if lpips_backbone else None)
     except (PipelineFailed, LyraError) as exc:
         _fail(exc)
     table = Table(title=f"dataset quality: {store}", caption="PSNR in dB vs ground truth (warp: over refined-mask "

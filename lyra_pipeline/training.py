@@ -91,8 +91,8 @@ class LossConfig(Section):
     mse: float = Field(1.0, ge=0)
     lpips: float = Field(0.5, ge=0)
     depth: float = Field(0.05, ge=0)
-    lpips_weights: str | None = None
-    lpips_linear_weights: str | None = None
+    lpips_weights: str | None = None  # full LPIPS-VGG state dict, or the package's linear heads (vgg.pth)
+    lpips_backbone: str | None = None  # torchvision VGG16 state dict, with linear-head-only lpips_weights
 
 
 class TrainConfig(Section):
@@ -535,7 +535,7 @@ def train_until(store_url: str, run_name: str, until_step: int) -> dict[str, Any
     lpips = None
     if cfg.loss.lpips > 0:
         if cfg.loss.lpips_weights:
-            lpips = make_lpips(cfg.loss.lpips_weights, cfg.loss.lpips_linear_weights).to(cfg.device)
+            lpips = make_lpips(cfg.loss.lpips_weights, backbone_path=cfg.loss.lpips_backbone, device=cfg.device)
         else:
             log.info("LPIPS skipped: no local weights configured (train.loss.lpips_weights)")
     weights = LossWeights(mse=cfg.loss.mse, lpips=cfg.loss.lpips if lpips is not None else 0.0, depth=cfg.loss.depth)

@@ -19,6 +19,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from lyra_ops.distill import StageSpec, batch_to, build_batch, decode_gaussians, render_batch
 from lyra_ops.images import from_uint8, to_uint8
 from lyra_ops.latents import PixelPatchifyEncoder
+from lyra_ops.losses import make_lpips
 from lyra_ops.metrics import psnr
 from lyra_ops.scenes import make_scene
 from lyra_pipeline.retries import STAGE_TASK_OPTIONS
@@ -40,6 +41,7 @@ EVAL_SCHEMA = pa.schema([
     ("trajectory", pa.string()), ("frame", pa.int32()), ("input_views", pa.int32()), ("gaussians", pa.int64()),
     ("psnr_teacher", pa.float64()), ("ssim_teacher", pa.float64()),
     ("psnr_gt", pa.float64()), ("ssim_gt", pa.float64()),
+    ("lpips_teacher", pa.float64()), ("lpips_gt", pa.float64()),
 ])  # fmt: skip
 
 
@@ -67,9 +69,17 @@ def scene_gaussians(model, views: ViewCache, scene_id: str, trajectories: list[s
 
 
 def scene_decoder_rows(store: RunStore, scene_id: str, model, *, sha: str, run: str, step: int, stride: int = 1,
-                       backend: str = "torch", views: ViewCache | None = None) -> list[dict[str, Any]]:
+                       backend: str = "torch", views: ViewCache | None = None, lpips=None) -> list[dict[str, Any]]:
     """Per frame (every ``stride``-th) of every trajectory of one scene: the decoder (all trajectories as input)
-    rendered there, PSNR/SSIM vs the teacher frame and, for procedural scenes, vs the exact ground truth."""
+    rendered there, PSNR/SSIM (and LPIPS when a local LPIPS module is given) vs the teacher frame and, for
+    procedural scenes, vs the exact ground truth."""
+
+    def lp(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+        if lpips is None:
+            return [math.nan] * a.shape[0]
+        with torch.no_grad():
+            return [float(v) for v in lpips(a, b).flatten()]
+
     trajs = index_dataset(store).scenes.get(scene_id, [])
     if not trajs:
         return []
@@ -87,11 +97,13 @@ def scene_decoder_rows(store: RunStore, scene_id: str, model, *, sha: str, run: 
             render = render_batch(gaussians, batch, backend=backend).rgb.clamp(0, 1).cpu()
         p_t = psnr(render, batch.rgb)
         s_t = structural_similarity_index_measure(render, batch.rgb, data_range=1.0, reduction="none")
+        l_t, l_g = lp(render, batch.rgb), [math.nan] * len(targets)
         if world is not None:
             cams = views.get(scene_id, traj).cameras
             gt = from_uint8(to_uint8(world.render(cams.c2w[targets], cams.K[targets], cams.height, cams.width).rgb))
             p_g = psnr(render, gt)
             s_g = structural_similarity_index_measure(render, gt, data_range=1.0, reduction="none")
+            l_g = lp(render, gt)
         for i, f in enumerate(targets):
             rows.append({
                 "run": run, "step": step, "model_sha256": sha, "scene_id": scene_id, "trajectory": traj,
@@ -99,6 +111,7 @@ def scene_decoder_rows(store: RunStore, scene_id: str, model, *, sha: str, run: 
                 "psnr_teacher": float(p_t[i]), "ssim_teacher": float(s_t[i]),
                 "psnr_gt": float(p_g[i]) if world is not None else math.nan,
                 "ssim_gt": float(s_g[i]) if world is not None else math.nan,
+                "lpips_teacher": l_t[i], "lpips_gt": l_g[i],
             })  # fmt: skip
     return rows
 
@@ -106,15 +119,19 @@ def scene_decoder_rows(store: RunStore, scene_id: str, model, *, sha: str, run: 
 def decoder_frame_rows(store: RunStore, run: TrainRun, step: int, model, sha: str) -> list[dict[str, Any]]:
     """Validation rows of a training run: :func:`scene_decoder_rows` over its held-out scenes."""
     views = ViewCache(store, size=8)
+    loss = run.config.loss
+    lpips = make_lpips(loss.lpips_weights, backbone_path=loss.lpips_backbone) if loss.lpips_weights else None
     rows: list[dict[str, Any]] = []
     for sid in run.val_scenes:
         rows += scene_decoder_rows(store, sid, model, sha=sha, run=run.name, step=step,
-                                   stride=run.config.eval_frame_stride, backend=run.config.backend, views=views)
+                                   stride=run.config.eval_frame_stride, backend=run.config.backend, views=views,
+                                   lpips=lpips)
     return rows
 
 
 @task(name="evaluate-checkpoint", **STAGE_TASK_OPTIONS)
-def evaluate_checkpoint_scene(store_url: str, checkpoint: str, scene_id: str, stride: int = 1) -> dict[str, Any]:
+def evaluate_checkpoint_scene(store_url: str, checkpoint: str, scene_id: str, stride: int = 1,
+                              lpips_weights: str | None = None, lpips_backbone: str | None = None) -> dict[str, Any]:
     """Metrics of any decoder checkpoint on one scene, ``eval/decoder/<sha[:16]>/<scene>.parquet`` (skipped when
     that file exists: it is named by the checkpoint's content)."""
     import hashlib
@@ -127,8 +144,9 @@ def evaluate_checkpoint_scene(store_url: str, checkpoint: str, scene_id: str, st
     if store.read_scene_table(kind, scene_id) is not None:
         return {"scene_id": scene_id, "computed": False}
     model = load_decoder_bytes(data, checkpoint)
+    lpips = make_lpips(lpips_weights, backbone_path=lpips_backbone) if lpips_weights else None
     rows = scene_decoder_rows(store, scene_id, model, sha=sha, run=Path(checkpoint).parent.name, step=-1,
-                              stride=stride)
+                              stride=stride, lpips=lpips)
     store.write_scene_table(kind, scene_id, pa.Table.from_pylist(rows, schema=EVAL_SCHEMA))
     return {"scene_id": scene_id, "computed": True}
 
@@ -163,4 +181,5 @@ def summarize_decoder(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
     return {"frames": len(rows), "scenes": len({r["scene_id"] for r in rows}),
             "psnr_teacher": mean("psnr_teacher"), "ssim_teacher": mean("ssim_teacher"),
-            "psnr_gt": mean("psnr_gt"), "ssim_gt": mean("ssim_gt")}
+            "psnr_gt": mean("psnr_gt"), "ssim_gt": mean("ssim_gt"),
+            "lpips_teacher": mean("lpips_teacher"), "lpips_gt": mean("lpips_gt")}

@@ -261,3 +261,24 @@ def test_evaluate_flow_with_a_decoder_checkpoint(trained_store, tmp_path, prefec
     mtimes = [f.stat().st_mtime_ns for f in files]
     evaluate_dataset(store=str(store_path), preset="smoke", overrides=over, checkpoint=ckpt)
     assert [f.stat().st_mtime_ns for f in files] == mtimes  # same checkpoint: no work
+
+
+def test_decoder_metrics_include_lpips_with_local_weights(trained_store, tmp_path):
+    import shutil
+
+    import torch as _torch
+
+    from tasks.train import evaluate_checkpoint_scene
+    from tests.test_losses import lpips_state
+
+    store_path = Path(shutil.copytree(trained_store[0], tmp_path / "store"))
+    weights = tmp_path / "lpips_vgg.pth"
+    _torch.save(lpips_state(), weights)
+    ckpt = str(store_path / json.loads(RunStore(store_path).read_file(LATEST))["checkpoint"])
+    scene = sorted(RunStore(store_path).scene_ids())[0]
+    assert evaluate_checkpoint_scene.fn(str(store_path), ckpt, scene, 4, str(weights))["computed"]
+    import hashlib
+
+    sha16 = hashlib.sha256(Path(ckpt).read_bytes()).hexdigest()[:16]
+    rows = RunStore(store_path).read_tables(f"decoder/{sha16}").to_pylist()
+    assert rows and all(r["lpips_teacher"] >= 0 and r["lpips_gt"] >= 0 for r in rows)
