@@ -122,6 +122,11 @@ def main() -> None:
     finally:
         for w in workers:
             w.terminate()
+        for w in workers:
+            try:
+                w.wait(30)
+            except subprocess.TimeoutExpired:
+                w.kill()
         server.terminate()
         server.wait(30)
         drop_database(db)
