@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,34 +20,8 @@ import torch
 
 from lyra_ops.cameras import OPENCV_TO_OPENGL, Cameras, check_se3, intrinsics_matrix, invert_se3
 from lyra_ops.errors import LyraInputError
+from lyra_ops.paths import ALL_PATHS, EXTRA_PATHS, LYRA_PATHS, PathSpec  # noqa: F401 - re-exported
 
-
-@dataclass(frozen=True)
-class PathSpec:
-    """One of Lyra's trajectory families: kind, axis/sign (linear) or spiral direction, distance range."""
-
-    name: str
-    kind: str  # "linear" | "spiral"
-    axis: int = 0
-    sign: float = 1.0
-    distance_range: tuple[float, float] = (0.2, 0.3)
-
-
-# Lyra's six "multi_trajectory" paths, in folder order 0..5 (spec section 1.5).
-LYRA_PATHS: dict[str, PathSpec] = {
-    "left": PathSpec("left", "linear", axis=0, sign=-1.0, distance_range=(0.2, 0.3)),
-    "right": PathSpec("right", "linear", axis=0, sign=1.0, distance_range=(0.2, 0.3)),
-    "up": PathSpec("up", "linear", axis=1, sign=-1.0, distance_range=(0.1, 0.2)),
-    "zoom_out": PathSpec("zoom_out", "linear", axis=2, sign=-1.0, distance_range=(0.3, 0.4)),
-    "zoom_in": PathSpec("zoom_in", "linear", axis=2, sign=1.0, distance_range=(0.3, 0.4)),
-    "clockwise": PathSpec("clockwise", "spiral", sign=1.0, distance_range=(0.4, 0.6)),
-}
-# Paths Lyra's generators can make but its SDG does not use by default.
-EXTRA_PATHS: dict[str, PathSpec] = {
-    "down": PathSpec("down", "linear", axis=1, sign=1.0, distance_range=(0.1, 0.2)),
-    "counterclockwise": PathSpec("counterclockwise", "spiral", sign=-1.0, distance_range=(0.4, 0.6)),
-}
-ALL_PATHS: dict[str, PathSpec] = {**LYRA_PATHS, **EXTRA_PATHS}
 SPIRAL_RADIUS_X = 0.15
 SPIRAL_RADIUS_Y = 0.10
 SPIRAL_CIRCLES = 2

@@ -258,7 +258,7 @@ def status(store: str = StoreOpt, failed: bool = typer.Option(False, "--failed",
         _fail(exc)
     import pyarrow.compute as pc
 
-    table = st.read_manifest()
+    table = st.read_manifest(columns=["scene_id", "trajectory", "stage", "status", "error"])
     prompts = st.read_prompts()
     out_table = Table(title=f"{store}: {len(prompts)} scenes")
     out_table.add_column("stage")

@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lyra_ops.errors import LyraConfigError
-from lyra_ops.trajectories import ALL_PATHS, LYRA_PATHS
+from lyra_ops.paths import ALL_PATHS, LYRA_PATHS
 
 
 class Section(BaseModel):

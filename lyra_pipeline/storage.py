@@ -245,21 +245,24 @@ class RunStore:
         table = pa.Table.from_pylist([asdict(r) for r in ordered], schema=MANIFEST_SCHEMA)
         self._write_parquet(self._manifest_rel(scene_id), table)
 
-    def read_manifest(self) -> pa.Table:
+    def read_manifest(self, columns: list[str] | None = None) -> pa.Table:
         """All scenes' manifest rows as one table (empty table if nothing was recorded yet).
 
         Reads the compacted index (``manifest_index.parquet``) plus only the per-scene files written after it, so
         a finished store of 100k scenes answers from one file (see :meth:`compact_manifest`)."""
         path = self._path("manifest")
+        schema = MANIFEST_SCHEMA if columns is None else pa.schema([MANIFEST_SCHEMA.field(c) for c in columns])
         if not self.fs.exists(path):
-            return MANIFEST_SCHEMA.empty_table()
+            return schema.empty_table()
+        cols = None if columns is None else sorted(set(columns) | {"scene_id"})
         listing = self._listing_mtimes(path)
         index = self._read_bytes(MANIFEST_INDEX)
-        base = pq.read_table(io.BytesIO(index)) if index is not None else None
+        base = pq.read_table(io.BytesIO(index), columns=cols) if index is not None else None
         as_of = float(base.schema.metadata.get(b"as_of", b"-inf")) if base is not None else -math.inf
         indexed = set(base.schema.metadata.get(b"scenes", b"").decode().split("\n")) if base is not None else set()
         fresh = sorted(f for f, m in listing.items() if m >= as_of or f.removesuffix(".parquet") not in indexed)
-        tables = [pq.read_table(io.BytesIO(self.fs.cat_file(f"{path}/{f}")), schema=MANIFEST_SCHEMA) for f in fresh]
+        tables = [pq.read_table(io.BytesIO(self.fs.cat_file(f"{path}/{f}")), schema=MANIFEST_SCHEMA, columns=cols)
+                  for f in fresh]
         if base is not None:
             base = base.replace_schema_metadata(None)
             present = {f.removesuffix(".parquet") for f in listing}
@@ -269,12 +272,13 @@ class RunStore:
                     pa.compute.is_in(base["scene_id"], value_set=pa.array(sorted(stale), pa.string()))))
             tables.insert(0, base)
         if not tables:
-            return MANIFEST_SCHEMA.empty_table()
-        return pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
+            return schema.empty_table()
+        out = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
+        return out if columns is None else out.select(columns)
 
     def manifest_counts(self) -> dict[tuple[str, str], int]:
         """Units per (stage, status), computed in Arrow (fast at millions of rows)."""
-        table = self.read_manifest()
+        table = self.read_manifest(columns=["scene_id", "stage", "status"])
         if table.num_rows == 0:
             return {}
         agg = table.group_by(["stage", "status"]).aggregate([("scene_id", "count")])
