@@ -85,6 +85,9 @@ class StageSpec:
         return self.scale != 1 or self.input_frames is not None
 
 
+INFERENCE = StageSpec("inference", steps=0)  # decoder inference: whole trajectories, stored latents, no targets
+
+
 @dataclass(frozen=True)
 class ViewData:
     """One trajectory of one scene as stored: teacher frames (T,3,H,W) uint8, cameras, stored latents

@@ -26,6 +26,11 @@ def depth_to_rgb(depth: np.ndarray) -> np.ndarray:
     return (out * 255).round().astype(np.uint8)
 
 
+def evenly_spaced(total: int, count: int) -> list[int]:
+    """``count`` frame indices spread evenly over ``0 .. total - 1`` (first and last included), distinct."""
+    return sorted({round(i * (total - 1) / max(count - 1, 1)) for i in range(count)})
+
+
 def _tile(img: np.ndarray, label: str) -> Image.Image:
     """(H,W,3) uint8 or (H,W) bool -> labelled PIL tile."""
     if img.dtype == bool:
@@ -61,7 +66,7 @@ def contact_sheet(store: RunStore, scene_id: str, trajectories: list[str] | None
             continue
         warp = store.read_array(scene_id, f"{base}/warp/rgb")
         t = warp.shape[0]
-        idx = sorted({round(i * (t - 1) / max(num_frames - 1, 1)) for i in range(num_frames)})
+        idx = evenly_spaced(t, num_frames)
         for i in idx:
             row = [_tile(_chw(warp[i]), f"{name} f{i} warped")]
             row.append(_tile(store.read_array(scene_id, f"{base}/warp/mask")[i, 0], "splat mask"))

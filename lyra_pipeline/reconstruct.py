@@ -18,15 +18,20 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from lyra_ops.distill import StageSpec, build_batch, decode_gaussians, render_batch
 from lyra_ops.errors import LyraConfigError, LyraError, LyraInputError
 from lyra_ops.gaussians import Gaussians
 from lyra_ops.images import to_uint8
-from lyra_ops.latents import PixelPatchifyEncoder
+from lyra_pipeline.inspect import evenly_spaced
 from lyra_pipeline.storage import RunStore
-from lyra_pipeline.training import ViewCache, load_decoder_bytes, load_latest_decoder
+from lyra_pipeline.training import (
+    ViewCache,
+    index_dataset,
+    load_decoder_bytes,
+    load_latest_decoder,
+    render_view,
+    scene_gaussians,
+)
 
-INFERENCE = StageSpec("inference", steps=0)
 SPLAT_TRANSFORM_PACKAGE = "@playcanvas/splat-transform"
 
 
@@ -54,10 +59,8 @@ def load_decoder(store: RunStore, checkpoint: str | Path | None):
 
 
 def scene_trajectories(store: RunStore, scene_id: str) -> list[str]:
-    """Trajectories of a scene whose latents are done."""
-    rows = store.read_manifest().to_pylist()
-    names = sorted({r["trajectory"] for r in rows if r["scene_id"] == scene_id and r["stage"] == "latents"
-                    and r["status"] == "done"})
+    """Trajectories of a scene whose teacher frames and latents are done."""
+    names = index_dataset(store).scenes.get(scene_id, [])
     if not names:
         raise LyraInputError(f"{store.url}: scene {scene_id!r} has no trajectory with finished latents; scenes: "
                              f"{', '.join(store.scene_ids()[:20])}")
@@ -67,11 +70,7 @@ def scene_trajectories(store: RunStore, scene_id: str) -> list[str]:
 def decode_scene(model, store: RunStore, scene_id: str) -> tuple[Gaussians, ViewCache, list[str]]:
     trajectories = scene_trajectories(store, scene_id)
     views = ViewCache(store, size=len(trajectories))
-    data = [views.get(scene_id, t) for t in trajectories]
-    frames = int(data[0].frames.shape[0])
-    batch = build_batch(data, list(range(frames)), [], INFERENCE, PixelPatchifyEncoder())
-    with torch.no_grad():
-        return decode_gaussians(model, batch), views, trajectories
+    return scene_gaussians(model, views, scene_id, trajectories), views, trajectories
 
 
 def render_strip(gaussians: Gaussians, views: ViewCache, scene_id: str, trajectories: list[str],
@@ -80,14 +79,8 @@ def render_strip(gaussians: Gaussians, views: ViewCache, scene_id: str, trajecto
     rows = []
     for name in trajectories:
         view = views.get(scene_id, name)
-        t = int(view.frames.shape[0])
-        picks = sorted({round(i * (t - 1) / max(per_trajectory - 1, 1)) for i in range(per_trajectory)})
-        batch = build_batch([view], list(range(t)), picks, INFERENCE, PixelPatchifyEncoder())
-        with torch.no_grad():
-            render = render_batch(gaussians, batch).rgb.clamp(0, 1)
-        top = torch.cat(list(batch.rgb), dim=2)
-        bottom = torch.cat(list(render), dim=2)
-        rows.append(torch.cat([top, bottom], dim=1))
+        render, teacher = render_view(gaussians, view, evenly_spaced(int(view.frames.shape[0]), per_trajectory))
+        rows.append(torch.cat([torch.cat(list(teacher), dim=2), torch.cat(list(render), dim=2)], dim=1))
     grid = to_uint8(torch.cat(rows, dim=1)).permute(1, 2, 0).numpy()
     return Image.fromarray(grid)
 

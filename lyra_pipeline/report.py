@@ -25,11 +25,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from lyra_ops.distill import build_batch, render_batch  # noqa: E402
 from lyra_ops.images import to_uint8  # noqa: E402
-from lyra_ops.latents import PixelPatchifyEncoder  # noqa: E402
-from lyra_ops.scenes import make_scene  # noqa: E402
-from lyra_pipeline.inspect import contact_sheet  # noqa: E402
+from lyra_pipeline.inspect import contact_sheet, evenly_spaced  # noqa: E402
 from lyra_pipeline.storage import RunStore  # noqa: E402
 
 # Lyra's reported image-to-3D numbers (arXiv 2509.19296, via ../shared/reference/lyra_spec.md): real datasets,
@@ -228,31 +225,22 @@ def decoder_section(store: RunStore) -> tuple[str, dict[str, Any]]:
 def decoder_sheet(store: RunStore, model, scene_id: str, frames_per_trajectory: int = 3) -> Image.Image:
     """Rows (trajectory, frame): teacher | decoder render | ground truth | 4x absolute error."""
     from lyra_pipeline.reconstruct import decode_scene
+    from lyra_pipeline.training import procedural_world, render_view
 
     gaussians, views, trajectories = decode_scene(model, store, scene_id)
-    prompt = next((r for r in store.read_prompts() if r["scene_id"] == scene_id), None)
-    world = make_scene(int(prompt["seed"])) if prompt and prompt["source"] == "procedural" else None
+    world = procedural_world(store, scene_id)
     rows = []
     for name in trajectories:
         view = views.get(scene_id, name)
-        t = int(view.frames.shape[0])
-        picks = sorted({round(i * (t - 1) / max(frames_per_trajectory - 1, 1)) for i in range(frames_per_trajectory)})
-        batch = build_batch([view], list(range(t)), picks, _inference(), PixelPatchifyEncoder())
-        with torch.no_grad():
-            render = render_batch(gaussians, batch).rgb.clamp(0, 1)
-        gt = (world.render(view.cameras.c2w[picks], view.cameras.K[picks], view.cameras.height,
-                           view.cameras.width).rgb if world is not None else batch.rgb)
+        picks = evenly_spaced(int(view.frames.shape[0]), frames_per_trajectory)
+        render, teacher = render_view(gaussians, view, picks)
+        cams = view.cameras
+        gt = world.render(cams.c2w[picks], cams.K[picks], cams.height, cams.width).rgb if world is not None else teacher
         for i in range(len(picks)):
             err = ((render[i] - gt[i]).abs() * 4).clamp(0, 1)
-            rows.append(torch.cat([batch.rgb[i], render[i], gt[i], err], dim=2))
+            rows.append(torch.cat([teacher[i], render[i], gt[i], err], dim=2))
     grid = to_uint8(torch.cat(rows, dim=1)).permute(1, 2, 0).numpy()
     return Image.fromarray(grid)
-
-
-def _inference():
-    from lyra_ops.distill import StageSpec
-
-    return StageSpec("inference", steps=0)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -28,10 +28,13 @@ from safetensors.torch import save as st_save
 from lyra_ops.cameras import Cameras
 from lyra_ops.decoder import DecoderConfig, LatentGaussianDecoder, load_decoder_state
 from lyra_ops.distill import (
+    INFERENCE,
     StageSpec,
     ViewData,
     batch_to,
     build_batch,
+    decode_gaussians,
+    render_batch,
     sample_input_frames,
     sample_targets,
     sample_views,
@@ -41,6 +44,7 @@ from lyra_ops.distill import train_step as run_train_step
 from lyra_ops.errors import LyraConfigError, LyraInputError, LyraStorageError
 from lyra_ops.latents import PixelPatchifyEncoder
 from lyra_ops.losses import LossWeights, make_lpips
+from lyra_ops.scenes import make_scene
 from lyra_ops.seeding import derive_seed
 from lyra_pipeline.config import Section, format_errors, merge
 from lyra_pipeline.storage import RunStore, content_key
@@ -296,6 +300,29 @@ class ViewCache:
         depth = arr("warp/depth").float()
         valid = arr("refine/mask").bool() & (depth > 0)
         return ViewData(frames=frames, cameras=cameras, latents=arr("latents"), depth=depth, depth_valid=valid)
+
+
+def scene_gaussians(model: LatentGaussianDecoder, views: ViewCache, scene_id: str, trajectories: list[str]):
+    """Decoder Gaussians of one scene from all given trajectories (Lyra's inference: every path as input)."""
+    data = [views.get(scene_id, t) for t in trajectories]
+    frames = list(range(int(data[0].frames.shape[0])))
+    device = next(model.parameters()).device
+    batch = batch_to(build_batch(data, frames, [], INFERENCE, PixelPatchifyEncoder()), device)
+    with torch.no_grad():
+        return decode_gaussians(model, batch)
+
+
+def render_view(gaussians, view: ViewData, frames: list[int], backend: str = "torch"):
+    """Render ``gaussians`` at ``frames`` of one trajectory: (renders in [0,1] on the CPU, teacher frames)."""
+    batch = build_batch([view], list(range(int(view.frames.shape[0]))), frames, INFERENCE, PixelPatchifyEncoder())
+    with torch.no_grad():
+        return render_batch(gaussians, batch, backend=backend).rgb.clamp(0, 1).cpu(), batch.rgb
+
+
+def procedural_world(store: RunStore, scene_id: str):
+    """The exact procedural scene behind ``scene_id`` (its ground truth), or None for image/text scenes."""
+    record = next((r for r in store.read_prompts() if r["scene_id"] == scene_id), None)
+    return make_scene(int(record["seed"])) if record and record["source"] == "procedural" else None
 
 
 # ------------------------------------------------------------------------------------------------------------

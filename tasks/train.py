@@ -16,12 +16,9 @@ import torch
 from prefect import task
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from lyra_ops.distill import StageSpec, batch_to, build_batch, decode_gaussians, render_batch
 from lyra_ops.images import from_uint8, to_uint8
-from lyra_ops.latents import PixelPatchifyEncoder
 from lyra_ops.losses import make_lpips
 from lyra_ops.metrics import psnr
-from lyra_ops.scenes import make_scene
 from lyra_pipeline.retries import STAGE_TASK_OPTIONS
 from lyra_pipeline.storage import RunStore
 from lyra_pipeline.training import (
@@ -32,10 +29,12 @@ from lyra_pipeline.training import (
     load_decoder_bytes,
     load_run,
     plan_run,
+    procedural_world,
+    render_view,
+    scene_gaussians,
     train_until,
 )
 
-INFERENCE = StageSpec("inference", steps=0)
 EVAL_SCHEMA = pa.schema([
     ("run", pa.string()), ("step", pa.int64()), ("model_sha256", pa.string()), ("scene_id", pa.string()),
     ("trajectory", pa.string()), ("frame", pa.int32()), ("input_views", pa.int32()), ("gaussians", pa.int64()),
@@ -59,15 +58,6 @@ def train_chunk(store_url: str, run_name: str, until_step: int) -> dict[str, Any
     return train_until(store_url, run_name, until_step)
 
 
-def scene_gaussians(model, views: ViewCache, scene_id: str, trajectories: list[str], frames: int):
-    """Decoder Gaussians of one scene from all given trajectories (Lyra's inference: every path as input)."""
-    data = [views.get(scene_id, t) for t in trajectories]
-    device = next(model.parameters()).device
-    batch = batch_to(build_batch(data, list(range(frames)), [], INFERENCE, PixelPatchifyEncoder()), device)
-    with torch.no_grad():
-        return decode_gaussians(model, batch)
-
-
 def scene_decoder_rows(store: RunStore, scene_id: str, model, *, sha: str, run: str, step: int, stride: int = 1,
                        backend: str = "torch", views: ViewCache | None = None, lpips=None) -> list[dict[str, Any]]:
     """Per frame (every ``stride``-th) of every trajectory of one scene: the decoder (all trajectories as input)
@@ -84,20 +74,16 @@ def scene_decoder_rows(store: RunStore, scene_id: str, model, *, sha: str, run: 
     if not trajs:
         return []
     views = views or ViewCache(store, size=len(trajs))
-    record = next((r for r in store.read_prompts() if r["scene_id"] == scene_id), {})
-    world = make_scene(int(record["seed"])) if record.get("source") == "procedural" else None
+    world = procedural_world(store, scene_id)
     frames = int(views.get(scene_id, trajs[0]).frames.shape[0])
-    gaussians = scene_gaussians(model, views, scene_id, trajs, frames)
+    gaussians = scene_gaussians(model, views, scene_id, trajs)
     rows: list[dict[str, Any]] = []
     for traj in trajs:
         targets = list(range(0, frames, stride))
-        batch = build_batch([views.get(scene_id, traj)], list(range(frames)), targets, INFERENCE,
-                            PixelPatchifyEncoder())
-        with torch.no_grad():
-            render = render_batch(gaussians, batch, backend=backend).rgb.clamp(0, 1).cpu()
-        p_t = psnr(render, batch.rgb)
-        s_t = structural_similarity_index_measure(render, batch.rgb, data_range=1.0, reduction="none")
-        l_t, l_g = lp(render, batch.rgb), [math.nan] * len(targets)
+        render, teacher = render_view(gaussians, views.get(scene_id, traj), targets, backend)
+        p_t = psnr(render, teacher)
+        s_t = structural_similarity_index_measure(render, teacher, data_range=1.0, reduction="none")
+        l_t, l_g = lp(render, teacher), [math.nan] * len(targets)
         if world is not None:
             cams = views.get(scene_id, traj).cameras
             gt = from_uint8(to_uint8(world.render(cams.c2w[targets], cams.K[targets], cams.height, cams.width).rgb))

@@ -11,14 +11,13 @@ import pytest
 import torch
 import yaml
 
-from lyra_ops.distill import build_batch, render_batch
+from lyra_ops.distill import INFERENCE, build_batch, render_batch
 from lyra_ops.gaussians import SH_C0, Gaussians
 from lyra_ops.latents import PixelPatchifyEncoder
 from lyra_ops.metrics import psnr
 from lyra_pipeline.reconstruct import decode_scene, export_scene, load_decoder, splat_transform, splat_transform_command
 from lyra_pipeline.storage import RunStore
 from lyra_pipeline.training import LATEST, read_metrics
-from tasks.train import INFERENCE
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = {"stages": [{"name": "views_1", "steps": 4, "targets": 2},
