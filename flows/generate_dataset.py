@@ -18,8 +18,8 @@ from prefect.futures import PrefectFuture, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from lyra_pipeline.config import build_config
-from lyra_pipeline.stages import StageReport, plan_keys
-from lyra_pipeline.storage import SCENE_STAGES, TRAJECTORY_STAGES, RunStore
+from lyra_pipeline.stages import StageReport, plan_keys, scene_units
+from lyra_pipeline.storage import RunStore
 from tasks.sdg import (
     encode_latents,
     estimate_depth,
@@ -77,7 +77,7 @@ def generate_dataset(
     # Scenes whose every unit is done under the current keys need no task at all (a finished batch resumes in
     # the time it takes to read the manifest index).
     finished = finished_scenes(RunStore(store), config, scenes)
-    reused = len(finished) * units_per_scene(config)
+    reused = len(finished) * len(scene_units(config))
     scenes = [s for s in scenes if s.scene_id not in finished]
     # 2. First frames: procedural renders or user images, cover-cropped to the video size.
     inputs = each(make_input, scenes)
@@ -114,18 +114,16 @@ def generate_dataset(
     return summary
 
 
-def units_per_scene(config) -> int:
-    return len(SCENE_STAGES) + len(TRAJECTORY_STAGES) * len(config.trajectory_names)
-
-
 def finished_scenes(store: RunStore, config, scenes: list) -> set[str]:
     """Scenes whose every SDG unit is recorded done under the key the current config gives."""
-    done = {(r["scene_id"], r["trajectory"], r["stage"]): r["key"]
-            for r in store.read_manifest().to_pylist() if r["status"] == "done"} if scenes else {}
+    if not scenes:
+        return set()
+    table = store.read_manifest(columns=["scene_id", "trajectory", "stage", "status", "key"])
+    done = {(r["scene_id"], r["trajectory"], r["stage"]): r["key"] for r in table.to_pylist() if r["status"] == "done"}
+    units = scene_units(config)
     out = set()
     for scene in scenes:
         keys = plan_keys(config, scene)
-        units = [("", s) for s in SCENE_STAGES] + [(t, s) for t in config.trajectory_names for s in TRAJECTORY_STAGES]
         if all(done.get((scene.scene_id, t, s)) == keys.key(s, t) for t, s in units):
             out.add(scene.scene_id)
     return out

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from lyra_ops.errors import LyraError
 from lyra_pipeline.config import RunConfig, build_config, load_config_file
-from lyra_pipeline.storage import EVAL_STAGES, SCENE_STAGES, STAGES, TRAJECTORY_STAGES, RunStore
+from lyra_pipeline.storage import EVAL_STAGES, SCENE_STAGES, STAGES, RunStore
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="lyra-pipeline: Lyra-style 3D scene data generation, resumable on any store.")
@@ -58,10 +58,6 @@ def _resolve(preset: str | None, config_file: Path | None, num_scenes: int | Non
     file_preset, over = _overrides(config_file, num_scenes, images, trajectory, seed)
     name = preset or file_preset or "default"
     return name, over, build_config(name, over, source=str(config_file or "command line"))
-
-
-def _units_per_scene(config: RunConfig) -> int:
-    return len(SCENE_STAGES) + len(TRAJECTORY_STAGES) * len(config.trajectory_names)
 
 
 def _done_units(store: RunStore) -> int:
@@ -123,7 +119,9 @@ def run(
         except BaseException as exc:  # noqa: BLE001 - reported below
             result["error"] = exc
 
-    total = len(only_scenes or range(cfg.scenes.num_scenes)) * _units_per_scene(cfg)
+    from lyra_pipeline.stages import scene_units  # imports torch: not at CLI start-up
+
+    total = len(only_scenes or range(cfg.scenes.num_scenes)) * len(scene_units(cfg))
     thread = threading.Thread(target=target, daemon=True)
     with Progress(TextColumn("[bold]lyra run[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as progress:

@@ -19,7 +19,7 @@ from pathlib import Path
 from lyra_ops.errors import LyraStorageError
 from lyra_ops.prompts import SceneRecord
 from lyra_pipeline.config import RunConfig, section_dict
-from lyra_pipeline.storage import SCENE_STAGES, ManifestRow, RunStore, content_key
+from lyra_pipeline.storage import SCENE_STAGES, TRAJECTORY_STAGES, ManifestRow, RunStore, content_key
 
 # Bump a stage's version when its code changes what it writes: finished work is then redone.
 STAGE_VERSIONS = {"input": 1, "depth": 1, "cameras": 1, "warp": 1, "refine": 1, "generate": 1, "latents": 1,
@@ -47,13 +47,21 @@ def _fingerprint(model_path: str, conditioned_path: str | None) -> str:
     return info.fingerprint + (inspect_checkpoint_files(conditioned_path) if conditioned_path else "")
 
 
+@functools.lru_cache(maxsize=16)
 def inspect_checkpoint_files(folder: str) -> str:
+    """Identity of a model folder: file names and sizes plus its JSON configs (cached per process: plan_keys
+    runs for every scene of every task)."""
     h = hashlib.sha256()
     for p in sorted(Path(folder).glob("*")):
         h.update(f"{p.name}:{p.stat().st_size}".encode())
         if p.suffix == ".json":
             h.update(p.read_bytes())
     return h.hexdigest()[:16]
+
+
+def scene_units(config: RunConfig) -> list[tuple[str, str]]:
+    """Every SDG unit of one scene as (trajectory, stage): scene-level stages with trajectory ''."""
+    return [("", s) for s in SCENE_STAGES] + [(t, s) for t in config.trajectory_names for s in TRAJECTORY_STAGES]
 
 
 @dataclass(frozen=True)
@@ -192,23 +200,25 @@ class SceneLease:
         deadline = time.time() + timeout_s
         while True:
             lease = self.store.read_lease(self.scene_id)
-            if lease is None and self.store.is_local:  # free: one atomic exclusive create, no settle time
-                if self.store.create_lease_exclusive(self.scene_id, self.owner, self.ttl_s):
-                    self.store.forget_manifest(self.scene_id)
-                    self._written = time.time()
-                    return
-            elif lease is None or lease.get("owner") == self.owner or self.stale(lease):
-                self.store.write_lease(self.scene_id, self.owner, self.ttl_s)
-                time.sleep(LEASE_SETTLE_S if self.store.is_local else LEASE_SETTLE_REMOTE_S)
-                lease = self.store.read_lease(self.scene_id)
-                if lease is not None and lease.get("owner") == self.owner:
-                    self.store.forget_manifest(self.scene_id)  # another run may have written it meanwhile
-                    self._written = time.time()
-                    return
+            if self._claim(lease):
+                self.store.forget_manifest(self.scene_id)  # another run may have written it meanwhile
+                self._written = time.time()
+                return
             if time.time() > deadline:
                 raise LyraStorageError(f"{self.store.url}: scene {self.scene_id!r} is leased by {lease} for longer "
                                        f"than {timeout_s:.0f} s")
             time.sleep(LEASE_POLL_S)
+
+    def _claim(self, lease: dict | None) -> bool:
+        """Try to take the lease seen as ``lease``; True when this owner now holds it."""
+        if lease is None and self.store.is_local:  # free: one atomic exclusive create, no settle time
+            return self.store.create_lease_exclusive(self.scene_id, self.owner, self.ttl_s)
+        if lease is not None and lease.get("owner") != self.owner and not self.stale(lease):
+            return False  # held by a live run
+        self.store.write_lease(self.scene_id, self.owner, self.ttl_s)
+        time.sleep(LEASE_SETTLE_S if self.store.is_local else LEASE_SETTLE_REMOTE_S)
+        lease = self.store.read_lease(self.scene_id)
+        return lease is not None and lease.get("owner") == self.owner
 
     @staticmethod
     def stale(lease: dict) -> bool:
