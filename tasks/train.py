@@ -59,7 +59,8 @@ def train_chunk(store_url: str, run_name: str, until_step: int) -> dict[str, Any
 
 
 def scene_decoder_rows(store: RunStore, scene_id: str, model, *, sha: str, run: str, step: int, stride: int = 1,
-                       backend: str = "torch", views: ViewCache | None = None, lpips=None) -> list[dict[str, Any]]:
+                       backend: str = "torch", views: ViewCache | None = None, lpips=None,
+                       index: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
     """Per frame (every ``stride``-th) of every trajectory of one scene: the decoder (all trajectories as input)
     rendered there, PSNR/SSIM (and LPIPS when a local LPIPS module is given) vs the teacher frame and, for
     procedural scenes, vs the exact ground truth."""
@@ -70,7 +71,7 @@ def scene_decoder_rows(store: RunStore, scene_id: str, model, *, sha: str, run: 
         with torch.no_grad():
             return [float(v) for v in lpips(a, b).flatten()]
 
-    trajs = index_dataset(store).scenes.get(scene_id, [])
+    trajs = (index if index is not None else index_dataset(store).scenes).get(scene_id, [])
     if not trajs:
         return []
     views = views or ViewCache(store, size=len(trajs))
@@ -107,11 +108,12 @@ def decoder_frame_rows(store: RunStore, run: TrainRun, step: int, model, sha: st
     views = ViewCache(store, size=8)
     loss = run.config.loss
     lpips = make_lpips(loss.lpips_weights, backbone_path=loss.lpips_backbone) if loss.lpips_weights else None
+    index = index_dataset(store).scenes  # read once for all held-out scenes
     rows: list[dict[str, Any]] = []
     for sid in run.val_scenes:
         rows += scene_decoder_rows(store, sid, model, sha=sha, run=run.name, step=step,
                                    stride=run.config.eval_frame_stride, backend=run.config.backend, views=views,
-                                   lpips=lpips)
+                                   lpips=lpips, index=index)
     return rows
 
 
