@@ -77,7 +77,12 @@ class WarpOnlyGenerator:
 
     def generate(self, first_frame, prompt, cameras, warped, mask, *, seed: int) -> torch.Tensor:
         check_generation_inputs(first_frame, cameras, warped, mask)
-        frames01 = ((warped + 1.0) * 0.5).clamp(0.0, 1.0)
-        out = push_pull_fill(frames01, mask.expand_as(frames01))
-        out[0] = first_frame  # frame 0 is the input view by construction
-        return out
+        return warp_only_video(first_frame, warped, mask)
+
+
+def warp_only_video(first_frame: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The warp-only video (T,3,H,W) in [0,1]: warped frames, holes filled by push-pull, frame 0 the input."""
+    frames01 = ((warped + 1.0) * 0.5).clamp(0.0, 1.0)
+    out = push_pull_fill(frames01, mask.expand_as(frames01))
+    out[0] = first_frame  # frame 0 is the input view by construction
+    return out

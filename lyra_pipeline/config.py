@@ -117,15 +117,18 @@ class MaskConfig(Section):
 
 
 class GeneratorConfig(Section):
-    """Teacher video backend. ``diffusers``: a local diffusers video checkpoint (Wan 2.x T2V or I2V folder saved
-    with ``save_pretrained``) with GEN3C conditioning; see README "Real checkpoints"."""
+    """Teacher video backend. ``oracle``: exact renders of procedural scenes; ``warp_only``: the no-model
+    baseline; ``tiny``: the shipped pixel-space camera-conditioned diffusion teacher (or a folder made by
+    ``lyra train-teacher``); ``diffusers``: a local diffusers video checkpoint (Wan 2.x T2V or I2V, CogVideoX
+    1.0, saved with ``save_pretrained``) with GEN3C conditioning; see README "Real checkpoints"."""
 
-    backend: Literal["oracle", "warp_only", "diffusers"] = "oracle"
-    model_path: str | None = None  # diffusers pipeline folder (model_index.json, transformer/, vae/, ...)
+    backend: Literal["oracle", "warp_only", "tiny", "diffusers"] = "oracle"
+    # diffusers: pipeline folder (model_index.json, transformer/, vae/, ...); tiny: teacher folder (None: shipped)
+    model_path: str | None = None
     conditioned_path: str | None = None  # fine-tuned GEN3C-widened transformer folder (default: zero-widened base)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
-    steps: int = Field(35, ge=1)  # sampler steps (Lyra: 35)
+    steps: int = Field(35, ge=1)  # sampler steps (Lyra: 35); tiny: its teacher.json's unless set
     guidance: float = Field(1.0, ge=0)  # eps_c + g (eps_c - eps_u) (Lyra's SDG: 1); 0 skips the unconditional pass
     negative_prompt: str | None = None  # None: a short list of low-quality-video descriptors
     max_text_tokens: int = Field(512, ge=1)

@@ -36,6 +36,10 @@ def _file_sha(path: str | None) -> str:
 def _checkpoint_fingerprint(config: RunConfig) -> str:
     """Identity of the generator's checkpoint (config files + weight file names and sizes), '' without one."""
     g = config.generator
+    if g.backend == "tiny":
+        from lyra_pipeline.backends.tiny_teacher import SHIPPED_TEACHER
+
+        return inspect_checkpoint_files(str(g.model_path or SHIPPED_TEACHER))
     return _fingerprint(g.model_path, g.conditioned_path) if g.backend == "diffusers" else ""
 
 

@@ -416,7 +416,7 @@ def new_trainer(config: TrainConfig) -> Trainer:
     return Trainer(model, optimizer, scheduler, generator, 0)
 
 
-def _sha(data: bytes) -> str:
+def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -430,6 +430,36 @@ def checkpoint_steps(store: RunStore, run: str) -> list[int]:
     return sorted(steps)
 
 
+def optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Optimizer moments keyed ``<field>/<parameter name>`` plus the sampler RNG state (``rng/sampler``)."""
+    out: dict[str, torch.Tensor] = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p, st in optimizer.state.items():
+        for k, v in st.items():
+            out[f"{k}/{names[id(p)]}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    out["rng/sampler"] = generator.get_state()
+    return out
+
+
+def restore_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, generator: torch.Generator,
+                      tensors: dict[str, torch.Tensor], scheduler_state: dict[str, Any], *, source: str,
+                      device: str = "cpu") -> None:
+    """Inverse of :func:`optimizer_tensors` (+ the LR scheduler's state): the exact optimizer state to resume."""
+    params = dict(model.named_parameters())
+    for key, value in tensors.items():
+        if key == "rng/sampler":
+            continue
+        field, pname = key.split("/", 1)
+        if pname not in params:
+            raise LyraStorageError(f"{source}: optimizer state names unknown parameter {pname!r}")
+        optimizer.state[params[pname]][field] = value.to(device)
+    scheduler.load_state_dict(scheduler_state)
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
+    generator.set_state(tensors["rng/sampler"])
+
+
 def save_checkpoint(store: RunStore, run: TrainRun, trainer: Trainer) -> str:
     """Write ``step-N/{model,optimizer}.safetensors`` then ``state.json`` (the commit marker, with hashes).
     Returns the model file's sha256."""
@@ -438,29 +468,23 @@ def save_checkpoint(store: RunStore, run: TrainRun, trainer: Trainer) -> str:
     # (and the sha256 that names the checkpoint in evaluations) differ between identical saves.
     meta = {"decoder_config": json.dumps(trainer.model.config.to_dict(), sort_keys=True)}
     model_bytes = st_save(model_state, metadata=meta)
-    opt_tensors: dict[str, torch.Tensor] = {}
-    names = {id(p): n for n, p in trainer.model.named_parameters()}
-    for p, st in trainer.optimizer.state.items():
-        for k, v in st.items():
-            opt_tensors[f"{k}/{names[id(p)]}"] = torch.as_tensor(v).detach().cpu().contiguous()
-    opt_tensors["rng/sampler"] = trainer.generator.get_state()
-    opt_bytes = st_save(opt_tensors)
+    opt_bytes = st_save(optimizer_tensors(trainer.model, trainer.optimizer, trainer.generator))
     store.write_file(RunStore.checkpoint_rel(run.name, trainer.step, "model.safetensors"), model_bytes)
     store.write_file(RunStore.checkpoint_rel(run.name, trainer.step, "optimizer.safetensors"), opt_bytes)
     state = {
         "step": trainer.step, "run": run.name, "stage": run.config.stage_at(max(trainer.step - 1, 0))[1].name,
         "scheduler": trainer.scheduler.state_dict(),
-        "sha256": {"model.safetensors": _sha(model_bytes), "optimizer.safetensors": _sha(opt_bytes)},
+        "sha256": {"model.safetensors": sha256_hex(model_bytes), "optimizer.safetensors": sha256_hex(opt_bytes)},
         "saved_at": time.time(),
     }  # fmt: skip
     store.write_file(RunStore.checkpoint_rel(run.name, trainer.step, "state.json"), json.dumps(state).encode())
     return state["sha256"]["model.safetensors"]
 
 
-def _read_checked(store: RunStore, run: str, step: int, name: str, expected_sha: str) -> bytes:
+def read_checked(store: RunStore, run: str, step: int, name: str, expected_sha: str) -> bytes:
     rel = RunStore.checkpoint_rel(run, step, name)
     data = store.read_file(rel)
-    if data is None or _sha(data) != expected_sha:
+    if data is None or sha256_hex(data) != expected_sha:
         what = "is missing" if data is None else "does not match the sha256 recorded in state.json (corrupt)"
         raise LyraStorageError(
             f"{store.url}/{rel} {what}; delete {RunStore.checkpoint_rel(run, step)} to resume from the previous "
@@ -473,23 +497,11 @@ def load_trainer(store: RunStore, run: TrainRun, step: int) -> Trainer:
     """Restore the exact training state of checkpoint ``step`` (weights, AdamW moments, scheduler, sampler RNG)."""
     state = json.loads(store.read_file(RunStore.checkpoint_rel(run.name, step, "state.json")))
     trainer = new_trainer(run.config)
-    model_bytes = _read_checked(store, run.name, step, "model.safetensors", state["sha256"]["model.safetensors"])
+    model_bytes = read_checked(store, run.name, step, "model.safetensors", state["sha256"]["model.safetensors"])
     load_decoder_state(trainer.model, {k: v.to(run.config.device) for k, v in st_load(model_bytes).items()})
-    opt_bytes = _read_checked(store, run.name, step, "optimizer.safetensors", state["sha256"]["optimizer.safetensors"])
-    opt = st_load(opt_bytes)
-    params = dict(trainer.model.named_parameters())
-    for key, value in opt.items():
-        if key == "rng/sampler":
-            continue
-        field, pname = key.split("/", 1)
-        if pname not in params:
-            raise LyraStorageError(f"{store.url}: checkpoint step {step} optimizer state names unknown parameter "
-                                   f"{pname!r}")
-        trainer.optimizer.state[params[pname]][field] = value.to(run.config.device)
-    trainer.scheduler.load_state_dict(state["scheduler"])
-    for group, lr in zip(trainer.optimizer.param_groups, trainer.scheduler.get_last_lr(), strict=True):
-        group["lr"] = lr
-    trainer.generator.set_state(opt["rng/sampler"])
+    opt_bytes = read_checked(store, run.name, step, "optimizer.safetensors", state["sha256"]["optimizer.safetensors"])
+    restore_optimizer(trainer.model, trainer.optimizer, trainer.scheduler, trainer.generator, st_load(opt_bytes),
+                      state["scheduler"], source=f"{store.url}: checkpoint step {step}", device=run.config.device)
     trainer.step = int(state["step"])
     return trainer
 

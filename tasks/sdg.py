@@ -55,6 +55,10 @@ def preflight(config: RunConfig) -> None:
 
         info = inspect_checkpoint(config.generator.model_path, config.generator.conditioned_path)
         check_frame_format(info, config.video.num_frames, config.video.height, config.video.width)
+    if config.generator.backend == "tiny":
+        from lyra_pipeline.backends.tiny_teacher import SHIPPED_TEACHER, inspect_teacher
+
+        inspect_teacher(config.generator.model_path or SHIPPED_TEACHER)
     if config.trajectories.custom:
         trajectory_cameras(config, None, "custom", None)  # raises LyraInputError naming file/field/frame
     if config.scenes.source == "images":
@@ -293,6 +297,11 @@ def make_generator(config: RunConfig, scene: SceneRecord, store: RunStore | None
             max_text_tokens=g.max_text_tokens, cpu_offload=g.cpu_offload, vae_tiling=g.vae_tiling,
             vae_slicing=g.vae_slicing, text_cache=store.text_cache() if store is not None else None,
         )  # fmt: skip
+    if g.backend == "tiny":
+        from lyra_pipeline.backends.tiny_teacher import TinyTeacherGenerator
+
+        return TinyTeacherGenerator(g.model_path, steps=g.steps if "steps" in g.model_fields_set else None,
+                                    device=g.device)
     return WarpOnlyGenerator()
 
 

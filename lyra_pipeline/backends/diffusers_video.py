@@ -293,6 +293,7 @@ class DiffusersVideoGenerator:
         self.negative_prompt, self.max_text_tokens = negative_prompt, max_text_tokens
         self.offload = {"cpu_offload": cpu_offload, "vae_tiling": vae_tiling, "vae_slicing": vae_slicing}
         self.text_cache = text_cache
+        self._transformer = None
 
     @property
     def encoder_id(self) -> str:
@@ -351,23 +352,19 @@ class DiffusersVideoGenerator:
             video = pipe.vae.decode(z, return_dict=False)[0].float().cpu()
         return ((video[0].permute(1, 0, 2, 3) + 1.0) * 0.5).clamp(0.0, 1.0)
 
-    # --- generation -----------------------------------------------------------------------------------------
-    def generate_with_latents(self, first_frame: torch.Tensor, prompt: str, cameras: Cameras, warped: torch.Tensor,
-                              mask: torch.Tensor, *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher frames (T,3,H,W) in [0,1] and their normalised latents (z, T_l, h, w)."""
-        check_generation_inputs(first_frame, cameras, warped, mask)
-        check_frame_format(self.info, len(cameras), cameras.height, cameras.width)
-        pipe = self.pipeline()
-        info = self.info
-        t = len(cameras)
+    # --- conditioning and the transformer call (shared by sampling and teacher fine-tuning) ---------------------
+    def conditioning(self, first_frame: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor):
+        """(base, warp, first_latent) of one video: the family's own image condition (or None), the GEN3C
+        channels [indicator (T2V bases), warped-video latent, mask latent], and the clean first-frame latent
+        written into latent frame 0 (T2V bases, else None). All (1, C, T_l, h, w) on the CPU."""
+        info, fam = self.info, FAMILIES[self.info.family]
+        t = warped.shape[0]
         first_signed = first_frame * 2.0 - 1.0
         warp_latent = self.encode(warped)
         mask_latent = self.encode(mask_video(mask))
         _, z, t_l, h, w = warp_latent.shape
         gen3c = [warp_latent, mask_latent]
-        base = None
-        first_latent = None
-        fam = FAMILIES[info.family]
+        base = first_latent = None
         if info.mode == "i2v" and fam.i2v_mask_channels:  # Wan: [mask (tf), latents of first frame + zeros]
             clip = torch.cat([first_signed[None], torch.zeros(t - 1, *first_signed.shape)], dim=0)
             base = torch.cat([first_frame_mask(t_l, h, w, info.temporal_factor)[None], self.encode(clip)], dim=1)
@@ -379,26 +376,59 @@ class DiffusersVideoGenerator:
             indicator = torch.zeros(1, 1, t_l, h, w)
             indicator[:, :, 0] = 1.0
             gen3c = [indicator, *gen3c]
-        warp = torch.cat(gen3c, dim=1)
-        text = self.text_embedding(prompt)
-        negative = self.text_embedding(self.negative_prompt) if self.guidance != 0 else None
-        noise = torch.randn((1, z, t_l, h, w), generator=torch.Generator().manual_seed(seed))
-        device = pipe._execution_device if self.offload["cpu_offload"] else torch.device(self.device)
-        transformer = pipe.transformer
+        return base, torch.cat(gen3c, dim=1), first_latent
 
+    @property
+    def transformer(self):
+        """The GEN3C-conditioned transformer in use (a fine-tuning copy when one was set)."""
+        return self._transformer if self._transformer is not None else self.pipeline().transformer
+
+    def use_transformer(self, transformer) -> None:
+        """Generate with ``transformer`` instead of the loaded one (teacher fine-tuning trains a copy)."""
+        self._transformer = transformer
+
+    def execution_device(self) -> torch.device:
+        pipe = self.pipeline()
+        return pipe._execution_device if self.offload["cpu_offload"] else torch.device(self.device)
+
+    def denoiser(self, height: int, width: int, latent_frames: int):
+        """``f(model_input (1,C,T_l,h,w), timestep (1,), text (1,L,D)) -> model output (1,z,T_l,h,w)`` with
+        gradients enabled (wrap in ``torch.no_grad()`` to sample)."""
+        pipe, fam, device = self.pipeline(), FAMILIES[self.info.family], self.execution_device()
+        transformer = self.transformer
         extra = {}
         if fam.frames_first and getattr(transformer.config, "use_rotary_positional_embeddings", False):
-            extra["image_rotary_emb"] = pipe._prepare_rotary_positional_embeddings(cameras.height, cameras.width,
-                                                                                   t_l, device)
+            extra["image_rotary_emb"] = pipe._prepare_rotary_positional_embeddings(height, width, latent_frames,
+                                                                                   device)
 
-        def denoiser(x: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-            x = x.to(device)
+        def call(x: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+            x = x.to(device, self.dtype)
             if fam.frames_first:
                 x = x.permute(0, 2, 1, 3, 4)
-            with torch.no_grad():
-                out = transformer(hidden_states=x, timestep=timestep.to(device),
-                                  encoder_hidden_states=hidden.to(device, self.dtype), return_dict=False, **extra)[0]
+            out = transformer(hidden_states=x, timestep=timestep.to(device), encoder_hidden_states=hidden.to(
+                device, self.dtype), return_dict=False, **extra)[0]
             return out.permute(0, 2, 1, 3, 4) if fam.frames_first else out
+
+        return call
+
+    # --- generation -----------------------------------------------------------------------------------------
+    def generate_with_latents(self, first_frame: torch.Tensor, prompt: str, cameras: Cameras, warped: torch.Tensor,
+                              mask: torch.Tensor, *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher frames (T,3,H,W) in [0,1] and their normalised latents (z, T_l, h, w)."""
+        check_generation_inputs(first_frame, cameras, warped, mask)
+        check_frame_format(self.info, len(cameras), cameras.height, cameras.width)
+        pipe = self.pipeline()
+        base, warp, first_latent = self.conditioning(first_frame, warped, mask)
+        _, _, t_l, h, w = warp.shape
+        text = self.text_embedding(prompt)
+        negative = self.text_embedding(self.negative_prompt) if self.guidance != 0 else None
+        noise = torch.randn((1, self.info.z_dim, t_l, h, w), generator=torch.Generator().manual_seed(seed))
+        device = self.execution_device()
+        call = self.denoiser(cameras.height, cameras.width, t_l)
+
+        def denoiser(x: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return call(x, timestep, hidden)
 
         cond = Conditioning(
             base=base.to(device) if base is not None else None, warp=warp.to(device), text=text,

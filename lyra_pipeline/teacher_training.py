@@ -1,0 +1,651 @@
+"""Teacher fine-tuning (GEN3C's conditioning is learned): train a camera-conditioned video model on exact pairs
+(warped video + mask -> true frames) from a store generated with the oracle teacher.
+
+A run lives under ``train/<run>/`` like a decoder run (``teacher-<hash of config and dataset>``): ``run.json``
+(config, dataset fingerprint, split by scene), ``checkpoints/step-N/`` (weights + AdamW moments + sampler RNG in
+safetensors, ``state.json`` last with their sha256), ``metrics/``, ``eval.parquet`` (held-out scenes: the
+teacher against the warp-only baseline and the oracle, on disoccluded pixels and on whole frames) and
+``model/`` (the finished teacher folder, loadable with ``generator.backend: tiny``). Chunks of
+``checkpoint_every`` steps resume from the newest checkpoint to the same weights as an uninterrupted run.
+
+Objective: flow matching (``lyra_ops.teacher``), the training objective of Wan 2.x, in pixel space for the tiny
+teacher, whose weights are all trained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import tempfile
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from pydantic import Field, ValidationError, model_validator
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torchmetrics.functional.image import structural_similarity_index_measure
+
+from lyra_ops.cameras import Cameras
+from lyra_ops.distill import warmup_lambda
+from lyra_ops.errors import LyraConfigError, LyraInputError, LyraNonFiniteError, LyraStorageError
+from lyra_ops.generation import warp_only_video
+from lyra_ops.images import from_signed, from_uint8, to_signed
+from lyra_ops.seeding import derive_seed
+from lyra_ops.teacher import (
+    crop_boxes,
+    disoccluded,
+    flow_match_noisy,
+    flow_match_target,
+    psnr_from_sse,
+    region_sse,
+    sample_sigmas,
+    teacher_condition,
+)
+from lyra_pipeline.backends.tiny_teacher import TinyUNetSpec, build_unet, sample_frames, velocity, write_teacher_folder
+from lyra_pipeline.config import Section, format_errors, merge
+from lyra_pipeline.storage import RunStore, content_key
+from lyra_pipeline.training import (
+    checkpoint_steps,
+    optimizer_tensors,
+    read_checked,
+    remove_uncommitted,
+    restore_optimizer,
+    sha256_hex,
+    split_scenes,
+)
+
+log = logging.getLogger(__name__)
+TEACHER_TRAIN_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------------------
+
+
+class TeacherUNetConfig(Section):
+    channels: list[int] = Field(default_factory=lambda: [48, 64, 96])
+    layers_per_block: int = Field(1, ge=1)
+    norm_groups: int = Field(16, ge=1)
+    patch: int = Field(4, ge=1)
+
+    def spec(self) -> TinyUNetSpec:
+        return TinyUNetSpec(tuple(self.channels), self.layers_per_block, self.norm_groups, self.patch)
+
+
+class DiffusersTeacherConfig(Section):
+    """A local diffusers video checkpoint whose GEN3C conditioning is fine-tuned (Wan 2.x, flow matching)."""
+
+    model_path: str
+    conditioned_path: str | None = None  # continue from a fine-tuned conditioned transformer
+    lora_rank: int = Field(0, ge=0)  # > 0: LoRA (peft) on the attention projections as well
+    guidance: float = Field(0.0, ge=0)  # guidance when sampling held-out videos
+
+
+class TeacherTrainConfig(Section):
+    """Everything that determines a teacher training run (its hash names the run).
+
+    ``model: tiny`` trains the pixel-space tiny teacher (all weights, ``unet``) on crops; ``model: diffusers``
+    trains the widened patch embedding (+ LoRA) of ``diffusers.model_path`` on whole videos, ``batch`` videos
+    per step."""
+
+    seed: int = 7
+    model: Literal["tiny", "diffusers"] = "tiny"
+    diffusers: DiffusersTeacherConfig | None = None
+    unet: TeacherUNetConfig = TeacherUNetConfig()
+    steps: int = Field(ge=1)
+    batch: int = Field(8, ge=1)  # crops per step
+    crop: int = Field(64, ge=8)  # square training crops (the UNet is convolutional: it samples full frames)
+    hole_crops: float = Field(0.5, ge=0, le=1)  # share of crops centred on a disoccluded pixel
+    lr: float = Field(5e-4, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    shift: float = Field(1.0, gt=0)  # timestep shift, used in training and sampling
+    logit_normal: bool = True  # SD3-style noise-level density (else uniform)
+    sampling_steps: int = Field(10, ge=1)  # Euler steps when the teacher generates
+    val_scenes: int = Field(2, ge=0)
+    checkpoint_every: int = Field(200, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    device: str = "cpu"
+    torch_threads: int | None = Field(2, ge=1)
+    eval_frame_stride: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> TeacherTrainConfig:
+        if self.model == "diffusers" and self.diffusers is None:
+            raise ValueError("model 'diffusers' needs a diffusers section with model_path (a local Wan pipeline folder)")
+        if len(self.unet.channels) < 2:
+            raise ValueError("unet.channels needs at least two levels")
+        if any(c % self.unet.norm_groups for c in self.unet.channels):
+            raise ValueError(f"unet.channels {self.unet.channels} must be multiples of unet.norm_groups "
+                             f"{self.unet.norm_groups}")
+        if self.crop % self.unet.spec().multiple:
+            raise ValueError(f"crop {self.crop} must be a multiple of {self.unet.spec().multiple} (the UNet's "
+                             "down-sampling)")
+        return self
+
+
+TEACHER_PRESETS: dict[str, dict[str, Any]] = {
+    # CI-sized (smoke store, 96x160): a few steps of a very small UNet.
+    "smoke": {"unet": {"channels": [8, 16], "norm_groups": 4, "patch": 2}, "steps": 6, "batch": 2, "crop": 32,
+              "warmup_steps": 2, "lr": 1e-3, "sampling_steps": 3, "val_scenes": 1, "checkpoint_every": 3},
+    # The shipped tiny teacher (lyra_pipeline/weights/tiny_teacher), trained on a default-preset oracle store.
+    "tiny": {"steps": 3000, "batch": 16, "crop": 64, "checkpoint_every": 250, "val_scenes": 3, "sampling_steps": 8},
+}
+
+
+def build_teacher_config(preset: str = "smoke", overrides: dict[str, Any] | None = None) -> TeacherTrainConfig:
+    if preset not in TEACHER_PRESETS:
+        raise LyraConfigError(f"unknown teacher preset {preset!r}; valid: {', '.join(TEACHER_PRESETS)}")
+    try:
+        return TeacherTrainConfig.model_validate(merge(TEACHER_PRESETS[preset], overrides or {}))
+    except ValidationError as err:
+        raise LyraConfigError(format_errors(err, "teacher config", TeacherTrainConfig)) from None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Training pairs
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairIndex:
+    """(scene -> trajectories) with finished warp masks and oracle teacher frames; fingerprint; frame format."""
+
+    scenes: dict[str, list[str]]
+    fingerprint: str
+    height: int
+    width: int
+    frames: int
+
+
+def index_pairs(store: RunStore) -> PairIndex:
+    """Every (scene, trajectory) whose ``refine`` and ``generate`` stages are done with the oracle teacher (its
+    frames are the exact ground truth); raises when the store has none or another teacher made them."""
+    table = store.read_manifest(columns=["scene_id", "trajectory", "stage", "status", "key"]).to_pylist()
+    done = {(r["scene_id"], r["trajectory"], r["stage"]): r["key"] for r in table if r["status"] == "done"}
+    units = sorted((s, t) for (s, t, stage) in done if stage == "generate" and (s, t, "refine") in done)
+    if not units:
+        raise LyraInputError(f"{store.url}: no trajectory has finished teacher frames (manifest stage 'generate' "
+                             f"done); generate a dataset first, e.g. `lyra run --store {store.url}`")
+    scenes: dict[str, list[str]] = {}
+    for s, t in units:
+        scenes.setdefault(s, []).append(t)
+    first, traj = units[0]
+    frames = store.scene_group(first)[f"trajectories/{traj}/teacher/rgb"]
+    made_by = frames.attrs.get("generator")
+    if made_by != "oracle":
+        raise LyraInputError(
+            f"{store.url}: scene {first} trajectory {traj}: teacher/rgb attribute generator={made_by!r}; teacher "
+            "training needs exact pairs from a store generated with generator.backend 'oracle' (procedural scenes)"
+        )
+    blob = json.dumps([[s, t, done[(s, t, "refine")], done[(s, t, "generate")]] for s, t in units])
+    t, _, h, w = frames.shape
+    return PairIndex(scenes, hashlib.sha256(blob.encode()).hexdigest()[:16], int(h), int(w), int(t))
+
+
+@dataclass(frozen=True)
+class PairView:
+    """One trajectory as uint8/bool tensors: truth (T,3,H,W), warped (T,3,H,W), mask (T,1,H,W), first (3,H,W)."""
+
+    truth: torch.Tensor
+    warped: torch.Tensor
+    mask: torch.Tensor
+    first: torch.Tensor
+    cameras: Cameras
+    prompt: str
+
+
+class PairCache:
+    """Reads trajectories of a store as :class:`PairView` (LRU)."""
+
+    def __init__(self, store: RunStore, size: int = 256) -> None:
+        self.store, self.size = store, size
+        self._cache: OrderedDict[tuple[str, str], PairView] = OrderedDict()
+        self._prompts: dict[str, str] | None = None
+
+    def get(self, scene_id: str, trajectory: str) -> PairView:
+        key = (scene_id, trajectory)
+        if key not in self._cache:
+            base = f"trajectories/{trajectory}"
+            arr = lambda name: torch.from_numpy(self.store.read_array(scene_id, name))  # noqa: E731
+            truth = arr(f"{base}/teacher/rgb")
+            attrs = self.store.scene_group(scene_id)[f"{base}/teacher/rgb"].attrs
+            if attrs.get("generator") != "oracle":
+                raise LyraInputError(f"{self.store.url}: scene {scene_id} trajectory {trajectory}: teacher/rgb was "
+                                     f"made by {attrs.get('generator')!r}, not the oracle (no exact ground truth)")
+            if self._prompts is None:
+                self._prompts = {r["scene_id"]: r.get("text") or "" for r in self.store.read_prompts()}
+            _, _, h, w = truth.shape
+            cams = Cameras(arr(f"{base}/cameras/c2w").float(), arr(f"{base}/cameras/K").float(), int(h), int(w))
+            self._cache[key] = PairView(truth, arr(f"{base}/warp/rgb"), arr(f"{base}/refine/mask").bool(),
+                                        arr("input/rgb"), cams, self._prompts.get(scene_id, ""))
+            if len(self._cache) > self.size:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key)
+        return self._cache[key]
+
+
+def _signed(x: torch.Tensor) -> torch.Tensor:
+    return to_signed(from_uint8(x))
+
+
+def sample_pairs(gen: torch.Generator, pairs: PairCache, scenes: dict[str, list[str]], train: list[str],
+                 cfg: TeacherTrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of training crops drawn from ``gen``: clean frames (B,3,c,c) in [-1,1] and conditioning (B,7,c,c).
+
+    Frames 1.. of random training trajectories; a ``hole_crops`` share is centred on a random disoccluded pixel
+    (crops of the rest are uniform), so the model sees enough of what it must invent."""
+    c = cfg.crop
+    x0, cond = [], []
+    for _ in range(cfg.batch):
+        scene = train[int(torch.randint(len(train), (1,), generator=gen))]
+        trajs = scenes[scene]
+        view = pairs.get(scene, trajs[int(torch.randint(len(trajs), (1,), generator=gen))])
+        t, _, h, w = view.truth.shape
+        f = int(torch.randint(1, t, (1,), generator=gen)) if t > 1 else 0
+        holes = (~view.mask[f, 0]).nonzero()
+        if float(torch.rand(1, generator=gen)) < cfg.hole_crops and len(holes):
+            y, x = holes[int(torch.randint(len(holes), (1,), generator=gen))].tolist()
+            y0, x0_ = min(max(y - c // 2, 0), h - c), min(max(x - c // 2, 0), w - c)
+        else:
+            y0, x0_ = crop_boxes(1, h, w, c, gen)[0]
+        sl = (slice(y0, y0 + c), slice(x0_, x0_ + c))
+        x0.append(_signed(view.truth[f][:, sl[0], sl[1]]))
+        cond.append(teacher_condition(_signed(view.warped[f : f + 1, :, sl[0], sl[1]]),
+                                      view.mask[f : f + 1, :, sl[0], sl[1]], from_uint8(view.first[:, sl[0], sl[1]]))[0])
+    return torch.stack(x0), torch.stack(cond)
+
+
+def sample_videos(gen: torch.Generator, pairs: PairCache, scenes: dict[str, list[str]], train: list[str],
+                  n: int) -> list[PairView]:
+    """``n`` random training trajectories (whole videos, for latent-space teachers)."""
+    out = []
+    for _ in range(n):
+        scene = train[int(torch.randint(len(train), (1,), generator=gen))]
+        trajs = scenes[scene]
+        out.append(pairs.get(scene, trajs[int(torch.randint(len(trajs), (1,), generator=gen))]))
+    return out
+
+
+def view_inputs(view: PairView) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(truth in [-1,1], warped in [-1,1] with holes -1, mask, first frame in [0,1]) as float tensors."""
+    warped = torch.where(view.mask, _signed(view.warped), torch.full(view.warped.shape, -1.0))
+    return _signed(view.truth), warped, view.mask, from_uint8(view.first)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Runs and checkpoints
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TeacherRun:
+    name: str
+    config: TeacherTrainConfig
+    fingerprint: str
+    train_scenes: list[str]
+    val_scenes: list[str]
+    preset: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"format_version": TEACHER_TRAIN_VERSION, "kind": "teacher", "name": self.name, "preset": self.preset,
+                "config": self.config.model_dump(mode="json"), "dataset_fingerprint": self.fingerprint,
+                "train_scenes": self.train_scenes, "val_scenes": self.val_scenes}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> TeacherRun:
+        return cls(doc["name"], TeacherTrainConfig.model_validate(doc["config"]), doc["dataset_fingerprint"],
+                   list(doc["train_scenes"]), list(doc["val_scenes"]), doc.get("preset", ""))
+
+
+def plan_teacher_run(store: RunStore, config: TeacherTrainConfig, preset: str = "") -> TeacherRun:
+    """The run for ``config`` on the store's current pairs, created (run.json) if new, else read back."""
+    index = index_pairs(store)
+    if config.model == "tiny" and config.crop > min(index.height, index.width):
+        raise LyraConfigError(f"teacher crop {config.crop} exceeds the store's {index.height}x{index.width} frames")
+    if config.model == "diffusers":
+        from lyra_pipeline.backends.diffusers_video import check_frame_format, inspect_checkpoint
+
+        d = config.diffusers
+        info = inspect_checkpoint(d.model_path, d.conditioned_path)
+        if info.family != "wan":
+            raise LyraConfigError(f"{d.model_path}: teacher fine-tuning supports Wan (flow matching); "
+                                  f"{info.pipeline_class} is not supported yet")
+        check_frame_format(info, index.frames, index.height, index.width)
+    name = "teacher-" + content_key("teacher", TEACHER_TRAIN_VERSION, config.model_dump(mode="json"),
+                                    {"dataset": index.fingerprint})[:12]
+    existing = store.read_file(RunStore.train_rel(name, "run.json"))
+    if existing is not None:
+        return TeacherRun.from_json(json.loads(existing))
+    train, val = split_scenes(sorted(index.scenes), config.val_scenes, config.seed)
+    run = TeacherRun(name, config, index.fingerprint, train, val, preset)
+    store.write_file(RunStore.train_rel(name, "run.json"), json.dumps(run.as_json(), indent=2).encode())
+    return run
+
+
+def load_teacher_run(store: RunStore, name: str) -> TeacherRun:
+    data = store.read_file(RunStore.train_rel(name, "run.json"))
+    if data is None:
+        raise LyraStorageError(f"{store.url}: no teacher run {name!r} (train/{name}/run.json missing)")
+    return TeacherRun.from_json(json.loads(data))
+
+
+@dataclass
+class TeacherTrainer:
+    model: torch.nn.Module  # the module whose trainable parameters are optimised
+    optimizer: torch.optim.AdamW
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    generator: torch.Generator
+    step: int
+    diffusers: Any = None  # DiffusersTeacher for model 'diffusers'
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def load_trainable(self, state: dict[str, torch.Tensor], source: str) -> None:
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if set(state) != set(params):
+            odd = sorted(set(state) ^ set(params))[:4]
+            raise LyraConfigError(f"{source}: weights {odd} do not match the trainable parameters of this config")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state[n].to(p.device, p.dtype))
+
+
+def new_teacher_trainer(cfg: TeacherTrainConfig) -> TeacherTrainer:
+    teacher = None
+    if cfg.model == "diffusers":
+        from lyra_pipeline.backends.diffusers_teacher import DiffusersTeacher
+
+        d = cfg.diffusers
+        teacher = DiffusersTeacher(d.model_path, conditioned_path=d.conditioned_path, lora_rank=d.lora_rank,
+                                   device=cfg.device, sampling_steps=cfg.sampling_steps, guidance=d.guidance,
+                                   seed=cfg.seed)
+        model = teacher.module
+    else:
+        model = build_unet(cfg.unet.spec(), seed=cfg.seed).to(cfg.device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(cfg.warmup_steps))
+    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "teacher-sampling"))
+    return TeacherTrainer(model, optimizer, scheduler, generator, 0, teacher)
+
+
+def save_teacher_checkpoint(store: RunStore, run: TeacherRun, trainer: TeacherTrainer) -> str:
+    """``step-N/{model,optimizer}.safetensors`` then ``state.json`` (the commit marker with their sha256)."""
+    config_key = "unet_config" if trainer.diffusers is None else "transformer_config"
+    model_bytes = st_save(trainer.trainable_state(), metadata={config_key: json.dumps(
+        dict(trainer.model.config), sort_keys=True, default=list)})
+    opt_bytes = st_save(optimizer_tensors(trainer.model, trainer.optimizer, trainer.generator))
+    store.write_file(RunStore.checkpoint_rel(run.name, trainer.step, "model.safetensors"), model_bytes)
+    store.write_file(RunStore.checkpoint_rel(run.name, trainer.step, "optimizer.safetensors"), opt_bytes)
+    state = {"step": trainer.step, "run": run.name, "scheduler": trainer.scheduler.state_dict(),
+             "sha256": {"model.safetensors": sha256_hex(model_bytes), "optimizer.safetensors": sha256_hex(opt_bytes)},
+             "saved_at": time.time()}
+    store.write_file(RunStore.checkpoint_rel(run.name, trainer.step, "state.json"), json.dumps(state).encode())
+    return state["sha256"]["model.safetensors"]
+
+
+def load_teacher_trainer(store: RunStore, run: TeacherRun, step: int) -> TeacherTrainer:
+    """The exact state of checkpoint ``step`` (weights, AdamW moments, LR schedule, sampler RNG)."""
+    state = json.loads(store.read_file(RunStore.checkpoint_rel(run.name, step, "state.json")))
+    trainer = new_teacher_trainer(run.config)
+    model_bytes = read_checked(store, run.name, step, "model.safetensors", state["sha256"]["model.safetensors"])
+    trainer.load_trainable(st_load(model_bytes), f"{store.url}: teacher checkpoint step {step}")
+    opt_bytes = read_checked(store, run.name, step, "optimizer.safetensors", state["sha256"]["optimizer.safetensors"])
+    restore_optimizer(trainer.model, trainer.optimizer, trainer.scheduler, trainer.generator, st_load(opt_bytes),
+                      state["scheduler"], source=f"{store.url}: teacher checkpoint step {step}",
+                      device=run.config.device)
+    trainer.step = int(state["step"])
+    return trainer
+
+
+def prune_teacher_checkpoints(store: RunStore, run: TeacherRun) -> None:
+    steps = checkpoint_steps(store, run.name)
+    for step in steps[: -run.config.keep_checkpoints]:
+        store.remove_tree(RunStore.checkpoint_rel(run.name, step))
+
+
+def teacher_chunk_ends(cfg: TeacherTrainConfig) -> list[int]:
+    return sorted(set(range(cfg.checkpoint_every, cfg.steps, cfg.checkpoint_every)) | {cfg.steps})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The training loop
+# ------------------------------------------------------------------------------------------------------------
+
+TEACHER_METRICS = pa.schema([
+    ("run", pa.string()), ("step", pa.int64()), ("loss", pa.float64()), ("grad_norm", pa.float64()),
+    ("lr", pa.float64()), ("seconds", pa.float64()),
+])  # fmt: skip
+
+
+def tiny_loss(trainer: TeacherTrainer, x0: torch.Tensor, cond: torch.Tensor, cfg: TeacherTrainConfig) -> torch.Tensor:
+    """Flow-matching loss of a crop batch: noise levels and noise from the trainer's generator."""
+    gen = trainer.generator
+    sigma = sample_sigmas(x0.shape[0], gen, shift=cfg.shift, logit_normal=cfg.logit_normal)
+    noise = torch.randn(x0.shape, generator=gen)
+    x0, cond, noise, sigma = (v.to(cfg.device) for v in (x0, cond, noise, sigma))
+    pred = velocity(trainer.model, flow_match_noisy(x0, noise, sigma), cond, sigma * 1000.0)
+    return F.mse_loss(pred.float(), flow_match_target(x0, noise))
+
+
+def teacher_step(trainer: TeacherTrainer, loss: torch.Tensor, cfg: TeacherTrainConfig) -> dict:
+    """AdamW with gradient clipping on ``loss``; raises (weights untouched) on a non-finite loss or gradient."""
+    if not torch.isfinite(loss):
+        raise LyraNonFiniteError(f"teacher loss is {float(loss)}")
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+    if not math.isfinite(grad_norm):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        raise LyraNonFiniteError(f"teacher gradient norm is {grad_norm}")
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    trainer.optimizer.step()
+    trainer.scheduler.step()
+    return {"loss": float(loss.detach()), "grad_norm": grad_norm, "lr": lr}
+
+
+def train_teacher_until(store_url: str, run_name: str, until_step: int) -> dict[str, Any]:
+    """Train teacher run ``run_name`` from its newest checkpoint up to ``until_step`` and checkpoint there (does
+    nothing when a checkpoint at or beyond it exists)."""
+    store = RunStore(store_url, create=False)
+    run = load_teacher_run(store, run_name)
+    cfg = run.config
+    until_step = min(until_step, cfg.steps)
+    steps = checkpoint_steps(store, run.name)
+    if steps and steps[-1] >= until_step:
+        return {"run": run.name, "from": steps[-1], "to": steps[-1], "computed": 0}
+    start = max([s for s in steps if s <= until_step], default=0)
+    remove_uncommitted(store, run.name, start)
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    trainer = load_teacher_trainer(store, run, start) if start else new_teacher_trainer(cfg)
+    index = index_pairs(store).scenes
+    missing = [s for s in run.train_scenes if s not in index]
+    if missing:
+        raise LyraStorageError(f"{store.url}: training scenes {missing[:5]} of run {run.name} no longer have "
+                               "finished teacher frames")
+    pairs, rows, first = PairCache(store), [], trainer.step
+    while trainer.step < until_step:
+        t0 = time.perf_counter()
+        try:
+            if trainer.diffusers is None:
+                loss = tiny_loss(trainer, *sample_pairs(trainer.generator, pairs, index, run.train_scenes, cfg), cfg)
+            else:
+                videos = sample_videos(trainer.generator, pairs, index, run.train_scenes, cfg.batch)
+                loss = sum(trainer.diffusers.loss(*view_inputs(v), v.prompt, trainer.generator) for v in videos)
+                loss = loss / len(videos)
+            out = teacher_step(trainer, loss, cfg)
+        except LyraNonFiniteError as exc:
+            raise LyraNonFiniteError(f"teacher run {run.name}, step {trainer.step + 1}: {exc}; nothing was saved "
+                                     f"after checkpoint step {first} — lower lr") from exc
+        trainer.step += 1
+        rows.append({"run": run.name, "step": trainer.step, **out, "seconds": time.perf_counter() - t0})
+        if trainer.step % 50 == 0 or trainer.step == until_step:
+            log.info("%s step %d/%d loss %.4f (%.3f s/step)", run.name, trainer.step, cfg.steps, out["loss"],
+                     rows[-1]["seconds"])
+    store.write_table(RunStore.train_rel(run.name, "metrics", f"step-{trainer.step:08d}.parquet"),
+                      pa.Table.from_pylist(rows, schema=TEACHER_METRICS))
+    sha = save_teacher_checkpoint(store, run, trainer)
+    prune_teacher_checkpoints(store, run)
+    return {"run": run.name, "from": first, "to": trainer.step, "computed": trainer.step - first,
+            "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"], "model_sha256": sha}
+
+
+def read_teacher_metrics(store: RunStore, run: str) -> pa.Table:
+    return store.read_table_dir(RunStore.train_rel(run, "metrics"), TEACHER_METRICS)
+
+
+def final_teacher_step(store: RunStore, run: TeacherRun) -> int:
+    steps = checkpoint_steps(store, run.name)
+    if not steps or steps[-1] < run.config.steps:
+        raise LyraStorageError(f"{store.url}: teacher run {run.name} has not finished ({steps[-1] if steps else 0} "
+                               f"of {run.config.steps} steps)")
+    return steps[-1]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Evaluation on held-out scenes and export
+# ------------------------------------------------------------------------------------------------------------
+
+EVAL_SCHEMA = pa.schema([
+    ("run", pa.string()), ("step", pa.int64()), ("model_sha256", pa.string()), ("scene_id", pa.string()),
+    ("trajectory", pa.string()), ("method", pa.string()), ("frames", pa.int32()),
+    ("psnr_disoccluded", pa.float64()), ("psnr_all", pa.float64()), ("ssim", pa.float64()),
+    ("disoccluded_fraction", pa.float64()), ("sse_disoccluded", pa.float64()), ("n_disoccluded", pa.int64()),
+    ("sse_all", pa.float64()), ("n_all", pa.int64()),
+])  # fmt: skip
+METHODS = ("teacher", "warp_only", "oracle")
+
+
+def trained_model(store: RunStore, run: TeacherRun, step: int) -> tuple[TeacherTrainer, str]:
+    trainer = load_teacher_trainer(store, run, step)
+    state = json.loads(store.read_file(RunStore.checkpoint_rel(run.name, step, "state.json")))
+    trainer.model.eval()
+    return trainer, state["sha256"]["model.safetensors"]
+
+
+def teacher_video(trainer: TeacherTrainer, view: PairView, cfg: TeacherTrainConfig, seed: int,
+                  frame_batch: int = 8) -> torch.Tensor:
+    """The teacher's video (T,3,H,W) in [0,1] for one stored trajectory (what its generator backend does)."""
+    if trainer.diffusers is not None:
+        _, warped, mask, first = view_inputs(view)
+        return trainer.diffusers.video(first, view.prompt, view.cameras, warped, mask, seed)
+    model = trainer.model
+    t, _, h, w = view.truth.shape
+    cond = teacher_condition(_signed(view.warped).float(), view.mask, from_uint8(view.first))
+    noise = torch.randn((1, 3, h, w), generator=torch.Generator().manual_seed(seed))
+    out = torch.empty(t, 3, h, w)
+    out[0] = from_uint8(view.first)
+    for a in range(1, t, frame_batch):
+        b = min(a + frame_batch, t)
+        x = sample_frames(model, cond[a:b].to(cfg.device), noise.expand(b - a, -1, -1, -1).to(cfg.device),
+                          steps=cfg.sampling_steps, shift=cfg.shift)
+        out[a:b] = from_signed(x.cpu())
+    return out
+
+
+def score_video(pred: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor, frames: list[int]) -> dict[str, Any]:
+    """Scores of frames ``frames`` (frame 0 excluded: it is the input) against the exact truth."""
+    pred, truth, mask = pred[frames], truth[frames], mask[frames]
+    holes = disoccluded(torch.cat([torch.ones_like(mask[:1]), mask]))[1:]
+    sse_h, n_h = region_sse(pred, truth, holes)
+    sse_a, n_a = region_sse(pred, truth, torch.ones_like(mask))
+    return {"frames": len(frames), "psnr_disoccluded": psnr_from_sse(sse_h, n_h), "psnr_all": psnr_from_sse(sse_a, n_a),
+            "ssim": float(structural_similarity_index_measure(pred, truth, data_range=1.0)), "disoccluded_fraction": float(holes.float().mean()),
+            "sse_disoccluded": sse_h, "n_disoccluded": n_h, "sse_all": sse_a, "n_all": n_a}
+
+
+def evaluate_teacher(store_url: str, run_name: str, step: int) -> dict[str, Any]:
+    """Held-out scenes: the trained teacher, the warp-only baseline and the oracle against the exact frames
+    (``train/<run>/eval.parquet``; a finished evaluation of the same checkpoint is read back, not redone)."""
+    store = RunStore(store_url, create=False)
+    run = load_teacher_run(store, run_name)
+    cfg = run.config
+    rel = RunStore.train_rel(run.name, "eval.parquet")
+    trainer, sha = trained_model(store, run, step)
+    existing = store.read_table(rel)
+    if existing is None or set(existing.column("model_sha256").to_pylist()) != {sha}:
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        index, pairs, rows = index_pairs(store).scenes, PairCache(store, size=8), []
+        for scene in run.val_scenes:
+            for traj in index.get(scene, []):
+                view = pairs.get(scene, traj)
+                truth = from_uint8(view.truth)
+                frames = list(range(1, truth.shape[0], cfg.eval_frame_stride))
+                seed = derive_seed(cfg.seed, "teacher-eval", scene, traj)
+                warped = torch.where(view.mask, _signed(view.warped), torch.full(view.warped.shape, -1.0))
+                videos = {
+                    "teacher": teacher_video(trainer, view, cfg, seed),
+                    "warp_only": warp_only_video(from_uint8(view.first), warped, view.mask),
+                    "oracle": truth,
+                }
+                for method, video in videos.items():
+                    rows.append({"run": run.name, "step": step, "model_sha256": sha, "scene_id": scene,
+                                 "trajectory": traj, "method": method, **score_video(video, truth, view.mask, frames)})
+        existing = pa.Table.from_pylist(rows, schema=EVAL_SCHEMA)
+        store.write_table(rel, existing)
+    return summarize_teacher_eval(existing)
+
+
+def summarize_teacher_eval(table: pa.Table) -> dict[str, Any]:
+    """Pooled PSNR (all held-out disoccluded pixels / all pixels) and mean SSIM per method."""
+    rows = table.to_pylist()
+    out: dict[str, Any] = {"val_trajectories": len({(r["scene_id"], r["trajectory"]) for r in rows})}
+    for method in METHODS:
+        sel = [r for r in rows if r["method"] == method]
+        if not sel:
+            continue
+        out[f"{method}_psnr_disoccluded"] = psnr_from_sse(sum(r["sse_disoccluded"] for r in sel),
+                                                          sum(r["n_disoccluded"] for r in sel))
+        out[f"{method}_psnr_all"] = psnr_from_sse(sum(r["sse_all"] for r in sel), sum(r["n_all"] for r in sel))
+        out[f"{method}_ssim"] = float(np.mean([r["ssim"] for r in sel]))
+    if rows:
+        out["disoccluded_fraction"] = float(np.mean([r["disoccluded_fraction"] for r in rows if r["method"] == "oracle"]))
+    return out
+
+
+def export_teacher(store_url: str, run_name: str, step: int, metrics: dict[str, Any],
+                   out: str | Path | None = None) -> str:
+    """Write the finished teacher folder into the store (``train/<run>/model/``) and optionally to ``out`` (a
+    local folder, e.g. the package's shipped weights); returns the store-relative folder."""
+    store = RunStore(store_url, create=False)
+    run = load_teacher_run(store, run_name)
+    trainer, sha = trained_model(store, run, step)
+    meta = {
+        "sampling_steps": run.config.sampling_steps, "shift": run.config.shift,
+        "trained": {"run": run.name, "step": step, "preset": run.preset, "checkpoint_sha256": sha,
+                    "dataset_fingerprint": run.fingerprint, "train_scenes": len(run.train_scenes),
+                    "val_scenes": run.val_scenes, "config": run.config.model_dump(mode="json"),
+                    "command": f"lyra train-teacher --store STORE --preset {run.preset or 'CUSTOM'}"},
+        "held_out": {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()},
+    }  # fmt: skip
+    def write(folder: str | Path) -> Path:
+        if trainer.diffusers is not None:
+            return trainer.diffusers.save_folder(folder, meta)
+        return write_teacher_folder(trainer.model, folder, meta)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write(tmp)
+        for name in sorted(p.name for p in folder.iterdir() if p.is_file()):  # large models write shards
+            data = (folder / name).read_bytes()
+            rel = RunStore.train_rel(run.name, "model", name)
+            if store.read_file(rel) != data:
+                store.write_file(rel, data)
+        if out is not None:
+            write(out)
+    return RunStore.train_rel(run.name, "model")
