@@ -1,8 +1,9 @@
 """The synthetic-data-generation flow: prompts -> first frames -> depth -> cameras -> warp -> masks -> teacher
 -> latents.
 
-Every task is one stage of one scene; each skips work whose content key is already recorded as done, so a
-re-run after a crash (or on a finished store) only does what is missing.
+By default every task runs all stages of one scene (``compute.tasks: scene``; ``stage``: one task per stage
+of each scene). Each stage skips work whose content key is already recorded as done, so a re-run after a crash
+(or on a finished store) only does what is missing.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.futures import PrefectFuture, wait
+from prefect.futures import PrefectFuture, as_completed, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from lyra_pipeline.config import build_config
@@ -27,6 +28,7 @@ from tasks.sdg import (
     make_cameras,
     make_input,
     preflight,
+    process_scene,
     refine_masks,
     sample_prompts,
     warp_frames,
@@ -60,6 +62,7 @@ def generate_dataset(
     preflight(config)
     run_id = run_id or new_run_id()
     started = time.time()
+    RunStore(store).check_writable()  # a read-only store fails here, before any work
     removed = RunStore(store).clean_partial_files()
     if removed:
         logger.info("removed %d temporary files left by an interrupted run", removed)
@@ -79,30 +82,43 @@ def generate_dataset(
     finished = finished_scenes(RunStore(store), config, scenes)
     reused = len(finished) * len(scene_units(config))
     scenes = [s for s in scenes if s.scene_id not in finished]
-    # 2. First frames: procedural renders or user images, cover-cropped to the video size.
-    inputs = each(make_input, scenes)
-    # 3. Depth of the first frame (exact for procedural scenes), cleaned up and edge-filtered.
-    depth = each(estimate_depth, scenes, after=inputs)
-    # 4. Camera trajectories (Lyra's six paths or a custom one), seeded per scene and path.
-    #    (Stages of one scene run one after another: one writer per scene's manifest.)
-    cameras = each(make_cameras, scenes, after=depth)
-    # 5. Forward warping of the first frame into every trajectory frame.
-    warps = each(warp_frames, scenes, after=cameras)
-    # 6. Conservative mask refinement against the seam mesh.
-    masks = each(refine_masks, scenes, after=warps)
-    # 7. Teacher video: the generator conditioned on warped frames and refined masks.
-    teacher = each(generate_video, scenes, after=masks)
-    # 8. Latents of the teacher video: what the 3DGS decoder reads.
-    latents = each(encode_latents, scenes, after=teacher)
+    if config.compute.tasks == "scene":
+        # 2-8. One task per scene runs its stages in order (the recipe below, ``process_scene``).
+        futures = [process_scene.submit(store, config, s, run_id) for s in scenes]
+        progress = create_progress_artifact(progress=0.0, description=f"{len(scenes)} scenes")
+        for i, _ in enumerate(as_completed(futures)):
+            update_progress_artifact(progress, progress=100.0 * (i + 1) / len(futures))
+        outcome = {s.scene_id: f.result() if f.state.is_completed() else None for s, f in zip(scenes, futures)}
+    else:
+        # 2. First frames: procedural renders or user images, cover-cropped to the video size.
+        inputs = each(make_input, scenes)
+        # 3. Depth of the first frame (exact for procedural scenes), cleaned up and edge-filtered.
+        depth = each(estimate_depth, scenes, after=inputs)
+        # 4. Camera trajectories (Lyra's six paths or a custom one), seeded per scene and path.
+        #    (Stages of one scene run one after another: one writer per scene's manifest.)
+        cameras = each(make_cameras, scenes, after=depth)
+        # 5. Forward warping of the first frame into every trajectory frame.
+        warps = each(warp_frames, scenes, after=cameras)
+        # 6. Conservative mask refinement against the seam mesh.
+        masks = each(refine_masks, scenes, after=warps)
+        # 7. Teacher video: the generator conditioned on warped frames and refined masks.
+        teacher = each(generate_video, scenes, after=masks)
+        # 8. Latents of the teacher video: what the 3DGS decoder reads.
+        latents = each(encode_latents, scenes, after=teacher)
 
-    by_stage = {"input": inputs, "depth": depth, "cameras": cameras, "warp": warps, "refine": masks,
-                "generate": teacher, "latents": latents}
-    progress = create_progress_artifact(progress=0.0, description=f"{len(scenes)} scenes x {len(by_stage)} stages")
-    for i, futs in enumerate(by_stage.values()):  # stage by stage, in DAG order
-        wait(futs)
-        update_progress_artifact(progress, progress=100.0 * (i + 1) / len(by_stage))
+        by_stage = [inputs, depth, cameras, warps, masks, teacher, latents]
+        progress = create_progress_artifact(progress=0.0, description=f"{len(scenes)} scenes x {len(by_stage)} "
+                                                                      "stages")
+        for i, futs in enumerate(by_stage):  # stage by stage, in DAG order
+            wait(futs)
+            update_progress_artifact(progress, progress=100.0 * (i + 1) / len(by_stage))
+        outcome = {}
+        for j, scene in enumerate(scenes):
+            futs = [stage[j] for stage in by_stage]
+            done = all(f.state.is_completed() for f in futs)
+            outcome[scene.scene_id] = [f.state.result() for f in futs] if done else None
     RunStore(store).compact_manifest()  # one index file: `lyra status` stays fast at 100k+ scenes
-    summary = summarize(run_id, preset, config.model_dump(mode="json"), store, scenes, by_stage, started)
+    summary = summarize(run_id, preset, config.model_dump(mode="json"), store, outcome, started)
     summary["skipped"] += reused
     summary["scenes_already_done"] = len(finished)
     RunStore(store).write_run_summary(run_id, summary)
@@ -129,24 +145,19 @@ def finished_scenes(store: RunStore, config, scenes: list) -> set[str]:
     return out
 
 
-def summarize(run_id: str, preset: str, config: dict[str, Any], store: str, scenes: list,
-              by_stage: dict[str, list[PrefectFuture]], started: float) -> dict[str, Any]:
-    """Counts of computed / reused units per stage and the scenes whose tasks did not complete."""
+def summarize(run_id: str, preset: str, config: dict[str, Any], store: str,
+              outcome: dict[str, list[StageReport] | None], started: float) -> dict[str, Any]:
+    """Counts of computed / reused units per stage, and the scenes whose tasks did not complete (``None``)."""
     computed: Counter[str] = Counter()
     skipped: Counter[str] = Counter()
-    failed: set[str] = set()
-    for stage, futures in by_stage.items():
-        for scene, fut in zip(scenes, futures, strict=True):
-            if fut.state.is_completed():
-                rep: StageReport = fut.state.result()
-                computed[stage] += rep.computed
-                skipped[stage] += rep.skipped
-            else:
-                failed.add(scene.scene_id)
+    for reports in outcome.values():
+        for rep in reports or []:
+            computed[rep.stage] += rep.computed
+            skipped[rep.stage] += rep.skipped
     return {
         "run_id": run_id, "preset": preset, "config": config, "store": store,
         "started_at": started, "finished_at": time.time(),
         "computed": sum(computed.values()), "skipped": sum(skipped.values()),
         "computed_by_stage": dict(computed), "skipped_by_stage": dict(skipped),
-        "failed_scenes": sorted(failed),
+        "failed_scenes": sorted(s for s, reports in outcome.items() if reports is None),
     }

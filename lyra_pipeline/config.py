@@ -152,6 +152,9 @@ class ComputeConfig(Section):
     """How stages use the machine (not part of any content key: it never changes results)."""
 
     torch_threads: int | None = Field(1, ge=1)  # intra-op threads per task; None: torch's default (all cores)
+    # Prefect task granularity: "scene" = one task runs every stage of a scene (least orchestration overhead);
+    # "stage" = one task per stage per scene (per-stage task runs in the Prefect UI).
+    tasks: Literal["scene", "stage"] = "scene"
 
 
 class RunConfig(Section):

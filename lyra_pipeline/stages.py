@@ -136,9 +136,9 @@ class StageRun:
     """
 
     def __init__(self, store: RunStore, scene_id: str, trajectory: str, stage: str, key: str, run_id: str,
-                 report: StageReport) -> None:
+                 report: StageReport, *, mark_running: bool = True) -> None:
         self.store, self.scene_id, self.trajectory, self.stage, self.key = store, scene_id, trajectory, stage, key
-        self.run_id, self.report = run_id, report
+        self.run_id, self.report, self.mark_running = run_id, report, mark_running
         self.skip = store.is_done(scene_id, trajectory, stage, key)
 
     def _row(self, status: str, duration: float = 0.0, error: str = "") -> ManifestRow:
@@ -149,7 +149,8 @@ class StageRun:
         if self.skip:
             self.report.skipped += 1
         else:
-            self.store.record([self._row("running")])
+            if self.mark_running:
+                self.store.record([self._row("running")], durable=False)
             self._t0 = time.perf_counter()
         return self
 
@@ -191,10 +192,12 @@ class SceneLease:
     """Exclusive right to write one scene (its arrays and manifest) across concurrent runs on one store.
 
     A lease is a small JSON file (``leases/<scene>.json``: owner, expiry). ``acquire`` waits while another
-    live owner holds it. A free lease is claimed with an exclusive create on local stores; on object stores,
-    and when taking over a stale lease (expired, or its process on this host is gone), the claim is written and
-    re-read after a short settle time so that of two simultaneous claims only the last writer proceeds.
-    ``renew`` extends the expiry (at most every quarter TTL).
+    live owner holds it. A free lease is claimed with one atomic create (local ``O_EXCL``; S3 ``If-None-Match:
+    *``); a stale one (expired, or its process on this host is gone) is taken over on S3 with ``If-Match`` on the
+    version judged stale, so exactly one of several claimants wins. Where neither exists (local takeovers,
+    other object stores) the claim is written and re-read after a short settle time so that of two simultaneous
+    claims only the last writer proceeds. ``renew`` extends the expiry (at most every quarter TTL); on S3 it
+    also checks the lease is still this owner's and raises if another run took it over.
     """
 
     def __init__(self, store: RunStore, scene_id: str, owner: str, ttl_s: float = LEASE_TTL_S) -> None:
@@ -203,8 +206,8 @@ class SceneLease:
     def acquire(self, timeout_s: float = 24 * 3600.0) -> None:
         deadline = time.time() + timeout_s
         while True:
-            lease = self.store.read_lease(self.scene_id)
-            if self._claim(lease):
+            lease, version = self.store.read_lease_version(self.scene_id)
+            if self._claim(lease, version):
                 self.store.forget_manifest(self.scene_id)  # another run may have written it meanwhile
                 self._written = time.time()
                 return
@@ -213,12 +216,14 @@ class SceneLease:
                                        f"than {timeout_s:.0f} s")
             time.sleep(LEASE_POLL_S)
 
-    def _claim(self, lease: dict | None) -> bool:
-        """Try to take the lease seen as ``lease``; True when this owner now holds it."""
-        if lease is None and self.store.is_local:  # free: one atomic exclusive create, no settle time
+    def _claim(self, lease: dict | None, version: str | None = None) -> bool:
+        """Try to take the lease seen as ``lease`` (object version ``version``); True when this owner holds it."""
+        if lease is None and self.store.atomic_leases:  # free: one atomic exclusive create, no settle time
             return self.store.create_lease_exclusive(self.scene_id, self.owner, self.ttl_s)
         if lease is not None and lease.get("owner") != self.owner and not self.stale(lease):
             return False  # held by a live run
+        if lease is not None and version is not None:  # S3: replace exactly the version judged stale (or ours)
+            return self.store.replace_lease(self.scene_id, self.owner, self.ttl_s, version)
         self.store.write_lease(self.scene_id, self.owner, self.ttl_s)
         time.sleep(LEASE_SETTLE_S if self.store.is_local else LEASE_SETTLE_REMOTE_S)
         lease = self.store.read_lease(self.scene_id)
@@ -241,7 +246,14 @@ class SceneLease:
     def renew(self) -> None:
         """Extend the expiry, at most every quarter TTL (a write per unit would cost more than it protects)."""
         if time.time() - self._written > self.ttl_s / 4:
-            self.store.write_lease(self.scene_id, self.owner, self.ttl_s)
+            if self.store.conditional_puts:
+                lease, version = self.store.read_lease_version(self.scene_id)
+                if lease is None or lease.get("owner") != self.owner or version is None or \
+                        not self.store.replace_lease(self.scene_id, self.owner, self.ttl_s, version):
+                    raise LyraStorageError(f"{self.store.url}: lease of scene {self.scene_id!r} was taken over by "
+                                           f"{(lease or {}).get('owner')!r} (this run stalled past its TTL); stopping")
+            else:
+                self.store.write_lease(self.scene_id, self.owner, self.ttl_s)
             self._written = time.time()
 
     def release(self) -> None:
@@ -268,8 +280,13 @@ def run_units(store_url: str, config: RunConfig, scene: SceneRecord, stage: str,
     lease = SceneLease(store, scene.scene_id, lease_owner(run_id))
     lease.acquire()
     try:
+        # One manifest write marks every pending unit running (then one per finished unit).
+        store.record([ManifestRow(scene.scene_id, n, stage, "running", keys.key(stage, n), run_id=run_id)
+                      for n in names if not store.is_done(scene.scene_id, n, stage, keys.key(stage, n))],
+                     durable=False)
         for name in names:
-            with StageRun(store, scene.scene_id, name, stage, keys.key(stage, name), run_id, report) as run:
+            with StageRun(store, scene.scene_id, name, stage, keys.key(stage, name), run_id, report,
+                          mark_running=False) as run:
                 if run.skip:
                     continue
                 for up in UPSTREAM[stage]:

@@ -22,8 +22,9 @@ import os
 import re
 import threading
 import time
+import uuid
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,9 @@ class RunStore:
             raise LyraStorageError(f"store {self.url!r}: cannot open ({exc})") from exc
         self.root = root.rstrip("/")
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
+        # S3 (and S3-compatible servers) honour If-None-Match / If-Match on PUT: leases are claimed atomically.
+        self.conditional_puts = bool(protocols & {"s3", "s3a"})
         self._manifest_cache: dict[str, dict[tuple[str, str], ManifestRow]] = {}
         marker = self._path("store.json")
         hint = ("" if self.is_local else "; check the URL, that the bucket exists, and the credentials (taken only "
@@ -152,6 +156,16 @@ class RunStore:
         else:
             raise LyraStorageError(f"{self.url}: not a lyra store (no store.json)")
         self._zroot = zarr.open_group(store=self._zarr_store(), mode="a")
+
+    def check_writable(self) -> None:
+        """Write and remove a probe file, so a read-only store fails before any work rather than mid-run."""
+        rel = f"probe-{uuid.uuid4().hex}.tmp"
+        try:
+            self._write_bytes(rel, b"lyra write probe", durable=False)
+            self.fs.rm_file(self._path(rel))
+        except Exception as exc:  # noqa: BLE001 - permission, read-only filesystem, denied PUT...
+            raise LyraStorageError(f"store {self.url!r} is read-only or denies writes ({type(exc).__name__}: {exc}); "
+                                   "use a writable store URL, or credentials allowed to write there") from None
 
     # --- paths and raw bytes ----------------------------------------------------------------------------
     def _path(self, *parts: str) -> str:
@@ -229,8 +243,9 @@ class RunStore:
         row = self.scene_manifest(scene_id).get((trajectory, stage))
         return row is not None and row.status == "done" and row.key == key
 
-    def record(self, rows: Iterable[ManifestRow]) -> None:
-        """Upsert manifest rows (all of one scene) and write that scene's manifest file atomically."""
+    def record(self, rows: Iterable[ManifestRow], *, durable: bool = True) -> None:
+        """Upsert manifest rows (all of one scene) and write that scene's manifest file atomically (fsync'd
+        unless ``durable`` is False: a ``running`` row only informs, a lost one changes nothing)."""
         rows = list(rows)
         if not rows:
             return
@@ -242,8 +257,9 @@ class RunStore:
             current[(r.trajectory, r.stage)] = r
         ordered = sorted(current.values(), key=lambda r: (r.trajectory, ALL_STAGES.index(r.stage)
                                                            if r.stage in ALL_STAGES else 99))
-        table = pa.Table.from_pylist([asdict(r) for r in ordered], schema=MANIFEST_SCHEMA)
-        self._write_parquet(self._manifest_rel(scene_id), table)
+        table = pa.table({f.name: [getattr(r, f.name) for r in ordered] for f in MANIFEST_SCHEMA},
+                         schema=MANIFEST_SCHEMA)
+        self._write_parquet(self._manifest_rel(scene_id), table, durable=durable)
 
     def read_manifest(self, columns: list[str] | None = None) -> pa.Table:
         """All scenes' manifest rows as one table (empty table if nothing was recorded yet).
@@ -311,10 +327,10 @@ class RunStore:
         return table.num_rows
 
     # --- parquet helpers ----------------------------------------------------------------------------------
-    def _write_parquet(self, rel: str, table: pa.Table) -> None:
+    def _write_parquet(self, rel: str, table: pa.Table, *, durable: bool = True) -> None:
         buf = io.BytesIO()
         pq.write_table(table, buf)
-        self._write_bytes(rel, buf.getvalue())
+        self._write_bytes(rel, buf.getvalue(), durable=durable)
 
     def _write_parquet_if_changed(self, rel: str, table: pa.Table) -> bool:
         """Write ``table`` unless the file already holds equal content (re-runs rewrite nothing)."""
@@ -467,20 +483,60 @@ class RunStore:
             return None  # a torn write on a non-atomic filesystem: treat as free
 
     def write_lease(self, scene_id: str, owner: str, ttl_s: float) -> None:
+        self._write_bytes(f"leases/{validate_scene_id(scene_id)}.json", self._lease_doc(owner, ttl_s), durable=False)
+
+    @property
+    def atomic_leases(self) -> bool:
+        """Whether a free lease can be claimed in one atomic create (local O_EXCL, or S3 If-None-Match)."""
+        return self.is_local or self.conditional_puts
+
+    @staticmethod
+    def _lease_doc(owner: str, ttl_s: float) -> bytes:
         doc = {"owner": owner, "expires_at": time.time() + ttl_s, "host": os.uname().nodename, "pid": os.getpid()}
-        self._write_bytes(f"leases/{validate_scene_id(scene_id)}.json", json.dumps(doc).encode(), durable=False)
+        return json.dumps(doc).encode()
+
+    def read_lease_version(self, scene_id: str) -> tuple[dict[str, Any] | None, str | None]:
+        """The lease and its object version (S3 ETag; None elsewhere) for a conditional replace."""
+        if not self.conditional_puts:
+            return self.read_lease(scene_id), None
+        path = self._path(f"leases/{validate_scene_id(scene_id)}.json")
+        self.fs.invalidate_cache(path)
+        try:
+            etag = self.fs.info(path).get("ETag")
+        except FileNotFoundError:
+            return None, None
+        return self.read_lease(scene_id), etag
+
+    def replace_lease(self, scene_id: str, owner: str, ttl_s: float, etag: str) -> bool:
+        """S3: overwrite the lease only if it is still version ``etag`` (If-Match); False if it changed."""
+        try:
+            self.fs.pipe_file(self._path(f"leases/{validate_scene_id(scene_id)}.json"), self._lease_doc(owner, ttl_s),
+                              IfMatch=etag)
+        except (FileExistsError, FileNotFoundError):
+            return False
+        except OSError as exc:
+            if "pre-condition" in str(exc).lower() or "precondition" in str(exc).lower():
+                return False
+            raise
+        return True
 
     def create_lease_exclusive(self, scene_id: str, owner: str, ttl_s: float) -> bool:
-        """Local stores: claim a free lease atomically (O_CREAT | O_EXCL); False if the file exists."""
+        """Claim a free lease atomically (local O_CREAT | O_EXCL, S3 If-None-Match: *); False if it exists."""
+        if self.conditional_puts:
+            try:
+                self.fs.pipe_file(self._path(f"leases/{validate_scene_id(scene_id)}.json"),
+                                  self._lease_doc(owner, ttl_s), IfNoneMatch="*")
+            except FileExistsError:
+                return False
+            return True
         path = Path(self._path(f"leases/{validate_scene_id(scene_id)}.json"))
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        doc = {"owner": owner, "expires_at": time.time() + ttl_s, "host": os.uname().nodename, "pid": os.getpid()}
         with os.fdopen(fd, "wb") as f:
-            f.write(json.dumps(doc).encode())
+            f.write(self._lease_doc(owner, ttl_s))
         return True
 
     def release_lease(self, scene_id: str, owner: str) -> None:

@@ -356,3 +356,10 @@ def encode_latents(store_url: str, config: RunConfig, scene: SceneRecord, run_id
 
 SCENE_TASKS = {"input": make_input, "depth": estimate_depth, "cameras": make_cameras, "warp": warp_frames,
                "refine": refine_masks, "generate": generate_video, "latents": encode_latents}
+
+
+@task(name="scene", **STAGE_TASK_OPTIONS)
+def process_scene(store_url: str, config: RunConfig, scene: SceneRecord, run_id: str = "") -> list[StageReport]:
+    """Every SDG stage of one scene in DAG order, in one task (``compute.tasks: scene``). A retry or a re-run
+    skips the units already done, exactly as the per-stage tasks do."""
+    return [stage.fn(store_url, config, scene, run_id) for stage in SCENE_TASKS.values()]

@@ -23,7 +23,9 @@ from lyra_pipeline.teacher_training import (
 @task(name="plan-teacher", **STAGE_TASK_OPTIONS)
 def plan_teacher(store_url: str, config: TeacherTrainConfig, preset: str = "") -> dict[str, Any]:
     """Create (or find) the teacher run for this config and the store's oracle pairs; record its split."""
-    run = plan_teacher_run(RunStore(store_url, create=False), config, preset)
+    store = RunStore(store_url, create=False)
+    store.check_writable()  # a read-only store fails here, before any training
+    run = plan_teacher_run(store, config, preset)
     return {"run": run.name, "train_scenes": run.train_scenes, "val_scenes": run.val_scenes,
             "total_steps": config.steps}
 

@@ -47,7 +47,9 @@ EVAL_SCHEMA = pa.schema([
 @task(name="plan-training", **STAGE_TASK_OPTIONS)
 def plan_training(store_url: str, config: TrainConfig) -> dict[str, Any]:
     """Create (or find) the run for this config and the store's current dataset; record its split."""
-    run = plan_run(RunStore(store_url, create=False), config)
+    store = RunStore(store_url, create=False)
+    store.check_writable()  # a read-only store fails here, before any training
+    run = plan_run(store, config)
     return {"run": run.name, "train_scenes": run.train_scenes, "val_scenes": run.val_scenes,
             "total_steps": config.total_steps}
 

@@ -128,6 +128,17 @@ def test_order_and_batch_independence(finished_store, tmp_path):
     assert_same_arrays(got, {k: v for k, v in ref.items() if k.startswith("proc-000001/")})
 
 
+def test_stage_granularity_tasks_give_the_same_store(finished_store, tmp_path, prefect_harness):
+    """``compute.tasks: stage`` (one Prefect task per stage per scene) writes what scene tasks write."""
+    over = {**SMALL, "compute": {"tasks": "stage"}}
+    url = str(tmp_path / "stage")
+    summary = generate_dataset(store=url, preset="smoke", overrides=over)
+    assert summary["computed"] == 2 * (2 + 5 * 3) and summary["failed_scenes"] == []
+    assert summary["computed_by_stage"]["warp"] == 6
+    assert_same_arrays(all_arrays(url), all_arrays(str(finished_store)))
+    assert generate_dataset(store=url, preset="smoke", overrides=SMALL)["computed"] == 0  # compute: no key
+
+
 def test_config_change_reruns_only_affected_stages(finished_store, tmp_path):
     import shutil
 

@@ -95,3 +95,68 @@ def test_missing_credentials_fail_clearly(s3, monkeypatch):
             RunStore("s3://lyra/creds")
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_s3_leases_use_conditional_puts(s3):
+    """On S3 a free lease is claimed with If-None-Match and a stale one replaced with If-Match: of several
+    claimants exactly one wins, without a settle time; a run whose lease was taken over stops at renew."""
+    import json
+    import time
+
+    import s3fs
+
+    from lyra_pipeline.stages import SceneLease
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    store = RunStore("s3://lyra/leases")
+    assert store.conditional_puts and store.atomic_leases
+    assert store.create_lease_exclusive("proc-000000", "a", 60)
+    assert not store.create_lease_exclusive("proc-000000", "b", 60)
+    assert store.read_lease("proc-000000")["owner"] == "a"
+    # a stale lease (expired): two runs saw the same version; only the first replace succeeds
+    expired = {"owner": "dead", "expires_at": time.time() - 1, "host": "elsewhere", "pid": 1}
+    store.fs.pipe_file(store._path("leases/proc-000001.json"), json.dumps(expired).encode())
+    lease, version = store.read_lease_version("proc-000001")
+    assert lease["owner"] == "dead" and version
+    first, second = SceneLease(store, "proc-000001", "b"), SceneLease(store, "proc-000001", "c")
+    assert first._claim(lease, version) and not second._claim(lease, version)
+    assert store.read_lease("proc-000001")["owner"] == "b"
+    # acquire/release through the normal path
+    lease_d = SceneLease(store, "proc-000002", "d")
+    lease_d.acquire(timeout_s=5)
+    assert not SceneLease(store, "proc-000002", "e")._claim(*store.read_lease_version("proc-000002"))
+    # "e" takes over after d stalled past its TTL: d's next renew notices and stops
+    store.fs.pipe_file(store._path("leases/proc-000002.json"), json.dumps({**expired, "owner": "e"}).encode())
+    lease_d._written = 0.0
+    with pytest.raises(LyraStorageError, match="taken over"):
+        lease_d.renew()
+    lease_d.release()  # not the owner any more: leaves e's lease alone
+    assert store.read_lease("proc-000002")["owner"] == "e"
+
+
+def test_read_only_remote_store_fails_before_work(smoke_store_template, tmp_path, prefect_harness):
+    """A store served read-only over HTTP opens and reads, and any flow refuses it before doing work."""
+    import functools
+    import http.server
+    import shutil
+    import threading
+
+    from flows.generate_dataset import generate_dataset
+
+    root = tmp_path / "served"
+    shutil.copytree(smoke_store_template, root / "store")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/store"
+        store = RunStore(url, create=False)
+        assert store.read_prompts()  # readable
+        with pytest.raises(LyraStorageError, match="read-only or denies writes"):
+            store.check_writable()
+        before = sorted(p.relative_to(root) for p in root.rglob("*"))
+        with pytest.raises(LyraStorageError, match="read-only or denies writes"):
+            generate_dataset(store=url, preset="smoke")
+        assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+    finally:
+        server.shutdown()
