@@ -5,6 +5,7 @@ Builds a random-initialised Wan checkpoint in the layout of a real one (``--size
 for GPU runs) and generates one trajectory at the given size. Printed and written as JSON, never asserted.
 
     python benchmarks/bench_generation.py                                   # tiny, CPU, 9 x 64 x 64, 4 steps
+    python benchmarks/bench_generation.py --size tiny-teacher --frames 25 --height 176 --width 320 --steps 8
     python benchmarks/bench_generation.py --size wan-1.3b --device cuda --dtype bfloat16 --frames 121 \\
         --height 704 --width 1280 --steps 2 --cpu-offload                   # does 121 x 704 x 1280 fit?
 """
@@ -43,7 +44,8 @@ def make_checkpoint(size: str, folder: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=["tiny", "wan-1.3b"], default="tiny")
+    ap.add_argument("--size", choices=["tiny", "wan-1.3b", "tiny-teacher"], default="tiny",
+                    help="tiny-teacher: the shipped pixel-space teacher (generator.backend tiny)")
     ap.add_argument("--frames", type=int, default=9)
     ap.add_argument("--height", type=int, default=64)
     ap.add_argument("--width", type=int, default=64)
@@ -56,11 +58,18 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        path = make_checkpoint(args.size, Path(tmp))
-        gen = DiffusersVideoGenerator(str(path), steps=args.steps, guidance=args.guidance, device=args.device,
-                                      dtype=args.dtype, cpu_offload=args.cpu_offload, max_text_tokens=64)
         t0 = time.perf_counter()
-        gen.pipeline()
+        if args.size == "tiny-teacher":
+            from lyra_pipeline.backends.tiny_teacher import TinyTeacherGenerator, load_teacher
+
+            gen = TinyTeacherGenerator(steps=args.steps, device=args.device)
+            model = load_teacher(gen.path, args.device)[0]
+            gen.generate_with_latents = lambda *a, **k: (gen.generate(*a, **k), None)
+        else:
+            path = make_checkpoint(args.size, Path(tmp))
+            gen = DiffusersVideoGenerator(str(path), steps=args.steps, guidance=args.guidance, device=args.device,
+                                          dtype=args.dtype, cpu_offload=args.cpu_offload, max_text_tokens=64)
+            model = gen.pipeline().transformer
         load_s = time.perf_counter() - t0
         h, w, t = args.height, args.width, args.frames
         cams = make_trajectory("left", default_intrinsics(h, w), h, w, t, distance=0.2)
@@ -77,7 +86,7 @@ def main() -> None:
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t1)
-        params = sum(p.numel() for p in gen.pipeline().transformer.parameters())
+        params = sum(p.numel() for p in model.parameters())
         result = {
             "size": args.size, "transformer_params": params, "frames": t, "height": h, "width": w,
             "steps": args.steps, "guidance": args.guidance, "device": args.device, "dtype": args.dtype,

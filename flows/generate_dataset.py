@@ -86,7 +86,8 @@ def generate_dataset(
         # 2-8. One task per scene runs its stages in order (the recipe below, ``process_scene``).
         futures = [process_scene.submit(store, config, s, run_id) for s in scenes]
         progress = create_progress_artifact(progress=0.0, description=f"{len(scenes)} scenes")
-        for i, _ in enumerate(as_completed(futures)):
+        for i, fut in enumerate(as_completed(futures)):
+            fut.wait()  # records the final state on the future (else .state asks the API, which may lag)
             update_progress_artifact(progress, progress=100.0 * (i + 1) / len(futures))
         outcome = {s.scene_id: f.result() if f.state.is_completed() else None for s, f in zip(scenes, futures)}
     else:

@@ -209,6 +209,7 @@ class SceneLease:
             lease, version = self.store.read_lease_version(self.scene_id)
             if self._claim(lease, version):
                 self.store.forget_manifest(self.scene_id)  # another run may have written it meanwhile
+                self.store.clean_partial_files(self.scene_id)  # chunks a killed writer of this scene left
                 self._written = time.time()
                 return
             if time.time() > deadline:

@@ -199,12 +199,21 @@ class RunStore:
         except FileNotFoundError:
             return None
 
-    def clean_partial_files(self) -> int:
-        """Remove temporary files a killed writer may have left (``*.tmp`` here, ``*.partial`` from Zarr)."""
+    def clean_partial_files(self, scene_id: str | None = None) -> int:
+        """Remove temporary files a killed writer may have left (``*.tmp`` here, ``*.partial`` from Zarr).
+
+        Without ``scene_id``: the store-level files (manifests, run summaries, training, leases), a walk that
+        stays small at any number of scenes. With it: that scene's array chunks, which the run holding the
+        scene's lease does before writing it (only unfinished scenes can hold them, and those get processed)."""
         if not self.is_local:
             return 0
+        if scene_id is not None:
+            patterns = [f"scenes.zarr/{validate_scene_id(scene_id)}/**/*.partial"]
+        else:
+            patterns = ["manifest/*.tmp", "*.tmp", "runs/*.tmp", "train/**/*.tmp", "leases/*.tmp", "cache/**/*.tmp",
+                        "scenes.zarr/*.partial"]
         removed = 0
-        for pattern in ("**/*.partial", "manifest/*.tmp", "*.tmp", "runs/*.tmp", "train/**/*.tmp", "leases/*.tmp"):
+        for pattern in patterns:
             for p in Path(self.root).glob(pattern):
                 p.unlink(missing_ok=True)
                 removed += 1

@@ -50,11 +50,13 @@ from lyra_ops.teacher import (
     sample_sigmas,
     teacher_condition,
 )
-from lyra_pipeline.backends.tiny_teacher import TinyUNetSpec, build_unet, sample_frames, velocity, write_teacher_folder
+from lyra_pipeline.backends.tiny_teacher import TinyUNetSpec, build_unet, network_output, sample_frames, write_teacher_folder
 from lyra_pipeline.config import Section, format_errors, merge
 from lyra_pipeline.storage import RunStore, content_key
 from lyra_pipeline.training import (
     checkpoint_steps,
+    load_or_create_run,
+    read_run_json,
     optimizer_tensors,
     read_checked,
     remove_uncommitted,
@@ -111,6 +113,7 @@ class TeacherTrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     shift: float = Field(1.0, gt=0)  # timestep shift, used in training and sampling
+    prediction: Literal["sample", "velocity"] = "sample"  # tiny teacher's output: clean frame, or velocity
     logit_normal: bool = True  # SD3-style noise-level density (else uniform)
     sampling_steps: int = Field(10, ge=1)  # Euler steps when the teacher generates
     val_scenes: int = Field(2, ge=0)
@@ -325,20 +328,16 @@ def plan_teacher_run(store: RunStore, config: TeacherTrainConfig, preset: str = 
         check_frame_format(info, index.frames, index.height, index.width)
     name = "teacher-" + content_key("teacher", TEACHER_TRAIN_VERSION, config.model_dump(mode="json"),
                                     {"dataset": index.fingerprint})[:12]
-    existing = store.read_file(RunStore.train_rel(name, "run.json"))
-    if existing is not None:
-        return TeacherRun.from_json(json.loads(existing))
-    train, val = split_scenes(sorted(index.scenes), config.val_scenes, config.seed)
-    run = TeacherRun(name, config, index.fingerprint, train, val, preset)
-    store.write_file(RunStore.train_rel(name, "run.json"), json.dumps(run.as_json(), indent=2).encode())
-    return run
+
+    def create() -> dict[str, Any]:
+        train, val = split_scenes(sorted(index.scenes), config.val_scenes, config.seed)
+        return TeacherRun(name, config, index.fingerprint, train, val, preset).as_json()
+
+    return TeacherRun.from_json(load_or_create_run(store, name, create))
 
 
 def load_teacher_run(store: RunStore, name: str) -> TeacherRun:
-    data = store.read_file(RunStore.train_rel(name, "run.json"))
-    if data is None:
-        raise LyraStorageError(f"{store.url}: no teacher run {name!r} (train/{name}/run.json missing)")
-    return TeacherRun.from_json(json.loads(data))
+    return TeacherRun.from_json(read_run_json(store, name))
 
 
 @dataclass
@@ -437,8 +436,10 @@ def tiny_loss(trainer: TeacherTrainer, x0: torch.Tensor, cond: torch.Tensor, cfg
     sigma = sample_sigmas(x0.shape[0], gen, shift=cfg.shift, logit_normal=cfg.logit_normal)
     noise = torch.randn(x0.shape, generator=gen)
     x0, cond, noise, sigma = (v.to(cfg.device) for v in (x0, cond, noise, sigma))
-    pred = velocity(trainer.model, flow_match_noisy(x0, noise, sigma), cond, sigma * 1000.0)
-    return F.mse_loss(pred.float(), flow_match_target(x0, noise))
+    out = network_output(trainer.model, flow_match_noisy(x0, noise, sigma), cond, sigma * 1000.0)
+    if cfg.prediction == "velocity":
+        return F.mse_loss(out.float(), flow_match_target(x0, noise))
+    return F.mse_loss(out.float(), x0)  # = sigma^2-weighted velocity loss
 
 
 def teacher_step(trainer: TeacherTrainer, loss: torch.Tensor, cfg: TeacherTrainConfig) -> dict:
@@ -505,10 +506,6 @@ def train_teacher_until(store_url: str, run_name: str, until_step: int) -> dict[
             "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"], "model_sha256": sha}
 
 
-def read_teacher_metrics(store: RunStore, run: str) -> pa.Table:
-    return store.read_table_dir(RunStore.train_rel(run, "metrics"), TEACHER_METRICS)
-
-
 def final_teacher_step(store: RunStore, run: TeacherRun) -> int:
     steps = checkpoint_steps(store, run.name)
     if not steps or steps[-1] < run.config.steps:
@@ -553,7 +550,7 @@ def teacher_video(trainer: TeacherTrainer, view: PairView, cfg: TeacherTrainConf
     for a in range(1, t, frame_batch):
         b = min(a + frame_batch, t)
         x = sample_frames(model, cond[a:b].to(cfg.device), noise.expand(b - a, -1, -1, -1).to(cfg.device),
-                          steps=cfg.sampling_steps, shift=cfg.shift)
+                          steps=cfg.sampling_steps, shift=cfg.shift, prediction=cfg.prediction)
         out[a:b] = from_signed(x.cpu())
     return out
 
@@ -627,7 +624,7 @@ def export_teacher(store_url: str, run_name: str, step: int, metrics: dict[str, 
     run = load_teacher_run(store, run_name)
     trainer, sha = trained_model(store, run, step)
     meta = {
-        "sampling_steps": run.config.sampling_steps, "shift": run.config.shift,
+        "sampling_steps": run.config.sampling_steps, "shift": run.config.shift, "prediction": run.config.prediction,
         "trained": {"run": run.name, "step": step, "preset": run.preset, "checkpoint_sha256": sha,
                     "dataset_fingerprint": run.fingerprint, "train_scenes": len(run.train_scenes),
                     "val_scenes": run.val_scenes, "config": run.config.model_dump(mode="json"),

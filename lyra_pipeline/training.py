@@ -16,6 +16,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -380,20 +381,35 @@ def plan_run(store: RunStore, config: TrainConfig) -> TrainRun:
             )
     name = "decoder-" + content_key("train", TRAIN_FORMAT_VERSION, config.model_dump(mode="json"),
                                     {"dataset": index.fingerprint})[:12]
+
+    def create() -> dict[str, Any]:
+        train, val = split_scenes(sorted(index.scenes), config.val_scenes, config.seed)
+        return TrainRun(name, config, index.fingerprint, train, val, index.height, index.width,
+                        index.frames).as_json()
+
+    return TrainRun.from_json(load_or_create_run(store, name, create))
+
+
+def load_or_create_run(store: RunStore, name: str, create: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``train/<name>/run.json``: read back when the run exists, else ``create()`` written once (so a run's split
+    and config never change under it)."""
     existing = store.read_file(RunStore.train_rel(name, "run.json"))
     if existing is not None:
-        return TrainRun.from_json(json.loads(existing))
-    train, val = split_scenes(sorted(index.scenes), config.val_scenes, config.seed)
-    run = TrainRun(name, config, index.fingerprint, train, val, index.height, index.width, index.frames)
-    store.write_file(RunStore.train_rel(name, "run.json"), json.dumps(run.as_json(), indent=2).encode())
-    return run
+        return json.loads(existing)
+    doc = create()
+    store.write_file(RunStore.train_rel(name, "run.json"), json.dumps(doc, indent=2).encode())
+    return doc
 
 
-def load_run(store: RunStore, name: str) -> TrainRun:
+def read_run_json(store: RunStore, name: str) -> dict[str, Any]:
     data = store.read_file(RunStore.train_rel(name, "run.json"))
     if data is None:
         raise LyraStorageError(f"{store.url}: no training run {name!r} (train/{name}/run.json missing)")
-    return TrainRun.from_json(json.loads(data))
+    return json.loads(data)
+
+
+def load_run(store: RunStore, name: str) -> TrainRun:
+    return TrainRun.from_json(read_run_json(store, name))
 
 
 @dataclass

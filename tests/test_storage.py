@@ -76,7 +76,9 @@ def test_clean_partial_files(tmp_path):
     junk.write_bytes(b"x")
     (tmp_path / "s" / "manifest").mkdir(exist_ok=True)
     (tmp_path / "s" / "manifest" / "a.parquet.123.tmp").write_bytes(b"x")
-    assert store.clean_partial_files() == 2
+    assert store.clean_partial_files() == 1  # store level: the manifest temp file, no walk through chunks
+    assert junk.exists()
+    assert store.clean_partial_files("a") == 1  # the scene's own chunks, when its lease is taken
     assert not junk.exists()
 
 

@@ -86,18 +86,6 @@ class DiffusersTeacher:
         finally:
             self.module.train()
 
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().contiguous() for n, p in self.module.named_parameters() if p.requires_grad}
-
-    def load_trainable(self, state: dict[str, torch.Tensor], source: str) -> None:
-        params = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
-        if set(state) != set(params):
-            raise LyraConfigError(f"{source}: checkpoint holds {sorted(set(state) ^ set(params))[:4]}... that do not "
-                                  "match the trainable parameters of this teacher config")
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(state[n].to(p.device, p.dtype))
-
     def save_folder(self, out: str | Path, meta: dict[str, Any]) -> Path:
         """The conditioned transformer (LoRA merged into its weights) with ``save_pretrained`` + teacher.json."""
         import json

@@ -7,7 +7,8 @@ at) that denoises one frame at a time. Its input is the noisy frame followed by 
 the input view); its output is the flow-matching velocity. Sampling uses diffusers'
 ``FlowMatchEulerDiscreteScheduler`` through the same loop as the large backends (``lyra_ops.gen3c.sample``);
 every frame of a video starts from the same seeded noise, so fills agree between frames where the conditioning
-does. Frame 0 is the input view.
+does. Frame 0 is the input view. The network predicts the clean frame (``prediction: sample``), converted to
+the scheduler's velocity; the training loss is the flow-matching loss in that parametrisation.
 
 A teacher folder is what ``UNet2DModel.save_pretrained`` writes (``config.json`` +
 ``diffusion_pytorch_model.safetensors``) plus ``teacher.json`` (format, sampling settings, how it was trained and
@@ -80,8 +81,12 @@ def unet_patch(config) -> int:
     return p
 
 
-def velocity(model, noisy: torch.Tensor, cond: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-    """The model's velocity for (N,3,H,W) noisy frames and their (N,7,H,W) conditioning at scheduler
+PREDICTIONS = ("sample", "velocity")
+SIGMA_FLOOR = 1e-3  # sample -> velocity conversion divides by sigma
+
+
+def network_output(model, noisy: torch.Tensor, cond: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """The UNet's raw output for (N,3,H,W) noisy frames and their (N,7,H,W) conditioning at scheduler
     timesteps (N,) = 1000 sigma. Frames are edge-padded to the model's multiple, folded p x p into channels,
     and the output unfolded and cropped back."""
     p = unet_patch(model.config)
@@ -95,12 +100,27 @@ def velocity(model, noisy: torch.Tensor, cond: torch.Tensor, timestep: torch.Ten
     return F.pixel_shuffle(out, p)[..., :h, :w]
 
 
+def velocity(model, noisy: torch.Tensor, cond: torch.Tensor, timestep: torch.Tensor,
+             prediction: str = "sample") -> torch.Tensor:
+    """The flow-matching velocity the sampler steps with. ``prediction``: what the network outputs, the clean
+    frame (``sample``: v = (x - x0) / sigma, exact at the last Euler step; a small network cannot reproduce the
+    input noise pixel for pixel, which velocity prediction demands) or the velocity itself."""
+    out = network_output(model, noisy, cond, timestep)
+    if prediction == "velocity":
+        return out
+    sigma = (timestep.float() / 1000.0).clamp_min(SIGMA_FLOOR).view(-1, 1, 1, 1)
+    return (noisy - out) / sigma
+
+
 def inspect_teacher(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Validate a tiny-teacher folder from its JSON files and weights header; returns its ``teacher.json``."""
     root = local_folder(path, "generator.model_path", "tiny teacher")
     meta = read_json(root / "teacher.json", "tiny teacher description")
     if meta.get("format") != TEACHER_FORMAT:
         raise LyraConfigError(f"{root / 'teacher.json'}: format {meta.get('format')!r}, expected {TEACHER_FORMAT!r}")
+    if meta.get("prediction", "velocity") not in PREDICTIONS:
+        raise LyraConfigError(f"{root / 'teacher.json'}: prediction {meta.get('prediction')!r}, expected one of "
+                              f"{PREDICTIONS}")
     if int(meta.get("format_version", -1)) > TEACHER_FORMAT_VERSION:
         raise LyraConfigError(f"{root / 'teacher.json'}: format_version {meta.get('format_version')} is newer than "
                               f"this lyra-pipeline reads ({TEACHER_FORMAT_VERSION}); upgrade lyra-pipeline")
@@ -149,12 +169,13 @@ def make_scheduler(shift: float):
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
 
 
-def sample_frames(model, cond: torch.Tensor, noise: torch.Tensor, *, steps: int, shift: float) -> torch.Tensor:
+def sample_frames(model, cond: torch.Tensor, noise: torch.Tensor, *, steps: int, shift: float,
+                  prediction: str = "sample") -> torch.Tensor:
     """Denoise (N,3,H,W) ``noise`` given (N,7,H,W) conditioning; returns frames in [-1,1]."""
 
     def denoiser(x: torch.Tensor, timestep: torch.Tensor, _text) -> torch.Tensor:
         with torch.no_grad():
-            return velocity(model, x[:, :3], x[:, 3:], timestep)
+            return velocity(model, x[:, :3], x[:, 3:], timestep, prediction)
 
     c = Conditioning(base=None, warp=cond, text=torch.zeros(0), negative_text=None)
     return sample(denoiser, make_scheduler(shift), noise, c, steps=steps, guidance=0.0).clamp(-1.0, 1.0)
@@ -171,6 +192,7 @@ class TinyTeacherGenerator:
         self.meta = inspect_teacher(self.path)
         self.steps = int(steps or self.meta.get("sampling_steps", 10))
         self.shift = float(self.meta.get("shift", 1.0))
+        self.prediction = str(self.meta.get("prediction", "velocity"))
         self.device, self.frame_batch = device, frame_batch
 
     def generate(self, first_frame, prompt, cameras, warped, mask, *, seed: int) -> torch.Tensor:
@@ -183,7 +205,7 @@ class TinyTeacherGenerator:
         for a in range(1, t, self.frame_batch):  # frame 0 is the input view
             b = min(a + self.frame_batch, t)
             x = sample_frames(model, cond[a:b].to(self.device), noise.expand(b - a, -1, -1, -1).to(self.device),
-                              steps=self.steps, shift=self.shift)
+                              steps=self.steps, shift=self.shift, prediction=self.prediction)
             out[a:b] = ((x.cpu() + 1.0) * 0.5).clamp(0.0, 1.0)
         out[0] = first_frame
         return out
