@@ -102,7 +102,10 @@ def run(
         from tasks.sdg import preflight
 
         preflight(cfg)  # bad custom trajectory / image folder: fail before any work
-        RunStore(store)  # fail fast on an unusable store
+        st = RunStore(store)  # fail fast on an unusable store
+        st.check_writable()
+        if _nothing_to_do(st, cfg, only_scenes):
+            return
     except LyraError as exc:
         _fail(exc)
     from flows.generate_dataset import PipelineFailed, generate_dataset
@@ -142,6 +145,21 @@ def run(
     s = result["summary"]
     console.print(f"run {s['run_id']}: computed {s['computed']} stage units, reused {s['skipped']} "
                   f"in {s['finished_at'] - s['started_at']:.1f} s -> {store}")
+
+
+def _nothing_to_do(store: RunStore, cfg: RunConfig, only_scenes: list[str] | None) -> bool:
+    """True (and says so) when every scene of the run is done under the current config: a finished batch
+    resumes without starting a Prefect server or flow run."""
+    from flows.generate_dataset import finished_scenes
+    from tasks.sdg import scene_records
+
+    records = scene_records(cfg)
+    scenes = [r for r in records if not only_scenes or r.scene_id in set(only_scenes)]
+    if not scenes or finished_scenes(store, cfg, scenes) != {s.scene_id for s in scenes}:
+        return False
+    store.write_prompts([r.as_row() for r in records])  # what the flow records (rewritten only if it changed)
+    console.print(f"nothing to do: all {len(scenes)} scenes are done under the current config -> {store.url}")
+    return True
 
 
 def make_task_runner(workers: int, dask: bool = False, dask_address: str | None = None):

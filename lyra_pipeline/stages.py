@@ -209,7 +209,8 @@ class SceneLease:
             lease, version = self.store.read_lease_version(self.scene_id)
             if self._claim(lease, version):
                 self.store.forget_manifest(self.scene_id)  # another run may have written it meanwhile
-                self.store.clean_partial_files(self.scene_id)  # chunks a killed writer of this scene left
+                if lease is not None and lease.get("owner") != self.owner:  # taken over from a killed run:
+                    self.store.clean_partial_files(self.scene_id)  # drop the chunks it was writing
                 self._written = time.time()
                 return
             if time.time() > deadline:

@@ -133,6 +133,7 @@ class RunStore:
         # S3 (and S3-compatible servers) honour If-None-Match / If-Match on PUT: leases are claimed atomically.
         self.conditional_puts = bool(protocols & {"s3", "s3a"})
         self._manifest_cache: dict[str, dict[tuple[str, str], ManifestRow]] = {}
+        self._groups: dict[str, zarr.Group] = {}
         marker = self._path("store.json")
         hint = ("" if self.is_local else "; check the URL, that the bucket exists, and the credentials (taken only "
                 "from the standard environment / config files of the filesystem, e.g. AWS_* variables)")
@@ -203,8 +204,9 @@ class RunStore:
         """Remove temporary files a killed writer may have left (``*.tmp`` here, ``*.partial`` from Zarr).
 
         Without ``scene_id``: the store-level files (manifests, run summaries, training, leases), a walk that
-        stays small at any number of scenes. With it: that scene's array chunks, which the run holding the
-        scene's lease does before writing it (only unfinished scenes can hold them, and those get processed)."""
+        stays small at any number of scenes. With it: that scene's array chunks, which a run taking over the
+        stale lease of a killed writer removes before writing the scene (a lease released normally leaves none;
+        only unfinished scenes can hold them, and those get processed)."""
         if not self.is_local:
             return 0
         if scene_id is not None:
@@ -400,8 +402,12 @@ class RunStore:
         return dims if len(dims) == ndim else None
 
     def scene_group(self, scene_id: str) -> zarr.Group:
-        validate_scene_id(scene_id)
-        return self._zroot.require_group(scene_id)
+        """The scene's Zarr group, created if missing (opened once per store object)."""
+        group = self._groups.get(scene_id)
+        if group is None:
+            validate_scene_id(scene_id)
+            group = self._groups[scene_id] = self._zroot.require_group(scene_id)
+        return group
 
     def write_array(
         self,

@@ -107,16 +107,20 @@ def text_records(config: RunConfig) -> list[SceneRecord]:
     return records
 
 
+def scene_records(config: RunConfig) -> list[SceneRecord]:
+    """The run's scene list: seeded and order-independent (procedural, text prompts or an image folder)."""
+    if config.scenes.source == "procedural":
+        return procedural_records(config)
+    if config.scenes.source == "text":
+        return sample_records(text_records(config), config.scenes.num_scenes, config.seed)
+    bank = scan_image_folder(config.scenes.images_dir, config.seed)
+    return sample_records(bank, config.scenes.num_scenes, config.seed)
+
+
 @task(name="sample-prompts", **STAGE_TASK_OPTIONS)
 def sample_prompts(store_url: str, config: RunConfig) -> list[SceneRecord]:
-    """Seeded, order-independent scene list; recorded as ``prompts.parquet`` (rewritten only if it changed)."""
-    if config.scenes.source == "procedural":
-        records = procedural_records(config)
-    elif config.scenes.source == "text":
-        records = sample_records(text_records(config), config.scenes.num_scenes, config.seed)
-    else:
-        bank = scan_image_folder(config.scenes.images_dir, config.seed)
-        records = sample_records(bank, config.scenes.num_scenes, config.seed)
+    """The scene list, recorded as ``prompts.parquet`` (rewritten only if it changed)."""
+    records = scene_records(config)
     RunStore(store_url).write_prompts([r.as_row() for r in records])
     return records
 

@@ -85,6 +85,18 @@ def test_second_run_does_no_work_and_rewrites_nothing(finished_store, prefect_ha
     assert "computed 0, reused 34" in " ".join(result.output.split())
 
 
+def test_cli_rerun_of_a_finished_store_starts_no_flow(finished_store, tmp_path):
+    """`lyra run` on a finished store answers from the manifest: no Prefect flow run, nothing rewritten."""
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text(yaml.safe_dump({"preset": "smoke", **SMALL}))
+    before = store_snapshot(finished_store)
+    runs = sorted((finished_store / "runs").iterdir())
+    result = CliRunner().invoke(app, ["run", "--config", str(cfg), "--store", str(finished_store)])
+    assert result.exit_code == 0, result.output
+    assert "nothing to do: all 2 scenes are done" in " ".join(result.output.split())
+    assert store_snapshot(finished_store) == before and sorted((finished_store / "runs").iterdir()) == runs
+
+
 def test_evaluate_flow_metrics_and_idempotence(finished_store, prefect_harness):
     from flows.evaluate_dataset import evaluate_dataset
 
