@@ -33,7 +33,6 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from lyra_pipeline.storage import MANIFEST_SCHEMA, STAGES, RunStore  # noqa: E402
 
-
 LAST_FLOW_RUN: dict = {}
 
 
@@ -150,7 +149,7 @@ def main() -> None:
                               str(args.scenes), "--store", store], capture_output=True, text=True, check=True)
         result["c_cli_resume_s"] = time.perf_counter() - t0
         result["c_cli_resume_pct"] = 100 * result["c_cli_resume_s"] / wall
-        assert "nothing to do" in out.stdout, out.stdout + out.stderr
+        assert "nothing to do" in out.stdout + out.stderr, out.stdout + out.stderr
         if not args.skip_dask:
             from lyra_pipeline.cli import make_task_runner
 

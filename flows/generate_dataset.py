@@ -19,7 +19,7 @@ from prefect.futures import PrefectFuture, as_completed, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from lyra_pipeline.config import build_config
-from lyra_pipeline.stages import StageReport, plan_keys, scene_units
+from lyra_pipeline.stages import StageReport, finished_scenes, scene_units
 from lyra_pipeline.storage import RunStore
 from tasks.sdg import (
     encode_latents,
@@ -89,7 +89,8 @@ def generate_dataset(
         for i, fut in enumerate(as_completed(futures)):
             fut.wait()  # records the final state on the future (else .state asks the API, which may lag)
             update_progress_artifact(progress, progress=100.0 * (i + 1) / len(futures))
-        outcome = {s.scene_id: f.result() if f.state.is_completed() else None for s, f in zip(scenes, futures)}
+        outcome = {s.scene_id: f.result() if f.state.is_completed() else None
+                   for s, f in zip(scenes, futures, strict=True)}
     else:
         # 2. First frames: procedural renders or user images, cover-cropped to the video size.
         inputs = each(make_input, scenes)
@@ -129,21 +130,6 @@ def generate_dataset(
         raise PipelineFailed(f"{len(summary['failed_scenes'])} scene(s) failed: {summary['failed_scenes']}; "
                              f"see `lyra status --store {store} --failed`")
     return summary
-
-
-def finished_scenes(store: RunStore, config, scenes: list) -> set[str]:
-    """Scenes whose every SDG unit is recorded done under the key the current config gives."""
-    if not scenes:
-        return set()
-    table = store.read_manifest(columns=["scene_id", "trajectory", "stage", "status", "key"])
-    done = {(r["scene_id"], r["trajectory"], r["stage"]): r["key"] for r in table.to_pylist() if r["status"] == "done"}
-    units = scene_units(config)
-    out = set()
-    for scene in scenes:
-        keys = plan_keys(config, scene)
-        if all(done.get((scene.scene_id, t, s)) == keys.key(s, t) for t, s in units):
-            out.add(scene.scene_id)
-    return out
 
 
 def summarize(run_id: str, preset: str, config: dict[str, Any], store: str,

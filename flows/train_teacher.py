@@ -15,7 +15,12 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 
 from flows.generate_dataset import DEFAULT_STORE
 from lyra_pipeline.storage import RunStore
-from lyra_pipeline.teacher_training import build_teacher_config, final_teacher_step, load_teacher_run, teacher_chunk_ends
+from lyra_pipeline.teacher_training import (
+    build_teacher_config,
+    final_teacher_step,
+    load_teacher_run,
+    teacher_chunk_ends,
+)
 from tasks.teacher import evaluate_teacher_task, export_teacher_task, plan_teacher, train_teacher_chunk
 
 

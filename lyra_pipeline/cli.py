@@ -99,7 +99,7 @@ def run(
     _setup_env(verbose)
     try:
         name, over, cfg = _resolve(preset, config, num_scenes, images, trajectory, seed)
-        from tasks.sdg import preflight
+        from lyra_pipeline.planning import preflight
 
         preflight(cfg)  # bad custom trajectory / image folder: fail before any work
         st = RunStore(store)  # fail fast on an unusable store
@@ -150,8 +150,8 @@ def run(
 def _nothing_to_do(store: RunStore, cfg: RunConfig, only_scenes: list[str] | None) -> bool:
     """True (and says so) when every scene of the run is done under the current config: a finished batch
     resumes without starting a Prefect server or flow run."""
-    from flows.generate_dataset import finished_scenes
-    from tasks.sdg import scene_records
+    from lyra_pipeline.planning import scene_records
+    from lyra_pipeline.stages import finished_scenes
 
     records = scene_records(cfg)
     scenes = [r for r in records if not only_scenes or r.scene_id in set(only_scenes)]

@@ -63,6 +63,21 @@ def inspect_checkpoint_files(folder: str) -> str:
     return h.hexdigest()[:16]
 
 
+def finished_scenes(store: RunStore, config: RunConfig, scenes: list[SceneRecord]) -> set[str]:
+    """Scenes whose every SDG unit is recorded done under the key the current config gives."""
+    if not scenes:
+        return set()
+    table = store.read_manifest(columns=["scene_id", "trajectory", "stage", "status", "key"])
+    done = {(r["scene_id"], r["trajectory"], r["stage"]): r["key"] for r in table.to_pylist() if r["status"] == "done"}
+    units = scene_units(config)
+    out = set()
+    for scene in scenes:
+        keys = plan_keys(config, scene)
+        if all(done.get((scene.scene_id, t, s)) == keys.key(s, t) for t, s in units):
+            out.add(scene.scene_id)
+    return out
+
+
 def scene_units(config: RunConfig) -> list[tuple[str, str]]:
     """Every SDG unit of one scene as (trajectory, stage): scene-level stages with trajectory ''."""
     return [("", s) for s in SCENE_STAGES] + [(t, s) for t in config.trajectory_names for s in TRAJECTORY_STAGES]

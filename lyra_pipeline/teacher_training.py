@@ -50,15 +50,21 @@ from lyra_ops.teacher import (
     sample_sigmas,
     teacher_condition,
 )
-from lyra_pipeline.backends.tiny_teacher import TinyUNetSpec, build_unet, network_output, sample_frames, write_teacher_folder
+from lyra_pipeline.backends.tiny_teacher import (
+    TinyUNetSpec,
+    build_unet,
+    network_output,
+    sample_frames,
+    write_teacher_folder,
+)
 from lyra_pipeline.config import Section, format_errors, merge
 from lyra_pipeline.storage import RunStore, content_key
 from lyra_pipeline.training import (
     checkpoint_steps,
     load_or_create_run,
-    read_run_json,
     optimizer_tensors,
     read_checked,
+    read_run_json,
     remove_uncommitted,
     restore_optimizer,
     sha256_hex,
@@ -126,7 +132,8 @@ class TeacherTrainConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> TeacherTrainConfig:
         if self.model == "diffusers" and self.diffusers is None:
-            raise ValueError("model 'diffusers' needs a diffusers section with model_path (a local Wan pipeline folder)")
+            raise ValueError("model 'diffusers' needs a diffusers section with model_path (a local Wan pipeline "
+                             "folder)")
         if len(self.unet.channels) < 2:
             raise ValueError("unet.channels needs at least two levels")
         if any(c % self.unet.norm_groups for c in self.unet.channels):
@@ -265,8 +272,8 @@ def sample_pairs(gen: torch.Generator, pairs: PairCache, scenes: dict[str, list[
             y0, x0_ = crop_boxes(1, h, w, c, gen)[0]
         sl = (slice(y0, y0 + c), slice(x0_, x0_ + c))
         x0.append(_signed(view.truth[f][:, sl[0], sl[1]]))
-        cond.append(teacher_condition(_signed(view.warped[f : f + 1, :, sl[0], sl[1]]),
-                                      view.mask[f : f + 1, :, sl[0], sl[1]], from_uint8(view.first[:, sl[0], sl[1]]))[0])
+        warped, mask = view.warped[f : f + 1, :, sl[0], sl[1]], view.mask[f : f + 1, :, sl[0], sl[1]]
+        cond.append(teacher_condition(_signed(warped), mask, from_uint8(view.first[:, sl[0], sl[1]]))[0])
     return torch.stack(x0), torch.stack(cond)
 
 
@@ -562,7 +569,8 @@ def score_video(pred: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor, fra
     sse_h, n_h = region_sse(pred, truth, holes)
     sse_a, n_a = region_sse(pred, truth, torch.ones_like(mask))
     return {"frames": len(frames), "psnr_disoccluded": psnr_from_sse(sse_h, n_h), "psnr_all": psnr_from_sse(sse_a, n_a),
-            "ssim": float(structural_similarity_index_measure(pred, truth, data_range=1.0)), "disoccluded_fraction": float(holes.float().mean()),
+            "ssim": float(structural_similarity_index_measure(pred, truth, data_range=1.0)),
+            "disoccluded_fraction": float(holes.float().mean()),
             "sse_disoccluded": sse_h, "n_disoccluded": n_h, "sse_all": sse_a, "n_all": n_a}
 
 
@@ -612,7 +620,8 @@ def summarize_teacher_eval(table: pa.Table) -> dict[str, Any]:
         out[f"{method}_psnr_all"] = psnr_from_sse(sum(r["sse_all"] for r in sel), sum(r["n_all"] for r in sel))
         out[f"{method}_ssim"] = float(np.mean([r["ssim"] for r in sel]))
     if rows:
-        out["disoccluded_fraction"] = float(np.mean([r["disoccluded_fraction"] for r in rows if r["method"] == "oracle"]))
+        oracle = [r["disoccluded_fraction"] for r in rows if r["method"] == "oracle"]
+        out["disoccluded_fraction"] = float(np.mean(oracle))
     return out
 
 

@@ -6,8 +6,6 @@ small ``StageReport``. ``lyra stage NAME`` calls the same functions through ``.f
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
@@ -17,18 +15,17 @@ from prefect import task
 
 from lyra_ops.cameras import Cameras, default_intrinsics
 from lyra_ops.depth import ConstantDepth, PlanarDepth, postprocess_depth
-from lyra_ops.errors import LyraInputError
 from lyra_ops.generation import OracleGenerator, WarpOnlyGenerator
 from lyra_ops.images import from_signed, from_uint8, to_signed, to_uint8
 from lyra_ops.latents import PixelPatchifyEncoder
 from lyra_ops.mask_refine import refine_mask_conservative
-from lyra_ops.prompts import SceneRecord, compose_prompts, procedural_scene_id, sample_records, text_scene_id
+from lyra_ops.prompts import SceneRecord
 from lyra_ops.scenes import make_scene
-from lyra_ops.seeding import derive_seed, numpy_rng
-from lyra_ops.trajectories import ALL_PATHS, draw_distance, load_trajectory, make_trajectory
+from lyra_ops.seeding import derive_seed
 from lyra_ops.warp import WarpResult, depth_reliability_mask, forward_warp, unproject_depth
 from lyra_pipeline.config import RunConfig, edge_threshold, mesh_downsample
-from lyra_pipeline.inputs import load_depth_file, load_image, scan_image_folder
+from lyra_pipeline.inputs import load_depth_file, load_image
+from lyra_pipeline.planning import preflight, scene_records, trajectory_cameras  # noqa: F401 - re-exported
 from lyra_pipeline.retries import STAGE_TASK_OPTIONS
 from lyra_pipeline.stages import StageReport, run_units
 from lyra_pipeline.storage import RunStore
@@ -37,84 +34,7 @@ log = logging.getLogger(__name__)
 IDENTITY = torch.eye(4)
 
 
-def preflight(config: RunConfig) -> None:
-    """Check run-wide inputs before any work starts (a bad custom trajectory would fail every scene, a bad
-    checkpoint folder every generation)."""
-    if config.scenes.source == "text":
-        from lyra_pipeline.backends.diffusers_image import inspect_t2i_checkpoint
-
-        inspect_t2i_checkpoint(config.text_to_image.model_path)
-        if config.scenes.prompts_file:
-            read_prompts_file(config.scenes.prompts_file)
-    if config.depth.backend == "transformers":
-        from lyra_pipeline.backends.transformers_depth import inspect_depth_checkpoint
-
-        inspect_depth_checkpoint(config.depth.model_path)
-    if config.generator.backend == "diffusers":
-        from lyra_pipeline.backends.diffusers_video import check_frame_format, inspect_checkpoint
-
-        info = inspect_checkpoint(config.generator.model_path, config.generator.conditioned_path)
-        check_frame_format(info, config.video.num_frames, config.video.height, config.video.width)
-    if config.generator.backend == "tiny":
-        from lyra_pipeline.backends.tiny_teacher import SHIPPED_TEACHER, inspect_teacher
-
-        inspect_teacher(config.generator.model_path or SHIPPED_TEACHER)
-    if config.trajectories.custom:
-        trajectory_cameras(config, None, "custom", None)  # raises LyraInputError naming file/field/frame
-    if config.scenes.source == "images":
-        scan_image_folder(config.scenes.images_dir, config.seed)
-
-
 # 1. Prompt sampling ---------------------------------------------------------------------------------------
-
-
-def procedural_records(config: RunConfig) -> list[SceneRecord]:
-    records = []
-    for i in range(config.scenes.num_scenes):
-        scene_id = procedural_scene_id(i)
-        seed = derive_seed(config.seed, scene_id)
-        scene = make_scene(seed, kind=config.scenes.scene_kind)
-        sha = hashlib.sha256(json.dumps(scene.describe(), sort_keys=True).encode()).hexdigest()
-        records.append(SceneRecord(scene_id, scene.prompt, None, sha, seed, "procedural"))
-    return records
-
-
-def read_prompts_file(path: str) -> list[str]:
-    """Prompts of a text file: one per line; blank lines and '#' comments skipped; duplicates dropped."""
-    p = Path(path)
-    if not p.is_file():
-        raise LyraInputError(f"{p}: prompts file not found (scenes.prompts_file: one prompt per line)")
-    seen, out = set(), []
-    for line in p.read_text(encoding="utf-8").splitlines():
-        text = line.strip()
-        if text and not text.startswith("#") and text not in seen:
-            seen.add(text)
-            out.append(text)
-    if not out:
-        raise LyraInputError(f"{p}: no prompts (one per line expected)")
-    return out
-
-
-def text_records(config: RunConfig) -> list[SceneRecord]:
-    """Text-only scenes: the prompts file's rows, or seeded template prompts (scene type x style x lighting)."""
-    s = config.scenes
-    prompts = read_prompts_file(s.prompts_file) if s.prompts_file else compose_prompts(s.num_scenes, config.seed)
-    records = []
-    for i, text in enumerate(prompts):
-        sid = text_scene_id(i)
-        records.append(SceneRecord(sid, text, None, hashlib.sha256(text.encode()).hexdigest(),
-                                   derive_seed(config.seed, sid), "text"))
-    return records
-
-
-def scene_records(config: RunConfig) -> list[SceneRecord]:
-    """The run's scene list: seeded and order-independent (procedural, text prompts or an image folder)."""
-    if config.scenes.source == "procedural":
-        return procedural_records(config)
-    if config.scenes.source == "text":
-        return sample_records(text_records(config), config.scenes.num_scenes, config.seed)
-    bank = scan_image_folder(config.scenes.images_dir, config.seed)
-    return sample_records(bank, config.scenes.num_scenes, config.seed)
 
 
 @task(name="sample-prompts", **STAGE_TASK_OPTIONS)
@@ -201,19 +121,6 @@ def estimate_depth(store_url: str, config: RunConfig, scene: SceneRecord, run_id
 
 
 # 4. Camera trajectories ---------------------------------------------------------------------------------------
-
-
-def trajectory_cameras(config: RunConfig, scene: SceneRecord | None, name: str,
-                       K: torch.Tensor | None) -> tuple[Cameras, float]:
-    v, t = config.video, config.trajectories
-    if name == "custom":
-        cams = load_trajectory(t.custom, height=v.height, width=v.width, num_frames=v.num_frames,
-                               pose_scale=t.pose_scale)
-        return cams, 0.0
-    distance = draw_distance(ALL_PATHS[name], numpy_rng(scene.seed, "trajectory", name), t.distance_factor)
-    cams = make_trajectory(name, K, v.height, v.width, v.num_frames, distance=distance,
-                           center_depth=t.center_depth, lookat=t.lookat)
-    return cams, distance
 
 
 @task(name="cameras", **STAGE_TASK_OPTIONS)
