@@ -109,6 +109,21 @@ def status_part(args, result: dict) -> None:
         result["d_rows"] = sum(counts2.values())
 
 
+def dask_part(args, result: dict, tmp: str) -> None:
+    """(b): 1 vs 2 workers, alternated ``--dask-repeats`` times (the machine drifts; medians of each)."""
+    import statistics
+
+    from lyra_pipeline.cli import make_task_runner
+
+    d1, d2 = [], []
+    for i in range(args.dask_repeats):
+        d1.append(run_batch(f"{tmp}/d1-{i}", args.scenes, make_task_runner(1, dask=True)))
+        d2.append(run_batch(f"{tmp}/d2-{i}", args.scenes, make_task_runner(2, dask=True)))
+    result["b_dask_1_worker_s"], result["b_dask_2_workers_s"] = d1, d2
+    result["b_speedup"] = statistics.median(d1) / statistics.median(d2)
+    result["b_speedup_per_pair"] = [a / b for a, b in zip(d1, d2, strict=True)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenes", type=int, default=8)
@@ -116,6 +131,8 @@ def main() -> None:
     ap.add_argument("--skip-dask", action="store_true")
     ap.add_argument("--only-status", action="store_true", help="only (d)")
     ap.add_argument("--skip-no-index", action="store_true", help="(d): skip the slow read without the index")
+    ap.add_argument("--only-dask", action="store_true", help="only (b)")
+    ap.add_argument("--dask-repeats", type=int, default=1, help="(b): alternating 1/2-worker pairs")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from prefect.task_runners import ThreadPoolTaskRunner
@@ -123,6 +140,12 @@ def main() -> None:
 
     result: dict = {"scenes": args.scenes}
     with tempfile.TemporaryDirectory() as tmp, prefect_test_harness(server_startup_timeout=120):
+        if args.only_dask:
+            dask_part(args, result, tmp)
+            print(json.dumps(result, indent=2))
+            if args.out:
+                Path(args.out).write_text(json.dumps(result, indent=2))
+            return
         if args.only_status:
             status_part(args, result)
             print(json.dumps(result, indent=2))
@@ -151,11 +174,7 @@ def main() -> None:
         result["c_cli_resume_pct"] = 100 * result["c_cli_resume_s"] / wall
         assert "nothing to do" in out.stdout + out.stderr, out.stdout + out.stderr
         if not args.skip_dask:
-            from lyra_pipeline.cli import make_task_runner
-
-            d1 = run_batch(f"{tmp}/d1", args.scenes, make_task_runner(1, dask=True))
-            d2 = run_batch(f"{tmp}/d2", args.scenes, make_task_runner(2, dask=True))
-            result["b_dask_1_worker_s"], result["b_dask_2_workers_s"], result["b_speedup"] = d1, d2, d1 / d2
+            dask_part(args, result, tmp)
     status_part(args, result)
     print(json.dumps(result, indent=2))
     if args.out:
