@@ -8,6 +8,7 @@ of each scene). Each stage skips work whose content key is already recorded as d
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections import Counter
@@ -83,7 +84,10 @@ def generate_dataset(
     reused = len(finished) * len(scene_units(config))
     scenes = [s for s in scenes if s.scene_id not in finished]
     if config.compute.tasks == "scene":
-        # 2-8. One task per scene runs its stages in order (the recipe below, ``process_scene``).
+        # 2-8. One task per scene runs its stages in order (the recipe below, ``process_scene``). Each run starts
+        # at its own place in the scene list, so concurrent runs on one store rarely wait on each other's leases.
+        start = int(hashlib.sha256(run_id.encode()).hexdigest(), 16) % max(len(scenes), 1)
+        scenes = scenes[start:] + scenes[:start]
         futures = [process_scene.submit(store, config, s, run_id) for s in scenes]
         progress = create_progress_artifact(progress=0.0, description=f"{len(scenes)} scenes")
         for i, fut in enumerate(as_completed(futures)):

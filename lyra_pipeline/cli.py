@@ -454,7 +454,8 @@ def train_teacher_cmd(
     from lyra_pipeline.teacher_training import build_teacher_config
 
     try:
-        _, over = load_config_file(config) if config else (None, {})
+        file_preset, over = load_config_file(config) if config else (None, {})
+        preset = file_preset or preset
         if steps is not None:
             over = {**over, "steps": steps}
         build_teacher_config(preset, over)

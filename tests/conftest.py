@@ -56,3 +56,23 @@ def smoke_store(smoke_store_template, tmp_path) -> Path:
     import shutil
 
     return Path(shutil.copytree(smoke_store_template, tmp_path / "store"))
+
+
+def check_train_files_documented(store_root: Path, placeholder: str, name_regex: str,
+                                 extra: tuple[str, ...] = ()) -> None:
+    """storage_layout.md's ``train/<placeholder>/...`` rows (plus the ``extra`` file rows) match exactly the files
+    under ``store_root/train``."""
+    import re
+
+    doc = (Path(__file__).resolve().parents[1] / "storage_layout.md").read_text()
+    patterns = []
+    for line in doc.splitlines():
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and (cells[0].startswith(f"train/{placeholder}") or cells[0] in extra):
+            regex = re.escape(cells[0]).replace(re.escape(placeholder), name_regex)
+            patterns.append(re.compile("^" + regex.replace(re.escape("<N>"), r"\d{8}") + "$"))
+    written = [str(p.relative_to(store_root)) for p in (store_root / "train").rglob("*") if p.is_file()]
+    for f in written:
+        assert any(p.match(f) for p in patterns), f"{f} is written but not documented in storage_layout.md"
+    for p in patterns:
+        assert any(p.match(f) for f in written), f"{p.pattern} documented but not written"

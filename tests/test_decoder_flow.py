@@ -18,6 +18,7 @@ from lyra_ops.metrics import psnr
 from lyra_pipeline.reconstruct import decode_scene, export_scene, load_decoder, splat_transform, splat_transform_command
 from lyra_pipeline.storage import RunStore
 from lyra_pipeline.training import LATEST, read_metrics
+from tests.conftest import check_train_files_documented
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = {"stages": [{"name": "views_1", "steps": 4, "targets": 2},
@@ -139,24 +140,12 @@ def test_export_ply_html_viewer(trained_store, tmp_path):
 
 
 def test_storage_layout_documents_training_files(trained_store):
-    import re
-
     from lyra_pipeline.training import METRIC_SCHEMA
     from tasks.train import EVAL_SCHEMA
 
     store_path, _ = trained_store
+    check_train_files_documented(store_path, "<run>", r"decoder-[0-9a-f]{12}", extra=("train/latest.json",))
     doc = (REPO / "storage_layout.md").read_text()
-    patterns = []
-    for line in doc.splitlines():
-        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and cells[0].startswith("train/") and "<teacher>" not in cells[0]:
-            regex = re.escape(cells[0]).replace(re.escape("<run>"), r"decoder-[0-9a-f]{12}")
-            patterns.append(re.compile("^" + regex.replace(re.escape("<N>"), r"\d{8}") + "$"))
-    written = [str(p.relative_to(store_path)) for p in (store_path / "train").rglob("*") if p.is_file()]
-    for f in written:
-        assert any(p.match(f) for p in patterns), f"{f} is written but not documented in storage_layout.md"
-    for p in patterns:
-        assert any(p.match(f) for f in written), f"{p.pattern} documented but not written"
     for col in METRIC_SCHEMA.names + EVAL_SCHEMA.names:
         assert f"| `{col}` |" in doc, f"column {col} not documented"
 

@@ -343,9 +343,10 @@ def test_two_concurrent_runs_on_one_store_match_a_single_run(finished_store, tmp
     rows = RunStore(url, create=False).read_manifest().to_pylist()
     assert len(rows) == 34 and all(r["status"] == "done" for r in rows)
     assert not list((url / "leases").glob("*.json")) if (url / "leases").exists() else True
-    # each unit was computed once in all (no duplicated work): the two run summaries add up to 34
+    # each unit was computed once in all (no duplicated work): the run summaries add up to 34 (a run that starts
+    # after the other finished everything answers "nothing to do" without a flow run or summary)
     runs = RunStore(url, create=False).run_summaries()
-    assert len(runs) == 2 and sum(r["computed"] for r in runs) == 34
+    assert len(runs) in (1, 2) and sum(r["computed"] for r in runs) == 34
 
 
 def _kill_resume_cycles(reference: Path, tmp_path: Path, kills: int, seed: int, overrides: dict,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from lyra_pipeline.teacher_training import (
     plan_teacher_run,
     train_teacher_until,
 )
+from tests.conftest import check_train_files_documented
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -209,18 +209,8 @@ def test_flow_trains_evaluates_exports_and_documents(smoke_store, tmp_path, pref
     again = train_teacher(store=str(smoke_store), preset="smoke")
     assert again["steps_computed"] == 0 and again["teacher_psnr_all"] == summary["teacher_psnr_all"]
     # storage_layout.md documents exactly the files a teacher run writes
+    check_train_files_documented(smoke_store, "<teacher>", r"teacher-[0-9a-f]{12}")
     doc = (REPO / "storage_layout.md").read_text()
-    patterns = []
-    for line in doc.splitlines():
-        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and cells[0].startswith("train/<teacher>"):
-            regex = re.escape(cells[0]).replace(re.escape("<teacher>"), r"teacher-[0-9a-f]{12}")
-            patterns.append(re.compile("^" + regex.replace(re.escape("<N>"), r"\d{8}") + "$"))
-    written = [str(p.relative_to(smoke_store)) for p in (smoke_store / "train").rglob("*") if p.is_file()]
-    for f in written:
-        assert any(p.match(f) for p in patterns), f"{f} is written but not documented in storage_layout.md"
-    for p in patterns:
-        assert any(p.match(f) for f in written), f"{p.pattern} documented but not written"
     for col in EVAL_SCHEMA.names + TEACHER_METRICS.names:
         assert f"`{col}`" in doc, f"column {col} not documented"
 
