@@ -67,8 +67,7 @@ def finished_scenes(store: RunStore, config: RunConfig, scenes: list[SceneRecord
     """Scenes whose every SDG unit is recorded done under the key the current config gives."""
     if not scenes:
         return set()
-    table = store.read_manifest(columns=["scene_id", "trajectory", "stage", "status", "key"])
-    done = {(r["scene_id"], r["trajectory"], r["stage"]): r["key"] for r in table.to_pylist() if r["status"] == "done"}
+    done = store.done_keys()
     units = scene_units(config)
     out = set()
     for scene in scenes:

@@ -182,8 +182,7 @@ class PairIndex:
 def index_pairs(store: RunStore) -> PairIndex:
     """Every (scene, trajectory) whose ``refine`` and ``generate`` stages are done with the oracle teacher (its
     frames are the exact ground truth); raises when the store has none or another teacher made them."""
-    table = store.read_manifest(columns=["scene_id", "trajectory", "stage", "status", "key"]).to_pylist()
-    done = {(r["scene_id"], r["trajectory"], r["stage"]): r["key"] for r in table if r["status"] == "done"}
+    done = store.done_keys()
     units = sorted((s, t) for (s, t, stage) in done if stage == "generate" and (s, t, "refine") in done)
     if not units:
         raise LyraInputError(f"{store.url}: no trajectory has finished teacher frames (manifest stage 'generate' "

@@ -238,8 +238,7 @@ class DatasetIndex:
 
 def index_dataset(store: RunStore) -> DatasetIndex:
     """Every (scene, trajectory) whose ``generate`` and ``latents`` stages are done; raises on an empty store."""
-    table = store.read_manifest(columns=["scene_id", "trajectory", "stage", "status", "key"]).to_pylist()
-    done = {(r["scene_id"], r["trajectory"], r["stage"]): r["key"] for r in table if r["status"] == "done"}
+    done = store.done_keys()
     units = sorted((s, t) for (s, t, stage) in done if stage == "latents" and (s, t, "generate") in done)
     if not units:
         raise LyraInputError(
