@@ -160,3 +160,48 @@ def test_read_only_remote_store_fails_before_work(smoke_store_template, tmp_path
         assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
     finally:
         server.shutdown()
+
+
+def test_s3_credentials_without_write_permission_fail_before_work(s3, monkeypatch, prefect_harness):
+    """Credentials whose IAM policy allows only reads (moto enforcing IAM): the store opens and reads, and the
+    flow stops at its write probe, before any work, leaving the bucket as it was."""
+    import json
+
+    import boto3
+    import requests
+    import s3fs
+    from moto.iam import access_control
+
+    from flows.generate_dataset import generate_dataset
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    url = "s3://lyra/read-only"
+    RunStore(url)  # created by an account allowed to write (auth not enforced yet)
+    iam = boto3.client("iam", endpoint_url=s3)
+    iam.create_user(UserName="reader")
+    iam.put_user_policy(UserName="reader", PolicyName="read-only", PolicyDocument=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"],
+                       "Resource": ["arn:aws:s3:::lyra", "arn:aws:s3:::lyra/*"]}]}))
+    key = iam.create_access_key(UserName="reader")["AccessKey"]
+    before = {o["Key"] for o in boto3.client("s3", endpoint_url=s3).list_objects_v2(Bucket="lyra")["Contents"]}
+    # moto 5.2 computes a different SigV4 signature for ListObjectsV2 with an encoded prefix than botocore
+    # (s3fs lists that way); the access key and the IAM policy are still checked on every request.
+    monkeypatch.setattr(access_control.IAMRequestBase, "check_signature", lambda self: None)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    requests.post(f"{s3}/moto-api/reset-auth", data=b"0", timeout=10).raise_for_status()  # enforce IAM from now
+    try:
+        s3fs.S3FileSystem.clear_instance_cache()
+        store = RunStore(url, create=False)
+        assert store.read_manifest().num_rows == 0  # reads are allowed
+        with pytest.raises(LyraStorageError, match="read-only or denies writes.*Access ?Denied"):
+            store.check_writable()
+        with pytest.raises(LyraStorageError, match="read-only or denies writes"):
+            generate_dataset(store=url, preset="smoke")
+    finally:
+        requests.post(f"{s3}/moto-api/reset-auth", data=b"inf", timeout=10).raise_for_status()
+        s3fs.S3FileSystem.clear_instance_cache()
+    after = {o["Key"] for o in boto3.client("s3", endpoint_url=s3, aws_access_key_id="testing",
+                                            aws_secret_access_key="testing").list_objects_v2(Bucket="lyra")["Contents"]}
+    assert after == before
