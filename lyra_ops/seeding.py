@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where a generator is made: the scene list is built without it
+    import torch
 
 
 def derive_seed(*parts: object) -> int:
@@ -19,6 +22,8 @@ def numpy_rng(*parts: object) -> np.random.Generator:
 
 
 def torch_generator(*parts: object) -> torch.Generator:
+    import torch
+
     g = torch.Generator()
     g.manual_seed(derive_seed(*parts))
     return g

@@ -1,5 +1,7 @@
 """What a run will do, without Prefect: its scene list, the run-wide checks made before any work, each
 trajectory's cameras. The flow's tasks and the CLI's no-op check (``lyra run`` on a finished store) share these.
+The scene list is built without importing torch (procedural scenes from :mod:`lyra_ops.scene_params`), so
+``lyra run`` on a finished batch answers in about a second.
 """
 
 from __future__ import annotations
@@ -7,17 +9,18 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from lyra_ops.cameras import Cameras
 from lyra_ops.errors import LyraInputError
 from lyra_ops.prompts import SceneRecord, compose_prompts, procedural_scene_id, sample_records, text_scene_id
-from lyra_ops.scenes import make_scene
+from lyra_ops.scene_params import sample_scene
 from lyra_ops.seeding import derive_seed, numpy_rng
-from lyra_ops.trajectories import ALL_PATHS, draw_distance, load_trajectory, make_trajectory
 from lyra_pipeline.config import RunConfig
-from lyra_pipeline.inputs import scan_image_folder
+
+if TYPE_CHECKING:
+    import torch
+
+    from lyra_ops.cameras import Cameras
 
 
 def preflight(config: RunConfig) -> None:
@@ -45,6 +48,8 @@ def preflight(config: RunConfig) -> None:
     if config.trajectories.custom:
         trajectory_cameras(config, None, "custom", None)  # raises LyraInputError naming file/field/frame
     if config.scenes.source == "images":
+        from lyra_pipeline.inputs import scan_image_folder
+
         scan_image_folder(config.scenes.images_dir, config.seed)
 
 
@@ -53,7 +58,7 @@ def procedural_records(config: RunConfig) -> list[SceneRecord]:
     for i in range(config.scenes.num_scenes):
         scene_id = procedural_scene_id(i)
         seed = derive_seed(config.seed, scene_id)
-        scene = make_scene(seed, kind=config.scenes.scene_kind)
+        scene = sample_scene(seed, kind=config.scenes.scene_kind)
         sha = hashlib.sha256(json.dumps(scene.describe(), sort_keys=True).encode()).hexdigest()
         records.append(SceneRecord(scene_id, scene.prompt, None, sha, seed, "procedural"))
     return records
@@ -93,12 +98,16 @@ def scene_records(config: RunConfig) -> list[SceneRecord]:
         return procedural_records(config)
     if config.scenes.source == "text":
         return sample_records(text_records(config), config.scenes.num_scenes, config.seed)
+    from lyra_pipeline.inputs import scan_image_folder
+
     bank = scan_image_folder(config.scenes.images_dir, config.seed)
     return sample_records(bank, config.scenes.num_scenes, config.seed)
 
 
 def trajectory_cameras(config: RunConfig, scene: SceneRecord | None, name: str,
                        K: torch.Tensor | None) -> tuple[Cameras, float]:
+    from lyra_ops.trajectories import ALL_PATHS, draw_distance, load_trajectory, make_trajectory
+
     v, t = config.video, config.trajectories
     if name == "custom":
         cams = load_trajectory(t.custom, height=v.height, width=v.width, num_frames=v.num_frames,

@@ -95,6 +95,14 @@ def test_cli_rerun_of_a_finished_store_starts_no_flow(finished_store, tmp_path):
     assert result.exit_code == 0, result.output
     assert "nothing to do: all 2 scenes are done" in " ".join(result.output.split())
     assert store_snapshot(finished_store) == before and sorted((finished_store / "runs").iterdir()) == runs
+    # in a new process, as users run it: neither Prefect nor torch is imported on this path (about a second)
+    probe = ("import sys\nfrom lyra_pipeline.cli import app\n"
+             f"app(['run', '--config', {str(cfg)!r}, '--store', {str(finished_store)!r}], standalone_mode=False)\n"
+             "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'prefect', 'diffusers'})\n"
+             "assert not heavy, heavy\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "nothing to do" in out.stdout + out.stderr
 
 
 def test_evaluate_flow_metrics_and_idempotence(finished_store, prefect_harness):
