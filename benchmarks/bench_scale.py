@@ -3,7 +3,10 @@
 (a) Prefect overhead: flow wall time vs the sum of the stage durations recorded in the manifest (thread runner,
     1 worker), as % of stage time; and per scene task: the scene tasks' run times as the Prefect server recorded
     them (leases, manifest writes, task bookkeeping included) vs the same stage durations.
-(b) Dask: the same batch on a LocalCluster of 1 vs 2 single-threaded worker processes (2 cores).
+(b) Dask: the same batch on a LocalCluster of 1 vs 2 single-threaded worker processes (2 cores): whole-flow wall
+    time, and the span from the first scene task's start to the last one's end (server-recorded), which leaves
+    out the fixed cost of a run (flow start, cluster start with the workers' imports, teardown: ~6 s); and the
+    machine's own ceiling for this work (the scene function in 1 process vs 2 at once, no Prefect or Dask).
 (c) Resume: a re-run of the finished batch as % of the first run's wall time: the flow called again (vs the flow's
     first call), and `lyra run` in a new process (vs `lyra run`'s first run; the re-run answers from the manifest
     without starting Prefect or importing torch).
@@ -31,6 +34,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry writes racing the harness DB
 
 from lyra_pipeline.storage import MANIFEST_SCHEMA, STAGES, RunStore  # noqa: E402
 
@@ -49,15 +53,26 @@ def run_batch(store: str, scenes: int, runner) -> float:
     return wall
 
 
-def scene_task_seconds(flow_run_id) -> float:
-    """Sum over the flow run's scene tasks of their run time as the Prefect server recorded it."""
+def scene_task_runs(flow_run_id) -> list:
+    """The flow run's scene task runs as the Prefect server recorded them."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return sum((r.end_time - r.start_time).total_seconds() for r in runs
-               if r.task_key.startswith("process_scene") or r.name.startswith("scene-"))
+    return [r for r in runs if r.task_key.startswith("process_scene") or r.name.startswith("scene-")]
+
+
+def scene_task_span(flow_run_id) -> float:
+    """Seconds from the first scene task's start to the last one's end (the batch without the flow's and the
+    cluster's start and teardown)."""
+    runs = scene_task_runs(flow_run_id)
+    return (max(r.end_time for r in runs) - min(r.start_time for r in runs)).total_seconds()
+
+
+def scene_task_seconds(flow_run_id) -> float:
+    """Sum over the flow run's scene tasks of their run time as the Prefect server recorded it."""
+    return sum((r.end_time - r.start_time).total_seconds() for r in scene_task_runs(flow_run_id))
 
 
 def synthetic_store(path: Path, scenes: int) -> RunStore:
@@ -110,19 +125,57 @@ def status_part(args, result: dict) -> None:
         result["d_rows"] = sum(counts2.values())
 
 
+def scenes_direct(job: tuple[str, int, int]) -> float:
+    """Seconds to run scenes ``first .. first+count-1`` of the smoke batch by calling the scene task's function
+    (no Prefect, no Dask) into a new store; the imports are not timed."""
+    store_url, first, count = job
+    from lyra_pipeline.config import build_config
+    from lyra_pipeline.planning import scene_records
+    from tasks.sdg import process_scene
+
+    cfg = build_config("smoke", {"scenes": {"num_scenes": first + count}})
+    RunStore(store_url)
+    records = scene_records(cfg)[first:first + count]
+    t0 = time.perf_counter()
+    for record in records:
+        process_scene.fn(store_url, cfg, record, "direct")
+    return time.perf_counter() - t0
+
+
+def hardware_ceiling(tmp: str, count: int = 3) -> float:
+    """What 2 processes can gain on this machine for this work: the same stage work (``count`` scenes) in one
+    process (before and after), then in two at once; ceiling = 2 t1 / max(t2). Shared caches, memory bandwidth
+    and clock limits make it less than 2 on many machines."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(2) as pool:
+        pool.map(scenes_direct, [(f"{tmp}/hw-w0", 0, 1), (f"{tmp}/hw-w1", 0, 1)])  # imports and warm-up
+        before = pool.map(scenes_direct, [(f"{tmp}/hw-1a", 1, count)])[0]
+        two = pool.map(scenes_direct, [(f"{tmp}/hw-2a", 1, count), (f"{tmp}/hw-2b", 1 + count, count)])
+        after = pool.map(scenes_direct, [(f"{tmp}/hw-1b", 1, count)])[0]
+    return (before + after) / max(two)
+
+
 def dask_part(args, result: dict, tmp: str) -> None:
     """(b): 1 vs 2 workers, alternated ``--dask-repeats`` times (the machine drifts; medians of each)."""
     import statistics
 
     from lyra_pipeline.cli import make_task_runner
 
-    d1, d2 = [], []
+    d1, d2, s1, s2 = [], [], [], []
     for i in range(args.dask_repeats):
         d1.append(run_batch(f"{tmp}/d1-{i}", args.scenes, make_task_runner(1, dask=True)))
+        s1.append(scene_task_span(LAST_FLOW_RUN["id"]))
         d2.append(run_batch(f"{tmp}/d2-{i}", args.scenes, make_task_runner(2, dask=True)))
+        s2.append(scene_task_span(LAST_FLOW_RUN["id"]))
     result["b_dask_1_worker_s"], result["b_dask_2_workers_s"] = d1, d2
     result["b_speedup"] = statistics.median(d1) / statistics.median(d2)
     result["b_speedup_per_pair"] = [a / b for a, b in zip(d1, d2, strict=True)]
+    # the same runs without their fixed cost (flow start, cluster start and worker imports, teardown)
+    result["b_task_span_1_worker_s"], result["b_task_span_2_workers_s"] = s1, s2
+    result["b_task_span_speedup"] = statistics.median(s1) / statistics.median(s2)
+    result["b_fixed_cost_s"] = [d - s for d, s in zip(d1 + d2, s1 + s2, strict=True)]
+    result["b_hardware_ceiling"] = hardware_ceiling(tmp)
 
 
 def main() -> None:
