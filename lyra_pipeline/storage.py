@@ -333,7 +333,9 @@ class RunStore:
             return 0
         listing = self._listing_mtimes(path)
         as_of = max(listing.values(), default=0.0)
-        table = self.read_manifest()
+        # rows in scene order (a stable sort keeps each scene's own order): the index of an unchanged store is the
+        # same table whichever per-scene file was written last, so a re-run does not rewrite it
+        table = self.read_manifest().sort_by("scene_id")
         scenes = sorted(f.removesuffix(".parquet") for f in listing)
         meta = {b"as_of": repr(as_of).encode(), b"scenes": "\n".join(scenes).encode()}
         table = table.replace_schema_metadata(meta)

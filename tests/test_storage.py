@@ -84,6 +84,7 @@ def test_clean_partial_files(tmp_path):
 
 def test_manifest_index_plus_changed_files_equals_full_read(tmp_path):
     import os
+    import time
 
     from lyra_pipeline.storage import MANIFEST_INDEX, ManifestRow, RunStore
 
@@ -109,6 +110,13 @@ def test_manifest_index_plus_changed_files_equals_full_read(tmp_path):
     want = RunStore(tmp_path / "s")._read_parquet_dir("manifest").sort_by("scene_id")
     assert sorted(got.to_pylist(), key=str) == sorted(want.to_pylist(), key=str)
     assert {r["status"] for r in got.to_pylist() if r["scene_id"] == "s1"} == {"failed"}
+    # the newest scene file is not the last by name: the index is written once, not again by the next compaction
+    time.sleep(0.05)
+    fresh.record(rows("s1", "done"))
+    RunStore(tmp_path / "s").compact_manifest()
+    mtime = os.stat(tmp_path / "s" / MANIFEST_INDEX).st_mtime_ns
+    RunStore(tmp_path / "s").compact_manifest()
+    assert os.stat(tmp_path / "s" / MANIFEST_INDEX).st_mtime_ns == mtime
 
 
 def test_scene_lease_mutual_exclusion_and_stale_takeover(tmp_path):
