@@ -422,3 +422,12 @@ def test_default_intrinsics() -> None:
     assert k.shape == (3, 3) and k.dtype == torch.float32
     assert float(k[0, 2]) == 640.0 and float(k[1, 2]) == 352.0 and float(k[0, 0]) == float(k[1, 1])
     assert abs(2 * math.degrees(math.atan(640.0 / float(k[0, 0]))) - 65.0) < 1e-4
+
+
+def test_scene_parameters_are_the_rendered_scene(scene):
+    """The torch-free parameters (used for the scene list) describe exactly the scene that is rendered."""
+    from lyra_ops.scene_params import sample_scene
+
+    params = sample_scene(4)
+    assert params.describe() == scene.describe() and params.prompt == scene.prompt
+    assert sample_scene(5).describe() != params.describe()
