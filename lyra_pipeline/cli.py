@@ -275,16 +275,12 @@ def status(store: str = StoreOpt, failed: bool = typer.Option(False, "--failed",
     import pyarrow.compute as pc
 
     table = st.read_manifest(columns=["scene_id", "trajectory", "stage", "status", "error"])
-    prompts = st.read_prompts()
-    out_table = Table(title=f"{store}: {len(prompts)} scenes")
+    n_scenes = st.prompt_count()
+    out_table = Table(title=f"{store}: {n_scenes} scenes")
     out_table.add_column("stage")
     for col in ("done", "running", "failed", "units"):
         out_table.add_column(col, justify="right")
-    traj = table.filter(pc.not_equal(table["trajectory"], ""))
-    n_traj = 0
-    if traj.num_rows:
-        per_scene = traj.group_by("scene_id").aggregate([("trajectory", "count_distinct")])
-        n_traj = pc.max(per_scene["trajectory_count_distinct"]).as_py()
+    n_traj = len(set(pc.unique(table["trajectory"]).to_pylist()) - {""})  # trajectories recorded in the store
     counts = Counter()
     if table.num_rows:
         agg = table.group_by(["stage", "status"]).aggregate([("scene_id", "count")])
@@ -293,7 +289,7 @@ def status(store: str = StoreOpt, failed: bool = typer.Option(False, "--failed",
     present = {stage for stage, _ in counts}
     stages = [*STAGES, *(s for s in EVAL_STAGES if s in present)]
     for stage in stages:
-        units = len(prompts) * (1 if stage in SCENE_STAGES else n_traj)
+        units = n_scenes * (1 if stage in SCENE_STAGES else n_traj)
         out_table.add_row(stage, str(counts[(stage, "done")]), str(counts[(stage, "running")]),
                           str(counts[(stage, "failed")]), str(units))
     out.print(out_table)

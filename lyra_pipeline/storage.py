@@ -226,6 +226,11 @@ class RunStore:
         """Record the scene list; rewrites nothing when it is unchanged. Returns True if written."""
         return self._write_parquet_if_changed("prompts.parquet", pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA))
 
+    def prompt_count(self) -> int:
+        """Number of scenes in the recorded scene list (from the Parquet footer, without reading the rows)."""
+        data = self._read_bytes("prompts.parquet")
+        return 0 if data is None else pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
+
     def read_prompts(self) -> list[dict[str, Any]]:
         data = self._read_bytes("prompts.parquet")
         if data is None:
