@@ -20,6 +20,7 @@ from prefect.futures import PrefectFuture, as_completed, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from lyra_pipeline.config import build_config
+from lyra_pipeline.planning import preflight
 from lyra_pipeline.stages import StageReport, finished_scenes, scene_units
 from lyra_pipeline.storage import RunStore
 from tasks.sdg import (
@@ -28,7 +29,6 @@ from tasks.sdg import (
     generate_video,
     make_cameras,
     make_input,
-    preflight,
     process_scene,
     refine_masks,
     sample_prompts,

@@ -509,12 +509,6 @@ class ProceduralScene:
 
     __slots__ = (
         "_params",
-        "_seed",
-        "_kind",
-        "_prompt",
-        "_room",
-        "_prims",
-        "_materials",
         "room_bounds",
         "object_ids",
         "object_centers",
@@ -524,12 +518,7 @@ class ProceduralScene:
 
     def __init__(self, params: SceneParams) -> None:
         self._params = params
-        self._seed = params.seed
-        self._kind = params.kind
-        self._prompt = params.prompt
-        room = self._room = params.room
-        prims = self._prims = params.prims
-        self._materials = dict(params.materials)
+        room, prims = params.room, params.prims
         self.room_bounds = torch.tensor(
             [room.x_min, room.x_max, room.ceiling_y, room.floor_y, room.front_z, room.back_z],
             dtype=torch.float64,
@@ -542,22 +531,22 @@ class ProceduralScene:
     @property
     def seed(self) -> int:
         """Seed the scene was built from."""
-        return self._seed
+        return self._params.seed
 
     @property
     def kind(self) -> str:
         """Scene family ('room')."""
-        return self._kind
+        return self._params.kind
 
     @property
     def prompt(self) -> str:
         """English sentence describing the room and its objects (text prompt for the generator)."""
-        return self._prompt
+        return self._params.prompt
 
     @property
     def num_ids(self) -> int:
         """Number of distinct object ids (ids are 0 .. num_ids - 1)."""
-        return FIRST_OBJECT_ID + len(self._prims)
+        return FIRST_OBJECT_ID + len(self._params.prims)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if hasattr(self, name):
@@ -565,15 +554,15 @@ class ProceduralScene:
         object.__setattr__(self, name, value)
 
     def __repr__(self) -> str:
-        return f"ProceduralScene(seed={self._seed}, kind={self._kind!r}, objects={len(self._prims)})"
+        return f"ProceduralScene(seed={self.seed}, kind={self.kind!r}, objects={len(self._params.prims)})"
 
     #  tracing ---------------------------------------------------------------------------------------------
 
     def _trace(self, o: _Vec, d: _Vec, tmin: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest hit t (in units of |d|) and id for rays o + t d; inf / -1 on a miss."""
-        t_best, id_best = _hit_room(o, d, self._room, tmin)
+        t_best, id_best = _hit_room(o, d, self._params.room, tmin)
         dd = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
-        for prim in self._prims:
+        for prim in self._params.prims:
             if prim.kind == "sphere":
                 t = _hit_sphere(o, d, dd, prim, tmin)
             elif prim.kind == "box":
@@ -615,7 +604,7 @@ class ProceduralScene:
             nx = torch.where(m, a, nx)
             ny = torch.where(m, b, ny)
             nz = torch.where(m, c, nz)
-        for prim in self._prims:
+        for prim in self._params.prims:
             m = ids == prim.obj_id
             if not bool(m.any()):
                 continue
@@ -651,15 +640,15 @@ class ProceduralScene:
     def _shade_group(self, sid: int, px: torch.Tensor, py: torch.Tensor, pz: torch.Tensor) -> torch.Tensor:
         """Albedo (M,3) of points on surface ``sid``."""
         if sid == 0:
-            alb = _albedo(self._materials["floor"], px, pz, pz * 0.0)
+            alb = _albedo(self._params.materials["floor"], px, pz, pz * 0.0)
             return alb * self._floor_shadow(px, pz).unsqueeze(1)
         if sid == 1:
-            return _albedo(self._materials["ceiling"], px, pz, pz * 0.0)
+            return _albedo(self._params.materials["ceiling"], px, pz, pz * 0.0)
         if sid in (2, 3):
-            return _albedo(self._materials["walls"], px, py, pz * 0.0 + sid)
+            return _albedo(self._params.materials["walls"], px, py, pz * 0.0 + sid)
         if sid in (4, 5):
-            return _albedo(self._materials["walls"], pz, py, px * 0.0 + sid)
-        prim = self._prims[sid - FIRST_OBJECT_ID]
+            return _albedo(self._params.materials["walls"], pz, py, px * 0.0 + sid)
+        prim = self._params.prims[sid - FIRST_OBJECT_ID]
         cx, cy, cz = prim.center
         wx, wy, wz = px - cx, py - cy, pz - cz
         m = prim.rot
@@ -672,9 +661,9 @@ class ProceduralScene:
     def _floor_shadow(self, px: torch.Tensor, pz: torch.Tensor) -> torch.Tensor:
         """Soft analytic contact shadows of the objects on the floor (a function of the floor point only)."""
         f = torch.ones_like(px)
-        for prim in self._prims:
+        for prim in self._params.prims:
             cx, cy, cz = prim.center
-            gap = self._room.floor_y - (cy + prim.half[1])
+            gap = self._params.room.floor_y - (cy + prim.half[1])
             rad = prim.horizontal_radius()
             spread = rad * (1.1 + 0.8 * gap)
             dist2 = ((px - cx) ** 2 + (pz - cz) ** 2) / (spread * spread)
@@ -682,7 +671,7 @@ class ProceduralScene:
         return f
 
     def _lighting(self, p: _Vec, n: _Vec, ids: torch.Tensor) -> torch.Tensor:
-        room = self._room
+        room = self._params.room
         lx, ly, lz = -0.35, -0.85, -0.40
         ln = math.sqrt(lx * lx + ly * ly + lz * lz)
         lam = (n[0] * lx + n[1] * ly + n[2] * lz).clamp_min(0.0) / ln

@@ -154,7 +154,8 @@ def _nothing_to_do(store: RunStore, cfg: RunConfig, only_scenes: list[str] | Non
     from lyra_pipeline.stages import finished_scenes
 
     records = scene_records(cfg)
-    scenes = [r for r in records if not only_scenes or r.scene_id in set(only_scenes)]
+    wanted = set(only_scenes or ())
+    scenes = [r for r in records if not wanted or r.scene_id in wanted]
     if not scenes or finished_scenes(store, cfg, scenes) != {s.scene_id for s in scenes}:
         return False
     store.write_prompts([r.as_row() for r in records])  # what the flow records (rewritten only if it changed)

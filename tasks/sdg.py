@@ -25,7 +25,7 @@ from lyra_ops.seeding import derive_seed
 from lyra_ops.warp import WarpResult, depth_reliability_mask, forward_warp, unproject_depth
 from lyra_pipeline.config import RunConfig, edge_threshold, mesh_downsample
 from lyra_pipeline.inputs import load_depth_file, load_image
-from lyra_pipeline.planning import preflight, scene_records, trajectory_cameras  # noqa: F401 - re-exported
+from lyra_pipeline.planning import scene_records, trajectory_cameras
 from lyra_pipeline.retries import STAGE_TASK_OPTIONS
 from lyra_pipeline.stages import StageReport, run_units
 from lyra_pipeline.storage import RunStore

@@ -50,7 +50,7 @@ def test_tiny_depth_model_estimates(tmp_path, kind):
 
 
 def test_depth_checkpoint_errors(tmp_path):
-    from tasks.sdg import preflight
+    from lyra_pipeline.planning import preflight
 
     with pytest.raises(LyraConfigError, match="is not a directory"):
         inspect_depth_checkpoint(tmp_path / "missing")

@@ -95,7 +95,7 @@ def broken_copy(src: Path, dst: Path, edit) -> Path:
 
 
 def test_bad_checkpoints_fail_clearly_before_work(tiny_wan, tmp_path):
-    from tasks.sdg import preflight
+    from lyra_pipeline.planning import preflight
 
     with pytest.raises(LyraConfigError, match="is not a directory"):
         inspect_checkpoint(tmp_path / "nope")

@@ -62,7 +62,7 @@ def test_text_scenes_get_seeded_first_frames(tiny_pixart, tmp_path):
 
 
 def test_text_source_errors(tiny_pixart, tmp_path):
-    from tasks.sdg import preflight
+    from lyra_pipeline.planning import preflight
 
     with pytest.raises(LyraConfigError, match="text_to_image.model_path is required"):
         build_config("smoke", {"scenes": {"source": "text"}, "depth": {"backend": "planar"},
