@@ -34,6 +34,10 @@ MAMBA2 = "mamba2"
 BLOCK_TYPES = (ATTENTION, MAMBA2)
 HEAD_CHANNELS = 12  # [distance (1), rgb (3), scale (3), quat (4), opacity (1)]
 HEAD_SPLIT = (1, 3, 3, 4, 1)
+GAUSSIAN_FRAMES = ("all", "keyframes")  # Gaussians for every frame (Lyra) or for one frame per latent frame
+DISTANCE_PARAMS = ("linear", "log")  # distance linear in sigmoid between near and far (Lyra), or log-linear
+SCALE_PARAMS = ("absolute", "footprint")  # scale in world units capped (Lyra), or relative to the block footprint
+COLOR_SKIP_EPS = 0.02  # skip colours are clamped to [eps, 1 - eps] before their logit
 PATCH_EMBED_LN_EPS = 1e-5  # the reference's PatchEmbed3D uses nn.LayerNorm's default eps
 # Channels of the embedded defaults (PixelPatchifyEncoder latents, encode_plucker's pooled fallback) and of
 # the Cosmos CV8x8x8 tokenizer (16 latent channels, 2 x 16 VAE-encoded Plücker channels) used by the paper.
@@ -74,6 +78,14 @@ class DecoderConfig:
     scale_cap: float = 0.3
     opacity_shift: float = -2.0
     prune_ratio: float = 0.0
+    gaussian_stride: int = 8
+    gaussian_frames: str = "all"
+    distance_param: str = "linear"
+    distance_init: float = 3.0
+    scale_param: str = "absolute"
+    scale_init: float = 0.6
+    color_skip: bool = False
+    head_gain: float = 1.0
     qkv_bias: bool = True
     norm_eps: float = 1e-6
     gradient_checkpointing: bool = False
@@ -117,6 +129,22 @@ class DecoderConfig:
             raise bad("scale_cap", "a positive number")
         if not 0.0 <= self.prune_ratio < 1.0:
             raise bad("prune_ratio", "a fraction in [0, 1)")
+        gs = self.gaussian_stride
+        if isinstance(gs, bool) or not isinstance(gs, int) or gs < 1 or self.spatial_factor % gs:
+            raise bad("gaussian_stride", f"a positive int dividing spatial_factor ({self.spatial_factor})")
+        for key, allowed in (("gaussian_frames", GAUSSIAN_FRAMES), ("distance_param", DISTANCE_PARAMS),
+                             ("scale_param", SCALE_PARAMS)):
+            if getattr(self, key) not in allowed:
+                raise bad(key, f"one of {allowed}")
+        if not self.near < self.distance_init < self.far:
+            raise bad("distance_init", f"a distance strictly between near ({self.near}) and far ({self.far})")
+        if not (math.isfinite(self.scale_init) and self.scale_init > 0):
+            raise bad("scale_init", "a positive number")
+        if not (math.isfinite(self.head_gain) and self.head_gain >= 0):
+            raise bad("head_gain", "a number >= 0")
+        if self.color_skip and self.latent_channels != PATCHIFY_LATENT_CHANNELS:
+            raise bad("color_skip", f"False unless the latents are the {PATCHIFY_LATENT_CHANNELS}-channel patchify "
+                      "ones (the skip reads the input pixels back from them)")
 
     # --- presets and (de)serialisation ------------------------------------------------------------------
     @classmethod
@@ -155,9 +183,19 @@ class DecoderConfig:
         return cls(**kwargs)
 
 
+# The CPU presets' Gaussian layout (measured in issue 13's closing note): one Gaussian per 4x4 pixel block of
+# each latent frame's last frame (Lyra: per 8x8 block of every frame, whose exact-data ceiling on procedural
+# rooms scored below a flat mean colour), placed at a log-parametrised distance that starts at 3 units in
+# rooms 1-7 units deep, sized to 0.35 of its block's footprint, coloured as a residual on the block's input
+# pixels, and with a head scaled down so that a fresh model already renders its input views.
+CPU_LAYOUT: dict[str, Any] = {
+    "near": 0.1, "far": 20.0, "gaussian_stride": 4, "gaussian_frames": "keyframes", "distance_param": "log",
+    "distance_init": 3.0, "scale_param": "footprint", "scale_init": 0.35, "color_skip": True, "head_gain": 0.1,
+    "opacity_shift": 1.0,
+}  # fmt: skip
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"width": 64, "depth": 2, "heads": 4, "block_types": (ATTENTION, ATTENTION)},
-    "small": {"width": 192, "depth": 6, "heads": 6, "block_types": (ATTENTION,) * 6},
+    "tiny": {"width": 64, "depth": 2, "heads": 4, "block_types": (ATTENTION, ATTENTION), **CPU_LAYOUT},
+    "small": {"width": 192, "depth": 6, "heads": 6, "block_types": (ATTENTION,) * 6, **CPU_LAYOUT},
     "paper": {
         "width": 512,
         "depth": 16,
@@ -294,31 +332,129 @@ class BiMamba2Block(nn.Module):
 # ------------------------------------------------------------------------------------------------------------
 
 
+def _log_distance_shift(config: DecoderConfig) -> float:
+    """Pre-sigmoid shift that puts a zero head output at ``distance_init`` in the log parametrisation."""
+    frac = math.log(config.distance_init / config.near) / math.log(config.far / config.near)
+    return math.log(frac / (1.0 - frac))
+
+
 def ray_distance(delta: torch.Tensor, config: DecoderConfig) -> torch.Tensor:
-    """Distance along the unit ray: near (1 - w) + far w with w = sigmoid(delta + distance_shift)."""
+    """Distance along the unit ray from the head's distance channel.
+
+    ``linear`` (Lyra): near (1 - w) + far w with w = sigmoid(delta + distance_shift).
+    ``log``: near (far / near)^w with w = sigmoid(delta + s), s chosen so that delta = 0 gives ``distance_init``;
+    equal steps of delta are equal ratios of distance, so near and far surfaces learn at the same pace.
+    """
+    if config.distance_param == "log":
+        w = torch.sigmoid(delta + _log_distance_shift(config))
+        return config.near * torch.exp(w * math.log(config.far / config.near))
     w = torch.sigmoid(delta + config.distance_shift)
     return config.near * (1.0 - w) + config.far * w
 
 
 def gaussian_processing(
-    raw: torch.Tensor, origins: torch.Tensor, dirs: torch.Tensor, config: DecoderConfig
+    raw: torch.Tensor,
+    origins: torch.Tensor,
+    dirs: torch.Tensor,
+    config: DecoderConfig,
+    *,
+    base_colors: torch.Tensor | None = None,
+    footprint: torch.Tensor | None = None,
 ) -> Gaussians:
     """Activate raw head channels (M,12) into Gaussians placed on rays (origins, unit dirs) (M,3) (spec 4.7).
 
     Channels [delta (1), rgb (3), scale (3), quat (4), opacity (1)]: mean = o + t d with t = :func:`ray_distance`;
-    scale = min(exp(s - (1 - ln cap)), cap); quat normalised (w, x, y, z); opacity = sigmoid(a + opacity_shift);
-    colour = 0.5 tanh(c) + 0.5. Computed in float32 (at least), whatever the head's precision.
+    quat normalised (w, x, y, z); opacity = sigmoid(a + opacity_shift).
+    Scale: ``absolute`` (Lyra) min(exp(s - (1 - ln cap)), cap); ``footprint`` min(scale_init * f t exp(s), cap)
+    with ``footprint`` f (M,1) the block's width per unit distance (gaussian_stride / focal length), so a zero
+    head output makes each Gaussian cover ``scale_init`` of its pixel block at any distance.
+    Colour: 0.5 tanh(c) + 0.5 (Lyra), or with ``base_colors`` (M,3) in [0,1] (the input pixels of the block,
+    ``color_skip``) sigmoid(logit(base) + c), so a zero head output reproduces the input colours.
+    Computed in float32 (at least), whatever the head's precision.
     """
     dtype = torch.promote_types(raw.dtype, torch.float32)
     delta, rgb, scale, quat, alpha = raw.to(dtype).split(HEAD_SPLIT, dim=-1)
     distance = ray_distance(delta, config)
     means = origins.to(dtype) + distance * dirs.to(dtype)
     cap = config.scale_cap
-    scales = torch.exp(scale - (1.0 - math.log(cap))).clamp(max=cap)
+    if config.scale_param == "footprint":
+        if footprint is None:
+            raise LyraConfigError("gaussian_processing: scale_param 'footprint' needs the per-Gaussian footprint")
+        scales = (config.scale_init * footprint.to(dtype) * distance * torch.exp(scale)).clamp(max=cap)
+    else:
+        scales = torch.exp(scale - (1.0 - math.log(cap))).clamp(max=cap)
     quats = F.normalize(quat, dim=-1)
     opacities = torch.sigmoid(alpha.squeeze(-1) + config.opacity_shift)
-    colors = 0.5 * torch.tanh(rgb) + 0.5
+    if base_colors is not None:
+        base = base_colors.to(dtype).clamp(COLOR_SKIP_EPS, 1.0 - COLOR_SKIP_EPS)
+        colors = torch.sigmoid(torch.logit(base) + rgb)
+    else:
+        colors = 0.5 * torch.tanh(rgb) + 0.5
     return Gaussians(means=means, scales=scales, quats=quats, opacities=opacities, colors=colors)
+
+
+def output_frames(config: DecoderConfig, latent_frames: int) -> list[int]:
+    """Input-frame indices that get Gaussians: every frame (``all``), or the last frame of each latent frame
+    (``keyframes``: 0, 8, 16, ..., the frames a causal 8x temporal encoder aligns its latent frames with)."""
+    tf = config.temporal_factor
+    if config.gaussian_frames == "keyframes":
+        return [tf * k for k in range(latent_frames)]
+    return list(range(tf * (latent_frames - 1) + 1))
+
+
+def block_colors(latents: torch.Tensor, config: DecoderConfig) -> torch.Tensor:
+    """Mean input colour of every Gaussian's pixel block, read back from patchify latents (V,1536,T_l,h,w):
+    (V, T_out, 3, H/g, W/g) in [0, 1] for the frames of :func:`output_frames` and g = ``gaussian_stride``."""
+    encoder = PixelPatchifyEncoder()
+    frames = output_frames(config, int(latents.shape[2]))
+    out = []
+    for view in latents:
+        video = encoder.decode(view.float())[frames]  # (T_out, 3, H, W) in [-1, 1]
+        out.append(F.avg_pool2d(video, config.gaussian_stride) * 0.5 + 0.5)
+    return torch.stack(out)
+
+
+def ceiling_gaussians(
+    config: DecoderConfig,
+    cameras_per_view: Sequence[Cameras],
+    frames_per_view: Sequence[torch.Tensor],
+    depth_per_view: Sequence[torch.Tensor],
+    *,
+    opacity: float = 0.99,
+) -> Gaussians:
+    """The best this decoder's output layout can do with exact data (the "ceiling" baseline).
+
+    As many Gaussians as the decoder emits, on its own rays (the frames of :func:`output_frames`, one per
+    ``gaussian_stride`` block): placed at the exact depth of the block's centre pixel, coloured with the block's
+    mean teacher colour, isotropic at the head's initial scale (``footprint``: ``scale_init`` of the block;
+    ``absolute``: the zero-output scale), opacity ``opacity``. ``frames_per_view`` (T,3,H,W) in [0,1],
+    ``depth_per_view`` (T,1,H,W) exact z-depth, both over the whole trajectory of each view.
+    """
+    gs = config.gaussian_stride
+    parts = []
+    for cams, rgb, depth in zip(cameras_per_view, frames_per_view, depth_per_view, strict=True):
+        t_l = (len(cams) - 1) // config.temporal_factor + 1
+        idx = output_frames(config, t_l)
+        sel = cams[torch.tensor(idx)]
+        origins, dirs = pixel_rays(sel, downsample=gs)  # (T,h,w,3)
+        z = depth[idx][:, 0, gs // 2 :: gs, gs // 2 :: gs].float()  # (T,h,w)
+        forward = sel.c2w[:, None, None, :3, 2].float()
+        distance = (z / (dirs * forward).sum(-1).clamp(min=1e-6)).reshape(-1, 1)
+        colors = F.avg_pool2d(rgb[idx].float(), gs).permute(0, 2, 3, 1).reshape(-1, 3)
+        fx = sel.K[:, 0, 0].float()[:, None, None].expand(z.shape).reshape(-1, 1)
+        if config.scale_param == "footprint":
+            size = config.scale_init * gs / fx * distance
+        else:
+            size = torch.full_like(distance, math.exp(-1.0 + math.log(config.scale_cap)))
+        m = distance.shape[0]
+        quats = torch.zeros(m, 4)
+        quats[:, 0] = 1.0
+        parts.append(Gaussians(
+            means=origins.reshape(-1, 3) + distance * dirs.reshape(-1, 3),
+            scales=size.expand(m, 3).clamp(max=config.scale_cap).contiguous(),
+            quats=quats, opacities=torch.full((m,), float(opacity)), colors=colors.clamp(0, 1).contiguous(),
+        ))  # fmt: skip
+    return Gaussians.cat(parts)
 
 
 def prune_gaussians(gaussians: Gaussians, prune_ratio: float) -> Gaussians:
@@ -365,12 +501,13 @@ class LatentGaussianDecoder(nn.Module):
                     blocks.append(BiMamba2Block(config.width, config.norm_eps, mamba_kwargs(config)))
             self.blocks = nn.ModuleList(blocks)
             self.norm = nn.LayerNorm(config.width, eps=config.norm_eps)
+            r = config.spatial_factor // config.gaussian_stride  # Gaussians per latent cell along each axis
+            if config.gaussian_frames == "keyframes":  # one output frame per latent frame
+                kernel, stride, padding = (1, ph * r, pw * r), (1, ph * r, pw * r), (0, 0, 0)
+            else:  # Lyra: kernel t = stride 8 + 1, padding 8/2 -> 8 T_l - 7 frames
+                kernel, stride, padding = (tf + 1, ph * r, pw * r), (tf, ph * r, pw * r), (tf // 2, 0, 0)
             self.head = nn.ConvTranspose3d(
-                config.width,
-                HEAD_CHANNELS,
-                kernel_size=(tf + 1, ph, pw),
-                stride=(tf, ph, pw),
-                padding=(tf // 2, 0, 0),
+                config.width, HEAD_CHANNELS, kernel_size=kernel, stride=stride, padding=padding
             )
         self._init_weights(torch.Generator().manual_seed(seed))
 
@@ -395,6 +532,9 @@ class LatentGaussianDecoder(nn.Module):
         fan_in, _ = nn.init._calculate_fan_in_and_fan_out(self.head.weight)
         bound = 1.0 / math.sqrt(fan_in)
         nn.init.uniform_(self.head.bias, -bound, bound, generator=gen)
+        if self.config.head_gain != 1.0:  # a fresh model then starts at the parametrisation's zero point
+            self.head.weight.mul_(self.config.head_gain)
+            self.head.bias.mul_(self.config.head_gain)
 
     # --- input checks --------------------------------------------------------------------------------------
     def check_inputs(
@@ -452,7 +592,8 @@ class LatentGaussianDecoder(nn.Module):
         return module(x)
 
     def forward_raw(self, latents: torch.Tensor, plucker: torch.Tensor) -> torch.Tensor:
-        """Raw head output (V, 12, T, h, w) with T = 8 T_l - 7: one 12-vector per frame and 8x8 pixel block."""
+        """Raw head output (V, 12, T_out, H/g, W/g): one 12-vector per output frame (:func:`output_frames`) and
+        g x g pixel block (g = ``gaussian_stride``; Lyra: every frame, 8 x 8)."""
         self.check_inputs(latents, plucker)
         dtype = self.latent_embed.proj.weight.dtype
         v, _, t_l, h, w = latents.shape
@@ -465,22 +606,35 @@ class LatentGaussianDecoder(nn.Module):
         x = x.reshape(v, t_l, h // ph, w // pw, self.config.width).permute(0, 4, 1, 2, 3)
         return self._run(self.head, x)
 
-    def rays(self, cameras_per_view: Sequence[Cameras], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The 1/8-resolution Gaussian rays of all views: origins, dirs (V,T,h,w,3) float32 on ``device``."""
-        origins, dirs = [], []
+    def rays(
+        self, cameras_per_view: Sequence[Cameras], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The Gaussian rays of all views at 1/``gaussian_stride`` resolution, for the output frames: origins,
+        dirs (V,T_out,h,w,3) and the block footprint per unit distance, stride / fx (V,T_out,h,w,1), float32."""
+        origins, dirs, feet = [], [], []
         for cams in cameras_per_view:
-            o, d = pixel_rays(cams, downsample=self.config.spatial_factor)
+            t_l = (len(cams) - 1) // self.config.temporal_factor + 1
+            sel = cams[torch.tensor(output_frames(self.config, t_l))]
+            o, d = pixel_rays(sel, downsample=self.config.gaussian_stride)
             origins.append(o)
             dirs.append(d)
-        return torch.stack(origins).to(device), torch.stack(dirs).to(device)
+            fx = sel.K[:, 0, 0].float()
+            feet.append((self.config.gaussian_stride / fx)[:, None, None, None].expand(*d.shape[:3], 1))
+        return (torch.stack(origins).to(device), torch.stack(dirs).to(device), torch.stack(feet).to(device))
 
     def forward(self, latents: torch.Tensor, plucker: torch.Tensor, cameras_per_view: Sequence[Cameras]) -> Gaussians:
         """Gaussians of all V views fused (view-major, then t, h, w), pruned if ``config.prune_ratio`` > 0."""
         self.check_inputs(latents, plucker, cameras_per_view)
-        raw = self.forward_raw(latents, plucker)  # (V,12,T,h,w)
-        origins, dirs = self.rays(cameras_per_view, raw.device)
+        raw = self.forward_raw(latents, plucker)  # (V,12,T_out,h,w)
+        origins, dirs, footprint = self.rays(cameras_per_view, raw.device)
         raw = raw.permute(0, 2, 3, 4, 1).reshape(-1, HEAD_CHANNELS)
-        gaussians = gaussian_processing(raw, origins.reshape(-1, 3), dirs.reshape(-1, 3), self.config)
+        base = None
+        if self.config.color_skip:
+            base = block_colors(latents, self.config).to(raw.device).permute(0, 1, 3, 4, 2).reshape(-1, 3)
+        gaussians = gaussian_processing(
+            raw, origins.reshape(-1, 3), dirs.reshape(-1, 3), self.config, base_colors=base,
+            footprint=footprint.reshape(-1, 1),
+        )  # fmt: skip
         return prune_gaussians(gaussians, self.config.prune_ratio)
 
 

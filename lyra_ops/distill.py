@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from lyra_ops.cameras import Cameras
-from lyra_ops.decoder import LatentGaussianDecoder, prune_gaussians
+from lyra_ops.decoder import DecoderConfig, LatentGaussianDecoder, output_frames, prune_gaussians
 from lyra_ops.errors import LyraConfigError, LyraInputError
 from lyra_ops.gaussians import Gaussians
 from lyra_ops.latents import LatentEncoder, PixelPatchifyEncoder
@@ -114,6 +114,7 @@ class DistillBatch:
     depth_valid: torch.Tensor | None  # (N,1,H,W) bool
     height: int
     width: int
+    input_depth: torch.Tensor | None = None  # (V,T_in,1,H,W) metric z-depth of the input frames (0: unknown)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -206,7 +207,7 @@ def build_batch(
     idx_in = torch.tensor(list(input_frames), dtype=torch.long)
     idx_t = torch.tensor(list(target_frames), dtype=torch.long)
     latents, pluckers, cams_in = [], [], []
-    viewmats, ks, rgbs, depths, valids = [], [], [], [], []
+    viewmats, ks, rgbs, depths, valids, in_depths = [], [], [], [], [], []
     for original, view in zip(views, scaled, strict=True):
         frames01 = view.frames.float() / 255.0  # uint8, or area-averaged 0..255 floats
         cams = view.cameras[idx_in]
@@ -225,6 +226,8 @@ def build_batch(
         ks.append(view.cameras.K[idx_t])
         rgbs.append(frames01[idx_t])
         if view.depth is not None:
+            valid_all = view.depth_valid if view.depth_valid is not None else view.depth > 0
+            in_depths.append(torch.where(valid_all[idx_in], view.depth[idx_in].float(), 0.0))
             depths.append(view.depth[idx_t].float())
             valids.append(view.depth_valid[idx_t] if view.depth_valid is not None else view.depth[idx_t] > 0)
     return DistillBatch(
@@ -238,13 +241,14 @@ def build_batch(
         depth_valid=torch.cat(valids) if len(valids) == len(views) else None,
         height=height,
         width=width,
+        input_depth=torch.stack(in_depths) if len(in_depths) == len(views) else None,
     )
 
 
 def batch_to(batch: DistillBatch, device: torch.device | str) -> DistillBatch:
     """The batch with its tensors on ``device`` (cameras stay on the CPU: the decoder moves its rays)."""
     moved = {k: getattr(batch, k).to(device) for k in ("latents", "plucker", "viewmats", "Ks", "rgb")}
-    for k in ("depth", "depth_valid"):
+    for k in ("depth", "depth_valid", "input_depth"):
         value = getattr(batch, k)
         moved[k] = value.to(device) if value is not None else None
     return replace(batch, **moved)
@@ -282,13 +286,55 @@ def batch_loss(
     views_per_chunk: int = 4,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """Distillation loss of one batch: (total, parts, number of Gaussians after pruning)."""
-    gaussians = decode_gaussians(model, batch, stage.prune_ratio)
+    unpruned = model(batch.latents, batch.plucker, list(batch.input_cameras))
+    gaussians = prune_gaussians(unpruned, stage.prune_ratio)
     out = render_batch(gaussians, batch, backend=backend, views_per_chunk=views_per_chunk)
     total, parts = distillation_loss(
         out, batch.rgb.to(out.rgb.device), batch.depth, gaussians.opacities,
         weights=replace(weights, opacity=stage.opacity_weight), lpips=lpips, depth_valid=batch.depth_valid,
     )  # fmt: skip
+    if weights.gaussian_depth and batch.input_depth is not None:
+        parts["gaussian_depth"] = gaussian_depth_loss(unpruned, batch, model.config)
+        total = total + weights.gaussian_depth * parts["gaussian_depth"]
+        parts["total"] = total
+    parts.update(gaussian_stats(gaussians, batch, out))
     return total, parts, gaussians.num
+
+
+def gaussian_depth_loss(gaussians: Gaussians, batch: DistillBatch, config: DecoderConfig) -> torch.Tensor:
+    """Mean |log z_pred - log z_target| over the (unpruned, in decoder order) Gaussians whose own pixel block has
+    a known input depth: z_pred is the Gaussian's depth in the camera of the frame it was emitted for, z_target
+    the input frame's metric depth at the block's centre pixel (``batch.input_depth``). Direct supervision of the
+    distance channel, denser and more local than the rendered-depth loss (CPU presets; off in Lyra's setting)."""
+    gs = config.gaussian_stride
+    t_l = int(batch.latents.shape[2])
+    idx = torch.tensor(output_frames(config, t_l))
+    preds, targets = [], []
+    means = gaussians.means.reshape(len(batch.input_cameras), len(idx), batch.height // gs, batch.width // gs, 3)
+    for v, cams in enumerate(batch.input_cameras):
+        c2w = cams.c2w[idx].to(means)  # (T_out,4,4)
+        rel = means[v] - c2w[:, None, None, :3, 3]
+        preds.append((rel * c2w[:, None, None, :3, 2]).sum(-1))
+        targets.append(batch.input_depth[v][idx, 0, gs // 2 :: gs, gs // 2 :: gs].to(means))
+    pred, target = torch.stack(preds), torch.stack(targets)
+    ok = target > 0
+    if not bool(ok.any()):
+        return pred[ok].sum()
+    return (torch.log(pred[ok].clamp(min=1e-3)) - torch.log(target[ok])).abs().mean()
+
+
+def gaussian_stats(gaussians: Gaussians, batch: DistillBatch, out: RasterOutput) -> dict[str, torch.Tensor]:
+    """What a collapse to fog shows in: mean opacity and the share above 0.5, mean largest scale, mean distance
+    of the means from the first input camera, mean rendered alpha (detached scalars)."""
+    with torch.no_grad():
+        centre = batch.input_cameras[0].c2w[0, :3, 3].to(gaussians.means)
+        return {
+            "opacity_mean": gaussians.opacities.mean(),
+            "opacity_above_half": (gaussians.opacities > 0.5).float().mean(),
+            "scale_mean": gaussians.scales.max(dim=-1).values.mean(),
+            "distance_mean": (gaussians.means - centre).norm(dim=-1).mean(),
+            "alpha_mean": out.alpha.detach().mean(),
+        }
 
 
 def warmup_lambda(warmup_steps: int):

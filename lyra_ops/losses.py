@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 SSI_SCALE_MIN, SSI_SCALE_MAX = 1e-3, 1e3  # clip of the mean-absolute-deviation scale (reference values)
 LPIPS_MAX_HEIGHT = 704  # images are resized to at most this height (keeping aspect) before LPIPS
 LPIPS_SKIPPED_MESSAGE = "LPIPS skipped: no local weights configured"
+DEPTH_MODES = ("ssi", "log_l1")
 
 # VGG16 ``features`` indices of the five LPIPS slices (ending at relu1_2, relu2_2, relu3_3, relu4_3, relu5_3).
 _VGG16_SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))
@@ -93,6 +94,23 @@ def depth_loss_ssi(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor
     target_n = _ssi_normalise(target_flat, valid, count)
     per_pixel = F.smooth_l1_loss(pred_n, target_n, reduction="none", beta=1.0)
     return per_pixel[valid].sum() / total
+
+
+def depth_loss_log_l1(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Metric depth loss: mean |log pred - log target| over valid pixels (N,1,H,W).
+
+    For targets in the cameras' own metric scale (the SDG's warped input depth: exact for procedural scenes,
+    the depth model's for images), where Lyra's scale/shift-invariant loss would throw away the scale that
+    places the Gaussians. ``valid`` defaults to finite target > 0 and is intersected with it; the prediction is
+    clamped to >= 1e-3 before its log. No valid pixel -> 0 (attached to the graph).
+    """
+    _check_image_pair(pred, target, "depth_loss_log_l1", 1)
+    ok = torch.isfinite(target) & (target > 0)
+    valid = ok if valid is None else valid.bool() & ok
+    if not bool(valid.any()):
+        return pred[valid].sum()
+    diff = torch.log(pred[valid].clamp(min=1e-3)) - torch.log(target[valid])
+    return diff.abs().mean()
 
 
 def opacity_loss(opacities: torch.Tensor) -> torch.Tensor:
@@ -290,6 +308,12 @@ class LossWeights:
     lpips: float = 0.5
     depth: float = 0.05
     opacity: float = 0.0
+    depth_mode: str = "ssi"  # "ssi" (Lyra: scale/shift-invariant) or "log_l1" (metric targets)
+    gaussian_depth: float = 0.0  # per-Gaussian log-depth vs the input frame's depth (lyra_ops.distill)
+
+    def __post_init__(self) -> None:
+        if self.depth_mode not in DEPTH_MODES:
+            raise LyraConfigError(f"loss depth_mode: expected one of {DEPTH_MODES}, got {self.depth_mode!r}")
 
 
 def distillation_loss(
@@ -320,7 +344,8 @@ def distillation_loss(
     if weights.lpips and lpips is not None:
         parts["lpips"] = lpips(render.rgb, target_rgb.to(render.rgb.dtype)).mean()
     if weights.depth and target_depth is not None:
-        parts["depth"] = depth_loss_ssi(render.depth, target_depth.to(render.depth.dtype), depth_valid)
+        depth_fn = depth_loss_log_l1 if weights.depth_mode == "log_l1" else depth_loss_ssi
+        parts["depth"] = depth_fn(render.depth, target_depth.to(render.depth.dtype), depth_valid)
     if weights.opacity and opacities is not None:
         parts["opacity"] = opacity_loss(opacities)
     bad = {name: float(value.detach()) for name, value in parts.items() if not bool(torch.isfinite(value.detach()))}
@@ -332,7 +357,7 @@ def distillation_loss(
         )
     if not parts:
         raise LyraInputError("distillation_loss: every term is disabled (all weights zero or inputs missing)")
-    total = sum(getattr(weights, name) * value for name, value in parts.items())
+    total = sum(float(getattr(weights, name)) * value for name, value in parts.items())
     if not math.isfinite(float(total.detach())):
         raise FloatingPointError(f"distillation_loss: total is non-finite ({float(total.detach())}) from {parts}")
     parts["total"] = total

@@ -65,6 +65,11 @@ def _done_units(store: RunStore) -> int:
     return sum(1 for r in store.read_manifest().to_pylist() if r["status"] == "done" and r["stage"] in STAGES)
 
 
+def _log(message: str) -> None:
+    """One plain line on stderr (no rich markup: paths may hold brackets)."""
+    console.print(message, markup=False, highlight=False)
+
+
 def _fail(exc: BaseException) -> None:
     console.print(f"[bold red]error:[/] {exc}")
     raise typer.Exit(2)
@@ -221,6 +226,11 @@ def evaluate(
                                        "the decoder metrics"),
     lpips_backbone: Path = typer.Option(None, "--lpips-backbone", help="torchvision VGG16 state dict, when "
                                         "--lpips-weights holds only the linear heads"),
+    baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="with --checkpoint: the decoder "
+                                   "beside no-learning baselines (flat, RGB-D, ceiling) on trajectory frames and "
+                                   "held-out cameras of procedural scenes"),
+    optimize: bool = typer.Option(False, "--optimize", help="with --checkpoint: add the per-scene optimisation "
+                                  "baselines (300 and 1000 steps; ~10 min per 176x320 scene on a CPU)"),
 ) -> None:
     """Dataset quality against exact ground truth: teacher/warp PSNR and SSIM, mask leakage and false holes."""
     _setup_env(verbose)
@@ -238,7 +248,8 @@ def evaluate(
         summary = evaluate_dataset(store=store, preset=name, overrides=over,
                                    checkpoint=str(checkpoint.resolve()) if checkpoint else None,
                                    lpips_weights=str(lpips_weights) if lpips_weights else None,
-                                   lpips_backbone=str(lpips_backbone) if lpips_backbone else None)
+                                   lpips_backbone=str(lpips_backbone) if lpips_backbone else None,
+                                   baselines=baselines, optimize=optimize)
     except (PipelineFailed, LyraError) as exc:
         _fail(exc)
     table = Table(title=f"dataset quality: {store}", caption="PSNR in dB vs ground truth (warp: over refined-mask "
@@ -250,8 +261,9 @@ def evaluate(
     for label, _ in cols:
         table.add_column(label, justify="right")
     decoders = [r for r in summary if str(r["group"]).startswith("decoder")]
+    quality = [r for r in summary if "split" in r and "method" in r]
     for row in summary:
-        if row in decoders:
+        if row in decoders or row in quality:
             continue
         cells = []
         for _, key in cols:
@@ -264,6 +276,33 @@ def evaluate(
         out.print(f"{row['group']}: {row['scenes']} scenes, {row['frames']} frames: PSNR vs teacher "
                   f"{row['psnr_teacher']:.2f} dB, vs ground truth {row['psnr_gt']:.2f} dB, SSIM vs ground truth "
                   f"{row['ssim_gt']:.3f}")
+    if quality:
+        out.print(quality_rich_table(quality))
+
+
+def quality_rich_table(rows: list[dict[str, Any]]) -> Table:
+    """The decoder-quality table (``lyra_pipeline.quality.quality_table`` rows) for the console."""
+    from rich import box
+
+    views = ", ".join(f"{split} {n} views" for split, n in dict((r["split"], r["frames"]) for r in rows).items())
+    scenes = max((r["scenes"] for r in rows), default=0)
+    table = Table(title=f"decoder beside no-learning baselines: {scenes} procedural scenes ({views})",
+                  caption="vs exact ground truth; PSNR in dB, mean over scenes ± std over scenes; seen = pixels "
+                          "some input frame saw; depth = AbsRel where alpha > 0.5 (flat: a plane at the input's "
+                          "median depth)", box=box.SIMPLE_HEAD)
+    for label in ("split", "method", "PSNR", "PSNR seen", "SSIM", "LPIPS", "depth"):
+        table.add_column(label, justify="left" if label in ("split", "method") else "right", no_wrap=True)
+
+    def num(row: dict[str, Any], key: str, fmt: str, spread: bool = False) -> str:
+        value, std = row.get(key, float("nan")), row.get(f"{key}_std", float("nan"))
+        if value != value:  # NaN: not measured
+            return "–"
+        return format(value, fmt) + (f"±{format(std, fmt)}" if spread and std == std else "")
+
+    for r in rows:
+        table.add_row(r["split"], r["method"], num(r, "psnr", ".2f", True), num(r, "psnr_seen", ".2f", True),
+                      num(r, "ssim", ".3f"), num(r, "lpips", ".3f"), num(r, "depth_absrel", ".3f"))
+    return table
 
 
 @app.command()
@@ -475,7 +514,7 @@ def export_ply(
     store: str = StoreOpt,
     out: Path = typer.Option(None, "--out", help="PLY path (default: <scene>.ply)"),
     checkpoint: Path = typer.Option(None, "--checkpoint", help="decoder model.safetensors (default: the store's "
-                                    "newest finished training)"),
+                                    "newest finished training, else the decoder shipped with the package)"),
     html: bool = typer.Option(False, "--html", help="also write a self-contained HTML viewer (needs node/npx)"),
 ) -> None:
     """Decode a stored scene into 3D Gaussians: standard 3DGS PLY + a PNG strip (teacher above, render below)."""
@@ -483,7 +522,7 @@ def export_ply(
     from lyra_pipeline.reconstruct import export_scene
 
     try:
-        res = export_scene(store, scene, out or Path(f"{scene}.ply"), checkpoint=checkpoint, html=html)
+        res = export_scene(store, scene, out or Path(f"{scene}.ply"), checkpoint=checkpoint, html=html, log=_log)
     except LyraError as exc:
         _fail(exc)
     console.print(f"wrote {res.ply} ({res.gaussians} Gaussians, decoder {res.decoder})"
@@ -494,8 +533,11 @@ def export_ply(
 def reconstruct(
     image: Path = typer.Option(..., "--image", help="input image (PNG/JPEG)"),
     prompt: str = typer.Option(None, "--prompt", help="text prompt (default: IMAGE.txt beside it, or its name)"),
-    checkpoint: str = typer.Option(DEFAULT_STORE, "--checkpoint", help="decoder model.safetensors, or a store "
-                                   "whose newest finished `lyra train` is used"),
+    checkpoint: str = typer.Option(None, "--checkpoint", help="decoder model.safetensors, or a store whose newest "
+                                   "finished `lyra train` is used (default: --store's newest finished training, "
+                                   "else the decoder shipped with the package)"),
+    store: str = typer.Option(DEFAULT_STORE, "--store", help="store whose newest finished `lyra train` is used when "
+                              "--checkpoint is not given (skipped when it is not a store or has none)"),
     out: Path = typer.Option(Path("reconstruction"), "--out", help="output folder (its store/ holds the scene)"),
     preset: str = typer.Option("default", "--preset", help="video format preset of the generated scene"),
     html: bool = typer.Option(False, "--html", help="also write a self-contained HTML viewer (needs node/npx)"),
@@ -505,7 +547,8 @@ def reconstruct(
     from lyra_pipeline.reconstruct import reconstruct_image
 
     try:
-        res = reconstruct_image(image, out, prompt=prompt, checkpoint=checkpoint, preset=preset, html=html)
+        res = reconstruct_image(image, out, prompt=prompt, checkpoint=checkpoint, store=store, preset=preset,
+                                html=html, log=_log)
     except LyraError as exc:
         _fail(exc)
     console.print(f"wrote {res.ply} ({res.gaussians} Gaussians, decoder {res.decoder}), {res.strip}"
@@ -534,7 +577,8 @@ def view(
     target: str = typer.Argument(..., help="scene id in --store, or a .ply file"),
     store: str = StoreOpt,
     checkpoint: str = typer.Option(None, "--checkpoint", help="decoder model.safetensors (default: the store's "
-                                   "newest finished training; without one the input RGB-D point cloud is shown)"),
+                                   "newest finished training, else the decoder shipped with the package; without "
+                                   "any the input RGB-D point cloud is shown)"),
     host: str = typer.Option("127.0.0.1", "--host", help="bind address (0.0.0.0 exposes it to your network)"),
     port: int = typer.Option(8080, "--port"),
 ) -> None:
@@ -546,7 +590,7 @@ def view(
         if target.lower().endswith(".ply"):
             server = start_viewer(ply=target, host=host, port=port)
         else:
-            server = start_viewer(store=store, scene=target, checkpoint=checkpoint, host=host, port=port)
+            server = start_viewer(store=store, scene=target, checkpoint=checkpoint, host=host, port=port, log=_log)
     except LyraError as exc:
         _fail(exc)
     console.print(f"viewer on http://{host}:{server.get_port()} (Ctrl-C to stop)")

@@ -5,6 +5,9 @@ input views), writes the Gaussians as a standard 3DGS PLY (``gsplat.export_splat
 along the trajectories. ``reconstruct_image`` first generates the scene's trajectories from one image (the SDG
 stages, in-process) and then exports it. ``splat_transform`` converts a PLY with PlayCanvas's splat-transform
 (node) for interoperability checks and its self-contained HTML viewer.
+
+Which decoder (:func:`load_decoder`): an explicit checkpoint wins; else the store's newest finished
+``lyra train`` (``train/latest.json``); else the decoder shipped with the package (``lyra_pipeline.shipped``).
 """
 
 from __future__ import annotations
@@ -12,18 +15,23 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
+from lyra_ops.decoder import LatentGaussianDecoder
 from lyra_ops.errors import LyraConfigError, LyraError, LyraInputError
 from lyra_ops.gaussians import Gaussians
 from lyra_ops.images import to_uint8
 from lyra_pipeline.inspect import evenly_spaced
+from lyra_pipeline.shipped import shipped_decoder
 from lyra_pipeline.storage import RunStore
 from lyra_pipeline.training import (
+    LATEST,
     ViewCache,
     index_dataset,
     load_decoder_bytes,
@@ -32,7 +40,12 @@ from lyra_pipeline.training import (
     scene_gaussians,
 )
 
+if TYPE_CHECKING:
+    from lyra_pipeline.config import RunConfig
+
 SPLAT_TRANSFORM_PACKAGE = "@playcanvas/splat-transform"
+
+Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -44,18 +57,55 @@ class ExportResult:
     html: Path | None = None
 
 
-def load_decoder(store: RunStore, checkpoint: str | Path | None):
-    """The decoder from ``checkpoint``: a model.safetensors file, or a store path/URL whose newest finished
-    training (``train/latest.json``) is used; None: ``store``'s own newest training."""
-    if checkpoint is None:
-        return load_latest_decoder(store)
+def trained_decoder(store: RunStore) -> tuple[LatentGaussianDecoder, str]:
+    """The decoder of ``store``'s newest finished training (raises ``LyraStorageError`` when it has none)."""
+    model, run = load_latest_decoder(store)
+    return model, f"newest training in store {store.url}: {run} ({LATEST})"
+
+
+def checkpoint_decoder(checkpoint: str | Path) -> tuple[LatentGaussianDecoder, str]:
+    """The decoder of an explicit ``--checkpoint``: a model.safetensors file, or a store path/URL whose newest
+    finished training is used."""
     path = Path(checkpoint)
     if path.is_file():
-        return load_decoder_bytes(path.read_bytes(), str(path)), str(path)
+        return load_decoder_bytes(path.read_bytes(), str(path)), f"checkpoint {path}"
     if "://" in str(checkpoint) or (path.is_dir() and (path / "store.json").is_file()):
-        return load_latest_decoder(RunStore(str(checkpoint), create=False))
+        return trained_decoder(RunStore(str(checkpoint), create=False))
     raise LyraInputError(f"{checkpoint}: decoder checkpoint not found (expected a model.safetensors file or a store "
                          "with a finished `lyra train`)")
+
+
+def finished_training(store: RunStore | str | None) -> RunStore | None:
+    """``store`` opened when it holds a finished training (``train/latest.json``), else None. A local path that is
+    not a lyra store (e.g. the default ``./lyra_store`` on a fresh install) counts as none."""
+    if store is None:
+        return None
+    if not isinstance(store, RunStore):
+        if "://" not in str(store) and not (Path(store) / "store.json").is_file():
+            return None
+        store = RunStore(str(store), create=False)
+    return store if store.read_file(LATEST) is not None else None
+
+
+def load_decoder(store: RunStore | str | None, checkpoint: str | Path | None) -> tuple[LatentGaussianDecoder, str]:
+    """(decoder, description of where it came from). Resolution: ``checkpoint`` (a model.safetensors file or a
+    store path/URL with a finished training) wins; else ``store``'s newest finished training; else the shipped
+    package decoder. A bad explicit checkpoint raises; it never falls back."""
+    if checkpoint is not None:
+        return checkpoint_decoder(checkpoint)
+    trained = finished_training(store)
+    if trained is not None:
+        return trained_decoder(trained)
+    return shipped_decoder()
+
+
+def resolve_decoder(store: RunStore | str | None, checkpoint: str | Path | None,
+                    log: Log | None = None) -> tuple[LatentGaussianDecoder, str]:
+    """:func:`load_decoder`, then ``log("decoder: <description>")``."""
+    model, source = load_decoder(store, checkpoint)
+    if log is not None:
+        log(f"decoder: {source}")
+    return model, source
 
 
 def scene_trajectories(store: RunStore, scene_id: str) -> list[str]:
@@ -86,13 +136,27 @@ def render_strip(gaussians: Gaussians, views: ViewCache, scene_id: str, trajecto
 
 
 def export_scene(store_url: str, scene_id: str, out: str | Path, *, checkpoint: str | Path | None = None,
-                 html: bool = False, strip: bool = True) -> ExportResult:
-    """Decoder Gaussians of a stored scene -> ``out`` (.ply), ``<out>.png`` fly-through strip, optional HTML."""
+                 html: bool = False, strip: bool = True, log: Log | None = None) -> ExportResult:
+    """Decoder Gaussians of a stored scene -> ``out`` (.ply), ``<out>.png`` fly-through strip, optional HTML.
+
+    The decoder: ``checkpoint``, else the store's newest finished training, else the shipped one; ``log`` gets
+    one ``decoder: ...`` line saying which."""
+    out = _ply_path(out)
+    store = RunStore(store_url, create=False)
+    model, source = resolve_decoder(store, checkpoint, log)
+    return write_scene(model, source, store, scene_id, out, html=html, strip=strip)
+
+
+def _ply_path(out: str | Path) -> Path:
     out = Path(out)
     if out.suffix.lower() != ".ply":
         raise LyraInputError(f"{out}: the output must be a .ply path")
-    store = RunStore(store_url, create=False)
-    model, source = load_decoder(store, checkpoint)
+    return out
+
+
+def write_scene(model: LatentGaussianDecoder, source: str, store: RunStore, scene_id: str, out: Path, *,
+                html: bool = False, strip: bool = True) -> ExportResult:
+    """Decode ``scene_id`` with ``model`` and write the PLY (+ strip, + HTML)."""
     gaussians, views, trajectories = decode_scene(model, store, scene_id)
     out.parent.mkdir(parents=True, exist_ok=True)
     gaussians.to_ply(out)
@@ -105,21 +169,31 @@ def export_scene(store_url: str, scene_id: str, out: str | Path, *, checkpoint: 
 
 
 def reconstruct_image(image: str | Path, out_dir: str | Path, *, prompt: str | None = None,
-                      checkpoint: str | Path, preset: str = "default", html: bool = False) -> ExportResult:
+                      checkpoint: str | Path | None = None, store: str | None = None, preset: str = "default",
+                      html: bool = False, log: Log | None = None) -> ExportResult:
     """One image -> trajectories -> teacher videos -> latents (SDG stages in-process) -> decoder -> PLY + strip.
 
     The image and its prompt are copied into ``<out_dir>/input/``; the generated scene goes to
-    ``<out_dir>/store``. ``checkpoint``: a model.safetensors file or a store with a finished training. Depth is
-    the ``planar`` prior and the teacher the ``warp_only`` baseline (no video or depth model is needed).
+    ``<out_dir>/store``. The decoder: ``checkpoint`` (a model.safetensors file or a store with a finished
+    training), else ``store``'s newest finished training (skipped when it is not a store or has none), else the
+    shipped package decoder; it is loaded before anything is written, and ``log`` gets one ``decoder: ...`` line.
+    Depth is the ``planar`` prior and the teacher the ``warp_only`` baseline (no video or depth model is needed).
     """
-    from lyra_pipeline.config import build_config
-    from tasks.sdg import SCENE_TASKS, sample_prompts
-
     image = Path(image)
     if not image.is_file():
         raise LyraInputError(f"{image}: image not found")
+    model, source = resolve_decoder(store, checkpoint, log)
     out_dir = Path(out_dir)
-    folder = out_dir / "input"
+    config = _scene_config(out_dir / "input", preset)  # a bad preset fails here, before anything is written
+    _copy_input(image, out_dir / "input", prompt)
+    scene_store = str(out_dir / "store")
+    scene_id = _generate_scene(config, scene_store)
+    return write_scene(model, source, RunStore(scene_store, create=False), scene_id, out_dir / f"{scene_id}.ply",
+                       html=html)
+
+
+def _copy_input(image: Path, folder: Path, prompt: str | None) -> None:
+    """``image`` and its prompt (``prompt``, else IMAGE.txt beside it, else its name) copied into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     name = image.stem
     shutil.copyfile(image, folder / image.name)
@@ -127,17 +201,26 @@ def reconstruct_image(image: str | Path, out_dir: str | Path, *, prompt: str | N
     text = prompt if prompt is not None else (sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file()
                                                else name.replace("_", " "))
     (folder / f"{name}.txt").write_text(text, encoding="utf-8")
-    store = str(out_dir / "store")
-    config = build_config(preset, {"scenes": {"source": "images", "images_dir": str(folder.resolve()),
-                                              "num_scenes": 1},
-                                   "depth": {"backend": "planar"}, "generator": {"backend": "warp_only"}},
-                          source="reconstruct")
+
+
+def _scene_config(folder: Path, preset: str) -> RunConfig:
+    """The SDG config of one image in ``folder``: planar depth, warp-only teacher, ``preset``'s video format."""
+    from lyra_pipeline.config import build_config
+
+    return build_config(preset, {"scenes": {"source": "images", "images_dir": str(folder.resolve()), "num_scenes": 1},
+                                 "depth": {"backend": "planar"}, "generator": {"backend": "warp_only"}},
+                        source="reconstruct")
+
+
+def _generate_scene(config: RunConfig, store: str) -> str:
+    """The SDG stages, in-process, for the config's one image; its scene id."""
+    from tasks.sdg import SCENE_TASKS, sample_prompts
+
     scenes = sample_prompts.fn(store, config)
     for scene in scenes:
         for task in SCENE_TASKS.values():
             task.fn(store, config, scene, "reconstruct")
-    return export_scene(store, scenes[0].scene_id, out_dir / f"{scenes[0].scene_id}.ply", checkpoint=checkpoint,
-                        html=html)
+    return scenes[0].scene_id
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -165,12 +165,47 @@ def _latest_run(store: RunStore) -> dict[str, Any] | None:
     return json.loads(data) if data is not None else None
 
 
+QUALITY_COLUMNS = [("split", "split"), ("method", "method"), ("scenes", "scenes"), ("frames", "frames"),
+                   ("PSNR (dB)", "psnr"), ("± std", "psnr_std"), ("PSNR seen px (dB)", "psnr_seen"),
+                   ("PSNR vs teacher (dB)", "psnr_teacher"), ("SSIM", "ssim"), ("LPIPS", "lpips"),
+                   ("depth AbsRel", "depth_absrel"), ("plane AbsRel", "plane_depth_absrel"),
+                   ("build s / scene", "build_seconds")]
+
+
+def quality_summaries(store: RunStore) -> dict[str, list[dict[str, Any]]]:
+    """Every ``eval/quality_<sha16>_summary.parquet`` (``lyra evaluate --checkpoint``), keyed by sha16."""
+    out = {}
+    for name in store.list_names("eval"):
+        if name.startswith("quality_") and name.endswith("_summary.parquet"):
+            table = store.read_table(f"eval/{name}")
+            if table is not None and table.num_rows:
+                out[name[len("quality_") : -len("_summary.parquet")]] = table.to_pylist()
+    return out
+
+
+def quality_html(sha16: str, rows: list[dict[str, Any]]) -> str:
+    """One table: the decoder beside the no-learning baselines, both splits (one row per split x method)."""
+    return (f"<h3>Decoder {html.escape(sha16)} beside no-learning baselines</h3>" + _table(rows, QUALITY_COLUMNS)
+            + "<p class='note'>Procedural scenes, vs exact ground truth. <b>path</b>: frames of the scene's "
+              "trajectories (the decoder's input cameras); <b>held_out</b>: seeded random cameras near the "
+              "trajectories that no model saw (PSNR seen px: only pixels some input frame saw). flat = the input "
+              "frame's mean colour (depth: a plane at its median depth); rgbd = the input frame unprojected with "
+              "its exact depth; ceiling = exact depth and teacher colours on the decoder's own Gaussian grid; "
+              "optimized_N = per-scene 3DGS optimisation on the teacher frames after N steps. Means over scenes, "
+              "± the standard deviation over scenes; depth AbsRel where the render's alpha > 0.5.</p>")
+
+
 def decoder_section(store: RunStore) -> tuple[str, dict[str, Any]]:
+    import hashlib
+
     from lyra_pipeline.training import load_latest_decoder, load_run, read_metrics
 
     latest = _latest_run(store)
+    quality = quality_summaries(store)
     if latest is None:
-        return "<h2>Decoder</h2><p class='note'>No finished decoder training: run <code>lyra train</code>.</p>", {}
+        parts = ["<h2>Decoder</h2><p class='note'>No finished decoder training: run <code>lyra train</code>.</p>"]
+        parts += [quality_html(sha16, rows) for sha16, rows in quality.items()]
+        return "".join(parts), {}
     run = load_run(store, latest["run"])
     metrics = read_metrics(store, run.name).to_pylist()
     table = store.read_table(RunStore.train_rel(run.name, "eval.parquet"))
@@ -194,6 +229,14 @@ def decoder_section(store: RunStore) -> tuple[str, dict[str, Any]]:
         parts.append(_table(table_rows, [("trajectory", "group"), ("frames", "frames"),
                                          ("PSNR vs teacher", "psnr_teacher"), ("SSIM vs teacher", "ssim_teacher"),
                                          ("PSNR vs ground truth", "psnr_gt"), ("SSIM vs ground truth", "ssim_gt")]))
+    model_bytes = store.read_file(latest["checkpoint"])
+    sha16 = hashlib.sha256(model_bytes).hexdigest()[:16] if model_bytes is not None else ""
+    if sha16 in quality:
+        parts.append(quality_html(sha16, quality[sha16]))
+    else:
+        parts.append("<p class='note'>No table beside the no-learning baselines for this checkpoint yet: run "
+                     f"<code>lyra evaluate --checkpoint {html.escape(str(latest['checkpoint']))}</code> (paths "
+                     "relative to the store).</p>")
     figs = []
     if metrics:
         fig, ax = plt.subplots(figsize=(6, 3.2))

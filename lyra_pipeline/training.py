@@ -96,6 +96,8 @@ class LossConfig(Section):
     mse: float = Field(1.0, ge=0)
     lpips: float = Field(0.5, ge=0)
     depth: float = Field(0.05, ge=0)
+    depth_mode: Literal["ssi", "log_l1"] = "ssi"  # log_l1: metric depth targets (see lyra_ops.losses)
+    gaussian_depth: float = Field(0.0, ge=0)  # per-Gaussian depth vs the input frames' depth (lyra_ops.distill)
     lpips_weights: str | None = None  # full LPIPS-VGG state dict, or the package's linear heads (vgg.pth)
     lpips_backbone: str | None = None  # torchvision VGG16 state dict, with linear-head-only lpips_weights
 
@@ -159,7 +161,6 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # CI-sized: tiny decoder, a few steps of one view, then a prune stage; for the smoke store (96x160, 9 frames).
     "smoke": {
         "decoder": "tiny",
-        "decoder_overrides": {"far": 20.0},
         "stages": [
             {"name": "views_1", "steps": 4, "targets": 2},
             {"name": "prune", "steps": 2, "targets": 2, "prune_ratio": 0.8, "opacity_weight": 0.1},
@@ -167,22 +168,23 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         "optim": {"lr": 1e-3, "warmup_steps": 2},
         "checkpoint_every": 2,
     },
-    # Procedural rooms are a few units deep: far = 20 puts the initial Gaussians (sigmoid(-1.65) of the way from
-    # near to far) at ~3.3 units instead of Lyra's ~80 for far = 500, which CPU-length training cannot undo.
-    # CPU default: Lyra's progression at a quarter of its resolution (176x320 store, 25 frames).
+    # CPU default (issue 13): the CPU Gaussian layout of lyra_ops.decoder.CPU_LAYOUT, whole 25-frame
+    # trajectories as input, then 1-3 views; metric depth supervision from the SDG's warped input depth
+    # (rendered depth and, per Gaussian, the input frame's depth). No prune stage: on CPU its steps buy more
+    # as learning steps, and exports prune on request.
     "default": {
         "decoder": "small",
-        "decoder_overrides": {"far": 20.0},
         "stages": [
-            {"name": "frames_9", "steps": 300, "input_frames": 9, "targets": 2},
-            {"name": "frames_25", "steps": 500, "targets": 2},
-            {"name": "multi_view", "steps": 100, "input_views": 3, "random_views": True, "targets": 2,
+            {"name": "views_1", "steps": 800, "targets": 2},
+            {"name": "multi_view", "steps": 1200, "input_views": 3, "random_views": True, "targets": 2,
              "frame_sampling": "exponential"},
-            {"name": "prune", "steps": 50, "input_views": 3, "random_views": True, "targets": 2,
-             "frame_sampling": "exponential", "prune_ratio": 0.8, "opacity_weight": 0.1},
         ],
-        "optim": {"lr": 3e-4, "warmup_steps": 50},
+        "optim": {"lr": 5e-4, "warmup_steps": 50},
+        "loss": {"depth": 0.05, "depth_mode": "log_l1", "gaussian_depth": 0.2},
+        "val_scenes": 4,
         "checkpoint_every": 50,
+        "torch_threads": 2,
+        "eval_frame_stride": 4,
     },
     # Lyra's static stages 1-7 (spec 5.4, per-stage steps) for a paper-preset store (704x1280, 121 frames).
     "paper": {
@@ -549,7 +551,10 @@ METRIC_SCHEMA = pa.schema([
     ("mse", pa.float64()), ("lpips", pa.float64()), ("depth", pa.float64()), ("opacity", pa.float64()),
     ("grad_norm", pa.float64()), ("lr", pa.float64()), ("gaussians", pa.int64()), ("views", pa.int32()),
     ("seconds", pa.float64()),
+    ("opacity_mean", pa.float64()), ("opacity_above_half", pa.float64()), ("scale_mean", pa.float64()),
+    ("distance_mean", pa.float64()), ("alpha_mean", pa.float64()),
 ])  # fmt: skip
+STAT_COLUMNS = ("opacity_mean", "opacity_above_half", "scale_mean", "distance_mean", "alpha_mean")
 
 
 def sample_batch(run: TrainRun, views: ViewCache, trainer: Trainer, stage: StageConfig, index: dict[str, list[str]]):
@@ -592,7 +597,8 @@ def train_until(store_url: str, run_name: str, until_step: int) -> dict[str, Any
             lpips = make_lpips(cfg.loss.lpips_weights, backbone_path=cfg.loss.lpips_backbone, device=cfg.device)
         else:
             log.info("LPIPS skipped: no local weights configured (train.loss.lpips_weights)")
-    weights = LossWeights(mse=cfg.loss.mse, lpips=cfg.loss.lpips if lpips is not None else 0.0, depth=cfg.loss.depth)
+    weights = LossWeights(mse=cfg.loss.mse, lpips=cfg.loss.lpips if lpips is not None else 0.0, depth=cfg.loss.depth,
+                          depth_mode=cfg.loss.depth_mode, gaussian_depth=cfg.loss.gaussian_depth)
     views = ViewCache(store)
     rows = []
     first = trainer.step
@@ -616,11 +622,14 @@ def train_until(store_url: str, run_name: str, until_step: int) -> dict[str, Any
             "mse": out.get("mse", math.nan), "lpips": out.get("lpips", math.nan), "depth": out.get("depth", math.nan),
             "opacity": out.get("opacity", math.nan), "grad_norm": out["grad_norm"], "lr": out["lr"],
             "gaussians": int(out["gaussians"]), "views": int(batch.latents.shape[0]),
-            "seconds": time.perf_counter() - t0,
+            "seconds": time.perf_counter() - t0, **{k: out.get(k, math.nan) for k in STAT_COLUMNS},
         })  # fmt: skip
         if trainer.step % 10 == 0 or trainer.step == until_step:
-            log.info("%s step %d/%d [%s] loss %.4f (%.2f s/step)", run.name, trainer.step, cfg.total_steps,
-                     stage.name, out["total"], rows[-1]["seconds"])
+            log.info("%s step %d/%d [%s] loss %.4f mse %.4f depth %.4f | opacity %.2f (%.0f%% > 0.5) scale %.3f "
+                     "distance %.2f alpha %.2f (%.2f s/step)", run.name, trainer.step, cfg.total_steps, stage.name,
+                     out["total"], out.get("mse", math.nan), out.get("depth", math.nan), out["opacity_mean"],
+                     100 * out["opacity_above_half"], out["scale_mean"], out["distance_mean"], out["alpha_mean"],
+                     rows[-1]["seconds"])
     store.write_table(RunStore.train_rel(run.name, "metrics", f"step-{trainer.step:08d}.parquet"),
                       pa.Table.from_pylist(rows, schema=METRIC_SCHEMA))
     sha = save_checkpoint(store, run, trainer)

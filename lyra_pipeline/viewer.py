@@ -6,6 +6,7 @@ the page works offline (viser serves its own client bundle).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,27 @@ def add_trajectories(server, trajectories: dict[str, Cameras], image: np.ndarray
                                         thickness=0.004, color=(255, 255, 255), image=image)
 
 
+def scene_content(st: RunStore, scene: str, arrays: dict, checkpoint: str | Path | None,
+                  log: Callable[[str], None] | None = None) -> tuple[Gaussians | None, tuple | None, str]:
+    """(decoder Gaussians, None, note) of a stored scene, or (None, input RGB-D points, note) when no decoder is
+    available and the scene has depth. An explicit ``checkpoint`` that fails to load raises (no fallback)."""
+    from lyra_pipeline.reconstruct import decode_scene, resolve_decoder
+
+    try:
+        model, source = resolve_decoder(st, checkpoint, log)
+        gaussians, _, _ = decode_scene(model, st, scene)
+        return gaussians, None, f"{scene}: {gaussians.num} Gaussians from decoder {source}"
+    except LyraError as exc:
+        if checkpoint is not None or "depth/depth" not in arrays or "input/rgb" not in arrays:
+            raise
+        points = rgbd_points(st.read_array(scene, "input/rgb"), st.read_array(scene, "depth/depth"),
+                             st.read_array(scene, "input/K"))
+        note = f"{scene}: input RGB-D point cloud ({len(points[0])} points; no decoder: {exc})"
+        if log is not None:
+            log(note)
+        return None, points, note
+
+
 def start_viewer(
     *,
     store: str | None = None,
@@ -81,9 +103,13 @@ def start_viewer(
     checkpoint: str | Path | None = None,
     host: str = "127.0.0.1",
     port: int = 8080,
+    log: Callable[[str], None] | None = None,
 ):
     """Start a viser server showing a PLY, or a stored scene (decoder Gaussians when a decoder is available,
-    else the input RGB-D point cloud) with its trajectories and input image. Returns the running server."""
+    else the input RGB-D point cloud) with its trajectories and input image. Returns the running server.
+
+    The decoder: ``checkpoint``, else the store's newest finished training, else the shipped package decoder;
+    ``log`` gets one line saying which (or that the point cloud is shown)."""
     viser = _viser()
     if ply is None and (store is None or scene is None):
         raise LyraInputError("lyra view: give a PLY path, or --store and a scene id")
@@ -107,18 +133,7 @@ def start_viewer(
                 trajectories[parts[1]] = Cameras(c2w, k, h, w)
         if "input/rgb" in arrays:
             image = np.moveaxis(st.read_array(scene, "input/rgb"), 0, -1)
-        try:
-            from lyra_pipeline.reconstruct import decode_scene, load_decoder
-
-            model, source = load_decoder(st, checkpoint)
-            gaussians, _, _ = decode_scene(model, st, scene)
-            note = f"{scene}: {gaussians.num} Gaussians from decoder {source}"
-        except LyraError as exc:
-            if "depth/depth" not in arrays or "input/rgb" not in arrays:
-                raise
-            points = rgbd_points(st.read_array(scene, "input/rgb"), st.read_array(scene, "depth/depth"),
-                                 st.read_array(scene, "input/K"))
-            note = f"{scene}: input RGB-D point cloud ({len(points[0])} points; no decoder: {exc})"
+        gaussians, points, note = scene_content(st, scene, arrays, checkpoint, log)
     server = viser.ViserServer(host=host, port=port, label="lyra", verbose=False)
     if gaussians is not None:
         server.scene.add_gaussian_splats(

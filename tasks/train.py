@@ -19,6 +19,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from lyra_ops.images import from_uint8, to_uint8
 from lyra_ops.losses import make_lpips
 from lyra_ops.metrics import psnr
+from lyra_pipeline.quality import CHEAP_METHODS, QUALITY_SCHEMA, available_methods, scene_quality_rows
 from lyra_pipeline.retries import STAGE_TASK_OPTIONS
 from lyra_pipeline.storage import RunStore
 from lyra_pipeline.training import (
@@ -139,6 +140,33 @@ def evaluate_checkpoint_scene(store_url: str, checkpoint: str, scene_id: str, st
                               stride=stride, lpips=lpips)
     store.write_scene_table(kind, scene_id, pa.Table.from_pylist(rows, schema=EVAL_SCHEMA))
     return {"scene_id": scene_id, "computed": True}
+
+
+@task(name="evaluate-quality", **STAGE_TASK_OPTIONS)
+def evaluate_quality_scene(store_url: str, checkpoint: str, scene_id: str, methods: list[str] | None = None,
+                           lpips_weights: str | None = None, lpips_backbone: str | None = None) -> dict[str, Any]:
+    """The decoder beside the no-learning baselines on one procedural scene (``lyra_pipeline.quality``), in
+    ``eval/quality/<sha[:16]>/<scene>.parquet``; only the methods that file lacks are computed (none: no work)."""
+    import hashlib
+    from pathlib import Path
+
+    store = RunStore(store_url, create=False)
+    data = Path(checkpoint).read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    kind = f"quality/{sha[:16]}"
+    old = store.read_scene_table(kind, scene_id)
+    done = set(old.column("method").to_pylist()) if old is not None else set()
+    todo = [m for m in available_methods(methods or list(CHEAP_METHODS)) if m not in done]
+    if not todo:
+        return {"scene_id": scene_id, "computed": False}
+    model = load_decoder_bytes(data, checkpoint)
+    lpips = make_lpips(lpips_weights, backbone_path=lpips_backbone) if lpips_weights else None
+    rows = scene_quality_rows(store, scene_id, model, methods=todo, lpips=lpips, sha=sha)
+    if not rows:  # no exact ground truth (image scene)
+        return {"scene_id": scene_id, "computed": False}
+    table = pa.Table.from_pylist(rows, schema=QUALITY_SCHEMA)
+    store.write_scene_table(kind, scene_id, pa.concat_tables([old, table]) if old is not None else table)
+    return {"scene_id": scene_id, "computed": True, "methods": todo}
 
 
 @task(name="evaluate-decoder", **STAGE_TASK_OPTIONS)

@@ -231,10 +231,14 @@ def test_viewer_serves_scene_and_stops(trained_store, tmp_path):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
 
 
-def test_evaluate_flow_with_a_decoder_checkpoint(trained_store, tmp_path, prefect_harness):
+def test_evaluate_flow_with_a_decoder_checkpoint(trained_store, tmp_path, prefect_harness, monkeypatch):
+    import hashlib
     import shutil
 
     from flows.evaluate_dataset import evaluate_dataset
+    from lyra_pipeline.cli import quality_rich_table
+    from lyra_pipeline.quality import CHEAP_METHODS
+    from lyra_pipeline.report import build_report
 
     store_path = Path(shutil.copytree(trained_store[0], tmp_path / "store"))
     latest = json.loads(RunStore(store_path).read_file(LATEST))
@@ -246,9 +250,20 @@ def test_evaluate_flow_with_a_decoder_checkpoint(trained_store, tmp_path, prefec
     assert 0 < dec[0]["psnr_gt"] < 60
     files = sorted((store_path / "eval" / "decoder").rglob("*.parquet"))
     assert len(files) == 3
+    # the decoder beside the no-learning baselines, on trajectory frames and on held-out cameras
+    quality = [r for r in summary if str(r["group"]).startswith("quality")]
+    assert [(r["split"], r["method"]) for r in quality] == [(s, m) for s in ("path", "held_out") for m in CHEAP_METHODS]
+    assert all(r["scenes"] == 3 and 0 < r["psnr"] < 60 for r in quality)
+    assert [r["frames"] for r in quality] == [3 * 6 * 3] * 4 + [3 * 8] * 4  # every 4th of 9 frames; 8 cameras
+    sha16 = hashlib.sha256(Path(ckpt).read_bytes()).hexdigest()[:16]
+    files += sorted((store_path / "eval" / "quality").rglob("*.parquet"))
+    assert len(files) == 6 and (store_path / "eval" / f"quality_{sha16}_summary.parquet").is_file()
     mtimes = [f.stat().st_mtime_ns for f in files]
     evaluate_dataset(store=str(store_path), preset="smoke", overrides=over, checkpoint=ckpt)
     assert [f.stat().st_mtime_ns for f in files] == mtimes  # same checkpoint: no work
+    assert quality_rich_table(quality).row_count == 8
+    text = build_report(str(store_path), tmp_path / "report").read_text()
+    assert f"Decoder {sha16} beside no-learning baselines" in text and "held_out" in text
 
 
 def test_decoder_metrics_include_lpips_with_local_weights(trained_store, tmp_path):
