@@ -136,7 +136,7 @@ class DecoderConfig:
                              ("scale_param", SCALE_PARAMS)):
             if getattr(self, key) not in allowed:
                 raise bad(key, f"one of {allowed}")
-        if not self.near < self.distance_init < self.far:
+        if self.distance_param == "log" and not self.near < self.distance_init < self.far:
             raise bad("distance_init", f"a distance strictly between near ({self.near}) and far ({self.far})")
         if not (math.isfinite(self.scale_init) and self.scale_init > 0):
             raise bad("scale_init", "a positive number")
@@ -622,8 +622,11 @@ class LatentGaussianDecoder(nn.Module):
             feet.append((self.config.gaussian_stride / fx)[:, None, None, None].expand(*d.shape[:3], 1))
         return (torch.stack(origins).to(device), torch.stack(dirs).to(device), torch.stack(feet).to(device))
 
-    def forward(self, latents: torch.Tensor, plucker: torch.Tensor, cameras_per_view: Sequence[Cameras]) -> Gaussians:
-        """Gaussians of all V views fused (view-major, then t, h, w), pruned if ``config.prune_ratio`` > 0."""
+    def forward(
+        self, latents: torch.Tensor, plucker: torch.Tensor, cameras_per_view: Sequence[Cameras], *, prune: bool = True
+    ) -> Gaussians:
+        """Gaussians of all V views fused (view-major, then t, h, w), pruned if ``config.prune_ratio`` > 0 and
+        ``prune`` (``prune=False``: the whole output grid, in order)."""
         self.check_inputs(latents, plucker, cameras_per_view)
         raw = self.forward_raw(latents, plucker)  # (V,12,T_out,h,w)
         origins, dirs, footprint = self.rays(cameras_per_view, raw.device)
@@ -635,7 +638,7 @@ class LatentGaussianDecoder(nn.Module):
             raw, origins.reshape(-1, 3), dirs.reshape(-1, 3), self.config, base_colors=base,
             footprint=footprint.reshape(-1, 1),
         )  # fmt: skip
-        return prune_gaussians(gaussians, self.config.prune_ratio)
+        return prune_gaussians(gaussians, self.config.prune_ratio) if prune else gaussians
 
 
 def load_decoder_state(model: LatentGaussianDecoder, state_dict: Mapping[str, torch.Tensor]) -> None:

@@ -286,8 +286,8 @@ def batch_loss(
     views_per_chunk: int = 4,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """Distillation loss of one batch: (total, parts, number of Gaussians after pruning)."""
-    unpruned = model(batch.latents, batch.plucker, list(batch.input_cameras))
-    gaussians = prune_gaussians(unpruned, stage.prune_ratio)
+    unpruned = model(batch.latents, batch.plucker, list(batch.input_cameras), prune=False)
+    gaussians = prune_gaussians(prune_gaussians(unpruned, model.config.prune_ratio), stage.prune_ratio)
     out = render_batch(gaussians, batch, backend=backend, views_per_chunk=views_per_chunk)
     total, parts = distillation_loss(
         out, batch.rgb.to(out.rgb.device), batch.depth, gaussians.opacities,

@@ -12,12 +12,18 @@ import lyra_ops.decoder as decoder_mod
 from lyra_ops.cameras import Cameras, default_intrinsics
 from lyra_ops.decoder import (
     ATTENTION,
+    COLOR_SKIP_EPS,
+    CPU_LAYOUT,
     MAMBA2,
     DecoderConfig,
     LatentGaussianDecoder,
+    block_colors,
+    ceiling_gaussians,
     gaussian_processing,
     load_decoder_state,
     lyra_block_pattern,
+    output_frames,
+    ray_distance,
 )
 from lyra_ops.errors import LyraConfigError
 from lyra_ops.latents import PixelPatchifyEncoder
@@ -49,9 +55,19 @@ def inputs():
     return make_inputs()
 
 
+# Lyra's Gaussian layout and activations are the dataclass defaults (the ``paper`` preset keeps them); the CPU
+# presets ``tiny`` / ``small`` carry ``CPU_LAYOUT`` instead. Tests of Lyra's constants build this config.
+LYRA_TINY = DecoderConfig(width=64, depth=2, heads=4)
+
+
 @pytest.fixture(scope="module")
 def tiny() -> LatentGaussianDecoder:
     return LatentGaussianDecoder(DecoderConfig.preset("tiny"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def lyra_tiny() -> LatentGaussianDecoder:
+    return LatentGaussianDecoder(LYRA_TINY, seed=0)
 
 
 # --- config -------------------------------------------------------------------------------------------------
@@ -63,15 +79,27 @@ def test_presets_and_config_round_trip() -> None:
     assert paper.block_types == lyra_block_pattern(16)
     assert paper.block_types == ((MAMBA2,) * 7 + (ATTENTION,)) * 2
     assert (paper.latent_channels, paper.plucker_channels) == (16, 32)
-    tiny = DecoderConfig.preset("tiny")
-    assert (tiny.latent_channels, tiny.plucker_channels) == (1536, 48)
-    assert (tiny.near, tiny.far, tiny.distance_shift, tiny.scale_cap, tiny.opacity_shift) == (
+    # paper = Lyra: activation constants and Gaussian layout are the dataclass defaults
+    assert (paper.near, paper.far, paper.distance_shift, paper.scale_cap, paper.opacity_shift) == (
         0.1,
         500.0,
         -1.65,
         0.3,
         -2.0,
     )
+    lyra_layout = ("gaussian_stride", "gaussian_frames", "distance_param", "scale_param", "color_skip", "head_gain")
+    assert tuple(getattr(paper, k) for k in lyra_layout) == (8, "all", "linear", "absolute", False, 1.0)
+    assert all(getattr(paper, k) == getattr(LYRA_TINY, k) for k in (*lyra_layout, "near", "far", "opacity_shift"))
+    # tiny / small = the CPU layout (issue 13), over Lyra's distance shift and scale cap
+    tiny = DecoderConfig.preset("tiny")
+    assert (tiny.latent_channels, tiny.plucker_channels) == (1536, 48)
+    for cfg in (tiny, DecoderConfig.preset("small")):
+        assert {k: getattr(cfg, k) for k in CPU_LAYOUT} == CPU_LAYOUT
+    assert (tiny.near, tiny.far, tiny.gaussian_stride, tiny.gaussian_frames) == (0.1, 20.0, 4, "keyframes")
+    assert (tiny.distance_param, tiny.distance_init) == ("log", 3.0)
+    assert (tiny.scale_param, tiny.scale_init) == ("footprint", 0.35)
+    assert (tiny.color_skip, tiny.head_gain, tiny.opacity_shift) == (True, 0.1, 1.0)
+    assert (tiny.distance_shift, tiny.scale_cap) == (-1.65, 0.3)
     small = DecoderConfig.preset("small")
     assert DecoderConfig.from_dict(small.to_dict()) == small
     assert DecoderConfig.preset("paper", latent_channels=1536).latent_channels == 1536
@@ -83,16 +111,33 @@ def test_presets_and_config_round_trip() -> None:
         DecoderConfig(width=30, heads=4, depth=1)
     with pytest.raises(LyraConfigError, match="block_types"):
         DecoderConfig(depth=2, block_types=("attention",))
+    # the layout fields are validated
+    for bad in ({"gaussian_stride": 3}, {"gaussian_stride": 0}, {"gaussian_stride": 16}, {"gaussian_stride": True}):
+        with pytest.raises(LyraConfigError, match="gaussian_stride"):
+            DecoderConfig(**bad)
+    for key in ("gaussian_frames", "distance_param", "scale_param"):
+        with pytest.raises(LyraConfigError, match=key):
+            DecoderConfig(**{key: "bogus"})
+    for value in (0.1, 20.0, 0.05):
+        with pytest.raises(LyraConfigError, match="distance_init"):
+            DecoderConfig.preset("tiny", distance_init=value)
+    with pytest.raises(LyraConfigError, match="scale_init"):
+        DecoderConfig(scale_init=0.0)
+    with pytest.raises(LyraConfigError, match="head_gain"):
+        DecoderConfig(head_gain=-1.0)
+    with pytest.raises(LyraConfigError, match="color_skip"):
+        DecoderConfig.preset("tiny", latent_channels=16, plucker_channels=32)
+    assert DecoderConfig.from_dict(tiny.to_dict()) == tiny
 
 
 # --- forward --------------------------------------------------------------------------------------------------
 
 
-def test_tiny_forward_counts_ranges_and_rays(tiny: LatentGaussianDecoder, inputs) -> None:
+def test_lyra_layout_forward_counts_ranges_and_rays(lyra_tiny: LatentGaussianDecoder, inputs) -> None:
     latents, plucker, cams = inputs
     with torch.no_grad():
-        raw = tiny.forward_raw(latents, plucker)
-        g = tiny(latents, plucker, cams)
+        raw = lyra_tiny.forward_raw(latents, plucker)
+        g = lyra_tiny(latents, plucker, cams)
     assert raw.shape == (2, 12, 9, 8, 12)  # T = 8 T_l - 7, one Gaussian per 8x8 block
     assert g.num == 2 * 9 * (64 // 8) * (96 // 8)
     for name in ("means", "scales", "quats", "opacities", "colors"):
@@ -120,6 +165,102 @@ def test_tiny_forward_counts_ranges_and_rays(tiny: LatentGaussianDecoder, inputs
     torch.testing.assert_close(g.colors, 0.5 * torch.tanh(flat[:, 1:4]) + 0.5)
 
 
+def test_cpu_layout_forward_counts_ranges_and_rays(tiny: LatentGaussianDecoder, inputs) -> None:
+    """CPU layout: one Gaussian per 4x4 block of the keyframes 0, 8 (one per latent frame), log distance,
+    footprint scale, colour residual on the block's input colour, opacity shift +1."""
+    latents, plucker, cams = inputs
+    cfg = tiny.config
+    v, t_l, h, w = 2, 2, 64, 96
+    with torch.no_grad():
+        raw = tiny.forward_raw(latents, plucker)
+        g = tiny(latents, plucker, cams)
+        origins, dirs, foot = tiny.rays(cams, torch.device("cpu"))
+    assert raw.shape == (v, 12, t_l, h // 4, w // 4)
+    assert g.num == v * t_l * (h // 4) * (w // 4) == 1536
+    assert origins.shape == dirs.shape == (v, t_l, h // 4, w // 4, 3) and foot.shape == (v, t_l, h // 4, w // 4, 1)
+    for name in ("means", "scales", "quats", "opacities", "colors"):
+        assert torch.isfinite(getattr(g, name)).all(), name
+    assert g.scales.max() <= 0.3 and g.scales.min() > 0
+    assert g.opacities.min() > 0 and g.opacities.max() < 1
+    assert g.colors.min() > 0 and g.colors.max() < 1
+    torch.testing.assert_close(g.quats.norm(dim=-1), torch.ones(g.num))
+    # the rays are the 1/4-res rays of frames 0 and 8 (view-major, then t, h, w); footprint = stride / fx
+    keyframes = torch.tensor([0, 8])
+    rays = [pixel_rays(c[keyframes], downsample=4) for c in cams]
+    torch.testing.assert_close(origins, torch.stack([o for o, _ in rays]))
+    torch.testing.assert_close(dirs, torch.stack([d for _, d in rays]))
+    fx = cams[0].K[0, 0, 0]
+    torch.testing.assert_close(foot, torch.full_like(foot, 4.0) / fx)
+    origins, dirs = origins.reshape(-1, 3), dirs.reshape(-1, 3)
+    offset = g.means - origins
+    dist = (offset * dirs).sum(-1)
+    assert dist.min() >= 0.1 - 1e-5 and dist.max() <= 20.0 + 1e-4
+    assert (offset - dist[:, None] * dirs).norm(dim=-1).max() < 1e-4
+    # the documented activations of the raw head output
+    flat = raw.permute(0, 2, 3, 4, 1).reshape(-1, 12)
+    frac = math.log(3.0 / 0.1) / math.log(20.0 / 0.1)  # distance_init 3 as a fraction of log(far / near)
+    wgt = torch.sigmoid(flat[:, 0] + math.log(frac / (1 - frac)))
+    torch.testing.assert_close(dist, 0.1 * (20.0 / 0.1) ** wgt, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(g.opacities, torch.sigmoid(flat[:, 11] + 1.0))
+    scale = (0.35 * (4.0 / fx) * dist[:, None] * torch.exp(flat[:, 4:7])).clamp(max=0.3)
+    torch.testing.assert_close(g.scales, scale, atol=1e-6, rtol=1e-5)
+    base = block_colors(latents, cfg).permute(0, 1, 3, 4, 2).reshape(-1, 3).clamp(COLOR_SKIP_EPS, 1 - COLOR_SKIP_EPS)
+    torch.testing.assert_close(g.colors, torch.sigmoid(torch.logit(base) + flat[:, 1:4]))
+
+
+def test_output_frames_both_modes() -> None:
+    keyframes = DecoderConfig.preset("tiny")
+    assert output_frames(LYRA_TINY, 1) == [0] == output_frames(keyframes, 1)
+    assert output_frames(LYRA_TINY, 2) == list(range(9))  # 8 T_l - 7 frames
+    assert output_frames(LYRA_TINY, 4) == list(range(25))
+    assert output_frames(keyframes, 2) == [0, 8]
+    assert output_frames(keyframes, 4) == [0, 8, 16, 24]
+
+
+def test_block_colors_are_the_block_means_of_the_output_frames(inputs) -> None:
+    latents, _, _ = inputs
+    cfg = DecoderConfig.preset("tiny")
+    out = block_colors(latents, cfg)
+    assert out.shape == (2, 2, 3, 16, 24)
+    for v in range(2):
+        frames = ENC.decode(latents[v])[[0, 8]] * 0.5 + 0.5
+        torch.testing.assert_close(out[v], torch.nn.functional.avg_pool2d(frames, 4))
+    lyra = block_colors(latents, LYRA_TINY)  # every frame, 8x8 blocks
+    assert lyra.shape == (2, 9, 3, 8, 12)
+
+
+def block_constant_inputs(t: int = 9, h: int = 64, w: int = 96, seed: int = 0):
+    """One view whose frames are constant over 4x4 blocks, with block colours spread over [0.05, 0.95]."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = torch.rand(t, 3, h // 4, w // 4, generator=gen) * 0.9 + 0.05
+    frames = torch.nn.functional.interpolate(blocks, scale_factor=4, mode="nearest")
+    cams = [trajectory(t, h, w, 0.0)]
+    latents = ENC.encode(frames * 2 - 1)[None]
+    plucker = encode_plucker(plucker_embedding(cams[0]), ENC)[None]
+    return latents, plucker, cams, blocks
+
+
+def test_fresh_cpu_model_starts_at_its_inputs() -> None:
+    """head_gain 0.1: a fresh tiny model's Gaussians carry their block's input colour (colour skip), sit near
+    distance_init = 3, cover scale_init of their block and have opacity ~ sigmoid(1)."""
+    latents, plucker, cams, blocks = block_constant_inputs()
+    model = LatentGaussianDecoder(DecoderConfig.preset("tiny"), seed=0)
+    with torch.no_grad():
+        g = model(latents, plucker, cams)
+        origins, dirs, foot = model.rays(cams, torch.device("cpu"))
+    expected = blocks[[0, 8]].permute(0, 2, 3, 1).reshape(-1, 3)
+    err = (g.colors - expected).abs()
+    # measured (seeds 0-2): max 0.027-0.030, mean 0.005 (the head's rgb output is ~0.1 in logit space)
+    assert err.max() < 0.05 and err.mean() < 0.01, (err.max(), err.mean())
+    assert (0.5 * torch.tanh(torch.zeros(1)) + 0.5 - expected).abs().mean() > 0.15  # what Lyra's colour would give
+    dist = ((g.means - origins.reshape(-1, 3)) * dirs.reshape(-1, 3)).sum(-1)
+    assert (dist / 3.0).log().abs().max() < 0.25, (dist.min(), dist.max())  # measured 2.54 .. 3.51
+    assert abs(float(dist.mean()) - 3.0) < 0.1
+    rel = g.scales / (0.35 * foot.reshape(-1, 1) * dist[:, None])
+    assert rel.log().abs().max() < 0.25, (rel.min(), rel.max())  # measured 0.89 .. 1.12
+    assert (g.opacities - 1 / (1 + math.exp(-1.0))).abs().max() < 0.05  # measured <= 0.025
+
+
 def test_views_are_fused_view_major(tiny: LatentGaussianDecoder, inputs) -> None:
     """No positional embedding + attention-only blocks: swapping the views swaps the two halves of the output."""
     latents, plucker, cams = inputs
@@ -132,7 +273,7 @@ def test_views_are_fused_view_major(tiny: LatentGaussianDecoder, inputs) -> None
 
 
 def test_gaussian_processing_extremes() -> None:
-    cfg = DecoderConfig.preset("tiny")
+    cfg = LYRA_TINY  # Lyra's activations (linear distance, absolute scale, tanh colour, opacity shift -2)
     raw = torch.zeros(3, 12)
     raw[0, 0], raw[1, 0] = -1e4, 1e4  # distance saturates at near / far
     raw[:, 4:7] = torch.tensor([[10.0], [-10.0], [1.0]])  # scale: capped, small, exactly 0.3 at s = 1
@@ -147,6 +288,101 @@ def test_gaussian_processing_extremes() -> None:
     torch.testing.assert_close(g.scales[:, 0], torch.tensor([0.3, 0.3 * math.exp(-11.0), 0.3]))
     torch.testing.assert_close(g.opacities, torch.full((3,), 1 / (1 + math.exp(2.0))))
     torch.testing.assert_close(g.colors, torch.full((3, 3), 0.5))
+
+
+def test_ray_distance_log_mode() -> None:
+    cfg = DecoderConfig.preset("tiny")  # near 0.1, far 20, distance_init 3
+    wide = ray_distance(torch.linspace(-30.0, 30.0, 2001), cfg)
+    assert bool((wide[1:] >= wide[:-1]).all()) and wide.min() >= 0.1 - 1e-6 and wide.max() <= 20.0 + 1e-5
+    t = ray_distance(torch.linspace(-10.0, 10.0, 2001), cfg)
+    assert bool((t[1:] > t[:-1]).all())  # strictly increasing until the float32 sigmoid saturates (|delta| ~ 11)
+    torch.testing.assert_close(ray_distance(torch.tensor([-1e4, 0.0, 1e4]), cfg), torch.tensor([0.1, 3.0, 20.0]))
+    # equal steps of delta near 0 are (nearly) equal ratios of distance: log-linear in the middle of the range
+    mid = ray_distance(torch.tensor([-0.1, 0.0, 0.1]), cfg)
+    assert abs(math.log(mid[1] / mid[0]) / math.log(mid[2] / mid[1]) - 1) < 0.05
+    other = DecoderConfig.preset("tiny", distance_init=7.0)
+    torch.testing.assert_close(ray_distance(torch.zeros(1), other), torch.tensor([7.0]))
+    # Lyra's linear mode ignores distance_init: zero output lies sigmoid(-1.65) of the way from near to far
+    w = 1 / (1 + math.exp(1.65))
+    torch.testing.assert_close(ray_distance(torch.zeros(1), LYRA_TINY), torch.tensor([0.1 * (1 - w) + 500.0 * w]))
+
+
+def test_gaussian_processing_cpu_layout() -> None:
+    cfg = DecoderConfig.preset("tiny")
+    m = 4
+    raw = torch.zeros(m, 12)
+    raw[:, 7] = 1.0
+    raw[1, 0], raw[2, 0] = -1e4, 1e4  # distance: 3 (zero output), near, far
+    raw[3, 4:7] = torch.tensor([math.log(2.0), 0.0, 10.0])  # scale x2, x1, capped
+    o = torch.tensor([[1.0, 2.0, 3.0]]).expand(m, 3)
+    d = torch.tensor([[0.0, 0.0, 1.0]]).expand(m, 3)
+    foot = torch.full((m, 1), 4.0 / 50.0)  # stride 4, fx 50
+    base = torch.tensor([[0.2, 0.5, 0.9], [0.0, 1.0, 0.3], [0.7, 0.7, 0.7], [0.1, 0.4, 0.6]])
+    g = gaussian_processing(raw, o, d, cfg, base_colors=base, footprint=foot)
+    dist = torch.tensor([3.0, 0.1, 20.0, 3.0])
+    torch.testing.assert_close(g.means[:, 2], 3.0 + dist)
+    # footprint scale = scale_init * (stride / fx) * distance at zero output, times exp(s), capped at scale_cap
+    s0 = 0.35 * (4.0 / 50.0) * dist  # 0.084, 0.0028, 0.56 (-> cap 0.3), 0.084
+    torch.testing.assert_close(g.scales[:3], s0[:3, None].clamp(max=0.3).expand(3, 3))
+    torch.testing.assert_close(g.scales[3], torch.tensor([2 * s0[3], s0[3], 0.3]))
+    torch.testing.assert_close(g.opacities, torch.full((m,), 1 / (1 + math.exp(-1.0))))
+    # colour skip: a zero head output reproduces the block colours (clamped to [eps, 1 - eps] for the logit)
+    torch.testing.assert_close(g.colors, base.clamp(COLOR_SKIP_EPS, 1 - COLOR_SKIP_EPS))
+    raw[:, 1:4] = 2.0
+    up = gaussian_processing(raw, o, d, cfg, base_colors=base, footprint=foot).colors
+    assert bool((up > g.colors).all()) and up.max() < 1
+    with pytest.raises(LyraConfigError, match="footprint"):
+        gaussian_processing(raw, o, d, cfg, base_colors=base)
+
+
+def plane_views(cfg: DecoderConfig, v: int = 2, t: int = 9, h: int = 32, w: int = 48, seed: int = 0):
+    """``v`` rotated look-at trajectories with random frames and a random (positive) z-depth map."""
+    from lyra_ops.trajectories import make_trajectory
+
+    gen = torch.Generator().manual_seed(seed)
+    names = ("left", "up", "zoom_in")
+    cams = [make_trajectory(names[i], default_intrinsics(h, w), h, w, t, distance=0.3) for i in range(v)]
+    frames = [torch.rand(t, 3, h, w, generator=gen) for _ in range(v)]
+    depths = [torch.rand(t, 1, h, w, generator=gen) * 4 + 1 for _ in range(v)]
+    return cams, frames, depths
+
+
+@pytest.mark.parametrize("layout", ["cpu", "lyra"])
+def test_ceiling_gaussians_sit_at_the_exact_depth(layout: str) -> None:
+    cfg = DecoderConfig.preset("tiny") if layout == "cpu" else LYRA_TINY
+    gs, h, w = cfg.gaussian_stride, 32, 48
+    frames_out = output_frames(cfg, 2)
+    cams, frames, depths = plane_views(cfg, h=h, w=w)
+    for plane in (True, False):
+        dep = [torch.full_like(d, 2.5) for d in depths] if plane else depths
+        g = ceiling_gaussians(cfg, cams, frames, dep)
+        assert g.num == 2 * len(frames_out) * (h // gs) * (w // gs)
+        means = g.means.reshape(2, len(frames_out), h // gs, w // gs, 3)
+        colors = g.colors.reshape(2, len(frames_out), h // gs, w // gs, 3)
+        scales = g.scales.reshape(2, len(frames_out), h // gs, w // gs, 3)
+        for v in range(2):
+            sel = cams[v][torch.tensor(frames_out)]
+            cam = torch.einsum("tij,thwj->thwi", sel.w2c[:, :3, :3], means[v]) + sel.w2c[:, None, None, :3, 3]
+            # z of every mean in the camera of its frame = the exact depth of its block's centre pixel
+            target = dep[v][frames_out][:, 0, gs // 2 :: gs, gs // 2 :: gs]
+            torch.testing.assert_close(cam[..., 2], target, atol=1e-5, rtol=1e-5)
+            # and it projects onto its block's centre
+            uv = torch.einsum("tij,thwj->thwi", sel.K, cam)
+            u, vv = uv[..., 0] / uv[..., 2], uv[..., 1] / uv[..., 2]
+            torch.testing.assert_close(u[0, 0], torch.arange(w // gs) * gs + gs / 2.0, atol=1e-3, rtol=0)
+            torch.testing.assert_close(vv[0, :, 0], torch.arange(h // gs) * gs + gs / 2.0, atol=1e-3, rtol=0)
+            # colours = block means of the frame
+            blocks = torch.nn.functional.avg_pool2d(frames[v][frames_out], gs).permute(0, 2, 3, 1)
+            torch.testing.assert_close(colors[v], blocks)
+            # isotropic, at the head's zero-output scale
+            distance = (means[v] - sel.c2w[:, None, None, :3, 3]).norm(dim=-1)
+            if cfg.scale_param == "footprint":
+                expected = (0.35 * gs / sel.K[:, 0, 0, None, None] * distance).clamp(max=0.3)
+            else:
+                expected = torch.full_like(distance, 0.3 / math.e)
+            torch.testing.assert_close(scales[v], expected[..., None].expand_as(scales[v]), atol=1e-6, rtol=1e-5)
+        assert torch.allclose(g.opacities, torch.full((g.num,), 0.99))
+        torch.testing.assert_close(g.quats, torch.tensor([[1.0, 0.0, 0.0, 0.0]]).expand(g.num, 4))
 
 
 def test_pruning_keeps_most_opaque(inputs) -> None:
@@ -253,7 +489,9 @@ def test_load_state_of_another_preset_names_key_and_shapes(tiny: LatentGaussianD
     ) as info:
         load_decoder_state(LatentGaussianDecoder(DecoderConfig.preset("tiny")), small.state_dict())
     assert "unexpected keys" in str(info.value) and "blocks.2." in str(info.value)
-    paper_channels = LatentGaussianDecoder(DecoderConfig.preset("tiny", latent_channels=16, plucker_channels=32))
+    paper_channels = LatentGaussianDecoder(
+        DecoderConfig.preset("tiny", latent_channels=16, plucker_channels=32, color_skip=False)
+    )
     with pytest.raises(LyraConfigError, match=r"\(64, 1536, 1, 2, 2\) but the checkpoint has \(64, 16, 1, 2, 2\)"):
         load_decoder_state(LatentGaussianDecoder(DecoderConfig.preset("tiny")), paper_channels.state_dict())
 

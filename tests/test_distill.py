@@ -3,24 +3,37 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load as st_load
 
+from lyra_ops.baselines import depth_absrel, flat_image, plane_depth
 from lyra_ops.cameras import default_intrinsics
-from lyra_ops.decoder import DecoderConfig, LatentGaussianDecoder
+from lyra_ops.decoder import (
+    HEAD_SPLIT,
+    DecoderConfig,
+    LatentGaussianDecoder,
+    ceiling_gaussians,
+    gaussian_processing,
+    output_frames,
+)
 from lyra_ops.distill import (
     StageSpec,
     ViewData,
     batch_loss,
+    batch_to,
     build_batch,
+    gaussian_depth_loss,
+    render_batch,
     sample_input_frames,
     sample_targets,
     sample_views,
@@ -30,9 +43,13 @@ from lyra_ops.distill import (
 from lyra_ops.errors import LyraConfigError, LyraInputError, LyraStorageError
 from lyra_ops.latents import PixelPatchifyEncoder
 from lyra_ops.losses import LossWeights
+from lyra_ops.metrics import psnr
+from lyra_ops.scenes import make_scene
 from lyra_ops.trajectories import make_trajectory
 from lyra_pipeline.storage import RunStore
 from lyra_pipeline.training import (
+    METRIC_SCHEMA,
+    STAT_COLUMNS,
     ViewCache,
     build_train_config,
     checkpoint_steps,
@@ -122,6 +139,65 @@ def test_build_batch_uses_stored_latents_or_reencodes():
     torch.testing.assert_close(half.latents[0], PixelPatchifyEncoder().encode(expected))
 
 
+def test_build_batch_carries_the_input_frames_depth():
+    view = toy_view()
+    valid = view.depth_valid.clone()
+    valid[3, :, :5] = False
+    view = ViewData(view.frames, view.cameras, view.latents, view.depth, valid)
+    batch = build_batch([view, view], list(range(9)), [2, 5], StageSpec("s", 1), PixelPatchifyEncoder())
+    assert batch.input_depth.shape == (2, 9, 1, 32, 48)
+    torch.testing.assert_close(batch.input_depth[0], torch.where(valid, 2.0, 0.0))  # 0 = unknown
+    assert batch_to(batch, "cpu").input_depth.shape == (2, 9, 1, 32, 48)
+    no_depth = ViewData(view.frames, view.cameras, view.latents)
+    assert build_batch([no_depth], list(range(9)), [2], StageSpec("s", 1), PixelPatchifyEncoder()).input_depth is None
+
+
+def _log_delta(distance: torch.Tensor, config: DecoderConfig) -> torch.Tensor:
+    """The head's distance output that places a Gaussian at ``distance`` along its ray (log parametrisation)."""
+    span = math.log(config.far / config.near)
+    frac_init = math.log(config.distance_init / config.near) / span
+    frac = torch.log(distance / config.near) / span
+    return torch.logit(frac) - math.log(frac_init / (1 - frac_init))
+
+
+def test_gaussian_depth_loss_zero_at_the_input_depth_and_positive_otherwise():
+    h, w = 32, 48
+    cams = make_trajectory("left", default_intrinsics(h, w), h, w, 9, distance=0.3)  # rotated look-at poses
+    rgb = torch.rand(9, 3, h, w, generator=gen(3))
+    depth = torch.rand(9, 1, h, w, generator=gen(4)) * 4 + 1
+    view = ViewData(rgb * 255, cams, None, depth, depth > 0)
+    batch = build_batch([view], list(range(9)), [4], StageSpec("s", 1), PixelPatchifyEncoder())
+    for config in (DecoderConfig.preset("tiny"), DecoderConfig(width=64, depth=2, heads=4)):  # CPU / Lyra layout
+        ceiling = ceiling_gaussians(config, [cams], [rgb], [depth])  # exactly at the input depth
+        assert gaussian_depth_loss(ceiling, batch, config).item() < 1e-6
+        moved = replace(ceiling, means=cams.c2w[0, :3, 3] + 1.5 * (ceiling.means - cams.c2w[0, :3, 3]))
+        assert gaussian_depth_loss(moved, batch, config).item() > 0.05
+    # the decoder's own activations: a head output that places every Gaussian at its block's input depth
+    config = DecoderConfig.preset("tiny")
+    model = LatentGaussianDecoder(config, seed=0)
+    origins, dirs, foot = (x.reshape(-1, x.shape[-1]) for x in model.rays([cams], torch.device("cpu")))
+    idx = output_frames(config, 2)
+    z = depth[idx][:, 0, 2::4, 2::4].reshape(-1)
+    forward = cams.c2w[idx][:, None, None, :3, 2].expand(2, h // 4, w // 4, 3).reshape(-1, 3)
+    distance = z / (dirs * forward).sum(-1)
+    for factor, expected in ((1.0, 0.0), (1.5, math.log(1.5)), (0.5, math.log(2.0))):
+        raw = torch.zeros(origins.shape[0], 12)
+        raw[:, 7] = 1.0  # identity quaternion
+        raw[:, 0] = _log_delta(factor * distance, config)
+        g = gaussian_processing(raw, origins, dirs, config, footprint=foot)
+        torch.testing.assert_close(gaussian_depth_loss(g, batch, config), torch.tensor(expected), atol=2e-5, rtol=1e-4)
+    # blocks without input depth do not count
+    raw[:, 0] = _log_delta(distance, config)
+    raw[: raw.shape[0] // 2, 0] = 5.0  # the first keyframe's Gaussians far off ...
+    g = gaussian_processing(raw, origins, dirs, config, footprint=foot)
+    assert gaussian_depth_loss(g, batch, config).item() > 0.1
+    holes = batch.input_depth.clone()
+    holes[0, 0] = 0.0  # ... but frame 0 has no known depth
+    assert gaussian_depth_loss(g, replace(batch, input_depth=holes), config).item() < 1e-4
+    empty = replace(batch, input_depth=torch.zeros_like(holes))
+    assert gaussian_depth_loss(g, empty, config).item() == 0.0
+
+
 # --- the training step ---------------------------------------------------------------------------------------
 
 
@@ -151,6 +227,65 @@ def test_prune_stage_keeps_top_fraction_and_penalises_opacity():
     _, parts_p, pruned = batch_loss(model, batch, StageSpec("p", 1, prune_ratio=0.8, opacity_weight=0.1),
                                     weights=LossWeights(lpips=0))
     assert pruned == int(full * 0.2) and "opacity" in parts_p and "opacity" not in parts
+
+
+def test_batch_loss_adds_gaussian_depth_and_reports_gaussian_stats():
+    model = LatentGaussianDecoder(DecoderConfig.preset("tiny"), seed=0)
+    batch = build_batch([toy_view()], list(range(9)), [3, 6], StageSpec("s", 1), PixelPatchifyEncoder())
+    spec = StageSpec("s", 1)
+    weights = LossWeights(lpips=0, depth=0.05, depth_mode="log_l1", gaussian_depth=0.2)
+    with torch.no_grad():
+        total, parts, count = batch_loss(model, batch, spec, weights=weights)
+        g = model(batch.latents, batch.plucker, list(batch.input_cameras))
+    assert count == g.num == 2 * 8 * 12
+    torch.testing.assert_close(parts["gaussian_depth"], gaussian_depth_loss(g, batch, model.config))
+    torch.testing.assert_close(total, parts["mse"] + 0.05 * parts["depth"] + 0.2 * parts["gaussian_depth"])
+    torch.testing.assert_close(parts["total"], total)
+    # a fresh CPU-layout model: opacity ~ sigmoid(1), Gaussians ~3 units out, on a 2-unit-deep toy scene
+    assert set(STAT_COLUMNS) <= set(parts) and set(STAT_COLUMNS) <= set(METRIC_SCHEMA.names)
+    assert abs(float(parts["opacity_mean"]) - 1 / (1 + math.exp(-1))) < 0.05
+    assert float(parts["opacity_above_half"]) == 1.0
+    assert 2.5 < float(parts["distance_mean"]) < 3.6 and 0 < float(parts["scale_mean"]) <= 0.3
+    assert 0 < float(parts["alpha_mean"]) <= 1
+    assert abs(float(parts["gaussian_depth"]) - math.log(3.0 / 2.0)) < 0.1  # |log 3 - log 2| at init
+    # off: no gaussian_depth part (weight 0, or no input depth)
+    _, off, _ = batch_loss(model, batch, spec, weights=LossWeights(lpips=0))
+    assert "gaussian_depth" not in off and set(STAT_COLUMNS) <= set(off)
+    _, none, _ = batch_loss(model, replace(batch, input_depth=None), spec, weights=weights)
+    assert "gaussian_depth" not in none
+
+
+def scene_view(h: int, w: int, *, scene: int = 0, trajectory: str = "right", frames: int = 9) -> ViewData:
+    """A procedural scene's exact renders along one Lyra path: frames (0..255 floats), exact z-depth targets."""
+    cams = make_trajectory(trajectory, default_intrinsics(h, w), h, w, frames, distance=0.25)
+    render = make_scene(scene).render(cams.c2w, cams.K, h, w)
+    return ViewData(render.rgb * 255.0, cams, None, render.depth, render.depth > 0)
+
+
+def test_every_head_channel_gets_gradient():
+    """One backward of the full CPU-preset loss (mse + log-L1 rendered depth + per-Gaussian depth) on a fresh
+    tiny model reaches every output group of the head: none is dead, none swamps the others.
+
+    Measured (seeds 0-2, scene 0, 32x64): |grad| of the head weight per group distance 0.25-0.27, rgb 0.034-0.036,
+    scale 0.10-0.11, quat 0.05-0.07, opacity 0.032-0.033; largest / smallest 7.7-8.4.
+    """
+    view = scene_view(32, 64)
+    spec = StageSpec("s", 1, targets=3)
+    batch = build_batch([view], list(range(9)), [0, 4, 8], spec, PixelPatchifyEncoder())
+    weights = LossWeights(lpips=0, mse=1.0, depth=0.05, depth_mode="log_l1", gaussian_depth=0.2)
+    model = LatentGaussianDecoder(DecoderConfig.preset("tiny"), seed=0)
+    model.zero_grad(set_to_none=True)
+    total, parts, _ = batch_loss(model, batch, spec, weights=weights)
+    assert {"mse", "depth", "gaussian_depth"} <= set(parts)
+    total.backward()
+    grad = model.head.weight.grad
+    assert grad.shape[:2] == (64, 12)
+    names = ("distance", "rgb", "scale", "quat", "opacity")
+    norms = {n: float(g.norm()) for n, g in zip(names, grad.split(HEAD_SPLIT, dim=1), strict=True)}
+    bias = {n: float(g.norm()) for n, g in zip(names, model.head.bias.grad.split(HEAD_SPLIT), strict=True)}
+    for name, value in (*norms.items(), *bias.items()):
+        assert math.isfinite(value) and value > 1e-8, (name, norms, bias)
+    assert max(norms.values()) / min(norms.values()) < 1e4, norms  # ~8 measured; a 1e6 gap would mean a dead group
 
 
 # --- training on a store -------------------------------------------------------------------------------------
@@ -273,3 +408,67 @@ def test_bad_checkpoints_give_clear_errors_and_overwrite_nothing(smoke_store):
         train_until(str(smoke_store), run.name, 4)
     assert checkpoint_steps(store, run.name) == [2]
     assert (smoke_store / rel).read_bytes()[:-10] == good[:-10]
+
+
+# --- learning check (slow) ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread: on a shared 2-core box two spinning OpenMP threads made the overfit 800 s instead of
+    ~45 s (measured next to a background training job)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.slow
+def test_single_scene_overfit_approaches_ceiling(single_thread):
+    """A tiny CPU-layout decoder trained on one procedural scene's 9 frames renders them back about as well as
+    (here: better than) the exact-data ceiling of its layout, well above a flat mean-colour image, with a
+    rendered depth far better than a plane at the median depth.
+
+    Measured (48x80, scene 0 'right', 200 steps AdamW lr 2e-3, 10 warm-up steps; ~45 s on one busy core):
+    seed 0: 19.26 dB, AbsRel 0.058; seed 1: 19.24 dB, AbsRel 0.057; fresh model 14.55 dB, AbsRel 0.35;
+    ceiling 16.51 dB (AbsRel 0.074); flat mean colour 13.92 dB; plane at the median depth AbsRel 0.373.
+    (At this resolution the 4x4-block ceiling is blurred by the rasterizer's screen-space dilation and by the
+    two keyframes' layers, so the trained model's learned colours / scales / opacities beat it by ~3 dB.)
+    """
+    h, w, steps = 48, 80, 200
+    view = scene_view(h, w)
+    spec = StageSpec("overfit", steps, targets=9)
+    batch = build_batch([view], list(range(9)), list(range(9)), spec, PixelPatchifyEncoder())
+    config = DecoderConfig.preset("tiny")
+    model = LatentGaussianDecoder(config, seed=0)
+    weights = LossWeights(lpips=0, depth=0.05, depth_mode="log_l1", gaussian_depth=0.2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(10))
+
+    def score(gaussians) -> tuple[float, float]:
+        with torch.no_grad():
+            out = render_batch(gaussians.detach(), batch)
+        rgb_psnr = float(psnr(out.rgb.clamp(0, 1), batch.rgb).mean())
+        return rgb_psnr, float(depth_absrel(out.depth, batch.depth, out.alpha).mean())
+
+    def decoded():
+        with torch.no_grad():
+            return model(batch.latents, batch.plucker, list(batch.input_cameras))
+
+    fresh_psnr, _ = score(decoded())
+    ceiling_psnr, _ = score(ceiling_gaussians(config, [view.cameras], [view.frames / 255.0], [view.depth]))
+    flat = flat_image(view.frames[0] / 255.0, h, w).expand(9, 3, h, w)
+    flat_psnr = float(psnr(flat, batch.rgb).mean())
+    plane_absrel = float(plane_depth(view.depth, view.depth[0]).mean())
+    losses = []
+    for _ in range(steps):
+        losses.append(train_step(model, optimizer, scheduler, batch, spec, weights=weights)["total"])
+    model.eval()
+    trained_psnr, trained_absrel = score(decoded())
+    numbers = {"trained": trained_psnr, "absrel": trained_absrel, "fresh": fresh_psnr, "ceiling": ceiling_psnr}
+    numbers.update(flat=flat_psnr, plane=plane_absrel, loss_first=losses[0], loss_last=losses[-1])
+    assert trained_psnr > ceiling_psnr - 2.0, numbers
+    assert trained_psnr > flat_psnr + 3.0, numbers
+    assert trained_psnr > fresh_psnr + 2.0, numbers
+    assert trained_absrel < 0.5 * plane_absrel, numbers
+    assert losses[-1] < 0.5 * losses[0], numbers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from lyra_ops.losses import (
     LPIPS_SKIPPED_MESSAGE,
     LossWeights,
     LPIPSLoss,
+    depth_loss_log_l1,
     depth_loss_ssi,
     distillation_loss,
     make_lpips,
@@ -114,6 +116,39 @@ def test_depth_gradients_finite_and_shape_errors() -> None:
         depth_loss_ssi(pred[:, 0], target[:, 0])
 
 
+def test_depth_log_l1_known_value_identity_and_mask() -> None:
+    target = torch.tensor([1.0, 2.0, 4.0, 0.0]).reshape(1, 1, 1, 4)  # the last pixel has no depth
+    pred = torch.tensor([2.0, 2.0, 1.0, 9.0]).reshape(1, 1, 1, 4)
+    # |log 2 - log 1| = ln 2, 0, |log 1 - log 4| = 2 ln 2 -> mean over the 3 valid pixels = ln 2
+    torch.testing.assert_close(depth_loss_log_l1(pred, target), torch.tensor(math.log(2.0)))
+    _, t = depth_pair()
+    assert depth_loss_log_l1(t, t).item() == 0.0
+    # metric, not scale-invariant: a global factor k costs |ln k|
+    torch.testing.assert_close(depth_loss_log_l1(3.0 * t, t), torch.tensor(math.log(3.0)))
+    # an explicit mask is intersected with target > 0; non-finite targets are invalid
+    mask = torch.tensor([True, False, True, True]).reshape(1, 1, 1, 4)
+    torch.testing.assert_close(depth_loss_log_l1(pred, target, mask), torch.tensor(1.5 * math.log(2.0)))
+    nan_target = torch.tensor([1.0, float("nan"), 4.0, float("inf")]).reshape(1, 1, 1, 4)
+    torch.testing.assert_close(depth_loss_log_l1(pred, nan_target), torch.tensor(1.5 * math.log(2.0)))
+    # the prediction is clamped to >= 1e-3 before its log (a zero render depth stays finite)
+    zero = depth_loss_log_l1(torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1))
+    torch.testing.assert_close(zero, torch.tensor(-math.log(1e-3)))
+
+
+def test_depth_log_l1_empty_mask_gradients_and_shape_errors() -> None:
+    pred = torch.rand(2, 1, 4, 4, requires_grad=True)
+    loss = depth_loss_log_l1(pred, torch.zeros(2, 1, 4, 4))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(pred.grad, torch.zeros_like(pred))
+    pred, target = depth_pair(seed=6)
+    pred = pred.clamp(min=0.1).requires_grad_(True)
+    depth_loss_log_l1(pred, target).backward()
+    assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
+    with pytest.raises(LyraInputError, match="same shape"):
+        depth_loss_log_l1(pred[:1], target)
+
+
 # --- opacity ----------------------------------------------------------------------------------------------------
 
 
@@ -145,6 +180,19 @@ def test_distillation_weights_and_parts() -> None:
     torch.testing.assert_close(total, parts["mse"] + 0.05 * parts["depth"] + 0.1 * torch.tensor(0.2))
     total, parts = distillation_loss(render, render.rgb, render.depth)
     assert total.item() == 0.0
+
+
+def test_distillation_depth_mode_log_l1() -> None:
+    render, target_rgb, target_depth = render_pair()
+    weights = LossWeights(depth_mode="log_l1", depth=0.2)
+    total, parts = distillation_loss(render, target_rgb, target_depth, weights=weights)
+    torch.testing.assert_close(parts["depth"], depth_loss_log_l1(render.depth, target_depth))
+    torch.testing.assert_close(total, parts["mse"] + 0.2 * parts["depth"])
+    ssi = distillation_loss(render, target_rgb, target_depth)[1]["depth"]
+    assert not torch.isclose(parts["depth"], ssi)
+    assert LossWeights().depth_mode == "ssi" and LossWeights().gaussian_depth == 0.0  # Lyra's defaults
+    with pytest.raises(LyraConfigError, match="depth_mode"):
+        LossWeights(depth_mode="l2")
 
 
 def test_nan_guard_names_the_part() -> None:
