@@ -226,6 +226,8 @@ def main() -> None:
     ap.add_argument("--backend", default="torch", help="rasterizer backend: torch (CPU/CUDA) or gsplat (CUDA)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--extra-rows", action="append", help="Parquet rows (--rows of an earlier run on the same "
+                    "settings) whose methods are added to the table, e.g. the slow optimisation baselines")
     ap.add_argument("--rows", default=None, help="also write every per-view row to this Parquet file")
     train_args = ap.add_argument_group("train first (--train): the previous mode of this benchmark")
     train_args.add_argument("--train", action="store_true", help="train a run with --preset, then evaluate it")
@@ -271,13 +273,23 @@ def main() -> None:
                                    index=index, sha=sha)
         scene_seconds[sid] = time.perf_counter() - t1
         print(f"  {sid}: {scene_seconds[sid]:.0f} s")
+    extra_scenes: dict[str, list[str]] = {}
+    import pyarrow.parquet as pq
+
+    for path in args.extra_rows or []:  # rows of other methods measured earlier (e.g. the slow optimisation)
+        for row in pq.read_table(path).to_pylist():
+            if row["method"] not in methods:
+                rows.append(row)
+                seen = set(extra_scenes.get(row["method"], [])) | {row["scene_id"]}
+                extra_scenes[row["method"]] = sorted(seen)
+        methods = methods + [m for m in extra_scenes if m not in methods]
     summary = summarize_quality(rows)
     result = {
         "checkpoint": source, "model_sha256": sha, "store": store.url, "run": run.name if run else None,
         "decoder": model.config.to_dict(), "scenes_evaluated": scenes,
         "scene_seeds": {s: seeds.get(s) for s in scenes}, "methods": methods, "settings": settings.as_dict(),
         "lpips": lpips is not None, "threads": torch.get_num_threads(), "eval_seconds": time.perf_counter() - t0,
-        "seconds_per_scene": scene_seconds,
+        "seconds_per_scene": scene_seconds, "extra_rows": {m: {"scenes": sc} for m, sc in extra_scenes.items()},
         **summary, "table": quality_table(rows),
     }  # fmt: skip
     if training is not None:
