@@ -414,6 +414,19 @@ def block_colors(latents: torch.Tensor, config: DecoderConfig) -> torch.Tensor:
     return torch.stack(out)
 
 
+def output_rays(
+    config: DecoderConfig, cams: Cameras
+) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One view's Gaussian rays: the output frames (:func:`output_frames`) of its T = 8 T_l - 7 input cameras,
+    their origins and unit dirs (T_out,h,w,3) at 1/``gaussian_stride`` resolution, and each block's footprint
+    per unit distance, stride / fx (T_out,h,w,1), float32."""
+    idx = output_frames(config, (len(cams) - 1) // config.temporal_factor + 1)
+    sel = cams[torch.tensor(idx)]
+    origins, dirs = pixel_rays(sel, downsample=config.gaussian_stride)
+    footprint = (config.gaussian_stride / sel.K[:, 0, 0].float())[:, None, None, None].expand(*dirs.shape[:3], 1)
+    return idx, origins, dirs, footprint
+
+
 def ceiling_gaussians(
     config: DecoderConfig,
     cameras_per_view: Sequence[Cameras],
@@ -433,17 +446,13 @@ def ceiling_gaussians(
     gs = config.gaussian_stride
     parts = []
     for cams, rgb, depth in zip(cameras_per_view, frames_per_view, depth_per_view, strict=True):
-        t_l = (len(cams) - 1) // config.temporal_factor + 1
-        idx = output_frames(config, t_l)
-        sel = cams[torch.tensor(idx)]
-        origins, dirs = pixel_rays(sel, downsample=gs)  # (T,h,w,3)
+        idx, origins, dirs, footprint = output_rays(config, cams)  # (T,h,w,3), (T,h,w,1)
         z = depth[idx][:, 0, gs // 2 :: gs, gs // 2 :: gs].float()  # (T,h,w)
-        forward = sel.c2w[:, None, None, :3, 2].float()
+        forward = cams.c2w[idx][:, None, None, :3, 2].float()
         distance = (z / (dirs * forward).sum(-1).clamp(min=1e-6)).reshape(-1, 1)
         colors = F.avg_pool2d(rgb[idx].float(), gs).permute(0, 2, 3, 1).reshape(-1, 3)
-        fx = sel.K[:, 0, 0].float()[:, None, None].expand(z.shape).reshape(-1, 1)
         if config.scale_param == "footprint":
-            size = config.scale_init * gs / fx * distance
+            size = config.scale_init * footprint.reshape(-1, 1) * distance
         else:
             size = torch.full_like(distance, math.exp(-1.0 + math.log(config.scale_cap)))
         m = distance.shape[0]
@@ -611,16 +620,8 @@ class LatentGaussianDecoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The Gaussian rays of all views at 1/``gaussian_stride`` resolution, for the output frames: origins,
         dirs (V,T_out,h,w,3) and the block footprint per unit distance, stride / fx (V,T_out,h,w,1), float32."""
-        origins, dirs, feet = [], [], []
-        for cams in cameras_per_view:
-            t_l = (len(cams) - 1) // self.config.temporal_factor + 1
-            sel = cams[torch.tensor(output_frames(self.config, t_l))]
-            o, d = pixel_rays(sel, downsample=self.config.gaussian_stride)
-            origins.append(o)
-            dirs.append(d)
-            fx = sel.K[:, 0, 0].float()
-            feet.append((self.config.gaussian_stride / fx)[:, None, None, None].expand(*d.shape[:3], 1))
-        return (torch.stack(origins).to(device), torch.stack(dirs).to(device), torch.stack(feet).to(device))
+        _, origins, dirs, feet = zip(*(output_rays(self.config, cams) for cams in cameras_per_view), strict=True)
+        return torch.stack(origins).to(device), torch.stack(dirs).to(device), torch.stack(feet).to(device)
 
     def forward(
         self, latents: torch.Tensor, plucker: torch.Tensor, cameras_per_view: Sequence[Cameras], *, prune: bool = True
