@@ -2,7 +2,9 @@
 
 Copies ``model.safetensors`` byte for byte and writes ``decoder.json`` beside it: the run's training config,
 the dataset fingerprint and split, the step shipped (of the run's total), the summed wall time of the training
-steps (``cpu_seconds``, with the torch threads used), and the held-out quality table of
+steps (``cpu_seconds``, with the torch threads used; for a run started from weights (``init_weights``) the
+description of those weights is kept under ``init`` when they are the decoder shipped now, and ``steps`` /
+``cpu_seconds`` sum over both runs), and the held-out quality table of
 ``benchmarks/bench_distill.py`` (``--quality``: its JSON, measured on that same checkpoint).
 
     python benchmarks/ship_decoder.py --store /work/data/d40 --run decoder-b9565f132664 \\
@@ -41,16 +43,27 @@ def main() -> None:
     if quality.get("model_sha256") not in (None, sha):
         raise SystemExit(f"{args.quality} was measured on checkpoint {quality['model_sha256'][:12]}, not {sha[:12]}")
     metrics = [r for r in read_metrics(store, run.name).to_pylist() if r["step"] <= step]
+    dest = Path(args.dest)
+    seconds = round(sum(r["seconds"] for r in metrics), 1)
     info = {
         "format": 1, "run": run.name, "step": step, "steps": step, "total_steps": run.config.total_steps,
         "model_sha256": sha, "config": run.config.model_dump(mode="json"), "data_fingerprint": run.fingerprint,
         "data": {"frames": run.frames, "height": run.height, "width": run.width, "teacher": "oracle",
                  "scenes": "procedural"},
         "train_scenes": run.train_scenes, "val_scenes": run.val_scenes,
-        "cpu_seconds": round(sum(r["seconds"] for r in metrics), 1),
-        "cpu_threads": run.config.torch_threads, "held_out": quality,
+        "cpu_seconds": seconds, "cpu_threads": run.config.torch_threads, "held_out": quality,
     }  # fmt: skip
-    dest = Path(args.dest)
+    if run.init_sha256:  # the run started from weights: record where they came from, totals over the lineage
+        previous = dest / INFO_FILE
+        before = json.loads(previous.read_text()) if previous.is_file() else {}
+        if before.get("model_sha256") == run.init_sha256:
+            before.pop("held_out", None)
+            info["init"] = before
+            info["steps"] = step + int(before.get("steps", 0))
+            info["cpu_seconds"] = round(seconds + float(before.get("cpu_seconds", 0.0)), 1)
+            info["run_steps"], info["run_cpu_seconds"] = step, seconds
+        else:
+            info["init"] = {"model_sha256": run.init_sha256}
     dest.mkdir(parents=True, exist_ok=True)
     (dest / MODEL_FILE).write_bytes(data)
     (dest / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")

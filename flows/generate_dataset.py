@@ -1,5 +1,5 @@
 """The synthetic-data-generation flow: prompts -> first frames -> depth -> cameras -> warp -> masks -> teacher
--> latents.
+-> latents -> teacher-frame depth.
 
 By default every task runs all stages of one scene (``compute.tasks: scene``; ``stage``: one task per stage
 of each scene). Each stage skips work whose content key is already recorded as done, so a re-run after a crash
@@ -26,6 +26,7 @@ from lyra_pipeline.storage import RunStore
 from tasks.sdg import (
     encode_latents,
     estimate_depth,
+    estimate_video_depth,
     generate_video,
     make_cameras,
     make_input,
@@ -111,8 +112,10 @@ def generate_dataset(
         teacher = each(generate_video, scenes, after=masks)
         # 8. Latents of the teacher video: what the 3DGS decoder reads.
         latents = each(encode_latents, scenes, after=teacher)
+        # 9. Depth of every teacher frame (Lyra: ViPE): the decoder's depth supervision.
+        video_depth = each(estimate_video_depth, scenes, after=latents)
 
-        by_stage = [inputs, depth, cameras, warps, masks, teacher, latents]
+        by_stage = [inputs, depth, cameras, warps, masks, teacher, latents, video_depth]
         progress = create_progress_artifact(progress=0.0, description=f"{len(scenes)} scenes x {len(by_stage)} "
                                                                       "stages")
         for i, futs in enumerate(by_stage):  # stage by stage, in DAG order

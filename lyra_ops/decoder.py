@@ -36,6 +36,7 @@ HEAD_CHANNELS = 12  # [distance (1), rgb (3), scale (3), quat (4), opacity (1)]
 HEAD_SPLIT = (1, 3, 3, 4, 1)
 GAUSSIAN_FRAMES = ("all", "keyframes")  # Gaussians for every frame (Lyra) or for one frame per latent frame
 DISTANCE_PARAMS = ("linear", "log")  # distance linear in sigmoid between near and far (Lyra), or log-linear
+BACKGROUNDS = ("white", "input_mean")  # composited behind the Gaussians: Lyra's white, or the input's mean colour
 SCALE_PARAMS = ("absolute", "footprint")  # scale in world units capped (Lyra), or relative to the block footprint
 COLOR_SKIP_EPS = 0.02  # skip colours are clamped to [eps, 1 - eps] before their logit
 PATCH_EMBED_LN_EPS = 1e-5  # the reference's PatchEmbed3D uses nn.LayerNorm's default eps
@@ -86,6 +87,8 @@ class DecoderConfig:
     scale_init: float = 0.6
     color_skip: bool = False
     head_gain: float = 1.0
+    background: str = "white"
+    depth_input: bool = False
     qkv_bias: bool = True
     norm_eps: float = 1e-6
     gradient_checkpointing: bool = False
@@ -133,7 +136,7 @@ class DecoderConfig:
         if isinstance(gs, bool) or not isinstance(gs, int) or gs < 1 or self.spatial_factor % gs:
             raise bad("gaussian_stride", f"a positive int dividing spatial_factor ({self.spatial_factor})")
         for key, allowed in (("gaussian_frames", GAUSSIAN_FRAMES), ("distance_param", DISTANCE_PARAMS),
-                             ("scale_param", SCALE_PARAMS)):
+                             ("scale_param", SCALE_PARAMS), ("background", BACKGROUNDS)):
             if getattr(self, key) not in allowed:
                 raise bad(key, f"one of {allowed}")
         if self.distance_param == "log" and not self.near < self.distance_init < self.far:
@@ -142,6 +145,11 @@ class DecoderConfig:
             raise bad("scale_init", "a positive number")
         if not (math.isfinite(self.head_gain) and self.head_gain >= 0):
             raise bad("head_gain", "a number >= 0")
+        if not isinstance(self.depth_input, bool):
+            raise bad("depth_input", "true or false")
+        if self.depth_input and self.distance_param != "log":
+            raise bad("depth_input", "False unless distance_param is 'log' (the known depth sets the log distance's "
+                      "zero point)")
         if self.color_skip and self.latent_channels != PATCHIFY_LATENT_CHANNELS:
             raise bad("color_skip", f"False unless the latents are the {PATCHIFY_LATENT_CHANNELS}-channel patchify "
                       "ones (the skip reads the input pixels back from them)")
@@ -187,11 +195,16 @@ class DecoderConfig:
 # each latent frame's last frame (Lyra: per 8x8 block of every frame, whose exact-data ceiling on procedural
 # rooms scored below a flat mean colour), placed at a log-parametrised distance that starts at 3 units in
 # rooms 1-7 units deep, sized to 0.35 of its block's footprint, coloured as a residual on the block's input
-# pixels, and with a head scaled down so that a fresh model already renders its input views.
+# pixels, and with a head scaled down so that a fresh model already renders its input views. Renders composite
+# over the input image's mean colour (Lyra: white), so what no Gaussian covers shows the least-committal colour.
+# The depth known before the teacher runs (the input depth warped into each frame) enters as tokens and as the
+# zero point of each Gaussian's distance (Lyra's decoder sees only latents: at CPU scale it regressed every
+# scene's depth towards the mean, 0.4 AbsRel even at the input view, so the geometry the pipeline already has is
+# handed over and the teacher's frames are left to fill what the input never saw).
 CPU_LAYOUT: dict[str, Any] = {
     "near": 0.1, "far": 20.0, "gaussian_stride": 4, "gaussian_frames": "keyframes", "distance_param": "log",
     "distance_init": 3.0, "scale_param": "footprint", "scale_init": 0.35, "color_skip": True, "head_gain": 0.1,
-    "opacity_shift": 1.0,
+    "opacity_shift": 1.0, "background": "input_mean", "depth_input": True,
 }  # fmt: skip
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"width": 64, "depth": 2, "heads": 4, "block_types": (ATTENTION, ATTENTION), **CPU_LAYOUT},
@@ -260,6 +273,19 @@ class PatchEmbed3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(x).flatten(2).transpose(1, 2))
+
+
+class ZeroTokenEmbed(nn.Module):
+    """Conv3d with kernel = stride = patch and no norm, zero-initialised: (V,C,T,h,w) -> tokens (V, N, width).
+    Its tokens start at exactly 0 and grow with training (a LayerNorm after a zero conv would jump to unit
+    variance at the first step), so adding it to a trained model starts from that model's output."""
+
+    def __init__(self, in_channels: int, width: int, patch: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.proj = nn.Conv3d(in_channels, width, kernel_size=patch, stride=patch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -338,16 +364,26 @@ def _log_distance_shift(config: DecoderConfig) -> float:
     return math.log(frac / (1.0 - frac))
 
 
-def ray_distance(delta: torch.Tensor, config: DecoderConfig) -> torch.Tensor:
+def ray_distance(delta: torch.Tensor, config: DecoderConfig, base: torch.Tensor | None = None) -> torch.Tensor:
     """Distance along the unit ray from the head's distance channel.
 
     ``linear`` (Lyra): near (1 - w) + far w with w = sigmoid(delta + distance_shift).
     ``log``: near (far / near)^w with w = sigmoid(delta + s), s chosen so that delta = 0 gives ``distance_init``;
-    equal steps of delta are equal ratios of distance, so near and far surfaces learn at the same pace.
+    equal steps of delta are equal ratios of distance, so near and far surfaces learn at the same pace. With
+    ``base`` (same shape as delta; log only), s is chosen per Gaussian so that delta = 0 gives ``base`` where
+    base > 0 (a known distance, ``depth_input``) and ``distance_init`` elsewhere.
     """
     if config.distance_param == "log":
-        w = torch.sigmoid(delta + _log_distance_shift(config))
-        return config.near * torch.exp(w * math.log(config.far / config.near))
+        span = math.log(config.far / config.near)
+        shift = torch.full_like(delta, _log_distance_shift(config))
+        if base is not None:
+            known = base > 0
+            frac = (torch.log(base.clamp(min=config.near).to(delta.dtype) / config.near) / span).clamp(1e-4, 1 - 1e-4)
+            shift = torch.where(known, torch.logit(frac), shift)
+        w = torch.sigmoid(delta + shift)
+        return config.near * torch.exp(w * span)
+    if base is not None:
+        raise LyraConfigError("ray_distance: a known base distance needs distance_param 'log'")
     w = torch.sigmoid(delta + config.distance_shift)
     return config.near * (1.0 - w) + config.far * w
 
@@ -360,6 +396,7 @@ def gaussian_processing(
     *,
     base_colors: torch.Tensor | None = None,
     footprint: torch.Tensor | None = None,
+    base_distance: torch.Tensor | None = None,
 ) -> Gaussians:
     """Activate raw head channels (M,12) into Gaussians placed on rays (origins, unit dirs) (M,3) (spec 4.7).
 
@@ -370,11 +407,12 @@ def gaussian_processing(
     head output makes each Gaussian cover ``scale_init`` of its pixel block at any distance.
     Colour: 0.5 tanh(c) + 0.5 (Lyra), or with ``base_colors`` (M,3) in [0,1] (the input pixels of the block,
     ``color_skip``) sigmoid(logit(base) + c), so a zero head output reproduces the input colours.
+    ``base_distance`` (M,1): known distances along the rays (0: unknown), see :func:`ray_distance`.
     Computed in float32 (at least), whatever the head's precision.
     """
     dtype = torch.promote_types(raw.dtype, torch.float32)
     delta, rgb, scale, quat, alpha = raw.to(dtype).split(HEAD_SPLIT, dim=-1)
-    distance = ray_distance(delta, config)
+    distance = ray_distance(delta, config, base_distance)
     means = origins.to(dtype) + distance * dirs.to(dtype)
     cap = config.scale_cap
     if config.scale_param == "footprint":
@@ -412,6 +450,39 @@ def block_colors(latents: torch.Tensor, config: DecoderConfig) -> torch.Tensor:
         video = encoder.decode(view.float())[frames]  # (T_out, 3, H, W) in [-1, 1]
         out.append(F.avg_pool2d(video, config.gaussian_stride) * 0.5 + 0.5)
     return torch.stack(out)
+
+
+def encode_known_depth(depth: torch.Tensor, config: DecoderConfig) -> torch.Tensor:
+    """Known z-depth of the input frames (V,T,1,H,W), 0 where unknown, as patchify tokens (V,1536,T_l,h,w) for
+    the decoder's depth embedding: pseudo-frames [log-depth position in [near, far] mapped to [-1, 1], known
+    (+1) / unknown (-1), 0] packed like the RGB latents (:class:`lyra_ops.latents.PixelPatchifyEncoder`)."""
+    known = depth > 0
+    span = math.log(config.far / config.near)
+    pos = (torch.log(depth.clamp(min=config.near) / config.near) / span).clamp(0, 1)
+    frames = torch.cat([torch.where(known, pos * 2 - 1, 0.0), known.float() * 2 - 1, torch.zeros_like(depth)], 2)
+    encoder = PixelPatchifyEncoder()
+    return torch.stack([encoder.encode(view.float()) for view in frames])
+
+
+def block_distance(depth: torch.Tensor, cameras: Cameras, dirs: torch.Tensor, config: DecoderConfig,
+                   edge_ratio: float = 1.1) -> torch.Tensor:
+    """Known distance along each Gaussian's ray (T_out,H/g,W/g,1), 0 where unknown, from one view's known
+    z-depth (T,1,H,W) (0: unknown) at the output frames: the mean z of the block's central pixels (the 2x2
+    around the block centre for even g), divided by the ray's cosine to the optical axis (``dirs``
+    (T_out,H/g,W/g,3), unit, from :func:`output_rays`). Unknown where a central pixel is unknown or the central
+    pixels straddle a depth edge (max / min > ``edge_ratio``): those Gaussians keep the learned distance."""
+    g = config.gaussian_stride
+    frames = output_frames(config, (len(cameras) - 1) // config.temporal_factor + 1)
+    d = depth[frames, 0].float()  # (T_out,H,W)
+    lo, hi = (g // 2 - 1, g // 2 + 1) if g % 2 == 0 and g > 1 else (g // 2, g // 2 + 1)
+    blocks = d.reshape(d.shape[0], d.shape[1] // g, g, d.shape[2] // g, g)[:, :, lo:hi, :, lo:hi]
+    blocks = blocks.permute(0, 1, 3, 2, 4).flatten(-2)  # (T_out,h,w,k)
+    low, high = blocks.min(-1).values, blocks.max(-1).values
+    ok = (low > 0) & (high <= edge_ratio * low)
+    z = torch.where(ok, blocks.mean(-1), 0.0)
+    forward = cameras.c2w[frames, :3, 2].to(dirs)  # (T_out,3) optical axes
+    cos = (dirs * forward[:, None, None, :]).sum(-1).clamp(min=1e-3)
+    return (z.to(dirs) / cos)[..., None]
 
 
 def output_rays(
@@ -500,6 +571,8 @@ class LatentGaussianDecoder(nn.Module):
             torch.manual_seed(seed)  # any init inside third-party modules (mamba_ssm) draws from this fork
             self.latent_embed = PatchEmbed3D(config.latent_channels, config.width, config.patch_size)
             self.plucker_embed = PatchEmbed3D(config.plucker_channels, config.width, config.patch_size)
+            if config.depth_input:  # known input depth as tokens, zero-initialised like the Plücker embedding
+                self.depth_embed = ZeroTokenEmbed(PATCHIFY_LATENT_CHANNELS, config.width, config.patch_size)
             blocks: list[nn.Module] = []
             for kind in self.block_types:
                 if kind == ATTENTION:
@@ -536,6 +609,9 @@ class LatentGaussianDecoder(nn.Module):
         conv.bias.zero_()
         self.plucker_embed.proj.weight.zero_()
         self.plucker_embed.proj.bias.zero_()
+        if self.config.depth_input:
+            self.depth_embed.proj.weight.zero_()
+            self.depth_embed.proj.bias.zero_()
         # PyTorch's default ConvTranspose3d init (kaiming-uniform a = sqrt(5)), drawn from the seeded generator.
         nn.init.kaiming_uniform_(self.head.weight, a=math.sqrt(5), generator=gen)
         fan_in, _ = nn.init._calculate_fan_in_and_fan_out(self.head.weight)
@@ -600,14 +676,27 @@ class LatentGaussianDecoder(nn.Module):
             return checkpoint(module, x, use_reentrant=False)
         return module(x)
 
-    def forward_raw(self, latents: torch.Tensor, plucker: torch.Tensor) -> torch.Tensor:
+    def forward_raw(self, latents: torch.Tensor, plucker: torch.Tensor,
+                    depth_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Raw head output (V, 12, T_out, H/g, W/g): one 12-vector per output frame (:func:`output_frames`) and
-        g x g pixel block (g = ``gaussian_stride``; Lyra: every frame, 8 x 8)."""
+        g x g pixel block (g = ``gaussian_stride``; Lyra: every frame, 8 x 8). ``depth_tokens``
+        (:func:`encode_known_depth`) are read with ``depth_input`` (None: nothing known)."""
         self.check_inputs(latents, plucker)
         dtype = self.latent_embed.proj.weight.dtype
         v, _, t_l, h, w = latents.shape
         _, ph, pw = self.config.patch_size
         tokens = self.latent_embed(latents.to(dtype)) + self.plucker_embed(plucker.to(dtype))  # (V, N, D)
+        if self.config.depth_input:
+            if depth_tokens is None:  # nothing known
+                cfg = self.config
+                frames = cfg.temporal_factor * (t_l - 1) + 1
+                depth_tokens = encode_known_depth(torch.zeros(v, frames, 1, h * cfg.spatial_factor,
+                                                              w * cfg.spatial_factor), cfg)
+            if tuple(depth_tokens.shape) != (v, PATCHIFY_LATENT_CHANNELS, t_l, h, w):
+                found = tuple(depth_tokens.shape)
+                raise LyraConfigError(f"depth_tokens: decoder.depth_input needs (V, {PATCHIFY_LATENT_CHANNELS}, T_l, h, w) "
+                                      f"= ({v}, {PATCHIFY_LATENT_CHANNELS}, {t_l}, {h}, {w}), found {found}")
+            tokens = tokens + self.depth_embed(depth_tokens.to(tokens.device, dtype))
         x = tokens.reshape(1, -1, self.config.width)  # views concatenated view-major, then (t, h, w)
         for block in self.blocks:
             x = self._run(block, x)
@@ -624,29 +713,52 @@ class LatentGaussianDecoder(nn.Module):
         return torch.stack(origins).to(device), torch.stack(dirs).to(device), torch.stack(feet).to(device)
 
     def forward(
-        self, latents: torch.Tensor, plucker: torch.Tensor, cameras_per_view: Sequence[Cameras], *, prune: bool = True
+        self, latents: torch.Tensor, plucker: torch.Tensor, cameras_per_view: Sequence[Cameras], *,
+        known_depth: torch.Tensor | None = None, prune: bool = True,
     ) -> Gaussians:
         """Gaussians of all V views fused (view-major, then t, h, w), pruned if ``config.prune_ratio`` > 0 and
-        ``prune`` (``prune=False``: the whole output grid, in order)."""
+        ``prune`` (``prune=False``: the whole output grid, in order). ``known_depth`` (V,T,1,H,W), the input frames'
+        z-depth known before the teacher ran (the warped input depth, 0 where unknown; None: nothing known), is
+        read with ``depth_input``: as tokens and as the zero point of each Gaussian's distance
+        (:func:`block_distance`), as ``color_skip`` does for colour."""
         self.check_inputs(latents, plucker, cameras_per_view)
-        raw = self.forward_raw(latents, plucker)  # (V,12,T_out,h,w)
+        tokens = None
+        if self.config.depth_input:
+            v, frames = int(latents.shape[0]), len(cameras_per_view[0])
+            size = (cameras_per_view[0].height, cameras_per_view[0].width)
+            if known_depth is None:  # nothing known: every Gaussian's distance is learned
+                known_depth = torch.zeros(v, frames, 1, *size)
+            if tuple(known_depth.shape) != (v, frames, 1, *size):
+                raise LyraConfigError(f"known_depth: expected the input frames' depth (V, T, 1, H, W) = ({v}, {frames}, "
+                                      f"1, {size[0]}, {size[1]}), found {tuple(known_depth.shape)}")
+            tokens = encode_known_depth(known_depth.cpu(), self.config)
+        raw = self.forward_raw(latents, plucker, tokens)  # (V,12,T_out,h,w)
         origins, dirs, footprint = self.rays(cameras_per_view, raw.device)
+        base_distance = None
+        if self.config.depth_input:
+            base_distance = torch.stack([
+                block_distance(known_depth[i].cpu(), cams, dirs[i].cpu(), self.config)
+                for i, cams in enumerate(cameras_per_view)
+            ]).to(raw.device).reshape(-1, 1)  # fmt: skip
         raw = raw.permute(0, 2, 3, 4, 1).reshape(-1, HEAD_CHANNELS)
         base = None
         if self.config.color_skip:
             base = block_colors(latents, self.config).to(raw.device).permute(0, 1, 3, 4, 2).reshape(-1, 3)
         gaussians = gaussian_processing(
             raw, origins.reshape(-1, 3), dirs.reshape(-1, 3), self.config, base_colors=base,
-            footprint=footprint.reshape(-1, 1),
+            footprint=footprint.reshape(-1, 1), base_distance=base_distance,
         )  # fmt: skip
         return prune_gaussians(gaussians, self.config.prune_ratio) if prune else gaussians
 
 
-def load_decoder_state(model: LatentGaussianDecoder, state_dict: Mapping[str, torch.Tensor]) -> None:
+def load_decoder_state(model: LatentGaussianDecoder, state_dict: Mapping[str, torch.Tensor], *,
+                       keep_missing: Sequence[str] = ()) -> None:
     """Strictly load ``state_dict`` into ``model`` after checking every key and shape.
 
     Raises ``LyraConfigError`` naming mismatching keys with expected (this model's config) vs found (checkpoint)
     shapes, and missing / unexpected keys, instead of loading a checkpoint of another preset or encoder.
+    ``keep_missing``: key prefixes the checkpoint may lack (modules added since, e.g. ``depth_embed.``, whose
+    zero initialisation leaves the loaded model's output unchanged); those keep this model's values.
     """
     expected = model.state_dict()
     problems = []
@@ -655,7 +767,8 @@ def load_decoder_state(model: LatentGaussianDecoder, state_dict: Mapping[str, to
             problems.append(
                 f"'{key}' expects shape {tuple(tensor.shape)} but the checkpoint has {tuple(state_dict[key].shape)}"
             )
-    missing = [k for k in expected if k not in state_dict]
+    kept = [k for k in expected if k not in state_dict and any(k.startswith(p) for p in keep_missing)]
+    missing = [k for k in expected if k not in state_dict and k not in kept]
     unexpected = [k for k in state_dict if k not in expected]
     if problems or missing or unexpected:
         parts = []
@@ -672,4 +785,4 @@ def load_decoder_state(model: LatentGaussianDecoder, state_dict: Mapping[str, to
             f"latent_channels={model.config.latent_channels}, plucker_channels={model.config.plucker_channels}): "
             + " | ".join(parts)
         )
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict({**{k: expected[k] for k in kept}, **state_dict}, strict=True)

@@ -95,3 +95,20 @@ def check_user_depth(depth: torch.Tensor, *, source: str) -> None:
             f"{source}: depth must be finite and > 0 everywhere; found {n_nan} NaN/Inf and {n_neg} "
             f"zero/negative pixels (first at row {i}, col {j}: {float(depth[i, j])})"
         )
+
+
+def align_depth_scale(depth: torch.Tensor, reference: torch.Tensor, valid: torch.Tensor,
+                      min_pixels: int = 16) -> tuple[torch.Tensor, float]:
+    """``depth`` (H,W) times the median of ``reference / depth`` over ``valid`` pixels where both are positive
+    (at least ``min_pixels`` of them), and that factor; unchanged (factor 1.0) with too few such pixels.
+
+    Puts a per-frame monocular estimate into the metric frame of the cameras (what ViPE's metric depth gives
+    Lyra): the reference is the input depth forward-warped into the frame."""
+    if depth.shape != reference.shape or valid.shape != depth.shape:
+        raise LyraInputError(f"align_depth_scale: depth {tuple(depth.shape)}, reference {tuple(reference.shape)} and "
+                             f"valid {tuple(valid.shape)} must share one shape")
+    ok = valid & (depth > 0) & (reference > 0) & torch.isfinite(depth) & torch.isfinite(reference)
+    if int(ok.sum()) < min_pixels:
+        return depth, 1.0
+    factor = float((reference[ok] / depth[ok]).median())
+    return depth * factor, factor

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from lyra_ops.cameras import Cameras
-from lyra_ops.decoder import DecoderConfig, LatentGaussianDecoder, output_frames, prune_gaussians
+from lyra_ops.decoder import BACKGROUNDS, DecoderConfig, LatentGaussianDecoder, output_frames, prune_gaussians
 from lyra_ops.errors import LyraConfigError, LyraInputError
 from lyra_ops.gaussians import Gaussians
 from lyra_ops.latents import LatentEncoder, PixelPatchifyEncoder
@@ -32,6 +32,7 @@ FRAME_SAMPLINGS = ("uniform", "exponential")
 EXPONENTIAL_RATE = 3.0  # Lyra's "exponential" target sampling: weight exp(3 p), p the relative frame position
 RENDER_NEAR, RENDER_FAR = 0.1, 500.0  # spec 4.9
 WHITE = (1.0, 1.0, 1.0)
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -91,13 +92,15 @@ INFERENCE = StageSpec("inference", steps=0)  # decoder inference: whole trajecto
 @dataclass(frozen=True)
 class ViewData:
     """One trajectory of one scene as stored: teacher frames (T,3,H,W) uint8, cameras, stored latents
-    (C,T_l,h,w) or None, and a depth target (T,1,H,W) with its validity mask (or None)."""
+    (C,T_l,h,w) or None, a depth target (T,1,H,W) with its validity mask (or None), and the depth known before
+    the teacher ran (T,1,H,W): the input depth warped into each frame, 0 where unknown (or None)."""
 
     frames: torch.Tensor
     cameras: Cameras
     latents: torch.Tensor | None = None
     depth: torch.Tensor | None = None
     depth_valid: torch.Tensor | None = None
+    known_depth: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,8 @@ class DistillBatch:
     height: int
     width: int
     input_depth: torch.Tensor | None = None  # (V,T_in,1,H,W) metric z-depth of the input frames (0: unknown)
+    background: torch.Tensor | None = None  # (3,) RGB composited behind the Gaussians (None: Lyra's white)
+    known_depth: torch.Tensor | None = None  # (V,T_in,1,H,W) warped input depth, the decoder's depth input (0: unknown)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -189,7 +194,8 @@ def downsample_view(view: ViewData, scale: int) -> ViewData:
     pick = (slice(None), slice(None), slice(scale // 2, None, scale), slice(scale // 2, None, scale))
     depth = view.depth[pick] if view.depth is not None else None
     valid = view.depth_valid[pick] if view.depth_valid is not None else None
-    return ViewData(frames=frames, cameras=cameras, latents=None, depth=depth, depth_valid=valid)
+    known = view.known_depth[pick] if view.known_depth is not None else None
+    return ViewData(frames=frames, cameras=cameras, latents=None, depth=depth, depth_valid=valid, known_depth=known)
 
 
 def build_batch(
@@ -198,16 +204,20 @@ def build_batch(
     target_frames: Sequence[int],
     stage: StageSpec,
     encoder: LatentEncoder,
+    background: str = "white",
 ) -> DistillBatch:
-    """Decoder inputs (latents + Plücker latents) and render targets of one sample."""
+    """Decoder inputs (latents + Plücker latents) and render targets of one sample; ``background`` one of
+    :data:`BACKGROUNDS` (see :func:`background_color`)."""
     if not views:
         raise LyraInputError("build_batch: no input views")
+    if background not in BACKGROUNDS:
+        raise LyraConfigError(f"build_batch: background must be one of {', '.join(BACKGROUNDS)}, got {background!r}")
     scaled = [downsample_view(v, stage.scale) for v in views]
     height, width = int(scaled[0].frames.shape[2]), int(scaled[0].frames.shape[3])
     idx_in = torch.tensor(list(input_frames), dtype=torch.long)
     idx_t = torch.tensor(list(target_frames), dtype=torch.long)
     latents, pluckers, cams_in = [], [], []
-    viewmats, ks, rgbs, depths, valids, in_depths = [], [], [], [], [], []
+    viewmats, ks, rgbs, depths, valids, in_depths, known = [], [], [], [], [], [], []
     for original, view in zip(views, scaled, strict=True):
         frames01 = view.frames.float() / 255.0  # uint8, or area-averaged 0..255 floats
         cams = view.cameras[idx_in]
@@ -225,6 +235,8 @@ def build_batch(
         viewmats.append(view.cameras.w2c[idx_t])
         ks.append(view.cameras.K[idx_t])
         rgbs.append(frames01[idx_t])
+        if view.known_depth is not None:
+            known.append(view.known_depth[idx_in].float())
         if view.depth is not None:
             valid_all = view.depth_valid if view.depth_valid is not None else view.depth > 0
             in_depths.append(torch.where(valid_all[idx_in], view.depth[idx_in].float(), 0.0))
@@ -242,13 +254,28 @@ def build_batch(
         height=height,
         width=width,
         input_depth=torch.stack(in_depths) if len(in_depths) == len(views) else None,
+        background=background_color(views[0].frames[0], background),
+        known_depth=torch.stack(known) if len(known) == len(views) else None,
     )
+
+
+def background_color(input_frame: torch.Tensor, mode: str) -> torch.Tensor | None:
+    """The RGB (3,) float32 in [0, 1] composited behind the Gaussians: ``"white"`` -> None (the renderer's
+    white), ``"input_mean"`` -> the mean colour of ``input_frame`` ((3,H,W) uint8, or float in [0, 1]), the
+    input image every trajectory starts from. A pixel no Gaussian covers then shows the flat baseline's colour,
+    the least-committal guess for what nothing saw, instead of a white that no room contains."""
+    if mode not in BACKGROUNDS:
+        raise LyraConfigError(f"background must be one of {', '.join(BACKGROUNDS)}, got {mode!r}")
+    if mode == "white":
+        return None
+    frame = input_frame.float() / 255.0 if input_frame.dtype == torch.uint8 else input_frame.float()
+    return frame.mean(dim=(1, 2))
 
 
 def batch_to(batch: DistillBatch, device: torch.device | str) -> DistillBatch:
     """The batch with its tensors on ``device`` (cameras stay on the CPU: the decoder moves its rays)."""
     moved = {k: getattr(batch, k).to(device) for k in ("latents", "plucker", "viewmats", "Ks", "rgb")}
-    for k in ("depth", "depth_valid", "input_depth"):
+    for k in ("depth", "depth_valid", "input_depth", "background", "known_depth"):
         value = getattr(batch, k)
         moved[k] = value.to(device) if value is not None else None
     return replace(batch, **moved)
@@ -261,14 +288,16 @@ def batch_to(batch: DistillBatch, device: torch.device | str) -> DistillBatch:
 
 def decode_gaussians(model: LatentGaussianDecoder, batch: DistillBatch, prune_ratio: float = 0.0) -> Gaussians:
     """Decoder forward on one batch, then Lyra's opacity pruning."""
-    return prune_gaussians(model(batch.latents, batch.plucker, list(batch.input_cameras)), prune_ratio)
+    return prune_gaussians(model(batch.latents, batch.plucker, list(batch.input_cameras),
+                                 known_depth=batch.known_depth), prune_ratio)
 
 
 def render_batch(
     gaussians: Gaussians, batch: DistillBatch, *, backend: str = "torch", views_per_chunk: int = 4
 ) -> RasterOutput:
-    """Render the batch's target cameras over Lyra's white background with deferred (chunked) back-prop."""
-    background = torch.tensor(WHITE, dtype=gaussians.dtype, device=gaussians.device)
+    """Render the batch's target cameras over its background (Lyra: white) with deferred (chunked) back-prop."""
+    bg = batch.background if batch.background is not None else torch.tensor(WHITE)
+    background = bg.to(dtype=gaussians.dtype, device=gaussians.device)
     return rasterize_views_chunked(
         gaussians, batch.viewmats.to(gaussians.device), batch.Ks.to(gaussians.device), batch.width, batch.height,
         views_per_chunk=views_per_chunk, background=background, backend=backend, near=RENDER_NEAR, far=RENDER_FAR,
@@ -286,7 +315,8 @@ def batch_loss(
     views_per_chunk: int = 4,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """Distillation loss of one batch: (total, parts, number of Gaussians after pruning)."""
-    unpruned = model(batch.latents, batch.plucker, list(batch.input_cameras), prune=False)
+    unpruned = model(batch.latents, batch.plucker, list(batch.input_cameras), known_depth=batch.known_depth,
+                     prune=False)
     gaussians = prune_gaussians(prune_gaussians(unpruned, model.config.prune_ratio), stage.prune_ratio)
     out = render_batch(gaussians, batch, backend=backend, views_per_chunk=views_per_chunk)
     total, parts = distillation_loss(
@@ -337,11 +367,21 @@ def gaussian_stats(gaussians: Gaussians, batch: DistillBatch, out: RasterOutput)
         }
 
 
-def warmup_lambda(warmup_steps: int):
-    """Learning-rate factor of ``constant_with_warmup`` (spec 5.3): linear from 0 to 1 over ``warmup_steps``."""
+def warmup_lambda(warmup_steps: int, schedule: str = "constant", total_steps: int = 0, min_ratio: float = 0.0):
+    """Learning-rate factor per step. ``constant``: Lyra's ``constant_with_warmup`` (spec 5.3), linear from 0 to
+    1 over ``warmup_steps`` then 1. ``cosine``: the same warm-up, then a half cosine from 1 down to ``min_ratio``
+    at ``total_steps`` (held there after)."""
+    if schedule not in LR_SCHEDULES:
+        raise LyraConfigError(f"learning-rate schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
 
     def factor(step: int) -> float:
-        return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+        if warmup_steps > 0 and step + 1 < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        span = max(total_steps - warmup_steps, 1)
+        progress = min(max(step + 1 - warmup_steps, 0) / span, 1.0)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
 

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lyra_ops.errors import LyraError
+from lyra_ops.errors import LyraError, LyraInputError
 from lyra_pipeline.config import RunConfig, build_config, load_config_file
 from lyra_pipeline.storage import EVAL_STAGES, SCENE_STAGES, STAGES, RunStore
 
@@ -24,6 +24,33 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 DEFAULT_STORE = "./lyra_store"
+VERBOSE_HELP = "show Prefect's task logs"
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        out.print(f"lyra-pipeline {version('lyra-pipeline')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="print the installed version and exit"),
+) -> None:
+    """lyra-pipeline: Lyra-style 3D scene data generation, resumable on any store."""
+
+
+def check_out_path(path: Path, suffixes: tuple[str, ...]) -> Path:
+    """An output file path whose folder exists and whose extension is one of ``suffixes`` (checked before any
+    work); otherwise one ``LyraInputError`` line naming the path and what is expected."""
+    if path.suffix.lower() not in suffixes:
+        raise LyraInputError(f"{path}: --out must end in one of {', '.join(suffixes)}")
+    if not path.parent.is_dir():
+        raise LyraInputError(f"{path}: folder {path.parent} does not exist (create it first)")
+    return path
 
 
 def _setup_env(verbose: bool = False) -> None:
@@ -195,6 +222,9 @@ def retry(
     trajectory: Path = TrajectoryOpt,
     seed: int = SeedOpt,
     workers: int = WorkersOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
+    dask: bool = typer.Option(False, "--dask", help="run scene tasks on a local Dask cluster (--workers processes)"),
+    dask_address: str = typer.Option(None, "--dask-address", help="run scene tasks on an existing Dask scheduler"),
 ) -> None:
     """Re-run only the scenes that have failed units in the manifest (same config options as `run`)."""
     try:
@@ -207,7 +237,7 @@ def retry(
         return
     console.print(f"retrying {len(failed)} scene(s): {', '.join(failed[:20])}")
     run(preset=preset, config=config, store=store, num_scenes=num_scenes, images=images, trajectory=trajectory,
-        seed=seed, workers=workers, verbose=False, only_scenes=failed, dask=False, dask_address=None)
+        seed=seed, workers=workers, verbose=verbose, only_scenes=failed, dask=dask, dask_address=dask_address)
 
 
 @app.command()
@@ -219,7 +249,7 @@ def evaluate(
     images: Path = ImagesOpt,
     trajectory: Path = TrajectoryOpt,
     seed: int = SeedOpt,
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
     checkpoint: Path = typer.Option(None, "--checkpoint", help="also evaluate this decoder model.safetensors on "
                                     "every scene (PSNR/SSIM vs teacher and ground truth)"),
     lpips_weights: Path = typer.Option(None, "--lpips-weights", help="local LPIPS-VGG weights (.pth): adds LPIPS to "
@@ -362,6 +392,8 @@ def inspect(
     from lyra_pipeline.inspect import array_frames, array_info, contact_sheet, export_frames
 
     try:
+        if out is not None:
+            check_out_path(out, (".png", ".gif", ".webp", ".mp4") if array else (".png", ".jpg", ".jpeg", ".webp"))
         st = RunStore(store, create=False)
         if scene not in st.scene_ids():
             raise LyraError(f"{store}: no scene {scene!r}; scenes: {', '.join(st.scene_ids()[:20])}")
@@ -444,7 +476,7 @@ def train(
     preset: str = TrainPresetOpt,
     config: Path = typer.Option(None, "--config", help="YAML with training overrides (stages, optim, ...)"),
     steps: int = typer.Option(None, "--steps", min=1, help="scale every stage's steps to this total"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     """Distill the 3DGS decoder from the store's teacher videos (resumes; a finished run does nothing)."""
     _setup_env(verbose)
@@ -481,7 +513,7 @@ def train_teacher_cmd(
     steps: int = typer.Option(None, "--steps", min=1, help="total optimiser steps"),
     export: Path = typer.Option(None, "--export", help="also write the finished teacher folder here (e.g. "
                                 "lyra_pipeline/weights/tiny_teacher)"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     """Fine-tune the camera-conditioned teacher on an oracle store's exact pairs (resumes; a finished run does
     nothing); report it against the warp-only baseline on held-out scenes."""

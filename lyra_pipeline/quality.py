@@ -14,8 +14,8 @@ frame unprojected with its exact depth), ``ceiling`` (``lyra_ops.decoder.ceiling
 teacher colours on the decoder's own output grid), ``optimized_<N>`` (per-scene 3DGS optimisation on the
 teacher frames, snapshots after N steps of one run), ``decoder``. Per row: PSNR, SSIM, LPIPS (with a local
 LPIPS module), depth AbsRel of the render vs exact depth where its alpha > 0.5, and the plane's AbsRel.
-:func:`summarize_quality` reduces rows to means and spread over scenes. Renders use Lyra's white background and
-the training renderer's near/far (``lyra_ops.distill.render_batch``).
+:func:`summarize_quality` reduces rows to means and spread over scenes. Renders composite over the input frame's
+mean colour (``QualitySettings.background``; Lyra's white on request) with the training renderer's near/far (``lyra_ops.distill.render_batch``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ from lyra_ops.baselines import (
     seen_mask,
 )
 from lyra_ops.cameras import Cameras
-from lyra_ops.distill import RENDER_FAR, RENDER_NEAR, WHITE, ViewData
+from lyra_ops.decoder import BACKGROUNDS
+from lyra_ops.distill import RENDER_FAR, RENDER_NEAR, WHITE, ViewData, background_color
 from lyra_ops.errors import LyraConfigError, LyraInputError
 from lyra_ops.gaussians import Gaussians
 from lyra_ops.images import from_uint8, to_uint8
@@ -94,7 +95,9 @@ class QualitySettings:
     (so ``optimized_300`` is step 300 of the longer run's schedule, not a separately scheduled 300-step run);
     initialised from the exact RGB-D of frame 0 and of each trajectory's last frame (every 2nd pixel,
     opacity 0.9, scale 0.3 x footprint, as ``benchmarks/bench_optimize.py``), ``optimize_init_points`` of them
-    kept at random, 3DGS densification up to ``optimize_max_gaussians``.
+    kept at random, 3DGS densification up to ``optimize_max_gaussians``. ``background``: what every
+    Gaussian method (optimisation included) composites over: ``input_mean`` (the input frame's mean colour, so
+    pixels no Gaussian covers score as the flat baseline does) or Lyra's ``white``.
     """
 
     path_stride: int = 4
@@ -111,8 +114,12 @@ class QualitySettings:
     optimize_depth_weight: float = 0.2
     backend: str = "torch"
     views_per_chunk: int = 4
+    background: str = "input_mean"  # every method's renders composite over it (see lyra_ops.distill)
 
     def __post_init__(self) -> None:
+        if self.background not in BACKGROUNDS:
+            raise LyraConfigError(f"QualitySettings.background must be one of {', '.join(BACKGROUNDS)}, "
+                                  f"got {self.background!r}")
         for name in ("path_stride", "held_out_views", "seen_frame_stride", "optimize_frame_stride",
                      "optimize_init_points", "optimize_max_gaussians", "views_per_chunk"):
             value = getattr(self, name)
@@ -202,24 +209,32 @@ def available_methods(methods: Sequence[str]) -> list[str]:
     return methods
 
 
-def render_gaussians(gaussians: Gaussians, cameras: Cameras, *, backend: str = "torch",
-                     views_per_chunk: int = 4) -> RasterOutput:
-    """Render ``gaussians`` into ``cameras`` over the white background with the training renderer's near/far;
-    rgb clamped into [0, 1], everything back on the CPU."""
+def render_gaussians(gaussians: Gaussians, cameras: Cameras, *, backend: str = "torch", views_per_chunk: int = 4,
+                     background: torch.Tensor | None = None) -> RasterOutput:
+    """Render ``gaussians`` into ``cameras`` over ``background`` (RGB (3,); None: white) with the training
+    renderer's near/far; rgb clamped into [0, 1], everything back on the CPU."""
     g = gaussians.detach()
+    bg = background if background is not None else torch.tensor(WHITE)
     with torch.no_grad():
         out = rasterize_views_chunked(
             g, cameras.w2c.to(g.device, g.dtype), cameras.K.to(g.device, g.dtype), cameras.width, cameras.height,
-            views_per_chunk=views_per_chunk, background=torch.tensor(WHITE, dtype=g.dtype, device=g.device),
-            backend=backend, near=RENDER_NEAR, far=RENDER_FAR,
+            views_per_chunk=views_per_chunk, background=bg.to(g.device, g.dtype), backend=backend, near=RENDER_NEAR,
+            far=RENDER_FAR,
         )  # fmt: skip
     return RasterOutput(out.rgb.clamp(0, 1).cpu(), out.depth.cpu(), out.alpha.cpu())
 
 
-def _render_splits(g: Gaussians, targets: Sequence[Targets], settings: QualitySettings) -> tuple[dict, float]:
+def scene_background(inputs: SceneInputs, settings: QualitySettings) -> torch.Tensor | None:
+    """The RGB every Gaussian method of the scene composites over (None: white)."""
+    return background_color(inputs.input_rgb, settings.background)
+
+
+def _render_splits(g: Gaussians, targets: Sequence[Targets], settings: QualitySettings,
+                   background: torch.Tensor | None) -> tuple[dict, float]:
     t0 = time.perf_counter()
     renders = {t.split: render_gaussians(g, t.cameras, backend=settings.backend,
-                                         views_per_chunk=settings.views_per_chunk) for t in targets}
+                                         views_per_chunk=settings.views_per_chunk, background=background)
+               for t in targets}
     return renders, time.perf_counter() - t0
 
 
@@ -235,13 +250,13 @@ def flat_method(inputs: SceneInputs, targets: Sequence[Targets]) -> MethodResult
     return MethodResult(renders, 0, 0.0, time.perf_counter() - t0)
 
 
-def gaussian_method(make: Callable[[], Gaussians], targets: Sequence[Targets],
-                    settings: QualitySettings) -> MethodResult:
-    """Build Gaussians with ``make()`` (timed) and render every split."""
+def gaussian_method(make: Callable[[], Gaussians], targets: Sequence[Targets], settings: QualitySettings,
+                    background: torch.Tensor | None = None) -> MethodResult:
+    """Build Gaussians with ``make()`` (timed) and render every split over ``background``."""
     t0 = time.perf_counter()
     g = make()
     build = time.perf_counter() - t0
-    renders, render_s = _render_splits(g, targets, settings)
+    renders, render_s = _render_splits(g, targets, settings, background)
     return MethodResult(renders, g.num, build, render_s)
 
 
@@ -271,6 +286,7 @@ def optimized_methods(inputs: SceneInputs, targets: Sequence[Targets], steps: Se
                       settings: QualitySettings) -> dict[str, MethodResult]:
     """One per-scene optimisation of max(steps) steps, scored at each snapshot (``optimized_<N>``)."""
     t0 = time.perf_counter()
+    background = scene_background(inputs, settings)
     stride = settings.optimize_frame_stride
     frames, c2w, ks, depths = [], [], [], []
     for i, view in enumerate(inputs.views):
@@ -292,6 +308,7 @@ def optimized_methods(inputs: SceneInputs, targets: Sequence[Targets], steps: Se
         steps=max(steps), init_points=settings.optimize_init_points, densify=True,
         max_gaussians=settings.optimize_max_gaussians, depth_weight=settings.optimize_depth_weight,
         backend=settings.backend, seed=derive_seed(settings.seed, "optimize", inputs.scene_id) % (1 << 31),
+        background=tuple(background.tolist()) if background is not None else (1.0, 1.0, 1.0),
     )  # fmt: skip
     snapshots: dict[int, tuple[Gaussians, float]] = {}
     wanted = set(steps)
@@ -307,7 +324,7 @@ def optimized_methods(inputs: SceneInputs, targets: Sequence[Targets], steps: Se
     out = {}
     for n in steps:
         g, seconds = snapshots[n]
-        renders, render_s = _render_splits(g, targets, settings)
+        renders, render_s = _render_splits(g, targets, settings, background)
         out[f"optimized_{n}"] = MethodResult(renders, g.num, seconds, render_s,
                                              {"train_frames": len(cams), "init_gaussians": init.num})
     return out
@@ -471,7 +488,7 @@ def scene_quality_rows(
         if method == "flat":
             results[method] = flat_method(inputs, targets)
         elif method in builders:
-            results[method] = gaussian_method(builders[method], targets, settings)
+            results[method] = gaussian_method(builders[method], targets, settings, scene_background(inputs, settings))
         elif method not in results:  # the optimized_<N> snapshots, all from one run
             results.update(optimized_methods(inputs, targets, optimized_steps(methods), settings))
         log.info("quality %s: %s in %.1f s", scene_id, method, time.perf_counter() - t1)

@@ -12,6 +12,8 @@ Which decoder (:func:`load_decoder`): an explicit checkpoint wins; else the stor
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import subprocess
@@ -24,6 +26,7 @@ import torch
 from PIL import Image
 
 from lyra_ops.decoder import LatentGaussianDecoder
+from lyra_ops.distill import background_color
 from lyra_ops.errors import LyraConfigError, LyraError, LyraInputError
 from lyra_ops.gaussians import Gaussians
 from lyra_ops.images import to_uint8
@@ -124,12 +127,14 @@ def decode_scene(model, store: RunStore, scene_id: str) -> tuple[Gaussians, View
 
 
 def render_strip(gaussians: Gaussians, views: ViewCache, scene_id: str, trajectories: list[str],
-                 per_trajectory: int = 4) -> Image.Image:
-    """Rows = trajectories, columns = evenly spaced frames: teacher frame above, decoder render below."""
+                 per_trajectory: int = 4, background: str = "white") -> Image.Image:
+    """Rows = trajectories, columns = evenly spaced frames: teacher frame above, decoder render below (over
+    ``background``, the decoder's ``DecoderConfig.background``)."""
     rows = []
     for name in trajectories:
         view = views.get(scene_id, name)
-        render, teacher = render_view(gaussians, view, evenly_spaced(int(view.frames.shape[0]), per_trajectory))
+        render, teacher = render_view(gaussians, view, evenly_spaced(int(view.frames.shape[0]), per_trajectory),
+                                      background=background)
         rows.append(torch.cat([torch.cat(list(teacher), dim=2), torch.cat(list(render), dim=2)], dim=1))
     grid = to_uint8(torch.cat(rows, dim=1)).permute(1, 2, 0).numpy()
     return Image.fromarray(grid)
@@ -163,9 +168,46 @@ def write_scene(model: LatentGaussianDecoder, source: str, store: RunStore, scen
     strip_path = None
     if strip:
         strip_path = out.with_suffix(".png")
-        render_strip(gaussians, views, scene_id, trajectories).save(strip_path)
-    html_path = splat_transform(out, out.with_suffix(".html")) if html else None
+        render_strip(gaussians, views, scene_id, trajectories,
+                     background=model.config.background).save(strip_path)
+    html_path = None
+    if html:
+        view = views.get(scene_id, trajectories[0])
+        background = background_color(view.frames[0], model.config.background)
+        settings = viewer_settings(view.cameras.c2w[0], view.cameras.K[0], view.cameras.height, view.cameras.width,
+                                   tuple(background.tolist()) if background is not None else (1.0, 1.0, 1.0))
+        settings_path = out.with_suffix(".viewer.json")
+        settings_path.write_text(json.dumps(settings, indent=1))
+        html_path = splat_transform(out, out.with_suffix(".html"), "-E", str(settings_path))
     return ExportResult(out, strip_path, gaussians.num, source, html_path)
+
+
+def viewer_settings(c2w: torch.Tensor, K: torch.Tensor, height: int, width: int,
+                    background: tuple[float, float, float]) -> dict:
+    """PlayCanvas SuperSplat viewer settings (splat-transform ``-E``) that open the scene at the input camera:
+    its position, a target one unit along its optical axis (+z, OpenCV), its field of view along the frame's
+    longer side (the viewer applies ``fov`` to the window's longer side: measured, a landscape window framed
+    the input view as our render does with the horizontal field of view, zoomed in ~1.7x with the vertical
+    one), and the decoder's background colour. (Open the HTML with ``?noanim`` to stay there: by default the
+    viewer starts a gentle figure-8 flight around that camera.)"""
+    position = c2w[:3, 3].double()
+    target = position + c2w[:3, 2].double()
+    side, focal = (width, float(K[0, 0])) if width >= height else (height, float(K[1, 1]))
+    fov = math.degrees(2.0 * math.atan(side / (2.0 * focal)))
+    return {
+        "version": 2, "tonemapping": "none", "highPrecisionRendering": False,
+        "background": {"color": [round(float(c), 4) for c in background]},
+        "postEffectSettings": {
+            "sharpness": {"enabled": False, "amount": 0}, "bloom": {"enabled": False, "intensity": 1, "blurLevel": 2},
+            "grading": {"enabled": False, "brightness": 0, "contrast": 1, "saturation": 1, "tint": [1, 1, 1]},
+            "vignette": {"enabled": False, "intensity": 0.5, "inner": 0.3, "outer": 0.75, "curvature": 1},
+            "fringing": {"enabled": False, "intensity": 0.5},
+        },
+        "animTracks": [],
+        "cameras": [{"initial": {"position": [round(float(v), 6) for v in position],
+                                 "target": [round(float(v), 6) for v in target], "fov": round(fov, 3)}}],
+        "annotations": [], "startMode": "default",
+    }  # fmt: skip
 
 
 def reconstruct_image(image: str | Path, out_dir: str | Path, *, prompt: str | None = None,

@@ -276,7 +276,7 @@ def decoder_sheet(store: RunStore, model, scene_id: str, frames_per_trajectory: 
     for name in trajectories:
         view = views.get(scene_id, name)
         picks = evenly_spaced(int(view.frames.shape[0]), frames_per_trajectory)
-        render, teacher = render_view(gaussians, view, picks)
+        render, teacher = render_view(gaussians, view, picks, background=model.config.background)
         cams = view.cameras
         gt = world.render(cams.c2w[picks], cams.K[picks], cams.height, cams.width).rgb if world is not None else teacher
         for i in range(len(picks)):

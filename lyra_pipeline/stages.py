@@ -23,10 +23,11 @@ from lyra_pipeline.storage import SCENE_STAGES, TRAJECTORY_STAGES, ManifestRow, 
 
 # Bump a stage's version when its code changes what it writes: finished work is then redone.
 STAGE_VERSIONS = {"input": 1, "depth": 1, "cameras": 1, "warp": 1, "refine": 1, "generate": 1, "latents": 1,
-                  "evaluate": 1}
+                  "video_depth": 1, "evaluate": 1}
 # Stages whose data a stage reads: each must be done under its current key before the stage may run.
 UPSTREAM = {"input": (), "depth": ("input",), "cameras": ("input",), "warp": ("depth", "cameras"),
-            "refine": ("warp",), "generate": ("refine",), "latents": ("generate",), "evaluate": ("generate",)}
+            "refine": ("warp",), "generate": ("refine",), "latents": ("generate",),
+            "video_depth": ("generate",), "evaluate": ("generate",)}
 
 
 def _file_sha(path: str | None) -> str:
@@ -120,10 +121,11 @@ def plan_keys(config: RunConfig, scene: SceneRecord) -> SceneKeys:
         k_gen = content_key("generate", v["generate"], gen_params, {"refine": k_refine, "input": k_input,
                                                                      "cameras": k_cam})
         k_lat = content_key("latents", v["latents"], section_dict(config, "latents"), {"generate": k_gen})
+        k_vdepth = content_key("video_depth", v["video_depth"], depth_params, {"generate": k_gen})
         # generate's key covers every upstream stage (depth -> warp -> refine -> generate)
         k_eval = content_key("evaluate", v["evaluate"], {}, {"generate": k_gen})
         per_traj[name] = {"cameras": k_cam, "warp": k_warp, "refine": k_refine, "generate": k_gen,
-                          "latents": k_lat, "evaluate": k_eval}
+                          "latents": k_lat, "video_depth": k_vdepth, "evaluate": k_eval}
     return SceneKeys(k_input, k_depth, per_traj)
 
 

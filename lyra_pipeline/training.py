@@ -18,6 +18,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -79,7 +80,8 @@ class StageConfig(Section):
 
 
 class OptimConfig(Section):
-    """AdamW with constant-with-warm-up learning rate and gradient clipping (Lyra: 1e-4, wd 0.01, 100, 1.0)."""
+    """AdamW with a warmed-up learning rate and gradient clipping (Lyra: 1e-4, wd 0.01, 100, 1.0, constant).
+    ``schedule`` "cosine" decays the rate after warm-up to ``min_lr_ratio`` x ``lr`` at the run's last step."""
 
     lr: float = Field(1e-4, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -87,6 +89,8 @@ class OptimConfig(Section):
     eps: float = Field(1e-8, gt=0)
     warmup_steps: int = Field(100, ge=0)
     grad_clip: float = Field(1.0, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = Field(0.05, ge=0, le=1)
 
 
 class LossConfig(Section):
@@ -119,6 +123,10 @@ class TrainConfig(Section):
     views_per_chunk: int = Field(4, ge=1)
     torch_threads: int | None = Field(1, ge=1)  # pin intra-op threads (None: torch's default)
     eval_frame_stride: int = Field(1, ge=1)  # validation renders every k-th frame of every trajectory
+    # Start from these weights instead of a random init: a lyra decoder .safetensors path, or "shipped" (the
+    # package's decoder). Its sha256 joins the run's name; the architecture must be the configured one, except
+    # for rendering-only fields (near/far keep their meaning: the weights see the same rays).
+    init_weights: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -250,7 +258,9 @@ def index_dataset(store: RunStore) -> DatasetIndex:
     scenes: dict[str, list[str]] = {}
     for s, t in units:
         scenes.setdefault(s, []).append(t)
-    blob = json.dumps([[s, t, done[(s, t, "generate")], done[(s, t, "latents")]] for s, t in units])
+    # A unit's teacher-frame depth (stage video_depth) joins the fingerprint when done: it changes the supervision.
+    blob = json.dumps([[s, t, done[(s, t, "generate")], done[(s, t, "latents")],
+                        *([done[(s, t, "video_depth")]] if (s, t, "video_depth") in done else [])] for s, t in units])
     first, traj = units[0]
     frames = store.scene_group(first)[f"trajectories/{traj}/teacher/rgb"]
     latents = store.scene_group(first)[f"trajectories/{traj}/latents"]
@@ -278,6 +288,12 @@ class ViewCache:
     def __init__(self, store: RunStore, size: int = 32) -> None:
         self.store, self.size = store, size
         self._cache: OrderedDict[tuple[str, str], ViewData] = OrderedDict()
+        self._video_depth: set[tuple[str, str]] | None = None  # units whose stage video_depth is done
+
+    def _has_video_depth(self, scene_id: str, trajectory: str) -> bool:
+        if self._video_depth is None:
+            self._video_depth = {(s, t) for (s, t, stage) in self.store.done_keys() if stage == "video_depth"}
+        return (scene_id, trajectory) in self._video_depth
 
     def get(self, scene_id: str, trajectory: str) -> ViewData:
         key = (scene_id, trajectory)
@@ -299,9 +315,13 @@ class ViewCache:
         frames = arr("teacher/rgb")
         _, _, h, w = frames.shape
         cameras = Cameras(arr("cameras/c2w").float(), arr("cameras/K").float(), int(h), int(w))
-        depth = arr("warp/depth").float()
-        valid = arr("refine/mask").bool() & (depth > 0)
-        return ViewData(frames=frames, cameras=cameras, latents=arr("latents"), depth=depth, depth_valid=valid)
+        warped = arr("warp/depth").float()
+        known = torch.where(arr("refine/mask").bool() & (warped > 0), warped, 0.0)
+        # Depth supervision: the teacher frames' own depth (stage video_depth, Lyra's ViPE) where the store
+        # has it, else the warped input depth on the refined mask.
+        depth = arr("video_depth/depth").float() if self._has_video_depth(scene_id, trajectory) else known
+        return ViewData(frames=frames, cameras=cameras, latents=arr("latents"), depth=depth, depth_valid=depth > 0,
+                        known_depth=known)
 
 
 def scene_gaussians(model: LatentGaussianDecoder, views: ViewCache, scene_id: str, trajectories: list[str]):
@@ -314,9 +334,11 @@ def scene_gaussians(model: LatentGaussianDecoder, views: ViewCache, scene_id: st
         return decode_gaussians(model, batch)
 
 
-def render_view(gaussians, view: ViewData, frames: list[int], backend: str = "torch"):
-    """Render ``gaussians`` at ``frames`` of one trajectory: (renders in [0,1] on the CPU, teacher frames)."""
-    batch = build_batch([view], list(range(int(view.frames.shape[0]))), frames, INFERENCE, PixelPatchifyEncoder())
+def render_view(gaussians, view: ViewData, frames: list[int], backend: str = "torch", background: str = "white"):
+    """Render ``gaussians`` at ``frames`` of one trajectory: (renders in [0,1] on the CPU, teacher frames).
+    ``background``: the decoder's (``DecoderConfig.background``)."""
+    batch = build_batch([view], list(range(int(view.frames.shape[0]))), frames, INFERENCE, PixelPatchifyEncoder(),
+                        background)
     with torch.no_grad():
         return render_batch(gaussians, batch, backend=backend).rgb.clamp(0, 1).cpu(), batch.rgb
 
@@ -344,18 +366,51 @@ class TrainRun:
     height: int
     width: int
     frames: int
+    init_sha256: str | None = None  # sha256 of config.init_weights' file when the run starts from weights
 
     def as_json(self) -> dict[str, Any]:
         return {
             "format_version": TRAIN_FORMAT_VERSION, "name": self.name, "config": self.config.model_dump(mode="json"),
             "dataset_fingerprint": self.fingerprint, "train_scenes": self.train_scenes,
             "val_scenes": self.val_scenes, "height": self.height, "width": self.width, "frames": self.frames,
+            "init_sha256": self.init_sha256,
         }  # fmt: skip
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> TrainRun:
         return cls(doc["name"], TrainConfig.model_validate(doc["config"]), doc["dataset_fingerprint"],
-                   list(doc["train_scenes"]), list(doc["val_scenes"]), doc["height"], doc["width"], doc["frames"])
+                   list(doc["train_scenes"]), list(doc["val_scenes"]), doc["height"], doc["width"], doc["frames"],
+                   doc.get("init_sha256"))
+
+
+# Decoder fields that only change how Gaussians are rendered or kept, not the weights' meaning: a run may start
+# from weights trained with other values of these.
+INIT_FREE_FIELDS = ("background", "prune_ratio", "gradient_checkpointing", "depth_input")
+NEW_MODULES = ("depth_embed.",)  # zero-initialised modules weights from before depth_input may lack
+
+
+def read_init_weights(config: TrainConfig) -> tuple[bytes, str] | None:
+    """(bytes, description) of ``config.init_weights`` ("shipped" = the package decoder), or None when unset.
+    A missing or unreadable file, or weights of another architecture, raise one ``LyraConfigError`` line."""
+    if config.init_weights is None:
+        return None
+    if config.init_weights == "shipped":
+        from lyra_pipeline.shipped import MODEL_FILE, shipped_decoder_dir
+
+        path = shipped_decoder_dir() / MODEL_FILE
+    else:
+        path = Path(config.init_weights).expanduser()
+    if not path.is_file():
+        raise LyraConfigError(f"train.init_weights: {path} is not a file (expected a lyra decoder .safetensors or "
+                              "'shipped')")
+    data = path.read_bytes()
+    model = load_decoder_bytes(data, str(path))
+    have, want = model.config.to_dict(), config.decoder_config().to_dict()
+    diff = {k: (have[k], want[k]) for k in want if k not in INIT_FREE_FIELDS and have[k] != want[k]}
+    if diff:
+        raise LyraConfigError(f"train.init_weights: {path} holds another decoder architecture than the configured "
+                              f"one (file, configured): {diff}")
+    return data, str(path)
 
 
 def plan_run(store: RunStore, config: TrainConfig) -> TrainRun:
@@ -380,13 +435,15 @@ def plan_run(store: RunStore, config: TrainConfig) -> TrainRun:
             raise LyraConfigError(
                 f"stage {s.name!r}: input_frames {s.input_frames} > {index.frames} frames per trajectory in the store"
             )
-    name = "decoder-" + content_key("train", TRAIN_FORMAT_VERSION, config.model_dump(mode="json"),
-                                    {"dataset": index.fingerprint})[:12]
+    init = read_init_weights(config)
+    init_sha = sha256_hex(init[0]) if init else None
+    inputs = {"dataset": index.fingerprint, **({"init_weights": init_sha} if init_sha else {})}
+    name = "decoder-" + content_key("train", TRAIN_FORMAT_VERSION, config.model_dump(mode="json"), inputs)[:12]
 
     def create() -> dict[str, Any]:
         train, val = split_scenes(sorted(index.scenes), config.val_scenes, config.seed)
         return TrainRun(name, config, index.fingerprint, train, val, index.height, index.width,
-                        index.frames).as_json()
+                        index.frames, init_sha).as_json()
 
     return TrainRun.from_json(load_or_create_run(store, name, create))
 
@@ -424,13 +481,31 @@ class Trainer:
     step: int
 
 
-def new_trainer(config: TrainConfig) -> Trainer:
-    model = LatentGaussianDecoder(config.decoder_config(), seed=config.seed).to(config.device)
+def new_trainer(config: TrainConfig, init: bytes | None = None) -> Trainer:
+    """Step-0 training state: the decoder (random, or the weights in ``init`` safetensors bytes), AdamW, the
+    scheduler and the sampling generator."""
+    model = LatentGaussianDecoder(config.decoder_config(), seed=config.seed)
+    if init is not None:
+        load_decoder_state(model, st_load(init), keep_missing=NEW_MODULES)
+    model = model.to(config.device)
     o = config.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(o.warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_lambda(o.warmup_steps, o.schedule, config.total_steps, o.min_lr_ratio))
     generator = torch.Generator().manual_seed(derive_seed(config.seed, "decoder-sampling"))
     return Trainer(model, optimizer, scheduler, generator, 0)
+
+
+def initial_weights(run: TrainRun) -> bytes | None:
+    """The run's ``init_weights`` bytes, checked against the sha256 recorded when the run was planned."""
+    init = read_init_weights(run.config)
+    if init is None:
+        return None
+    if sha256_hex(init[0]) != run.init_sha256:
+        raise LyraConfigError(f"train.init_weights: {init[1]} changed since run {run.name} was planned (sha256 "
+                              f"{sha256_hex(init[0])[:12]}, run.json {str(run.init_sha256)[:12]}); restore it or "
+                              "start a new run")
+    return init[0]
 
 
 def sha256_hex(data: bytes) -> str:
@@ -565,7 +640,7 @@ def sample_batch(run: TrainRun, views: ViewCache, trainer: Trainer, stage: Stage
     inputs, start, end = sample_input_frames(gen, run.frames, spec)
     targets = sample_targets(gen, start, end, spec.targets, spec.frame_sampling)
     data = [views.get(scene, n) for n in names]
-    return build_batch(data, inputs, targets, spec, PixelPatchifyEncoder())
+    return build_batch(data, inputs, targets, spec, PixelPatchifyEncoder(), run.config.decoder_config().background)
 
 
 def train_until(store_url: str, run_name: str, until_step: int) -> dict[str, Any]:
@@ -585,7 +660,7 @@ def train_until(store_url: str, run_name: str, until_step: int) -> dict[str, Any
     remove_uncommitted(store, run.name, start)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
-    trainer = load_trainer(store, run, start) if start else new_trainer(cfg)
+    trainer = load_trainer(store, run, start) if start else new_trainer(cfg, initial_weights(run))
     index = index_dataset(store).scenes
     missing = [s for s in run.train_scenes if s not in index]
     if missing:

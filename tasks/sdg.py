@@ -14,7 +14,7 @@ import torch
 from prefect import task
 
 from lyra_ops.cameras import Cameras, default_intrinsics
-from lyra_ops.depth import ConstantDepth, PlanarDepth, postprocess_depth
+from lyra_ops.depth import ConstantDepth, PlanarDepth, align_depth_scale, postprocess_depth
 from lyra_ops.generation import OracleGenerator, WarpOnlyGenerator
 from lyra_ops.images import from_signed, from_uint8, to_signed, to_uint8
 from lyra_ops.latents import PixelPatchifyEncoder
@@ -265,8 +265,54 @@ def encode_latents(store_url: str, config: RunConfig, scene: SceneRecord, run_id
     return run_units(store_url, config, scene, "latents", run_id, compute)
 
 
+# 9. Depth of every teacher frame (Lyra: ViPE on the generated videos): the decoder's depth supervision -------
+
+
+def teacher_frame_depth(config: RunConfig, scene: SceneRecord, frames: torch.Tensor, cams: Cameras,
+                        warped: torch.Tensor, warped_valid: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """Metric z-depth (T,1,H,W) of the teacher frames (0: unknown) and its label.
+
+    ``procedural``: the exact depth of the scene at each frame's camera. ``transformers``: the depth model on
+    each frame, scaled per frame into the cameras' metric frame by the median ratio to the warped input depth
+    (``warped`` where ``warped_valid``). Other backends have no per-frame estimator: the warped input depth where
+    the refined mask trusts it, unknown elsewhere."""
+    d = config.depth
+    if d.backend == "procedural":
+        world = make_scene(scene.seed, kind=config.scenes.scene_kind)
+        return world.render(cams.c2w, cams.K, cams.height, cams.width).depth.float(), "procedural (exact)"
+    if d.backend == "transformers":
+        from lyra_pipeline.backends.transformers_depth import TransformersDepth
+
+        estimator = TransformersDepth(d.model_path, kind=d.kind, near=d.relative_near, far=d.relative_far,
+                                      device=d.device)
+        out = []
+        for i in range(frames.shape[0]):
+            pred = estimator.estimate(frames[i], cams.K[i])
+            depth = torch.where(pred.valid, pred.depth, 0.0) if pred.valid is not None else pred.depth
+            out.append(align_depth_scale(depth, warped[i, 0], warped_valid[i, 0])[0])
+        return torch.stack(out)[:, None].float(), f"{pred.label}, scaled to the warped input depth per frame"
+    return torch.where(warped_valid, warped, 0.0).float(), "warped input depth (refined mask; elsewhere unknown)"
+
+
+@task(name="video_depth", **STAGE_TASK_OPTIONS)
+def estimate_video_depth(store_url: str, config: RunConfig, scene: SceneRecord, run_id: str = "") -> StageReport:
+    sid = scene.scene_id
+
+    def compute(store: RunStore, name: str) -> None:
+        base = f"trajectories/{name}"
+        frames = from_uint8(read_tensor(store, sid, f"{base}/teacher/rgb"))
+        warped = read_tensor(store, sid, f"{base}/warp/depth").float()
+        valid = read_tensor(store, sid, f"{base}/refine/mask").bool() & (warped > 0)
+        depth, label = teacher_frame_depth(config, scene, frames, read_cameras(store, sid, name, config), warped,
+                                           valid)
+        write_frames(store, sid, f"{base}/video_depth/depth", depth.numpy(), label=label)
+
+    return run_units(store_url, config, scene, "video_depth", run_id, compute)
+
+
 SCENE_TASKS = {"input": make_input, "depth": estimate_depth, "cameras": make_cameras, "warp": warp_frames,
-               "refine": refine_masks, "generate": generate_video, "latents": encode_latents}
+               "refine": refine_masks, "generate": generate_video, "latents": encode_latents,
+               "video_depth": estimate_video_depth}
 
 
 @task(name="scene", **STAGE_TASK_OPTIONS)

@@ -84,7 +84,8 @@ def scene_decoder_rows(store: RunStore, scene_id: str, model, *, sha: str, run: 
     rows: list[dict[str, Any]] = []
     for traj in trajs:
         targets = list(range(0, frames, stride))
-        render, teacher = render_view(gaussians, views.get(scene_id, traj), targets, backend)
+        render, teacher = render_view(gaussians, views.get(scene_id, traj), targets, backend,
+                                      background=model.config.background)
         p_t = psnr(render, teacher)
         s_t = structural_similarity_index_measure(render, teacher, data_range=1.0, reduction="none")
         l_t, l_g = lp(render, teacher), [math.nan] * len(targets)

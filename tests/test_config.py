@@ -55,3 +55,11 @@ def test_shipped_configs_validate(path):
     if over.get("scenes", {}).get("images_dir"):
         over["scenes"]["images_dir"] = "/tmp"
     build_config(preset or "smoke", over, source=str(path))
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "train").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_training_configs_validate(path):
+    from lyra_pipeline.training import build_train_config
+
+    preset, over = load_config_file(path)
+    build_train_config(preset or "default", over, source=str(path))

@@ -18,11 +18,13 @@ from lyra_ops.decoder import (
     DecoderConfig,
     LatentGaussianDecoder,
     block_colors,
+    block_distance,
     ceiling_gaussians,
     gaussian_processing,
     load_decoder_state,
     lyra_block_pattern,
     output_frames,
+    output_rays,
     ray_distance,
 )
 from lyra_ops.errors import LyraConfigError
@@ -510,3 +512,64 @@ def test_mamba_fallback_warns_and_builds_attention(monkeypatch, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="lyra_ops.decoder"):
         LatentGaussianDecoder(DecoderConfig.preset("tiny"))
     assert not caplog.records
+
+
+# --- known depth (depth_input) ---------------------------------------------------------------------------------
+
+
+def test_ray_distance_takes_a_known_base_as_its_zero_point() -> None:
+    cfg = DecoderConfig.preset("tiny")
+    base = torch.tensor([[0.0], [0.5], [2.0], [7.5], [50.0]])
+    dist = ray_distance(torch.zeros(5, 1), cfg, base)
+    torch.testing.assert_close(dist[:, 0], torch.tensor([3.0, 0.5, 2.0, 7.5, 20.0]), atol=1e-3, rtol=1e-3)  # far: clamped just inside
+    # equal steps of delta are still (nearly) equal ratios around the known base
+    up = ray_distance(torch.full((5, 1), 0.1), cfg, base)
+    assert (up > dist).all()
+    with pytest.raises(LyraConfigError, match="log"):
+        ray_distance(torch.zeros(1, 1), LYRA_TINY, torch.ones(1, 1))
+
+
+def test_block_distance_puts_known_blocks_on_the_depth_and_leaves_edges_unknown() -> None:
+    cfg = DecoderConfig.preset("tiny")
+    t, h, w = 9, 32, 48
+    cams = trajectory(t, h, w, 0.0)
+    depth = torch.full((t, 1, h, w), 2.5)
+    depth[8, 0, 4:8, 8:12] = 0.0  # frame 8, block (1, 2): unknown
+    depth[0, 0, 8:12, 9:10] = 5.0  # frame 0, block (2, 2): the central pixels straddle an edge
+    _, origins, dirs, _ = output_rays(cfg, cams)
+    dist = block_distance(depth, cams, dirs, cfg)
+    assert dist.shape == (2, h // 4, w // 4, 1)
+    z = (dist * dirs)[..., 2]  # cameras look down +z from z = 0
+    known = dist[..., 0] > 0
+    torch.testing.assert_close(z[known], torch.full_like(z[known], 2.5))
+    assert not known[1, 1, 2] and not known[0, 2, 2] and int((~known).sum()) == 2
+
+
+def test_depth_input_starts_from_the_model_without_it(inputs) -> None:
+    """The depth embedding is zero at init: weights trained without depth_input load (keep_missing) and give
+    the same Gaussians when nothing is known; with known depth, a zero distance output sits on that depth."""
+    latents, plucker, cams = inputs
+    plain = LatentGaussianDecoder(DecoderConfig.preset("tiny", depth_input=False), seed=3)
+    model = LatentGaussianDecoder(DecoderConfig.preset("tiny"), seed=0)
+    with pytest.raises(LyraConfigError, match="missing keys"):
+        load_decoder_state(model, plain.state_dict())
+    load_decoder_state(model, plain.state_dict(), keep_missing=("depth_embed.",))
+    assert model.depth_embed.proj.weight.abs().max() == 0
+    with torch.no_grad():
+        a, b = plain(latents, plucker, cams), model(latents, plucker, cams)
+        torch.testing.assert_close(a.means, b.means)
+        torch.testing.assert_close(a.colors, b.colors)
+        model.head.weight[:, 0].zero_()
+        model.head.bias[0] = 0.0
+        known = torch.full((2, 9, 1, 64, 96), 2.0)
+        g = model(latents, plucker, cams, known_depth=known)
+    origins, dirs, _ = model.rays(cams, torch.device("cpu"))
+    z = ((g.means - origins.reshape(-1, 3)) * torch.tensor([0.0, 0.0, 1.0])).sum(-1)
+    torch.testing.assert_close(z, torch.full_like(z, 2.0), atol=1e-4, rtol=1e-4)
+    with pytest.raises(LyraConfigError, match="known_depth"):
+        model(latents, plucker, cams, known_depth=torch.ones(2, 9, 1, 32, 48))
+    # the known depth reaches the trunk: a trained (non-zero) embedding changes the raw output
+    with torch.no_grad():
+        model.depth_embed.proj.weight.normal_(0, 0.01)
+        other = model(latents, plucker, cams, known_depth=known * 1.5)
+    assert not torch.allclose(other.colors, g.colors)

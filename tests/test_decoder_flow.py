@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from pathlib import Path
 
@@ -15,9 +16,16 @@ from lyra_ops.distill import INFERENCE, build_batch, render_batch
 from lyra_ops.gaussians import SH_C0, Gaussians
 from lyra_ops.latents import PixelPatchifyEncoder
 from lyra_ops.metrics import psnr
-from lyra_pipeline.reconstruct import decode_scene, export_scene, load_decoder, splat_transform, splat_transform_command
+from lyra_pipeline.reconstruct import (
+    decode_scene,
+    export_scene,
+    load_decoder,
+    splat_transform,
+    splat_transform_command,
+    viewer_settings,
+)
 from lyra_pipeline.storage import RunStore
-from lyra_pipeline.training import LATEST, read_metrics
+from lyra_pipeline.training import LATEST, read_metrics, render_view
 from tests.conftest import check_train_files_documented
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,6 +145,91 @@ def test_export_ply_html_viewer(trained_store, tmp_path):
     text = res.html.read_text(errors="replace")
     assert res.html.stat().st_size > 10_000 and "<html" in text.lower()
     assert os.path.getsize(res.ply) > 0
+    # the viewer opens at the input camera (identity pose: at the origin, looking down +z) over the decoder's
+    # background, with the input camera's vertical field of view
+    settings = json.loads(res.ply.with_suffix(".viewer.json").read_text())
+    initial = settings["cameras"][0]["initial"]
+    assert initial["position"] == [0.0, 0.0, 0.0] and initial["target"] == [0.0, 0.0, 1.0]
+    K = RunStore(store_path).read_array(scene_id, "input/K")
+    w = RunStore(store_path).read_array(scene_id, "input/rgb").shape[2]
+    assert initial["fov"] == pytest.approx(math.degrees(2 * math.atan(w / (2 * K[0, 0]))), abs=1e-3)  # landscape
+
+
+def _chromium() -> str | None:
+    import importlib.util
+    import shutil
+
+    found = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    return found if found and importlib.util.find_spec("playwright") is not None else None
+
+
+def viewer_screenshot(html: Path, width: int, height: int, browser: str, timeout_s: float = 60.0):
+    """The HTML viewer at ``width`` x ``height`` in headless Chromium (software WebGL), started without its intro
+    flight (``?noanim``) and without UI: an (H,W,3) uint8 array, taken once the canvas stops being blank."""
+    import io
+    import time
+
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=browser, args=["--no-sandbox", "--use-angle=swiftshader",
+                                                              "--enable-unsafe-swiftshader", "--ignore-gpu-blocklist"])
+        page = b.new_page(viewport={"width": width, "height": height})
+        page.goto(html.resolve().as_uri() + "?noanim&noui")
+        deadline, shot = time.monotonic() + timeout_s, None
+        while time.monotonic() < deadline:
+            page.wait_for_timeout(1000)
+            shot = np.asarray(Image.open(io.BytesIO(page.screenshot())).convert("RGB"))
+            if shot.std() > 10:  # drawn (a blank canvas is one flat colour)
+                page.wait_for_timeout(2000)  # let the sort and the last frames settle
+                shot = np.asarray(Image.open(io.BytesIO(page.screenshot())).convert("RGB"))
+                break
+        b.close()
+    return shot
+
+
+@pytest.mark.skipif(splat_transform_command() is None or _chromium() is None,
+                    reason="needs node/npx, playwright and a Chromium")
+def test_html_viewer_opens_at_the_input_view(trained_store, tmp_path):
+    """Headless Chromium screenshot of the exported viewer vs our own render of the input view (frame 0):
+    the measure is PSNR, which must beat the input's flat mean colour by 3 dB, and at most 20% of the pixels
+    may be the viewer's background (the decoder's background colour)."""
+    import numpy as np
+
+    store_path, _ = trained_store
+    scene_id = sorted(RunStore(store_path).scene_ids())[0]
+    res = export_scene(str(store_path), scene_id, tmp_path / "scene.ply", html=True, strip=False)
+    model, _ = load_decoder(RunStore(store_path), None)
+    gaussians, views, trajectories = decode_scene(model, RunStore(store_path), scene_id)
+    view = views.get(scene_id, trajectories[0])
+    ours = render_view(gaussians, view, [0], background=model.config.background)[0][0]  # (3,H,W)
+    h, w = ours.shape[1:]
+    shot = viewer_screenshot(res.html, w, h, _chromium())
+    assert shot is not None and shot.shape == (h, w, 3)
+    shot_t = torch.from_numpy(shot.copy()).permute(2, 0, 1).float() / 255
+    bg = torch.tensor(json.loads(res.ply.with_suffix(".viewer.json").read_text())["background"]["color"])
+    background_share = float(((shot_t - bg[:, None, None]).abs().max(dim=0).values < 2 / 255).float().mean())
+    flat = ours.mean(dim=(1, 2), keepdim=True).expand_as(ours)
+    p_viewer, p_flat = float(psnr(shot_t[None], ours[None])), float(psnr(flat[None], ours[None]))
+    assert background_share < 0.2, background_share
+    assert p_viewer > p_flat + 3.0, (p_viewer, p_flat)
+    assert np.isfinite(p_viewer)
+
+
+def test_viewer_settings_put_the_camera_at_a_pose():
+    c2w = torch.eye(4)
+    c2w[:3, :3] = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]])  # looking down +x
+    c2w[:3, 3] = torch.tensor([1.0, 2.0, 3.0])
+    K = torch.tensor([[100.0, 0, 80], [0, 100.0, 45], [0, 0, 1]])
+    s = viewer_settings(c2w, K, 90, 160, (0.2, 0.3, 0.4))
+    assert s["cameras"][0]["initial"]["position"] == [1.0, 2.0, 3.0]
+    assert s["cameras"][0]["initial"]["target"] == [2.0, 2.0, 3.0]  # c2w[:3, 2] is the optical axis (+x here)
+    assert s["cameras"][0]["initial"]["fov"] == pytest.approx(math.degrees(2 * math.atan(0.8)), abs=1e-3)  # along W
+    portrait = viewer_settings(c2w, K, 160, 90, (0.2, 0.3, 0.4))
+    assert portrait["cameras"][0]["initial"]["fov"] == pytest.approx(math.degrees(2 * math.atan(0.8)), abs=1e-3)
+    assert s["background"]["color"] == [0.2, 0.3, 0.4]
 
 
 def test_storage_layout_documents_training_files(trained_store):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -41,6 +42,7 @@ from lyra_ops.distill import (
     warmup_lambda,
 )
 from lyra_ops.errors import LyraConfigError, LyraInputError, LyraStorageError
+from lyra_ops.gaussians import Gaussians
 from lyra_ops.latents import PixelPatchifyEncoder
 from lyra_ops.losses import LossWeights
 from lyra_ops.metrics import psnr
@@ -54,6 +56,7 @@ from lyra_pipeline.training import (
     build_train_config,
     checkpoint_steps,
     index_dataset,
+    initial_weights,
     load_decoder_bytes,
     new_trainer,
     plan_run,
@@ -113,6 +116,17 @@ def test_stage_spec_validation():
     assert [warmup_lambda(4)(s) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
 
 
+def test_cosine_schedule_warms_up_then_decays_to_the_floor():
+    f = warmup_lambda(4, "cosine", total_steps=14, min_ratio=0.1)
+    values = [f(s) for s in range(20)]
+    assert values[:3] == [0.25, 0.5, 0.75] and values[3] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(values[3:], values[4:], strict=False))  # never rises after warm-up
+    assert values[8] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))  # half way: the mean
+    assert values[13] == pytest.approx(0.1) and values[19] == pytest.approx(0.1)  # floor at the end, held
+    with pytest.raises(LyraConfigError, match="schedule"):
+        warmup_lambda(4, "linear")
+
+
 # --- batches -------------------------------------------------------------------------------------------------
 
 
@@ -150,6 +164,21 @@ def test_build_batch_carries_the_input_frames_depth():
     assert batch_to(batch, "cpu").input_depth.shape == (2, 9, 1, 32, 48)
     no_depth = ViewData(view.frames, view.cameras, view.latents)
     assert build_batch([no_depth], list(range(9)), [2], StageSpec("s", 1), PixelPatchifyEncoder()).input_depth is None
+
+
+def test_batch_background_is_the_input_frames_mean_colour():
+    view = toy_view()
+    white = build_batch([view], list(range(9)), [2], StageSpec("s", 1), PixelPatchifyEncoder())
+    assert white.background is None
+    mean = build_batch([view], list(range(9)), [2], StageSpec("s", 1), PixelPatchifyEncoder(), "input_mean")
+    torch.testing.assert_close(mean.background, view.frames[0].float().mean(dim=(1, 2)) / 255)
+    # the renderer composites it where nothing covers a pixel
+    behind = Gaussians(torch.tensor([[0.0, 0.0, -50.0]]), torch.full((1, 3), 0.01), torch.tensor([[1.0, 0, 0, 0]]),
+                       torch.ones(1), torch.zeros(1, 3))  # one Gaussian far behind the camera: nothing covered
+    out = render_batch(behind, mean)
+    torch.testing.assert_close(out.rgb[0], mean.background[:, None, None].expand(3, 32, 48))
+    with pytest.raises(LyraConfigError, match="background"):
+        build_batch([view], [0], [0], StageSpec("s", 1), PixelPatchifyEncoder(), "black")
 
 
 def _log_delta(distance: torch.Tensor, config: DecoderConfig) -> torch.Tensor:
@@ -313,13 +342,40 @@ def test_training_on_smoke_store_decreases_loss(smoke_store):
     model = load_decoder_bytes(data, "trained")
     with torch.no_grad():
         after = float(batch_loss(model, batch, spec, weights=w)[0])
-    assert after < 0.8 * before, (before, after)
+    # the CPU layout starts at its inputs (colour skip, known depth), so ten steps take a few percent off
+    # (measured 0.0241 -> 0.0224); a broken step leaves the loss where it was or raises it
+    assert after < 0.95 * before, (before, after)
     metrics = read_metrics(store, run.name).to_pylist()
     assert [r["step"] for r in metrics] == list(range(1, 11)) and all(r["mse"] > 0 for r in metrics)
     # finished: a second call does nothing and rewrites nothing
     mtime = os.stat(smoke_store / RunStore.checkpoint_rel(run.name, 10, "model.safetensors")).st_mtime_ns
     assert train_until(str(smoke_store), run.name, 10)["computed"] == 0
     assert os.stat(smoke_store / RunStore.checkpoint_rel(run.name, 10, "model.safetensors")).st_mtime_ns == mtime
+
+
+def test_run_can_start_from_given_weights(smoke_store, tmp_path):
+    store = RunStore(smoke_store)
+    base = build_train_config("smoke", overrides(2, 2))
+    first = plan_run(store, base)
+    train_until(str(smoke_store), first.name, 2)
+    weights = tmp_path / "init.safetensors"
+    weights.write_bytes(store.read_file(RunStore.checkpoint_rel(first.name, 2, "model.safetensors")))
+    config = build_train_config("smoke", {**overrides(2, 2), "init_weights": str(weights),
+                                          "optim": {"schedule": "cosine"}})
+    run = plan_run(store, config)
+    assert run.name != first.name and run.init_sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
+    start = new_trainer(config, initial_weights(run)).model.state_dict()
+    for key, value in st_load(weights.read_bytes()).items():
+        torch.testing.assert_close(start[key], value.float())
+    assert train_until(str(smoke_store), run.name, 2)["computed"] == 2
+    # another architecture, a missing file, or the file changed after planning: one clear line each
+    with pytest.raises(LyraConfigError, match="another decoder architecture"):
+        plan_run(store, build_train_config("smoke", {"init_weights": str(weights), "decoder_overrides": {"width": 32}}))
+    with pytest.raises(LyraConfigError, match="is not a file"):
+        plan_run(store, build_train_config("smoke", {"init_weights": str(tmp_path / "nope.safetensors")}))
+    weights.write_bytes(store.read_file(RunStore.checkpoint_rel(run.name, 2, "model.safetensors")))
+    with pytest.raises(LyraConfigError, match="changed since run"):
+        initial_weights(run)
 
 
 KILL_SCRIPT = """

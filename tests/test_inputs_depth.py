@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from lyra_ops.cameras import default_intrinsics
-from lyra_ops.depth import ConstantDepth, PlanarDepth, check_user_depth, postprocess_depth
+from lyra_ops.depth import ConstantDepth, PlanarDepth, align_depth_scale, check_user_depth, postprocess_depth
 from lyra_ops.errors import LyraInputError
 from lyra_ops.generation import WarpOnlyGenerator, push_pull_fill
 from lyra_ops.images import cover_crop_resize, from_uint8, to_uint8
@@ -100,3 +100,43 @@ def test_push_pull_fill_and_warp_only():
     out = WarpOnlyGenerator().generate(torch.rand(3, 16, 16), "", cams, img.expand(3, 3, 16, 16) * 2 - 1,
                                        mask.expand(3, 1, 16, 16), seed=0)
     assert out.shape == (3, 3, 16, 16)
+
+
+def test_align_depth_scale_matches_the_reference_by_median_ratio():
+    gen = torch.Generator().manual_seed(0)
+    reference = torch.rand(24, 32, generator=gen) * 4 + 1
+    valid = torch.rand(24, 32, generator=gen) > 0.3
+    relative = reference / 2.5  # a monocular estimate off by a global scale
+    relative[0, :8] = 50.0  # a few outliers the median ignores
+    aligned, factor = align_depth_scale(relative, torch.where(valid, reference, 0.0), valid)
+    assert factor == pytest.approx(2.5, rel=1e-5)
+    torch.testing.assert_close(aligned[1:], reference[1:])
+    # too few reference pixels: left as it is
+    few = torch.zeros_like(valid)
+    few[0, :3] = True
+    same, one = align_depth_scale(relative, reference, few)
+    assert one == 1.0 and same is relative
+    with pytest.raises(LyraInputError, match="align_depth_scale"):
+        align_depth_scale(relative, reference[:4], valid)
+
+
+def test_teacher_frame_depth_backends():
+    from lyra_pipeline.config import build_config
+    from lyra_ops.scenes import make_scene
+    from tasks.sdg import teacher_frame_depth
+
+    h, w, t = 32, 48, 5
+    cams = make_trajectory("left", default_intrinsics(h, w), h, w, t, distance=0.2)
+    record = SceneRecord(scene_id="proc-000000", text="", image_path=None, content_sha="", seed=7, source="procedural")
+    warped = torch.full((t, 1, h, w), 2.0)
+    valid = torch.zeros(t, 1, h, w, dtype=torch.bool)
+    valid[:, :, :, : w // 2] = True
+    exact_cfg = build_config("smoke", {})
+    depth, label = teacher_frame_depth(exact_cfg, record, torch.zeros(t, 3, h, w), cams, warped, valid)
+    expected = make_scene(7, kind=exact_cfg.scenes.scene_kind).render(cams.c2w, cams.K, h, w).depth
+    torch.testing.assert_close(depth, expected.float())
+    assert label == "procedural (exact)" and depth.shape == (t, 1, h, w)
+    planar_cfg = build_config("smoke", {"depth": {"backend": "planar"}})
+    depth, label = teacher_frame_depth(planar_cfg, record, torch.zeros(t, 3, h, w), cams, warped, valid)
+    torch.testing.assert_close(depth, torch.where(valid, 2.0, 0.0))
+    assert "warped input depth" in label

@@ -271,6 +271,16 @@ def test_inspect_writes_contact_sheet(finished_store, tmp_path):
     assert img.shape[0] > 48 * 4 and img.std() > 10  # several rows, not blank
     result = CliRunner().invoke(app, ["inspect", "nope", "--store", str(finished_store)])
     assert result.exit_code == 2 and "no scene 'nope'" in result.output
+    # a bad --out is one line before any work, not a traceback after it
+    for bad, says in ((tmp_path / "missing" / "x.png", "does not exist"), (tmp_path / "x.jpgg", "must end in")):
+        result = CliRunner().invoke(app, ["inspect", "proc-000000", "--store", str(finished_store), "--out", str(bad)])
+        assert result.exit_code == 2 and says in result.output and "Traceback" not in result.output, result.output
+        assert not bad.exists()
+
+
+def test_version_flag():
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("lyra-pipeline ")
 
 
 def _run_cli(args: list[str], env: dict[str, str]) -> subprocess.Popen:
