@@ -694,8 +694,9 @@ class LatentGaussianDecoder(nn.Module):
                                                               w * cfg.spatial_factor), cfg)
             if tuple(depth_tokens.shape) != (v, PATCHIFY_LATENT_CHANNELS, t_l, h, w):
                 found = tuple(depth_tokens.shape)
-                raise LyraConfigError(f"depth_tokens: decoder.depth_input needs (V, {PATCHIFY_LATENT_CHANNELS}, T_l, h, w) "
-                                      f"= ({v}, {PATCHIFY_LATENT_CHANNELS}, {t_l}, {h}, {w}), found {found}")
+                c = PATCHIFY_LATENT_CHANNELS
+                raise LyraConfigError(f"depth_tokens: decoder.depth_input needs (V, {c}, T_l, h, w) = ({v}, {c}, "
+                                      f"{t_l}, {h}, {w}), found {found}")
             tokens = tokens + self.depth_embed(depth_tokens.to(tokens.device, dtype))
         x = tokens.reshape(1, -1, self.config.width)  # views concatenated view-major, then (t, h, w)
         for block in self.blocks:
@@ -729,8 +730,8 @@ class LatentGaussianDecoder(nn.Module):
             if known_depth is None:  # nothing known: every Gaussian's distance is learned
                 known_depth = torch.zeros(v, frames, 1, *size)
             if tuple(known_depth.shape) != (v, frames, 1, *size):
-                raise LyraConfigError(f"known_depth: expected the input frames' depth (V, T, 1, H, W) = ({v}, {frames}, "
-                                      f"1, {size[0]}, {size[1]}), found {tuple(known_depth.shape)}")
+                raise LyraConfigError(f"known_depth: expected the input frames' depth (V, T, 1, H, W) = ({v}, "
+                                      f"{frames}, 1, {size[0]}, {size[1]}), found {tuple(known_depth.shape)}")
             tokens = encode_known_depth(known_depth.cpu(), self.config)
         raw = self.forward_raw(latents, plucker, tokens)  # (V,12,T_out,h,w)
         origins, dirs, footprint = self.rays(cameras_per_view, raw.device)

@@ -15,7 +15,8 @@ teacher colours on the decoder's own output grid), ``optimized_<N>`` (per-scene 
 teacher frames, snapshots after N steps of one run), ``decoder``. Per row: PSNR, SSIM, LPIPS (with a local
 LPIPS module), depth AbsRel of the render vs exact depth where its alpha > 0.5, and the plane's AbsRel.
 :func:`summarize_quality` reduces rows to means and spread over scenes. Renders composite over the input frame's
-mean colour (``QualitySettings.background``; Lyra's white on request) with the training renderer's near/far (``lyra_ops.distill.render_batch``).
+mean colour (``QualitySettings.background``; Lyra's white on request) with the training renderer's near/far
+(``lyra_ops.distill.render_batch``).
 """
 
 from __future__ import annotations

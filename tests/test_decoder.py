@@ -521,7 +521,8 @@ def test_ray_distance_takes_a_known_base_as_its_zero_point() -> None:
     cfg = DecoderConfig.preset("tiny")
     base = torch.tensor([[0.0], [0.5], [2.0], [7.5], [50.0]])
     dist = ray_distance(torch.zeros(5, 1), cfg, base)
-    torch.testing.assert_close(dist[:, 0], torch.tensor([3.0, 0.5, 2.0, 7.5, 20.0]), atol=1e-3, rtol=1e-3)  # far: clamped just inside
+    # far: clamped just inside
+    torch.testing.assert_close(dist[:, 0], torch.tensor([3.0, 0.5, 2.0, 7.5, 20.0]), atol=1e-3, rtol=1e-3)
     # equal steps of delta are still (nearly) equal ratios around the known base
     up = ray_distance(torch.full((5, 1), 0.1), cfg, base)
     assert (up > dist).all()

@@ -80,7 +80,7 @@ def test_generate_dataset_deployment_on_postgres_server(postgres_server, tmp_pat
             worker.kill()
             worker.wait(30)
     rows = RunStore(store, create=False).read_manifest().to_pylist()
-    assert len(rows) == 2 + 5 and {r["status"] for r in rows} == {"done"}
+    assert len(rows) == 2 + 6 and {r["status"] for r in rows} == {"done"}
     # the scheduled retraining deployment carries its cron schedule
     out = prefect(["deployment", "inspect", "retrain-decoder/retrain-decoder"], env)
     assert "0 3 * * *" in out

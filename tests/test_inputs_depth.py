@@ -121,8 +121,8 @@ def test_align_depth_scale_matches_the_reference_by_median_ratio():
 
 
 def test_teacher_frame_depth_backends():
-    from lyra_pipeline.config import build_config
     from lyra_ops.scenes import make_scene
+    from lyra_pipeline.config import build_config
     from tasks.sdg import teacher_frame_depth
 
     h, w, t = 32, 48, 5

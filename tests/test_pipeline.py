@@ -50,14 +50,14 @@ def finished_store(tmp_path_factory, prefect_harness) -> Path:
     root = tmp_path_factory.mktemp("flow") / "store"
     summary = generate_dataset(store=str(root), preset="smoke", overrides=SMALL)
     assert summary["failed_scenes"] == []
-    assert summary["computed"] == 2 * (2 + 5 * 3) and summary["skipped"] == 0
+    assert summary["computed"] == 2 * (2 + 6 * 3) and summary["skipped"] == 0
     return root
 
 
 def test_flow_completes_every_stage(finished_store):
     store = RunStore(finished_store, create=False)
     rows = store.read_manifest().to_pylist()
-    assert len(rows) == 2 * (2 + 5 * 3) and all(r["status"] == "done" for r in rows)
+    assert len(rows) == 2 * (2 + 6 * 3) and all(r["status"] == "done" for r in rows)
     teacher = store.read_array("proc-000000", "trajectories/left/teacher/rgb")
     assert teacher.shape == (9, 3, 48, 80) and teacher.dtype == np.uint8
     # frame 0 of every path is the input view
@@ -78,11 +78,11 @@ def test_flow_completes_every_stage(finished_store):
 def test_second_run_does_no_work_and_rewrites_nothing(finished_store, prefect_harness):
     before = store_snapshot(finished_store)
     summary = generate_dataset(store=str(finished_store), preset="smoke", overrides=SMALL)
-    assert summary["computed"] == 0 and summary["skipped"] == 2 * (2 + 5 * 3)
+    assert summary["computed"] == 0 and summary["skipped"] == 2 * (2 + 6 * 3)
     assert store_snapshot(finished_store) == before
     result = CliRunner().invoke(app, ["status", "--store", str(finished_store)])
     assert result.exit_code == 0, result.output
-    assert "computed 0, reused 34" in " ".join(result.output.split())
+    assert "computed 0, reused 40" in " ".join(result.output.split())
 
 
 def test_cli_rerun_of_a_finished_store_starts_no_flow(finished_store, tmp_path):
@@ -153,7 +153,7 @@ def test_stage_granularity_tasks_give_the_same_store(finished_store, tmp_path, p
     over = {**SMALL, "compute": {"tasks": "stage"}}
     url = str(tmp_path / "stage")
     summary = generate_dataset(store=url, preset="smoke", overrides=over)
-    assert summary["computed"] == 2 * (2 + 5 * 3) and summary["failed_scenes"] == []
+    assert summary["computed"] == 2 * (2 + 6 * 3) and summary["failed_scenes"] == []
     assert summary["computed_by_stage"]["warp"] == 6
     assert_same_arrays(all_arrays(url), all_arrays(str(finished_store)))
     assert generate_dataset(store=url, preset="smoke", overrides=SMALL)["computed"] == 0  # compute: no key
@@ -169,7 +169,8 @@ def test_config_change_reruns_only_affected_stages(finished_store, tmp_path):
     for s in sample_prompts.fn(str(url), cfg):
         for name, task in SCENE_TASKS.items():
             counts[name] = counts.get(name, 0) + task.fn(str(url), cfg, s).computed
-    assert counts == {"input": 0, "depth": 0, "cameras": 0, "warp": 0, "refine": 6, "generate": 6, "latents": 6}
+    assert counts == {"input": 0, "depth": 0, "cameras": 0, "warp": 0, "refine": 6, "generate": 6, "latents": 6,
+                      "video_depth": 6}
 
 
 def test_storage_layout_document_matches_store(finished_store):
@@ -222,7 +223,7 @@ def test_bad_image_fails_alone_and_is_recorded(tmp_path, examples_dir, prefect_h
     assert len(failed) == 1 and failed[0]["scene_id"] == "corrupt" and failed[0]["stage"] == "input"
     assert "corrupt.png: cannot decode image" in failed[0]["error"]
     good = [r for r in rows if r["scene_id"] == "good"]
-    assert len(good) == 2 + 5 * 3 and all(r["status"] == "done" for r in good)
+    assert len(good) == 2 + 6 * 3 and all(r["status"] == "done" for r in good)
     result = CliRunner().invoke(app, ["status", "--store", url, "--failed"])
     assert "corrupt.png: cannot decode image" in " ".join(result.output.split())
     # the user fixes the file; `lyra retry` re-runs only the failed scene
@@ -234,7 +235,7 @@ def test_bad_image_fails_alone_and_is_recorded(tmp_path, examples_dir, prefect_h
     assert result.exit_code == 0, result.output
     assert "retrying 1 scene(s): corrupt" in result.output
     rows = RunStore(url, create=False).read_manifest().to_pylist()
-    assert len(rows) == 2 * (2 + 5 * 3) and all(r["status"] == "done" for r in rows)
+    assert len(rows) == 2 * (2 + 6 * 3) and all(r["status"] == "done" for r in rows)
     assert {p: m for p, m in store_snapshot(Path(url)).items() if "good" in p} == good_before
 
 
@@ -314,7 +315,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(finished_store, tmp_path,
         time.sleep(0.05)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, f"run ended before it could be killed: {proc.stderr.read()[-2000:]}"
-    assert 6 <= killed_with_done < 34
+    assert 6 <= killed_with_done < 40
     proc = _run_cli(args, env)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
@@ -322,7 +323,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(finished_store, tmp_path,
     assert peak_kib < 4 * 1024 * 1024, f"a lyra run peaked at {peak_kib / 1024:.0f} MiB"
     assert_same_arrays(all_arrays(str(url)), all_arrays(str(finished_store)))
     rows = RunStore(url, create=False).read_manifest().to_pylist()
-    assert all(r["status"] == "done" for r in rows) and len(rows) == 34
+    assert all(r["status"] == "done" for r in rows) and len(rows) == 40
     assert not list(url.rglob("*.partial")) and not list(url.rglob("*.tmp"))
 
 
@@ -359,12 +360,12 @@ def test_two_concurrent_runs_on_one_store_match_a_single_run(finished_store, tmp
         assert proc.returncode == 0, err[-3000:]
     assert_same_arrays(all_arrays(str(url)), all_arrays(str(finished_store)))
     rows = RunStore(url, create=False).read_manifest().to_pylist()
-    assert len(rows) == 34 and all(r["status"] == "done" for r in rows)
+    assert len(rows) == 40 and all(r["status"] == "done" for r in rows)
     assert not list((url / "leases").glob("*.json")) if (url / "leases").exists() else True
-    # each unit was computed once in all (no duplicated work): the run summaries add up to 34 (a run that starts
+    # each unit was computed once in all (no duplicated work): the run summaries add up to 40 (a run that starts
     # after the other finished everything answers "nothing to do" without a flow run or summary)
     runs = RunStore(url, create=False).run_summaries()
-    assert len(runs) in (1, 2) and sum(r["computed"] for r in runs) == 34
+    assert len(runs) in (1, 2) and sum(r["computed"] for r in runs) == 40
 
 
 def _kill_resume_cycles(reference: Path, tmp_path: Path, kills: int, seed: int, overrides: dict,

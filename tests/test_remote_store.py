@@ -52,10 +52,10 @@ def test_smoke_flow_on_s3_reads_back_and_resumes(s3, smoke_store_template, prefe
     url = "s3://lyra/smoke"
     over = {"scenes": {"num_scenes": 1}, "trajectories": {"names": ["left", "zoom_in"]}}
     summary = generate_dataset(store=url, preset="smoke", overrides=over)
-    assert summary["failed_scenes"] == [] and summary["computed"] == 2 + 5 * 2
+    assert summary["failed_scenes"] == [] and summary["computed"] == 2 + 6 * 2
     store = RunStore(url, create=False)
     rows = store.read_manifest().to_pylist()
-    assert len(rows) == 12 and {r["status"] for r in rows} == {"done"}
+    assert len(rows) == 14 and {r["status"] for r in rows} == {"done"}
     # the same arrays as the local smoke store (same seeds, same code)
     local = RunStore(smoke_store_template, create=False)
     for name in ("input/rgb", "depth/depth", "trajectories/left/warp/rgb", "trajectories/left/refine/mask",

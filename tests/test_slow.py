@@ -50,7 +50,7 @@ def test_default_preset_end_to_end(tmp_path, prefect_harness):
 
     store = str(tmp_path / "store")
     summary = generate_dataset(store=store, preset="default")
-    assert summary["failed_scenes"] == [] and summary["computed"] == 6 * (2 + 5 * 6)
+    assert summary["failed_scenes"] == [] and summary["computed"] == 6 * (2 + 6 * 6)
     overall = evaluate_dataset(store=store, preset="default")[-1]
     assert overall["frames"] == 6 * 6 * 24
     assert overall["warp_psnr_gt"] > 20
