@@ -148,6 +148,7 @@ def export_scene(store_url: str, scene_id: str, out: str | Path, *, checkpoint: 
     one ``decoder: ...`` line saying which."""
     out = _ply_path(out)
     store = RunStore(store_url, create=False)
+    scene_trajectories(store, scene_id)  # an unknown scene is named before any decoder is looked for
     model, source = resolve_decoder(store, checkpoint, log)
     return write_scene(model, source, store, scene_id, out, html=html, strip=strip)
 

@@ -176,6 +176,16 @@ def test_missing_shipped_decoder_is_one_clear_line(shipped, tmp_path, monkeypatc
     assert not out.exists()
 
 
+def test_export_of_an_unknown_scene_names_the_scene_not_the_decoder(smoke_store, tmp_path, monkeypatch):
+    """No training in the store and no shipped decoder: the unknown scene is what the one line names."""
+    monkeypatch.setattr(shipped_mod, "SHIPPED_DECODER", tmp_path / "nowhere" / "decoder")
+    result = invoke("export-ply", "nosuchscene", "--store", str(smoke_store), "--out", str(tmp_path / "x.ply"))
+    assert result.exit_code == 2
+    lines = error_lines(result.output)
+    assert len(lines) == 1 and "'nosuchscene'" in lines[0] and "decoder" not in lines[0], result.output
+    assert not (tmp_path / "x.ply").exists()
+
+
 def test_missing_shipped_model_file_names_it(tmp_path, monkeypatch):
     root = write_shipped(tmp_path / "decoder")
     (root / "model.safetensors").unlink()
