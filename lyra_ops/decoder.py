@@ -723,24 +723,23 @@ class LatentGaussianDecoder(nn.Module):
         read with ``depth_input``: as tokens and as the zero point of each Gaussian's distance
         (:func:`block_distance`), as ``color_skip`` does for colour."""
         self.check_inputs(latents, plucker, cameras_per_view)
-        tokens = None
-        if self.config.depth_input:
+        # Without known depth (None), forward_raw encodes "nothing known" and every distance is learned.
+        use_depth = self.config.depth_input and known_depth is not None
+        if use_depth:
             v, frames = int(latents.shape[0]), len(cameras_per_view[0])
             size = (cameras_per_view[0].height, cameras_per_view[0].width)
-            if known_depth is None:  # nothing known: every Gaussian's distance is learned
-                known_depth = torch.zeros(v, frames, 1, *size)
             if tuple(known_depth.shape) != (v, frames, 1, *size):
                 raise LyraConfigError(f"known_depth: expected the input frames' depth (V, T, 1, H, W) = ({v}, "
                                       f"{frames}, 1, {size[0]}, {size[1]}), found {tuple(known_depth.shape)}")
-            tokens = encode_known_depth(known_depth.cpu(), self.config)
+        tokens = encode_known_depth(known_depth, self.config) if use_depth else None
         raw = self.forward_raw(latents, plucker, tokens)  # (V,12,T_out,h,w)
         origins, dirs, footprint = self.rays(cameras_per_view, raw.device)
         base_distance = None
-        if self.config.depth_input:
+        if use_depth:
             base_distance = torch.stack([
-                block_distance(known_depth[i].cpu(), cams, dirs[i].cpu(), self.config)
+                block_distance(known_depth[i].to(dirs.device), cams, dirs[i], self.config)
                 for i, cams in enumerate(cameras_per_view)
-            ]).to(raw.device).reshape(-1, 1)  # fmt: skip
+            ]).reshape(-1, 1)  # fmt: skip
         raw = raw.permute(0, 2, 3, 4, 1).reshape(-1, HEAD_CHANNELS)
         base = None
         if self.config.color_skip:

@@ -84,6 +84,14 @@ def make_input(store_url: str, config: RunConfig, scene: SceneRecord, run_id: st
 # 3. Depth -----------------------------------------------------------------------------------------------------
 
 
+def transformers_depth(config: RunConfig):
+    """The configured ``transformers`` depth model (local folder), for the input frame and the teacher frames."""
+    from lyra_pipeline.backends.transformers_depth import TransformersDepth
+
+    d = config.depth
+    return TransformersDepth(d.model_path, kind=d.kind, near=d.relative_near, far=d.relative_far, device=d.device)
+
+
 def _estimate_depth(config: RunConfig, scene: SceneRecord, rgb: torch.Tensor, K: torch.Tensor):
     d = config.depth
     if d.backend == "procedural":
@@ -95,10 +103,7 @@ def _estimate_depth(config: RunConfig, scene: SceneRecord, rgb: torch.Tensor, K:
         path = Path(scene.image_path).with_suffix(".depth.npy")
         return load_depth_file(path, rgb.shape[-2], rgb.shape[-1]), None, f"file {path.name}"
     if d.backend == "transformers":
-        from lyra_pipeline.backends.transformers_depth import TransformersDepth
-
-        estimator = TransformersDepth(d.model_path, kind=d.kind, near=d.relative_near, far=d.relative_far,
-                                      device=d.device)
+        estimator = transformers_depth(config)
     else:
         estimator = ConstantDepth(d.constant_value) if d.backend == "constant" else PlanarDepth(d.constant_value)
     pred = estimator.estimate(rgb, K)
@@ -281,10 +286,7 @@ def teacher_frame_depth(config: RunConfig, scene: SceneRecord, frames: torch.Ten
         world = make_scene(scene.seed, kind=config.scenes.scene_kind)
         return world.render(cams.c2w, cams.K, cams.height, cams.width).depth.float(), "procedural (exact)"
     if d.backend == "transformers":
-        from lyra_pipeline.backends.transformers_depth import TransformersDepth
-
-        estimator = TransformersDepth(d.model_path, kind=d.kind, near=d.relative_near, far=d.relative_far,
-                                      device=d.device)
+        estimator = transformers_depth(config)
         out = []
         for i in range(frames.shape[0]):
             pred = estimator.estimate(frames[i], cams.K[i])

@@ -574,3 +574,13 @@ def test_depth_input_starts_from_the_model_without_it(inputs) -> None:
         model.depth_embed.proj.weight.normal_(0, 0.01)
         other = model(latents, plucker, cams, known_depth=known * 1.5)
     assert not torch.allclose(other.colors, g.colors)
+
+
+def test_background_and_depth_input_config_errors_name_the_field() -> None:
+    with pytest.raises(LyraConfigError, match=r"decoder\.background: expected one of .*'black'"):
+        DecoderConfig.preset("tiny", background="black")
+    with pytest.raises(LyraConfigError, match=r"decoder\.depth_input: expected False unless distance_param is 'log'"):
+        DecoderConfig.preset("tiny", distance_param="linear")
+    with pytest.raises(LyraConfigError, match=r"decoder\.depth_input: expected true or false"):
+        DecoderConfig.preset("tiny", depth_input="yes")
+    assert DecoderConfig().background == "white" and not DecoderConfig().depth_input  # Lyra's (paper) defaults

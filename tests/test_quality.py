@@ -119,3 +119,8 @@ def test_quality_columns_are_documented():
         assert f"| `{name}` |" in doc, f"quality column {name} not documented in storage_layout.md"
     assert "eval/quality/<sha16>/<scene_id>.parquet" in doc and "eval/quality_<sha16>_summary.parquet" in doc
 
+
+
+def test_quality_background_error_names_the_field():
+    with pytest.raises(LyraConfigError, match=r"QualitySettings\.background must be one of white, input_mean"):
+        QualitySettings(background="grey")
