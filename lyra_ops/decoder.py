@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lyra_ops.cameras import Cameras
+from lyra_ops.depth import fill_from_neighbours
 from lyra_ops.errors import LyraConfigError
 from lyra_ops.gaussians import Gaussians
 from lyra_ops.latents import PixelPatchifyEncoder
@@ -37,6 +38,7 @@ HEAD_SPLIT = (1, 3, 3, 4, 1)
 GAUSSIAN_FRAMES = ("all", "keyframes")  # Gaussians for every frame (Lyra) or for one frame per latent frame
 DISTANCE_PARAMS = ("linear", "log")  # distance linear in sigmoid between near and far (Lyra), or log-linear
 BACKGROUNDS = ("white", "input_mean")  # composited behind the Gaussians: Lyra's white, or the input's mean colour
+FUSES = ("stack", "known")  # every output frame's Gaussians (Lyra), or later frames' only where the input did not see
 SCALE_PARAMS = ("absolute", "footprint")  # scale in world units capped (Lyra), or relative to the block footprint
 COLOR_SKIP_EPS = 0.02  # skip colours are clamped to [eps, 1 - eps] before their logit
 PATCH_EMBED_LN_EPS = 1e-5  # the reference's PatchEmbed3D uses nn.LayerNorm's default eps
@@ -89,6 +91,12 @@ class DecoderConfig:
     head_gain: float = 1.0
     background: str = "white"
     depth_input: bool = False
+    fuse: str = "stack"
+    fuse_covered: float = 1.0
+    input_stride: int = 0
+    input_scale_init: float = 0.2
+    input_opacity_init: float = 0.95
+    input_depth_fill: int = 0
     qkv_bias: bool = True
     norm_eps: float = 1e-6
     gradient_checkpointing: bool = False
@@ -136,7 +144,7 @@ class DecoderConfig:
         if isinstance(gs, bool) or not isinstance(gs, int) or gs < 1 or self.spatial_factor % gs:
             raise bad("gaussian_stride", f"a positive int dividing spatial_factor ({self.spatial_factor})")
         for key, allowed in (("gaussian_frames", GAUSSIAN_FRAMES), ("distance_param", DISTANCE_PARAMS),
-                             ("scale_param", SCALE_PARAMS), ("background", BACKGROUNDS)):
+                             ("scale_param", SCALE_PARAMS), ("background", BACKGROUNDS), ("fuse", FUSES)):
             if getattr(self, key) not in allowed:
                 raise bad(key, f"one of {allowed}")
         if self.distance_param == "log" and not self.near < self.distance_init < self.far:
@@ -150,6 +158,23 @@ class DecoderConfig:
         if self.depth_input and self.distance_param != "log":
             raise bad("depth_input", "False unless distance_param is 'log' (the known depth sets the log distance's "
                       "zero point)")
+        if not (isinstance(self.fuse_covered, int | float) and 0.0 < self.fuse_covered <= 1.0):
+            raise bad("fuse_covered", "a fraction in (0, 1]")
+        st = self.input_stride
+        if isinstance(st, bool) or not isinstance(st, int) or st < 0 or (st and self.spatial_factor % st):
+            raise bad("input_stride", f"0 (off) or a positive int dividing spatial_factor ({self.spatial_factor})")
+        if st and self.fuse != "known":
+            raise bad("input_stride", "0 unless fuse is 'known' (the input head replaces the input frame's grid)")
+        if not (math.isfinite(self.input_scale_init) and self.input_scale_init > 0):
+            raise bad("input_scale_init", "a positive number")
+        fill = self.input_depth_fill
+        if isinstance(fill, bool) or not isinstance(fill, int) or fill < 0:
+            raise bad("input_depth_fill", "an int >= 0 (pixels)")
+        if not 0.0 < self.input_opacity_init < 1.0:
+            raise bad("input_opacity_init", "a number in (0, 1)")
+        if self.fuse == "known" and not self.depth_input:
+            raise bad("fuse", "'stack' unless depth_input is true ('known' drops Gaussians where the known input "
+                      "depth covers their block)")
         if self.color_skip and self.latent_channels != PATCHIFY_LATENT_CHANNELS:
             raise bad("color_skip", f"False unless the latents are the {PATCHIFY_LATENT_CHANNELS}-channel patchify "
                       "ones (the skip reads the input pixels back from them)")
@@ -200,11 +225,17 @@ class DecoderConfig:
 # The depth known before the teacher runs (the input depth warped into each frame) enters as tokens and as the
 # zero point of each Gaussian's distance (Lyra's decoder sees only latents: at CPU scale it regressed every
 # scene's depth towards the mean, 0.4 AbsRel even at the input view, so the geometry the pipeline already has is
-# handed over and the teacher's frames are left to fill what the input never saw).
+# handed over and the teacher's frames are left to fill what the input never saw). Views are fused, not stacked
+# (``fuse: known``): the input frame is drawn once, one Gaussian per pixel from its own head (``input_stride`` 1,
+# starting as the input unprojected on its known depth, depth edges filled from behind), and the other frames'
+# Gaussians are kept only in 4x4 blocks where no pixel has a known depth, i.e. where the input saw nothing.
+# Stacking every frame's Gaussians on the same surfaces cost the exact-data ceiling 3-4 dB against the input
+# frame unprojected alone.
 CPU_LAYOUT: dict[str, Any] = {
     "near": 0.1, "far": 20.0, "gaussian_stride": 4, "gaussian_frames": "keyframes", "distance_param": "log",
     "distance_init": 3.0, "scale_param": "footprint", "scale_init": 0.35, "color_skip": True, "head_gain": 0.1,
-    "opacity_shift": 1.0, "background": "input_mean", "depth_input": True,
+    "opacity_shift": 1.0, "background": "input_mean", "depth_input": True, "fuse": "known", "input_stride": 1,
+    "fuse_covered": 0.05, "input_depth_fill": 8,
 }  # fmt: skip
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"width": 64, "depth": 2, "heads": 4, "block_types": (ATTENTION, ATTENTION), **CPU_LAYOUT},
@@ -397,6 +428,7 @@ def gaussian_processing(
     base_colors: torch.Tensor | None = None,
     footprint: torch.Tensor | None = None,
     base_distance: torch.Tensor | None = None,
+    scale_init: float | None = None,
 ) -> Gaussians:
     """Activate raw head channels (M,12) into Gaussians placed on rays (origins, unit dirs) (M,3) (spec 4.7).
 
@@ -408,6 +440,7 @@ def gaussian_processing(
     Colour: 0.5 tanh(c) + 0.5 (Lyra), or with ``base_colors`` (M,3) in [0,1] (the input pixels of the block,
     ``color_skip``) sigmoid(logit(base) + c), so a zero head output reproduces the input colours.
     ``base_distance`` (M,1): known distances along the rays (0: unknown), see :func:`ray_distance`.
+    ``scale_init``: replaces ``config.scale_init`` (the input head's ``input_scale_init``).
     Computed in float32 (at least), whatever the head's precision.
     """
     dtype = torch.promote_types(raw.dtype, torch.float32)
@@ -418,7 +451,8 @@ def gaussian_processing(
     if config.scale_param == "footprint":
         if footprint is None:
             raise LyraConfigError("gaussian_processing: scale_param 'footprint' needs the per-Gaussian footprint")
-        scales = (config.scale_init * footprint.to(dtype) * distance * torch.exp(scale)).clamp(max=cap)
+        init = config.scale_init if scale_init is None else scale_init
+        scales = (init * footprint.to(dtype) * distance * torch.exp(scale)).clamp(max=cap)
     else:
         scales = torch.exp(scale - (1.0 - math.log(cap))).clamp(max=cap)
     quats = F.normalize(quat, dim=-1)
@@ -452,6 +486,13 @@ def block_colors(latents: torch.Tensor, config: DecoderConfig) -> torch.Tensor:
     return torch.stack(out)
 
 
+def input_colors(latents: torch.Tensor, config: DecoderConfig) -> torch.Tensor:
+    """Mean colour of each ``input_stride`` block of the input frame (frame 0 of view 0), read back from patchify
+    latents (V,1536,T_l,h,w): (3, H/s, W/s) in [0, 1]."""
+    frame = PixelPatchifyEncoder().decode(latents[0].float())[0]  # (3, H, W) in [-1, 1]
+    return F.avg_pool2d(frame[None], config.input_stride)[0] * 0.5 + 0.5
+
+
 def encode_known_depth(depth: torch.Tensor, config: DecoderConfig) -> torch.Tensor:
     """Known z-depth of the input frames (V,T,1,H,W), 0 where unknown, as patchify tokens (V,1536,T_l,h,w) for
     the decoder's depth embedding: pseudo-frames [log-depth position in [near, far] mapped to [-1, 1], known
@@ -471,18 +512,63 @@ def block_distance(depth: torch.Tensor, cameras: Cameras, dirs: torch.Tensor, co
     around the block centre for even g), divided by the ray's cosine to the optical axis (``dirs``
     (T_out,H/g,W/g,3), unit, from :func:`output_rays`). Unknown where a central pixel is unknown or the central
     pixels straddle a depth edge (max / min > ``edge_ratio``): those Gaussians keep the learned distance."""
-    g = config.gaussian_stride
     frames = output_frames(config, (len(cameras) - 1) // config.temporal_factor + 1)
-    d = depth[frames, 0].float()  # (T_out,H,W)
+    return known_distance(depth[frames, 0], cameras.c2w[frames], dirs, config.gaussian_stride, edge_ratio)
+
+
+def known_distance(depth: torch.Tensor, c2w: torch.Tensor, dirs: torch.Tensor, stride: int,
+                   edge_ratio: float = 1.1) -> torch.Tensor:
+    """:func:`block_distance` for frames given directly: z-depth (N,H,W) (0: unknown), their cameras' c2w
+    (N,4,4) and unit ray dirs (N,H/stride,W/stride,3) -> (N,H/stride,W/stride,1), 0 where unknown."""
+    g = stride
+    d = depth.float()
     lo, hi = (g // 2 - 1, g // 2 + 1) if g % 2 == 0 and g > 1 else (g // 2, g // 2 + 1)
     blocks = d.reshape(d.shape[0], d.shape[1] // g, g, d.shape[2] // g, g)[:, :, lo:hi, :, lo:hi]
-    blocks = blocks.permute(0, 1, 3, 2, 4).flatten(-2)  # (T_out,h,w,k)
+    blocks = blocks.permute(0, 1, 3, 2, 4).flatten(-2)  # (N,h,w,k)
     low, high = blocks.min(-1).values, blocks.max(-1).values
     ok = (low > 0) & (high <= edge_ratio * low)
     z = torch.where(ok, blocks.mean(-1), 0.0)
-    forward = cameras.c2w[frames, :3, 2].to(dirs)  # (T_out,3) optical axes
+    forward = c2w[:, :3, 2].to(dirs)  # (N,3) optical axes
     cos = (dirs * forward[:, None, None, :]).sum(-1).clamp(min=1e-3)
     return (z.to(dirs) / cos)[..., None]
+
+
+def input_count(config: DecoderConfig, height: int, width: int) -> int:
+    """Gaussians of the input head (``input_stride`` s > 0): one per s x s pixel block of the input frame."""
+    s = config.input_stride
+    return (height // s) * (width // s) if s else 0
+
+
+def fused_keep(config: DecoderConfig, known_depth: torch.Tensor) -> torch.Tensor:
+    """Which Gaussians of the decoder's whole output (``forward(prune=False)``) ``fuse: known`` keeps, in its
+    order: (input_count + V*T_out*h*w,) bool.
+
+    ``known_depth`` (V,T,1,H,W): the input frames' known z-depth (0: unknown), as given to the decoder. The first
+    output frame of the first view (the input frame) keeps every Gaussian (with ``input_stride``, the input
+    head's Gaussians replace that frame's grid, which is dropped); every other output frame keeps a Gaussian only
+    where less than ``fuse_covered`` of its g x g pixel block has a known depth, i.e. where the input frame did
+    not see the surface. A surface the input saw is then drawn once, by the input frame's Gaussians, instead of
+    by coincident, slightly misregistered Gaussians of every frame that sees it (Lyra's stacking); the teacher's
+    frames add Gaussians where they see what the input did not.
+    """
+    g = config.gaussian_stride
+    v, t, _, h, w = known_depth.shape
+    frames = output_frames(config, (t - 1) // config.temporal_factor + 1)
+    known = (known_depth[:, frames, 0] > 0).float()  # (V,T_out,H,W)
+    covered = F.avg_pool2d(known.flatten(0, 1), g).reshape(v, len(frames), h // g, w // g)
+    keep = covered < config.fuse_covered - 1e-6
+    keep[0, 0] = config.input_stride == 0
+    head = torch.ones(input_count(config, h, w), dtype=torch.bool, device=keep.device)
+    return torch.cat([head, keep.reshape(-1)])
+
+
+def input_rays(config: DecoderConfig, cams: Cameras) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The input head's rays: origins, unit dirs (1,H/s,W/s,3) through the s x s pixel blocks of the input frame
+    (the first camera of ``cams``, s = ``input_stride``), and the footprint per unit distance s / fx, float32."""
+    first = cams[torch.tensor([0])]
+    origins, dirs = pixel_rays(first, downsample=config.input_stride)
+    footprint = (config.input_stride / first.K[:, 0, 0].float())[:, None, None, None].expand(*dirs.shape[:3], 1)
+    return origins.float(), dirs.float(), footprint.float()
 
 
 def output_rays(
@@ -498,6 +584,25 @@ def output_rays(
     return idx, origins, dirs, footprint
 
 
+def _exact_gaussians(config: DecoderConfig, origins: torch.Tensor, dirs: torch.Tensor, footprint: torch.Tensor,
+                     z: torch.Tensor, forward: torch.Tensor, colors: torch.Tensor, scale_init: float,
+                     opacity: float) -> Gaussians:
+    """Ceiling Gaussians on rays (...,3) at exact z-depth ``z`` (...) along optical axes ``forward`` (...,3)."""
+    distance = (z / (dirs * forward).sum(-1).clamp(min=1e-6)).reshape(-1, 1)
+    if config.scale_param == "footprint":
+        size = scale_init * footprint.reshape(-1, 1) * distance
+    else:
+        size = torch.full_like(distance, math.exp(-1.0 + math.log(config.scale_cap)))
+    m = distance.shape[0]
+    quats = torch.zeros(m, 4)
+    quats[:, 0] = 1.0
+    return Gaussians(
+        means=origins.reshape(-1, 3) + distance * dirs.reshape(-1, 3),
+        scales=size.expand(m, 3).clamp(max=config.scale_cap).contiguous(),
+        quats=quats, opacities=torch.full((m,), float(opacity)), colors=colors.clamp(0, 1).contiguous(),
+    )  # fmt: skip
+
+
 def ceiling_gaussians(
     config: DecoderConfig,
     cameras_per_view: Sequence[Cameras],
@@ -505,36 +610,47 @@ def ceiling_gaussians(
     depth_per_view: Sequence[torch.Tensor],
     *,
     opacity: float = 0.99,
+    known_depth_per_view: Sequence[torch.Tensor] | None = None,
+    whole: bool = False,
 ) -> Gaussians:
     """The best this decoder's output layout can do with exact data (the "ceiling" baseline).
 
     As many Gaussians as the decoder emits, on its own rays (the frames of :func:`output_frames`, one per
-    ``gaussian_stride`` block): placed at the exact depth of the block's centre pixel, coloured with the block's
-    mean teacher colour, isotropic at the head's initial scale (``footprint``: ``scale_init`` of the block;
-    ``absolute``: the zero-output scale), opacity ``opacity``. ``frames_per_view`` (T,3,H,W) in [0,1],
-    ``depth_per_view`` (T,1,H,W) exact z-depth, both over the whole trajectory of each view.
+    ``gaussian_stride`` block; with ``input_stride``, first the input frame's at that stride): placed at the exact
+    depth of the block's centre pixel, coloured with the block's mean teacher colour, isotropic at the head's
+    initial scale (``footprint``: ``scale_init`` / ``input_scale_init`` of the block; ``absolute``: the
+    zero-output scale), opacity ``opacity``. ``frames_per_view`` (T,3,H,W) in [0,1], ``depth_per_view``
+    (T,1,H,W) exact z-depth, both over the whole trajectory of each view. With ``fuse: known``, the Gaussians
+    the decoder drops (:func:`fused_keep` of ``known_depth_per_view``, each (T,1,H,W), the decoder's known-depth
+    input; None: nothing known) are dropped here too, unless ``whole`` (then: the decoder's whole output,
+    ``forward(prune=False)``, in its order).
     """
     gs = config.gaussian_stride
     parts = []
+    if config.input_stride:
+        s = config.input_stride
+        cams = cameras_per_view[0]
+        origins, dirs, footprint = input_rays(config, cams)
+        z = depth_per_view[0][:1, 0, s // 2 :: s, s // 2 :: s].float()
+        colors = F.avg_pool2d(frames_per_view[0][:1].float(), s).permute(0, 2, 3, 1).reshape(-1, 3)
+        forward = cams.c2w[:1][:, None, None, :3, 2].float()
+        parts.append(_exact_gaussians(config, origins, dirs, footprint, z, forward, colors, config.input_scale_init,
+                                      opacity))
     for cams, rgb, depth in zip(cameras_per_view, frames_per_view, depth_per_view, strict=True):
         idx, origins, dirs, footprint = output_rays(config, cams)  # (T,h,w,3), (T,h,w,1)
         z = depth[idx][:, 0, gs // 2 :: gs, gs // 2 :: gs].float()  # (T,h,w)
         forward = cams.c2w[idx][:, None, None, :3, 2].float()
-        distance = (z / (dirs * forward).sum(-1).clamp(min=1e-6)).reshape(-1, 1)
         colors = F.avg_pool2d(rgb[idx].float(), gs).permute(0, 2, 3, 1).reshape(-1, 3)
-        if config.scale_param == "footprint":
-            size = config.scale_init * footprint.reshape(-1, 1) * distance
+        parts.append(_exact_gaussians(config, origins, dirs, footprint, z, forward, colors, config.scale_init,
+                                      opacity))
+    out = Gaussians.cat(parts)
+    if config.fuse == "known" and not whole:
+        if known_depth_per_view is None:
+            known = torch.zeros(len(cameras_per_view), *depth_per_view[0].shape)
         else:
-            size = torch.full_like(distance, math.exp(-1.0 + math.log(config.scale_cap)))
-        m = distance.shape[0]
-        quats = torch.zeros(m, 4)
-        quats[:, 0] = 1.0
-        parts.append(Gaussians(
-            means=origins.reshape(-1, 3) + distance * dirs.reshape(-1, 3),
-            scales=size.expand(m, 3).clamp(max=config.scale_cap).contiguous(),
-            quats=quats, opacities=torch.full((m,), float(opacity)), colors=colors.clamp(0, 1).contiguous(),
-        ))  # fmt: skip
-    return Gaussians.cat(parts)
+            known = torch.stack(list(known_depth_per_view))
+        out = out.index(fused_keep(config, known))
+    return out
 
 
 def prune_gaussians(gaussians: Gaussians, prune_ratio: float) -> Gaussians:
@@ -591,6 +707,10 @@ class LatentGaussianDecoder(nn.Module):
             self.head = nn.ConvTranspose3d(
                 config.width, HEAD_CHANNELS, kernel_size=kernel, stride=stride, padding=padding
             )
+            if config.input_stride:  # the input frame's Gaussians, one per input_stride block, from its tokens
+                r_in = config.spatial_factor // config.input_stride
+                patch = (1, ph * r_in, pw * r_in)
+                self.input_head = nn.ConvTranspose3d(config.width, HEAD_CHANNELS, kernel_size=patch, stride=patch)
         self._init_weights(torch.Generator().manual_seed(seed))
 
     @torch.no_grad()
@@ -612,14 +732,19 @@ class LatentGaussianDecoder(nn.Module):
         if self.config.depth_input:
             self.depth_embed.proj.weight.zero_()
             self.depth_embed.proj.bias.zero_()
-        # PyTorch's default ConvTranspose3d init (kaiming-uniform a = sqrt(5)), drawn from the seeded generator.
-        nn.init.kaiming_uniform_(self.head.weight, a=math.sqrt(5), generator=gen)
-        fan_in, _ = nn.init._calculate_fan_in_and_fan_out(self.head.weight)
-        bound = 1.0 / math.sqrt(fan_in)
-        nn.init.uniform_(self.head.bias, -bound, bound, generator=gen)
-        if self.config.head_gain != 1.0:  # a fresh model then starts at the parametrisation's zero point
-            self.head.weight.mul_(self.config.head_gain)
-            self.head.bias.mul_(self.config.head_gain)
+        heads = [self.head, self.input_head] if self.config.input_stride else [self.head]
+        for head in heads:
+            # PyTorch's default ConvTranspose3d init (kaiming-uniform a = sqrt(5)), drawn from the seeded generator.
+            nn.init.kaiming_uniform_(head.weight, a=math.sqrt(5), generator=gen)
+            fan_in, _ = nn.init._calculate_fan_in_and_fan_out(head.weight)
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(head.bias, -bound, bound, generator=gen)
+            if self.config.head_gain != 1.0:  # a fresh model then starts at the parametrisation's zero point
+                head.weight.mul_(self.config.head_gain)
+                head.bias.mul_(self.config.head_gain)
+        if self.config.input_stride:  # the input frame starts near-opaque, as the RGB-D unprojection
+            p = self.config.input_opacity_init
+            self.input_head.bias[-1] = math.log(p / (1.0 - p)) - self.config.opacity_shift
 
     # --- input checks --------------------------------------------------------------------------------------
     def check_inputs(
@@ -681,6 +806,16 @@ class LatentGaussianDecoder(nn.Module):
         """Raw head output (V, 12, T_out, H/g, W/g): one 12-vector per output frame (:func:`output_frames`) and
         g x g pixel block (g = ``gaussian_stride``; Lyra: every frame, 8 x 8). ``depth_tokens``
         (:func:`encode_known_depth`) are read with ``depth_input`` (None: nothing known)."""
+        return self._run(self.head, self.features(latents, plucker, depth_tokens))
+
+    def input_raw(self, features: torch.Tensor) -> torch.Tensor:
+        """The input head's raw output (12, H/s, W/s) from :meth:`features`: one 12-vector per ``input_stride``
+        block of the input frame, read from the tokens of the first latent frame of the first view."""
+        return self._run(self.input_head, features[:1, :, :1])[0, :, 0]
+
+    def features(self, latents: torch.Tensor, plucker: torch.Tensor,
+                 depth_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The trunk's output tokens as a grid (V, width, T_l, h/ph, w/pw), what the heads read."""
         self.check_inputs(latents, plucker)
         dtype = self.latent_embed.proj.weight.dtype
         v, _, t_l, h, w = latents.shape
@@ -702,8 +837,7 @@ class LatentGaussianDecoder(nn.Module):
         for block in self.blocks:
             x = self._run(block, x)
         x = self.norm(x)
-        x = x.reshape(v, t_l, h // ph, w // pw, self.config.width).permute(0, 4, 1, 2, 3)
-        return self._run(self.head, x)
+        return x.reshape(v, t_l, h // ph, w // pw, self.config.width).permute(0, 4, 1, 2, 3)
 
     def rays(
         self, cameras_per_view: Sequence[Cameras], device: torch.device
@@ -717,13 +851,14 @@ class LatentGaussianDecoder(nn.Module):
         self, latents: torch.Tensor, plucker: torch.Tensor, cameras_per_view: Sequence[Cameras], *,
         known_depth: torch.Tensor | None = None, prune: bool = True,
     ) -> Gaussians:
-        """Gaussians of all V views fused (view-major, then t, h, w), pruned if ``config.prune_ratio`` > 0 and
-        ``prune`` (``prune=False``: the whole output grid, in order). ``known_depth`` (V,T,1,H,W), the input frames'
-        z-depth known before the teacher ran (the warped input depth, 0 where unknown; None: nothing known), is
-        read with ``depth_input``: as tokens and as the zero point of each Gaussian's distance
-        (:func:`block_distance`), as ``color_skip`` does for colour."""
+        """Gaussians of all V views: with ``input_stride``, first the input head's (the input frame, one per s x s
+        block), then the grid (view-major, then t, h, w); reduced by :meth:`fuse` and pruned if
+        ``config.prune_ratio`` > 0, unless ``prune=False`` (the whole output, in that order). ``known_depth``
+        (V,T,1,H,W), the input frames' z-depth known before the teacher ran (the warped input depth, 0 where
+        unknown; None: nothing known), is read with ``depth_input``: as tokens and as the zero point of each
+        Gaussian's distance (:func:`block_distance`), as ``color_skip`` does for colour."""
         self.check_inputs(latents, plucker, cameras_per_view)
-        # Without known depth (None), forward_raw encodes "nothing known" and every distance is learned.
+        # Without known depth (None), features() encodes "nothing known" and every distance is learned.
         use_depth = self.config.depth_input and known_depth is not None
         if use_depth:
             v, frames = int(latents.shape[0]), len(cameras_per_view[0])
@@ -732,7 +867,8 @@ class LatentGaussianDecoder(nn.Module):
                 raise LyraConfigError(f"known_depth: expected the input frames' depth (V, T, 1, H, W) = ({v}, "
                                       f"{frames}, 1, {size[0]}, {size[1]}), found {tuple(known_depth.shape)}")
         tokens = encode_known_depth(known_depth, self.config) if use_depth else None
-        raw = self.forward_raw(latents, plucker, tokens)  # (V,12,T_out,h,w)
+        x = self.features(latents, plucker, tokens)
+        raw = self._run(self.head, x)  # (V,12,T_out,h,w)
         origins, dirs, footprint = self.rays(cameras_per_view, raw.device)
         base_distance = None
         if use_depth:
@@ -748,7 +884,40 @@ class LatentGaussianDecoder(nn.Module):
             raw, origins.reshape(-1, 3), dirs.reshape(-1, 3), self.config, base_colors=base,
             footprint=footprint.reshape(-1, 1), base_distance=base_distance,
         )  # fmt: skip
-        return prune_gaussians(gaussians, self.config.prune_ratio) if prune else gaussians
+        if self.config.input_stride:
+            gaussians = Gaussians.cat([self._input_gaussians(x, latents, cameras_per_view[0],
+                                                             known_depth if use_depth else None), gaussians])
+        if not prune:
+            return gaussians
+        return prune_gaussians(self.fuse(gaussians, known_depth, cameras_per_view), self.config.prune_ratio)
+
+    def _input_gaussians(self, x: torch.Tensor, latents: torch.Tensor, cams: Cameras,
+                         known_depth: torch.Tensor | None) -> Gaussians:
+        """The input head's Gaussians: one per ``input_stride`` block of the input frame (frame 0 of view 0)."""
+        cfg = self.config
+        raw = self.input_raw(x).permute(1, 2, 0).reshape(-1, HEAD_CHANNELS)
+        origins, dirs, footprint = (t.to(raw.device) for t in input_rays(cfg, cams))
+        base_distance = None
+        if known_depth is not None:  # unknown pixels (depth edges) start on the surface behind them
+            depth = fill_from_neighbours(known_depth[0, :1, 0].to(dirs.device), cfg.input_depth_fill)
+            base_distance = known_distance(depth, cams.c2w[:1], dirs, cfg.input_stride).reshape(-1, 1)
+        base = input_colors(latents, cfg).to(raw.device).permute(1, 2, 0).reshape(-1, 3) if cfg.color_skip else None
+        return gaussian_processing(
+            raw, origins.reshape(-1, 3), dirs.reshape(-1, 3), cfg, base_colors=base,
+            footprint=footprint.reshape(-1, 1), base_distance=base_distance, scale_init=cfg.input_scale_init,
+        )  # fmt: skip
+
+    def fuse(self, gaussians: Gaussians, known_depth: torch.Tensor | None,
+             cameras_per_view: Sequence[Cameras]) -> Gaussians:
+        """The whole output (``forward(prune=False)``) reduced as ``config.fuse`` says: unchanged for ``stack``,
+        else the Gaussians of :func:`fused_keep` (None: nothing known, so only the input frame's grid, which the
+        input head replaces, is dropped)."""
+        if self.config.fuse != "known":
+            return gaussians
+        if known_depth is None:
+            cams = cameras_per_view[0]
+            known_depth = torch.zeros(len(cameras_per_view), len(cams), 1, cams.height, cams.width)
+        return gaussians.index(fused_keep(self.config, known_depth).to(gaussians.device))
 
 
 def load_decoder_state(model: LatentGaussianDecoder, state_dict: Mapping[str, torch.Tensor], *,

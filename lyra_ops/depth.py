@@ -112,3 +112,24 @@ def align_depth_scale(depth: torch.Tensor, reference: torch.Tensor, valid: torch
         return depth, 1.0
     factor = float((reference[ok] / depth[ok]).median())
     return depth * factor, factor
+
+
+def fill_from_neighbours(depth: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Unknown pixels (<= 0) of a depth map (..., H, W) take the largest known depth among their 3x3 neighbours,
+    repeated ``iterations`` times (so up to that many pixels from known depth; the rest stay 0).
+
+    The input frame's depth edges, left unknown by the reliability filter, get the surface behind the edge: on
+    procedural rooms an RGB-D unprojection of the input frame scores 23.28 dB on path frames with those pixels
+    3 units out (the decoder's distance_init), 23.80 dB filled so, 23.83 dB at the exact depth (issue 13)."""
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise LyraInputError(f"fill_from_neighbours: iterations must be an int >= 0, got {iterations!r}")
+    if not isinstance(depth, torch.Tensor) or depth.ndim < 2:
+        raise LyraInputError("fill_from_neighbours: depth must be a tensor (..., H, W)")
+    shape = depth.shape
+    d = depth.reshape(-1, 1, *shape[-2:]).clamp(min=0)
+    for _ in range(iterations):
+        known = d > 0
+        if bool(known.all()):
+            break
+        d = torch.where(known, d, torch.nn.functional.max_pool2d(d, 3, stride=1, padding=1))
+    return d.reshape(shape)

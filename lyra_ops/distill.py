@@ -20,7 +20,14 @@ import torch
 import torch.nn.functional as F
 
 from lyra_ops.cameras import Cameras
-from lyra_ops.decoder import BACKGROUNDS, DecoderConfig, LatentGaussianDecoder, output_frames, prune_gaussians
+from lyra_ops.decoder import (
+    BACKGROUNDS,
+    DecoderConfig,
+    LatentGaussianDecoder,
+    input_count,
+    output_frames,
+    prune_gaussians,
+)
 from lyra_ops.errors import LyraConfigError, LyraInputError
 from lyra_ops.gaussians import Gaussians
 from lyra_ops.latents import LatentEncoder, PixelPatchifyEncoder
@@ -317,7 +324,8 @@ def batch_loss(
     """Distillation loss of one batch: (total, parts, number of Gaussians after pruning)."""
     unpruned = model(batch.latents, batch.plucker, list(batch.input_cameras), known_depth=batch.known_depth,
                      prune=False)
-    gaussians = prune_gaussians(prune_gaussians(unpruned, model.config.prune_ratio), stage.prune_ratio)
+    fused = model.fuse(unpruned, batch.known_depth, list(batch.input_cameras))
+    gaussians = prune_gaussians(prune_gaussians(fused, model.config.prune_ratio), stage.prune_ratio)
     out = render_batch(gaussians, batch, backend=backend, views_per_chunk=views_per_chunk)
     total, parts = distillation_loss(
         out, batch.rgb.to(out.rgb.device), batch.depth, gaussians.opacities,
@@ -335,18 +343,29 @@ def gaussian_depth_loss(gaussians: Gaussians, batch: DistillBatch, config: Decod
     """Mean |log z_pred - log z_target| over the (unpruned, in decoder order) Gaussians whose own pixel block has
     a known input depth: z_pred is the Gaussian's depth in the camera of the frame it was emitted for, z_target
     the input frame's metric depth at the block's centre pixel (``batch.input_depth``). Direct supervision of the
-    distance channel, denser and more local than the rendered-depth loss (CPU presets; off in Lyra's setting)."""
+    distance channel, denser and more local than the rendered-depth loss (CPU presets; off in Lyra's setting).
+    With ``input_stride``, the input head's Gaussians (first in the order) are scored against frame 0 of view 0."""
     gs = config.gaussian_stride
     t_l = int(batch.latents.shape[2])
     idx = torch.tensor(output_frames(config, t_l))
+    n_in = input_count(config, batch.height, batch.width)
     preds, targets = [], []
-    means = gaussians.means.reshape(len(batch.input_cameras), len(idx), batch.height // gs, batch.width // gs, 3)
+
+    def depth_in(cams_c2w: torch.Tensor, means: torch.Tensor) -> torch.Tensor:  # (N,4,4), (N,h,w,3) -> (N,h,w)
+        rel = means - cams_c2w[:, None, None, :3, 3]
+        return (rel * cams_c2w[:, None, None, :3, 2]).sum(-1)
+
+    if n_in:
+        s = config.input_stride
+        means = gaussians.means[:n_in].reshape(1, batch.height // s, batch.width // s, 3)
+        preds.append(depth_in(batch.input_cameras[0].c2w[:1].to(means), means).reshape(-1))
+        targets.append(batch.input_depth[0][:1, 0, s // 2 :: s, s // 2 :: s].to(means).reshape(-1))
+    means = gaussians.means[n_in:].reshape(len(batch.input_cameras), len(idx), batch.height // gs,
+                                           batch.width // gs, 3)
     for v, cams in enumerate(batch.input_cameras):
-        c2w = cams.c2w[idx].to(means)  # (T_out,4,4)
-        rel = means[v] - c2w[:, None, None, :3, 3]
-        preds.append((rel * c2w[:, None, None, :3, 2]).sum(-1))
-        targets.append(batch.input_depth[v][idx, 0, gs // 2 :: gs, gs // 2 :: gs].to(means))
-    pred, target = torch.stack(preds), torch.stack(targets)
+        preds.append(depth_in(cams.c2w[idx].to(means), means[v]).reshape(-1))
+        targets.append(batch.input_depth[v][idx, 0, gs // 2 :: gs, gs // 2 :: gs].to(means).reshape(-1))
+    pred, target = torch.cat(preds), torch.cat(targets)
     ok = target > 0
     if not bool(ok.any()):
         return pred[ok].sum()

@@ -26,6 +26,10 @@ PLY_LOG_SCALE_EPS = 1e-8
 PLY_OPACITY_EPS = 1e-7
 # A quaternion with a smaller norm than this has no defined rotation.
 MIN_QUAT_NORM = 1e-12
+# PLY layouts: ``compact`` (gsplat's: x y z f_dc opacity scale rot) or ``inria`` (the original 3DGS code's: with
+# normals nx ny nz and 45 f_rest coefficients of degree-3 SH, all zero here), for loaders that expect every field.
+PLY_LAYOUTS = ("compact", "inria")
+INRIA_REST = 45
 
 _FIELD_WIDTH = {"means": 3, "scales": 3, "quats": 4, "colors": 3}
 _PLY_TYPES = {
@@ -166,17 +170,40 @@ class Gaussians:
         order = torch.sort(self.opacities.detach(), descending=True, stable=True).indices[:keep]
         return self.index(order)
 
-    def to_ply(self, path: str | Path) -> Path:
-        """Write a standard binary 3DGS PLY through ``gsplat.export_splats``.
+    def select_for_export(self, prune_ratio: float = 0.0, min_opacity: float = 0.0) -> Gaussians:
+        """The Gaussians an export keeps: opacity >= ``min_opacity``, then Lyra's pruning of the least opaque
+        ``prune_ratio`` of them (:meth:`prune_by_opacity`; original order kept). Both 0: all, unchanged."""
+        for name, value, high in (("prune_ratio", prune_ratio, 1.0), ("min_opacity", min_opacity, 1.0)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < high:
+                raise LyraInputError(f"{name}: expected a number in [0, 1), got {value!r}")
+        keep = torch.ones(self.num, dtype=torch.bool, device=self.device)
+        if min_opacity > 0:
+            keep &= self.opacities.detach() >= min_opacity
+        if prune_ratio > 0:
+            idx = torch.nonzero(keep).reshape(-1)
+            count = math.floor(idx.numel() * (1.0 - float(prune_ratio)))
+            order = torch.sort(self.opacities.detach()[idx], descending=True, stable=True).indices[:count]
+            keep = torch.zeros_like(keep)
+            keep[idx[order]] = True
+        return self if bool(keep.all()) else self.index(keep)
+
+    def to_ply(self, path: str | Path, layout: str = "compact") -> Path:
+        """Write a standard binary 3DGS PLY.
 
         Fields: x y z, f_dc_0..2 = (rgb - 0.5) / SH_C0, opacity = logit(opacity), scale_i = log(scale + 1e-8),
-        rot_0..3 = quaternion (w, x, y, z).
+        rot_0..3 = quaternion (w, x, y, z). ``layout`` ``compact`` writes just these, through
+        ``gsplat.export_splats``; ``inria`` writes the original 3DGS code's vertex layout (x y z nx ny nz f_dc_0..2
+        f_rest_0..44 opacity scale_0..2 rot_0..3, normals and higher-order SH zero), for loaders that expect it.
         """
-        from gsplat import export_splats  # lazy: gsplat is only needed for export
-
+        if layout not in PLY_LAYOUTS:
+            raise LyraInputError(f"PLY layout: expected one of {PLY_LAYOUTS}, got {layout!r}")
         path = Path(path)
         g = self.detach().to("cpu", torch.float64)
         op = g.opacities.clamp(PLY_OPACITY_EPS, 1.0 - PLY_OPACITY_EPS)
+        if layout == "inria":
+            return _write_inria_ply(path, g, torch.logit(op))
+        from gsplat import export_splats  # lazy: gsplat is only needed for export
+
         export_splats(
             means=g.means.float(),
             scales=torch.log(g.scales + PLY_LOG_SCALE_EPS).float(),
@@ -213,6 +240,24 @@ class Gaussians:
         return cls(means=means, scales=scales, quats=quats, opacities=opacities, colors=colors).to(
             device, torch.float32
         )
+
+
+def _write_inria_ply(path: Path, g: Gaussians, opacity_logits: torch.Tensor) -> Path:
+    """The original 3DGS ``save_ply`` layout: float32 little-endian, normals and f_rest zero."""
+    names = ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
+    names += [f"f_rest_{i}" for i in range(INRIA_REST)] + ["opacity"]
+    names += [f"scale_{i}" for i in range(3)] + [f"rot_{i}" for i in range(4)]
+    m = g.num
+    columns = torch.cat([
+        g.means, torch.zeros(m, 3), (g.colors - 0.5) / SH_C0, torch.zeros(m, INRIA_REST), opacity_logits[:, None],
+        torch.log(g.scales + PLY_LOG_SCALE_EPS), g.quats,
+    ], dim=1).numpy().astype("<f4")  # fmt: skip
+    header = ["ply", "format binary_little_endian 1.0", f"element vertex {m}"]
+    header += [f"property float {n}" for n in names] + ["end_header"]
+    with open(path, "wb") as fh:
+        fh.write(("\n".join(header) + "\n").encode("ascii"))
+        fh.write(np.ascontiguousarray(columns).tobytes())
+    return path
 
 
 def _read_binary_ply_vertices(path: Path) -> dict[str, np.ndarray]:

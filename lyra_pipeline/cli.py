@@ -540,6 +540,13 @@ def train_teacher_cmd(
                   f"{summary['teacher_psnr_all']:.2f} dB, warp-only {summary['warp_only_psnr_all']:.2f} dB")
 
 
+PruneOpt = typer.Option(0.0, "--prune-ratio", help="drop this fraction of the least opaque Gaussians (Lyra's "
+                        "pruning), after --min-opacity")
+MinOpacityOpt = typer.Option(0.0, "--min-opacity", help="drop Gaussians less opaque than this")
+LayoutOpt = typer.Option("compact", "--layout", help="PLY vertex layout: compact (x y z f_dc opacity scale rot) or "
+                         "inria (the original 3DGS layout, with zero normals and zero f_rest_0..44)")
+
+
 @app.command("export-ply")
 def export_ply(
     scene: str = typer.Argument(..., help="scene id"),
@@ -548,13 +555,18 @@ def export_ply(
     checkpoint: Path = typer.Option(None, "--checkpoint", help="decoder model.safetensors (default: the store's "
                                     "newest finished training, else the decoder shipped with the package)"),
     html: bool = typer.Option(False, "--html", help="also write a self-contained HTML viewer (needs node/npx)"),
+    prune_ratio: float = PruneOpt,
+    min_opacity: float = MinOpacityOpt,
+    layout: str = LayoutOpt,
 ) -> None:
     """Decode a stored scene into 3D Gaussians: standard 3DGS PLY + a PNG strip (teacher above, render below)."""
     _setup_env()
-    from lyra_pipeline.reconstruct import export_scene
+    from lyra_pipeline.reconstruct import ExportOptions, export_scene
 
     try:
-        res = export_scene(store, scene, out or Path(f"{scene}.ply"), checkpoint=checkpoint, html=html, log=_log)
+        options = ExportOptions(prune_ratio, min_opacity, layout)
+        res = export_scene(store, scene, out or Path(f"{scene}.ply"), checkpoint=checkpoint, html=html, log=_log,
+                           options=options)
     except LyraError as exc:
         _fail(exc)
     console.print(f"wrote {res.ply} ({res.gaussians} Gaussians, decoder {res.decoder})"
@@ -573,14 +585,18 @@ def reconstruct(
     out: Path = typer.Option(Path("reconstruction"), "--out", help="output folder (its store/ holds the scene)"),
     preset: str = typer.Option("default", "--preset", help="video format preset of the generated scene"),
     html: bool = typer.Option(False, "--html", help="also write a self-contained HTML viewer (needs node/npx)"),
+    prune_ratio: float = PruneOpt,
+    min_opacity: float = MinOpacityOpt,
+    layout: str = LayoutOpt,
 ) -> None:
     """One image -> camera trajectories -> teacher videos -> decoder -> Gaussians (PLY) + a rendered strip."""
     _setup_env()
-    from lyra_pipeline.reconstruct import reconstruct_image
+    from lyra_pipeline.reconstruct import ExportOptions, reconstruct_image
 
     try:
+        options = ExportOptions(prune_ratio, min_opacity, layout)
         res = reconstruct_image(image, out, prompt=prompt, checkpoint=checkpoint, store=store, preset=preset,
-                                html=html, log=_log)
+                                html=html, log=_log, options=options)
     except LyraError as exc:
         _fail(exc)
     console.print(f"wrote {res.ply} ({res.gaussians} Gaussians, decoder {res.decoder}), {res.strip}"

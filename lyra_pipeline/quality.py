@@ -272,8 +272,9 @@ def gaussian_builders(inputs: SceneInputs, model: decoder_ops.LatentGaussianDeco
         make = ceiling_function()
         if make is None or model is None:
             raise LyraInputError("quality: 'ceiling' needs lyra_ops.decoder.ceiling_gaussians and a decoder model")
+        known = [v.known_depth for v in inputs.views]
         return make(model.config, [v.cameras for v in inputs.views], [from_uint8(v.frames) for v in inputs.views],
-                    inputs.exact_depth)
+                    inputs.exact_depth, known_depth_per_view=None if any(k is None for k in known) else known)
 
     def decoder() -> Gaussians:
         if model is None:

@@ -28,7 +28,7 @@ from PIL import Image
 from lyra_ops.decoder import LatentGaussianDecoder
 from lyra_ops.distill import background_color
 from lyra_ops.errors import LyraConfigError, LyraError, LyraInputError
-from lyra_ops.gaussians import Gaussians
+from lyra_ops.gaussians import PLY_LAYOUTS, Gaussians
 from lyra_ops.images import to_uint8
 from lyra_pipeline.inspect import evenly_spaced
 from lyra_pipeline.shipped import shipped_decoder
@@ -140,17 +140,38 @@ def render_strip(gaussians: Gaussians, views: ViewCache, scene_id: str, trajecto
     return Image.fromarray(grid)
 
 
+@dataclass(frozen=True)
+class ExportOptions:
+    """What an export keeps and how it writes it: Gaussians with opacity >= ``min_opacity``, then without the
+    least opaque ``prune_ratio`` of them (Lyra's pruning); the PLY ``layout`` (``compact`` or ``inria``,
+    :data:`lyra_ops.gaussians.PLY_LAYOUTS`). Checked on construction, before anything is written."""
+
+    prune_ratio: float = 0.0
+    min_opacity: float = 0.0
+    layout: str = "compact"
+
+    def __post_init__(self) -> None:
+        for name in ("prune_ratio", "min_opacity"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+                raise LyraInputError(f"--{name.replace('_', '-')}: expected a number in [0, 1), got {value!r}")
+        if self.layout not in PLY_LAYOUTS:
+            raise LyraInputError(f"--layout: expected one of {', '.join(PLY_LAYOUTS)}, got {self.layout!r}")
+
+
 def export_scene(store_url: str, scene_id: str, out: str | Path, *, checkpoint: str | Path | None = None,
-                 html: bool = False, strip: bool = True, log: Log | None = None) -> ExportResult:
+                 html: bool = False, strip: bool = True, log: Log | None = None,
+                 options: ExportOptions | None = None) -> ExportResult:
     """Decoder Gaussians of a stored scene -> ``out`` (.ply), ``<out>.png`` fly-through strip, optional HTML.
 
     The decoder: ``checkpoint``, else the store's newest finished training, else the shipped one; ``log`` gets
-    one ``decoder: ...`` line saying which."""
+    one ``decoder: ...`` line saying which. ``options``: what is kept and the PLY layout (the strip and the
+    viewer show what the PLY holds)."""
     out = _ply_path(out)
     store = RunStore(store_url, create=False)
     scene_trajectories(store, scene_id)  # an unknown scene is named before any decoder is looked for
     model, source = resolve_decoder(store, checkpoint, log)
-    return write_scene(model, source, store, scene_id, out, html=html, strip=strip)
+    return write_scene(model, source, store, scene_id, out, html=html, strip=strip, options=options)
 
 
 def _ply_path(out: str | Path) -> Path:
@@ -161,11 +182,13 @@ def _ply_path(out: str | Path) -> Path:
 
 
 def write_scene(model: LatentGaussianDecoder, source: str, store: RunStore, scene_id: str, out: Path, *,
-                html: bool = False, strip: bool = True) -> ExportResult:
-    """Decode ``scene_id`` with ``model`` and write the PLY (+ strip, + HTML)."""
+                html: bool = False, strip: bool = True, options: ExportOptions | None = None) -> ExportResult:
+    """Decode ``scene_id`` with ``model`` and write the PLY (+ strip, + HTML) of the Gaussians ``options`` keep."""
+    options = options or ExportOptions()
     gaussians, views, trajectories = decode_scene(model, store, scene_id)
+    gaussians = gaussians.select_for_export(options.prune_ratio, options.min_opacity)
     out.parent.mkdir(parents=True, exist_ok=True)
-    gaussians.to_ply(out)
+    gaussians.to_ply(out, layout=options.layout)
     strip_path = None
     if strip:
         strip_path = out.with_suffix(".png")
@@ -213,7 +236,8 @@ def viewer_settings(c2w: torch.Tensor, K: torch.Tensor, height: int, width: int,
 
 def reconstruct_image(image: str | Path, out_dir: str | Path, *, prompt: str | None = None,
                       checkpoint: str | Path | None = None, store: str | None = None, preset: str = "default",
-                      html: bool = False, log: Log | None = None) -> ExportResult:
+                      html: bool = False, log: Log | None = None,
+                      options: ExportOptions | None = None) -> ExportResult:
     """One image -> trajectories -> teacher videos -> latents (SDG stages in-process) -> decoder -> PLY + strip.
 
     The image and its prompt are copied into ``<out_dir>/input/``; the generated scene goes to
@@ -232,7 +256,7 @@ def reconstruct_image(image: str | Path, out_dir: str | Path, *, prompt: str | N
     scene_store = str(out_dir / "store")
     scene_id = _generate_scene(config, scene_store)
     return write_scene(model, source, RunStore(scene_store, create=False), scene_id, out_dir / f"{scene_id}.ply",
-                       html=html)
+                       html=html, options=options)
 
 
 def _copy_input(image: Path, folder: Path, prompt: str | None) -> None:

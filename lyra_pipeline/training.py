@@ -385,8 +385,9 @@ class TrainRun:
 
 # Decoder fields that only change how Gaussians are rendered or kept, not the weights' meaning: a run may start
 # from weights trained with other values of these.
-INIT_FREE_FIELDS = ("background", "prune_ratio", "gradient_checkpointing", "depth_input")
-NEW_MODULES = ("depth_embed.",)  # zero-initialised modules weights from before depth_input may lack
+INIT_FREE_FIELDS = ("background", "prune_ratio", "gradient_checkpointing", "depth_input", "fuse", "fuse_covered",
+                    "input_stride", "input_scale_init", "input_opacity_init", "input_depth_fill")
+NEW_MODULES = ("depth_embed.", "input_head.")  # modules weights from before depth_input / input_stride may lack
 
 
 def read_init_weights(config: TrainConfig) -> tuple[bytes, str] | None:
@@ -437,7 +438,9 @@ def plan_run(store: RunStore, config: TrainConfig) -> TrainRun:
             )
     init = read_init_weights(config)
     init_sha = sha256_hex(init[0]) if init else None
-    inputs = {"dataset": index.fingerprint, **({"init_weights": init_sha} if init_sha else {})}
+    # The resolved decoder config joins the key: a preset whose layout changed in code is another run.
+    inputs = {"dataset": index.fingerprint, "decoder": dec.to_dict(),
+              **({"init_weights": init_sha} if init_sha else {})}
     name = "decoder-" + content_key("train", TRAIN_FORMAT_VERSION, config.model_dump(mode="json"), inputs)[:12]
 
     def create() -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from lyra_ops.decoder import (
     block_colors,
     block_distance,
     ceiling_gaussians,
+    fused_keep,
     gaussian_processing,
     load_decoder_state,
     lyra_block_pattern,
@@ -60,6 +62,8 @@ def inputs():
 # Lyra's Gaussian layout and activations are the dataclass defaults (the ``paper`` preset keeps them); the CPU
 # presets ``tiny`` / ``small`` carry ``CPU_LAYOUT`` instead. Tests of Lyra's constants build this config.
 LYRA_TINY = DecoderConfig(width=64, depth=2, heads=4)
+# The CPU layout's grid alone (every output frame stacked, no input head), for tests of the grid's own semantics.
+GRID_TINY = DecoderConfig.preset("tiny", fuse="stack", input_stride=0)
 
 
 @pytest.fixture(scope="module")
@@ -169,15 +173,19 @@ def test_lyra_layout_forward_counts_ranges_and_rays(lyra_tiny: LatentGaussianDec
 
 def test_cpu_layout_forward_counts_ranges_and_rays(tiny: LatentGaussianDecoder, inputs) -> None:
     """CPU layout: one Gaussian per 4x4 block of the keyframes 0, 8 (one per latent frame), log distance,
-    footprint scale, colour residual on the block's input colour, opacity shift +1."""
+    footprint scale, colour residual on the block's input colour, opacity shift +1; before them, the input
+    head's Gaussian per input pixel."""
     latents, plucker, cams = inputs
     cfg = tiny.config
     v, t_l, h, w = 2, 2, 64, 96
     with torch.no_grad():
         raw = tiny.forward_raw(latents, plucker)
-        g = tiny(latents, plucker, cams)
+        whole = tiny(latents, plucker, cams, prune=False)
+        fused = tiny(latents, plucker, cams)  # nothing known: only the input frame's grid gives way to the head
         origins, dirs, foot = tiny.rays(cams, torch.device("cpu"))
     assert raw.shape == (v, 12, t_l, h // 4, w // 4)
+    assert whole.num == h * w + 1536 and fused.num == whole.num - (h // 4) * (w // 4)
+    g = whole.index(slice(h * w, None))
     assert g.num == v * t_l * (h // 4) * (w // 4) == 1536
     assert origins.shape == dirs.shape == (v, t_l, h // 4, w // 4, 3) and foot.shape == (v, t_l, h // 4, w // 4, 1)
     for name in ("means", "scales", "quats", "opacities", "colors"):
@@ -246,7 +254,7 @@ def test_fresh_cpu_model_starts_at_its_inputs() -> None:
     """head_gain 0.1: a fresh tiny model's Gaussians carry their block's input colour (colour skip), sit near
     distance_init = 3, cover scale_init of their block and have opacity ~ sigmoid(1)."""
     latents, plucker, cams, blocks = block_constant_inputs()
-    model = LatentGaussianDecoder(DecoderConfig.preset("tiny"), seed=0)
+    model = LatentGaussianDecoder(GRID_TINY, seed=0)
     with torch.no_grad():
         g = model(latents, plucker, cams)
         origins, dirs, foot = model.rays(cams, torch.device("cpu"))
@@ -263,9 +271,10 @@ def test_fresh_cpu_model_starts_at_its_inputs() -> None:
     assert (g.opacities - 1 / (1 + math.exp(-1.0))).abs().max() < 0.05  # measured <= 0.025
 
 
-def test_views_are_fused_view_major(tiny: LatentGaussianDecoder, inputs) -> None:
+def test_views_are_fused_view_major(inputs) -> None:
     """No positional embedding + attention-only blocks: swapping the views swaps the two halves of the output."""
     latents, plucker, cams = inputs
+    tiny = LatentGaussianDecoder(GRID_TINY, seed=0)
     with torch.no_grad():
         g = tiny(latents, plucker, cams)
         swapped = tiny(latents.flip(0), plucker.flip(0), cams[::-1])
@@ -351,7 +360,7 @@ def plane_views(cfg: DecoderConfig, v: int = 2, t: int = 9, h: int = 32, w: int 
 
 @pytest.mark.parametrize("layout", ["cpu", "lyra"])
 def test_ceiling_gaussians_sit_at_the_exact_depth(layout: str) -> None:
-    cfg = DecoderConfig.preset("tiny") if layout == "cpu" else LYRA_TINY
+    cfg = GRID_TINY if layout == "cpu" else LYRA_TINY
     gs, h, w = cfg.gaussian_stride, 32, 48
     frames_out = output_frames(cfg, 2)
     cams, frames, depths = plane_views(cfg, h=h, w=w)
@@ -550,8 +559,8 @@ def test_depth_input_starts_from_the_model_without_it(inputs) -> None:
     """The depth embedding is zero at init: weights trained without depth_input load (keep_missing) and give
     the same Gaussians when nothing is known; with known depth, a zero distance output sits on that depth."""
     latents, plucker, cams = inputs
-    plain = LatentGaussianDecoder(DecoderConfig.preset("tiny", depth_input=False), seed=3)
-    model = LatentGaussianDecoder(DecoderConfig.preset("tiny"), seed=0)
+    plain = LatentGaussianDecoder(replace(GRID_TINY, depth_input=False), seed=3)
+    model = LatentGaussianDecoder(GRID_TINY, seed=0)
     with pytest.raises(LyraConfigError, match="missing keys"):
         load_decoder_state(model, plain.state_dict())
     load_decoder_state(model, plain.state_dict(), keep_missing=("depth_embed.",))
@@ -584,3 +593,97 @@ def test_background_and_depth_input_config_errors_name_the_field() -> None:
     with pytest.raises(LyraConfigError, match=r"decoder\.depth_input: expected true or false"):
         DecoderConfig.preset("tiny", depth_input="yes")
     assert DecoderConfig().background == "white" and not DecoderConfig().depth_input  # Lyra's (paper) defaults
+
+
+def test_fused_keep_draws_what_the_input_saw_once() -> None:
+    """``fuse: known``: the input frame keeps its whole grid; later frames (and other views' first frames, the
+    same input camera) keep only blocks the known input depth does not fully cover; ``stack`` keeps everything."""
+    cfg = DecoderConfig.preset("tiny", fuse="known", input_stride=0)
+    v, t, h, w, g = 2, 9, 32, 48, cfg.gaussian_stride
+    known = torch.full((v, t, 1, h, w), 2.0)
+    known[0, 8, 0, :8, :8] = 0.0  # view 0, frame 8: blocks (0..1, 0..1) unseen
+    known[1, 8, 0, 4, 4] = 0.0  # view 1, frame 8: one pixel of block (1, 1) unseen
+    known[1, 0, 0, 0, 0] = 0.0  # view 1, frame 0 (the input camera again): one pixel of block (0, 0) unseen
+    keep = fused_keep(cfg, known).reshape(v, 2, h // g, w // g)
+    assert keep[0, 0].all()
+    expected = torch.zeros(v, 2, h // g, w // g, dtype=torch.bool)
+    expected[0, 0] = True
+    expected[0, 1, :2, :2] = True
+    expected[1, 1, 1, 1] = True
+    expected[1, 0, 0, 0] = True
+    assert torch.equal(keep, expected)
+    # a block counts as covered from fuse_covered of its pixels known
+    half = fused_keep(replace(cfg, fuse_covered=0.5), known).reshape(keep.shape)
+    assert not half[1, 1, 1, 1] and not half[1, 0, 0, 0] and half[0, 1, :2, :2].all()
+    # with the input head, the input frame's grid is dropped and the head's Gaussians come first
+    with_head = fused_keep(DecoderConfig.preset("tiny"), known)
+    assert with_head.shape == (h * w + keep.numel(),) and with_head[: h * w].all()
+    assert torch.equal(with_head[h * w :].reshape(keep.shape)[0, 0], torch.zeros_like(keep[0, 0]))
+    assert torch.equal(with_head[h * w :].reshape(keep.shape)[:, 1], keep[:, 1])
+    with pytest.raises(LyraConfigError, match=r"decoder\.fuse: expected 'stack' unless depth_input"):
+        DecoderConfig.preset("tiny", fuse="known", input_stride=0, depth_input=False)
+    with pytest.raises(LyraConfigError, match=r"decoder\.input_stride: expected 0 unless fuse is 'known'"):
+        DecoderConfig.preset("tiny", fuse="stack")
+    with pytest.raises(LyraConfigError, match=r"decoder\.input_stride: expected 0 \(off\) or a positive int"):
+        DecoderConfig.preset("tiny", input_stride=3)
+    with pytest.raises(LyraConfigError, match=r"decoder\.fuse_covered"):
+        DecoderConfig.preset("tiny", fuse="known", fuse_covered=0.0)
+
+
+def test_model_and_ceiling_fuse_the_same_gaussians(inputs) -> None:
+    latents, plucker, cams = inputs
+    stack = LatentGaussianDecoder(DecoderConfig.preset("tiny", fuse="stack", input_stride=0), seed=0)
+    fused = LatentGaussianDecoder(DecoderConfig.preset("tiny", input_stride=0), seed=0)
+    known = torch.full((2, 9, 1, 64, 96), 2.0)
+    known[1, 8, 0, 16:32, 32:48] = 0.0  # 4 x 4 blocks of view 1's last frame unseen
+    with torch.no_grad():
+        full = stack(latents, plucker, cams, known_depth=known)
+        grid = fused(latents, plucker, cams, known_depth=known, prune=False)
+        kept = fused(latents, plucker, cams, known_depth=known)
+        unknown = fused(latents, plucker, cams)  # nothing known: nothing to fuse
+    per_frame = (64 // 4) * (96 // 4)
+    assert grid.num == full.num == unknown.num == 4 * per_frame and kept.num == per_frame + 16
+    keep = fused_keep(fused.config, known)
+    torch.testing.assert_close(kept.means, grid.means[keep])
+    torch.testing.assert_close(kept.means[:per_frame], full.means[:per_frame])
+    frames = [torch.rand(9, 3, 64, 96) for _ in range(2)]
+    depth = [torch.full((9, 1, 64, 96), 2.0) for _ in range(2)]
+    ceiling = ceiling_gaussians(fused.config, cams, frames, depth, known_depth_per_view=list(known))
+    assert ceiling.num == kept.num
+
+
+def test_input_head_starts_as_the_input_frame_unprojected(inputs) -> None:
+    """``input_stride`` 1: one Gaussian per input pixel, first in the output, from a new head; a zero head output
+    puts each on its pixel's known depth with its pixel's colour, ``input_scale_init`` of a pixel wide and
+    ``input_opacity_init`` opaque (the RGB-D unprojection baseline); weights without the head load into it."""
+    latents, plucker, cams = inputs
+    cfg = DecoderConfig.preset("tiny")
+    model = LatentGaussianDecoder(cfg, seed=0)
+    h, w = 64, 96
+    known = torch.rand(2, 9, 1, h, w) * 3 + 1
+    known[1, 8, 0, 4:8, 4:8] = 0.0  # one 4x4 block of view 1's last frame unseen by the input
+    with torch.no_grad():
+        model.input_head.weight.zero_()
+        model.input_head.bias[:-1] = 0.0
+        model.input_head.bias[7] = 1.0  # identity rotation
+        g = model(latents, plucker, cams, known_depth=known)
+    assert g.num == h * w + 1  # the input frame, plus the one Gaussian of the block it did not see
+    first = g.index(torch.arange(h * w))
+    cam = cams[0]
+    z = (first.means - cam.c2w[0, :3, 3]) @ cam.c2w[0, :3, 2]
+    torch.testing.assert_close(z, known[0, 0, 0].reshape(-1), atol=1e-4, rtol=1e-4)
+    pixels = PixelPatchifyEncoder().decode(latents[0])[0].permute(1, 2, 0).reshape(-1, 3) * 0.5 + 0.5
+    torch.testing.assert_close(first.colors, pixels.clamp(COLOR_SKIP_EPS, 1 - COLOR_SKIP_EPS), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(first.opacities, torch.full((h * w,), cfg.input_opacity_init))
+    fx = float(cam.K[0, 0, 0])
+    distance = (first.means - cam.c2w[0, :3, 3]).norm(dim=-1)
+    torch.testing.assert_close(first.scales[:, 0], cfg.input_scale_init / fx * distance)
+    # the ceiling of this layout has the same Gaussians, in the same order
+    frames = [torch.rand(9, 3, h, w) for _ in range(2)]
+    ceiling = ceiling_gaussians(cfg, cams, frames, list(known), known_depth_per_view=list(known))
+    assert ceiling.num == g.num
+    torch.testing.assert_close(ceiling.means[: h * w], first.means, atol=1e-4, rtol=1e-4)
+    # a checkpoint from before the input head loads with it kept (NEW_MODULES)
+    old = LatentGaussianDecoder(DecoderConfig.preset("tiny", fuse="stack", input_stride=0), seed=1)
+    load_decoder_state(model, old.state_dict(), keep_missing=("input_head.",))
+    torch.testing.assert_close(model.head.weight, old.head.weight)

@@ -173,3 +173,38 @@ def test_from_ply_rejects_non_3dgs_files(tmp_path: Path):
 def test_importing_the_ops_does_not_import_gsplat():
     code = "import sys, lyra_ops.gaussians, lyra_ops.rasterize; assert 'gsplat' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_inria_layout_has_every_original_field_and_reads_back(tmp_path: Path):
+    """``layout="inria"``: the original 3DGS vertex layout (normals, 45 f_rest, all zero), same values."""
+    import numpy as np
+
+    g = random_gaussians(7, seed=6)
+    path = g.to_ply(tmp_path / "inria.ply", layout="inria")
+    raw = path.read_bytes()
+    header, body = raw.split(b"end_header\n")
+    names = [line.split()[-1] for line in header.decode().splitlines() if line.startswith("property")]
+    expected = ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", *[f"f_rest_{i}" for i in range(45)],
+                "opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
+    assert names == expected
+    rows = np.frombuffer(body, dtype="<f4").reshape(7, len(expected))
+    assert not rows[:, 3:6].any() and not rows[:, 9:54].any()
+    back, compact = Gaussians.from_ply(path), Gaussians.from_ply(g.to_ply(tmp_path / "c.ply"))
+    for name in FIELDS:
+        torch.testing.assert_close(getattr(back, name), getattr(compact, name), atol=1e-7, rtol=0)
+    with pytest.raises(LyraInputError, match="PLY layout"):
+        g.to_ply(tmp_path / "x.ply", layout="antimatter")
+
+
+def test_select_for_export_thresholds_then_prunes():
+    g = random_gaussians(10, seed=7)
+    g.opacities[:] = torch.linspace(0.05, 0.95, 10)
+    assert g.select_for_export() is g
+    kept = g.select_for_export(min_opacity=0.5)
+    torch.testing.assert_close(kept.opacities, g.opacities[5:])
+    both = g.select_for_export(prune_ratio=0.4, min_opacity=0.5)  # 5 above 0.5, the 2 least opaque of them go
+    torch.testing.assert_close(both.opacities, g.opacities[7:])
+    torch.testing.assert_close(both.means, g.means[7:])  # original order kept
+    for bad in ({"prune_ratio": 1.0}, {"min_opacity": -0.1}, {"prune_ratio": True}):
+        with pytest.raises(LyraInputError, match="expected a number in"):
+            g.select_for_export(**bad)
