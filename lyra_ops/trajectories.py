@@ -11,6 +11,7 @@ offset at frame i is ``i * d * c / n * sign`` along one axis, and a two-loop spi
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from pathlib import Path
@@ -110,6 +111,19 @@ def _require(cond: bool, source: str, message: str) -> None:
         raise LyraInputError(f"{source}: {message}")
 
 
+JSON_KEYS = ("convention", "image_height", "image_width", "frames")
+JSON_FRAME_KEYS = ("c2w", "w2c", "K", "fx", "fy", "cx", "cy")
+
+
+def _known_keys(obj: dict, allowed: tuple[str, ...], source: str, where: str) -> None:
+    """Raise naming the first unknown key of ``obj`` and the nearest allowed one (a typo must not be ignored)."""
+    for key in obj:
+        if key not in allowed:
+            near = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise LyraInputError(f"{source}: {where}unknown key {key!r}{hint}; valid keys: {', '.join(allowed)}")
+
+
 def load_trajectory_npz(
     path: str | Path, *, height: int, width: int, num_frames: int | None = None, pose_scale: float = 1.0
 ) -> Cameras:
@@ -151,7 +165,9 @@ def load_trajectory_json(
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except Exception as exc:  # noqa: BLE001
         raise LyraInputError(f"{src}: not valid JSON ({exc})") from exc
-    _require(isinstance(doc, dict) and isinstance(doc.get("frames"), list) and doc["frames"], src,
+    _require(isinstance(doc, dict), src, "expected a JSON object with a non-empty list 'frames'")
+    _known_keys(doc, JSON_KEYS, src, "")
+    _require(isinstance(doc.get("frames"), list) and doc["frames"], src,
              "expected an object with a non-empty list 'frames'")
     convention = doc.get("convention", "opencv")
     _require(convention in ("opencv", "opengl"), src,
@@ -162,6 +178,7 @@ def load_trajectory_json(
     for i, frame in enumerate(doc["frames"]):
         where = f"frames[{i}]"
         _require(isinstance(frame, dict), src, f"{where} must be an object")
+        _known_keys(frame, JSON_FRAME_KEYS, src, f"{where}: ")
         key = "c2w" if "c2w" in frame else "w2c" if "w2c" in frame else None
         _require(key is not None, src, f"{where} needs a 'c2w' or 'w2c' 4x4 matrix")
         m = np.asarray(frame[key], dtype=np.float64)

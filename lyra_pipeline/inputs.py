@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lyra_ops.depth import check_user_depth
 from lyra_ops.errors import LyraInputError
@@ -19,10 +19,39 @@ from lyra_pipeline.storage import validate_scene_id
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+ALPHA_BACKGROUND = (255, 255, 255)  # what a non-opaque image is composited over (white, as most viewers show it)
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
-def scan_image_folder(folder: str | Path, run_seed: int) -> list[SceneRecord]:
-    """Every ``NAME.png|jpg|jpeg|webp`` of a folder with its ``NAME.txt`` prompt (empty if absent)."""
+def image_rgb(im: Image.Image, source: str) -> np.ndarray:
+    """Any PIL image as (H,W,3) uint8 RGB: EXIF orientation applied; 16-bit and 32-bit integer greyscale scaled
+    by their bit depth (PIL's convert("RGB") clips them, so a 16-bit PNG came out white); float greyscale read as
+    [0, 1]; palette, CMYK, greyscale by PIL's conversions; an alpha channel that is not fully opaque composited
+    over :data:`ALPHA_BACKGROUND` with a warning naming the file."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in _SIXTEEN_BIT or im.mode == "I":
+        values = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode in _SIXTEEN_BIT or values.max(initial=0) <= 65535 else 4294967295.0
+        grey = np.round(np.clip(values / top, 0, 1) * 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if im.mode == "F":
+        grey = np.round(np.clip(np.asarray(im, dtype=np.float64), 0, 1) * 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+    if not has_alpha:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    rgba = np.asarray(im.convert("RGBA"), dtype=np.float64)
+    alpha = rgba[..., 3:] / 255.0
+    if (alpha < 1).any():
+        log.warning("%s: %.1f%% of the pixels are not opaque; composited over RGB %s", source,
+                    100 * float((alpha < 1).mean()), ALPHA_BACKGROUND)
+    out = rgba[..., :3] * alpha + np.asarray(ALPHA_BACKGROUND, dtype=np.float64) * (1 - alpha)
+    return np.round(out).astype(np.uint8)
+
+
+def scan_image_folder(folder: str | Path, run_seed: int, *, warn: bool = True) -> list[SceneRecord]:
+    """Every ``NAME.png|jpg|jpeg|webp`` of a folder with its ``NAME.txt`` prompt (empty if absent; logged when
+    ``warn``, so a preflight check followed by the run's own scan warns once)."""
     root = Path(folder)
     if not root.is_dir():
         raise LyraInputError(f"{root}: images folder not found (expected a folder of NAME.png + NAME.txt)")
@@ -38,7 +67,8 @@ def scan_image_folder(folder: str | Path, run_seed: int) -> list[SceneRecord]:
             except UnicodeDecodeError as exc:
                 raise LyraInputError(f"{prompt_file}: prompt must be UTF-8 text ({exc})") from exc
         else:
-            log.warning("%s: no prompt file %s, using an empty prompt", path, prompt_file.name)
+            if warn:
+                log.warning("%s: no prompt file %s, using an empty prompt", path, prompt_file.name)
             text = ""
         sha = hashlib.sha256(path.read_bytes()).hexdigest()
         records.append(SceneRecord(scene_id, text, str(path.resolve()), sha, derive_seed(run_seed, scene_id),
@@ -49,7 +79,7 @@ def scan_image_folder(folder: str | Path, run_seed: int) -> list[SceneRecord]:
 
 
 def load_image(path: str | Path, height: int, width: int, *, expected_sha: str | None = None) -> torch.Tensor:
-    """Decode an image to (3,H,W) float in [0,1] at the video size (alpha dropped, cover-crop resize)."""
+    """Decode an image to (3,H,W) float in [0,1] at the video size (:func:`image_rgb`, cover-crop resize)."""
     p = Path(path)
     try:
         data = p.read_bytes()
@@ -61,7 +91,7 @@ def load_image(path: str | Path, height: int, width: int, *, expected_sha: str |
     try:
         with Image.open(p) as im:
             im.load()
-            rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            rgb = image_rgb(im, str(p))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise LyraInputError(f"{p}: cannot decode image ({exc}); expected a PNG/JPEG/WebP file") from exc
     if rgb.shape[0] < 8 or rgb.shape[1] < 8:

@@ -50,7 +50,7 @@ def preflight(config: RunConfig) -> None:
     if config.scenes.source == "images":
         from lyra_pipeline.inputs import scan_image_folder
 
-        scan_image_folder(config.scenes.images_dir, config.seed)
+        scan_image_folder(config.scenes.images_dir, config.seed, warn=False)  # the run's own scan warns
 
 
 def procedural_records(config: RunConfig) -> list[SceneRecord]:

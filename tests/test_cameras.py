@@ -160,6 +160,20 @@ def test_custom_json_and_opengl_equivalence(tmp_path):
         load_trajectory(tmp_path / "nok.json", height=H, width=W)
 
 
+def test_custom_json_unknown_keys_name_the_nearest(tmp_path):
+    """Misspelt keys used to be ignored ("image_heigth" silently gave the video's height, "convension" OpenCV)."""
+    frames = [{"c2w": np.eye(4).tolist(), "K": K.tolist()}]
+    for doc, message in (
+        ({"frames": frames, "image_heigth": 720},
+         r"t\.json: unknown key 'image_heigth' \(did you mean 'image_height'\?\)"),
+        ({"frames": frames, "convension": "opengl"}, r"unknown key 'convension' \(did you mean 'convention'\?\)"),
+        ({"frames": [{**frames[0], "fxx": 3.0}]}, r"frames\[0\]: unknown key 'fxx' \(did you mean 'fx'\?\)"),
+    ):
+        (tmp_path / "t.json").write_text(json.dumps(doc))
+        with pytest.raises(LyraInputError, match=message):
+            load_trajectory(tmp_path / "t.json", height=H, width=W)
+
+
 def test_cameras_validation_messages():
     with pytest.raises(LyraInputError, match=r"K must have shape \(N, 3, 3\)"):
         Cameras(torch.eye(4)[None], torch.eye(3), H, W)
