@@ -71,6 +71,11 @@ def _overrides(config_file: Path | None, num_scenes: int | None, images: Path | 
     if images is not None:
         sc = over.setdefault("scenes", {})
         sc["source"], sc["images_dir"] = "images", str(images.resolve())
+        if "num_scenes" not in sc:  # every image of the folder unless --num-scenes (or the config file) says
+            from lyra_pipeline.inputs import IMAGE_SUFFIXES
+
+            found = sum(1 for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if images.is_dir() else 0
+            sc["num_scenes"] = max(found, 1)  # an empty or missing folder fails in preflight, naming it
         over.setdefault("depth", {}).setdefault("backend", "planar")
         over.setdefault("generator", {}).setdefault("backend", "warp_only")
     if trajectory is not None:
@@ -134,6 +139,13 @@ def run(
         from lyra_pipeline.planning import preflight
 
         preflight(cfg)  # bad custom trajectory / image folder: fail before any work
+        if cfg.scenes.source == "images":
+            from lyra_ops.prompts import sample_records
+            from lyra_pipeline.inputs import scan_image_folder
+
+            bank = scan_image_folder(cfg.scenes.images_dir, cfg.seed, warn=False)
+            used = [r.scene_id for r in sample_records(bank, cfg.scenes.num_scenes, cfg.seed)]
+            _log(f"images: {len(used)} of {len(bank)} in {cfg.scenes.images_dir}: {', '.join(used)}")
         st = RunStore(store)  # fail fast on an unusable store
         st.check_writable()
         if _nothing_to_do(st, cfg, only_scenes):

@@ -74,3 +74,16 @@ def test_missing_prompt_warns_once_per_scan_and_not_when_asked_not_to(tmp_path, 
         assert "no prompt file" not in caplog.text
         scan_image_folder(tmp_path, 0)
     assert caplog.text.count("no prompt file a.txt") == 1
+
+
+def test_images_flag_uses_every_image_unless_num_scenes_is_given(tmp_path):
+    """``--images DIR`` used to take the preset's num_scenes (2 for smoke) of the folder, chosen by seed."""
+    from lyra_pipeline.cli import _overrides
+
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (16, 16)).save(tmp_path / f"{name}.png")
+    (tmp_path / "notes.md").write_text("not an image")
+    _, over = _overrides(None, None, tmp_path, None, None)
+    assert over["scenes"]["num_scenes"] == 3
+    _, over = _overrides(None, 1, tmp_path, None, None)
+    assert over["scenes"]["num_scenes"] == 1
