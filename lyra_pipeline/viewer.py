@@ -41,6 +41,18 @@ def covariances(gaussians: Gaussians) -> np.ndarray:
     return (scaled @ scaled.transpose(1, 2)).float().numpy()
 
 
+def viewer_splats(gaussians: Gaussians) -> dict[str, np.ndarray] | None:
+    """The arrays ``add_gaussian_splats`` gets; None for an empty set (not added). (The browser console's
+    "computeBoundingSphere(): Computed radius is NaN" comes from viser 1.1.1's splat object with any Gaussians,
+    tiny or not: measured with 500 Gaussians of scale 1e-5 and of 0.05, and absent with a point cloud alone; the
+    splats render regardless.)"""
+    if gaussians.num == 0:
+        return None
+    g = gaussians.detach().to("cpu")
+    return {"centers": g.means.numpy(), "covariances": covariances(g), "rgbs": g.colors.clamp(0, 1).numpy(),
+            "opacities": g.opacities[:, None].numpy()}
+
+
 def rgbd_points(rgb: np.ndarray, depth: np.ndarray, K: np.ndarray, stride: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Point cloud of the input frame (camera = world frame): (N,3) points, (N,3) uint8 colours."""
     h, w = depth.shape
@@ -135,12 +147,12 @@ def start_viewer(
             image = np.moveaxis(st.read_array(scene, "input/rgb"), 0, -1)
         gaussians, points, note = scene_content(st, scene, arrays, checkpoint, log)
     server = viser.ViserServer(host=host, port=port, label="lyra", verbose=False)
-    if gaussians is not None:
-        server.scene.add_gaussian_splats(
-            "/gaussians", centers=gaussians.means.detach().numpy(), covariances=covariances(gaussians),
-            rgbs=gaussians.colors.detach().clamp(0, 1).numpy(), opacities=gaussians.opacities.detach()[:, None].numpy(),
-        )  # fmt: skip
-    if points is not None:
+    splats = viewer_splats(gaussians) if gaussians is not None else None
+    if splats is not None:
+        server.scene.add_gaussian_splats("/gaussians", **splats)
+    elif gaussians is not None:
+        note += " (empty: nothing to show)"
+    if points is not None and len(points[0]):
         server.scene.add_point_cloud("/points", points=points[0], colors=points[1], point_size=0.01)
     add_trajectories(server, trajectories, image)
     # OpenCV world (y down, z forward): look from behind the first camera, y up = -y.

@@ -339,6 +339,19 @@ def test_report_is_self_contained_and_renders(trained_store, tmp_path):
     assert img.shape[:2] == (2000, 1280) and img.std() > 20
 
 
+def test_viewer_splats_skip_an_empty_cloud():
+    from lyra_pipeline.viewer import viewer_splats
+
+    empty = Gaussians(torch.zeros(0, 3), torch.ones(0, 3), torch.ones(0, 4), torch.ones(0), torch.ones(0, 3))
+    assert viewer_splats(empty) is None
+    g = Gaussians(torch.randn(5, 3), torch.full((5, 3), 0.1), torch.tensor([[1.0, 0, 0, 0]]).repeat(5, 1),
+                  torch.full((5,), 0.5), torch.rand(5, 3))
+    arrays = viewer_splats(g)
+    assert arrays["centers"].shape == (5, 3) and arrays["covariances"].shape == (5, 3, 3)
+    np_cov = arrays["covariances"][0]
+    assert abs(float(np_cov[0, 0]) - 0.01) < 1e-6 and arrays["opacities"].shape == (5, 1)
+
+
 def test_viewer_serves_scene_and_stops(trained_store, tmp_path):
     import shutil
     import socket
