@@ -170,6 +170,23 @@ class Gaussians:
         order = torch.sort(self.opacities.detach(), descending=True, stable=True).indices[:keep]
         return self.index(order)
 
+    def smoothed(self, centre: torch.Tensor, focal: float, variance_px2: float) -> Gaussians:
+        """Mip-Splatting's 3D smoothing filter, baked in: every scale widened to sqrt(s^2 + v (d / f)^2), with d the
+        Gaussian's distance from ``centre`` (the camera the scene was built for, e.g. the input camera), f that
+        camera's focal length in pixels and v = ``variance_px2``; opacities unchanged (as the rasterizer's own
+        screen-space dilation). At the camera's resolution this adds what a renderer's 0.3 px^2 dilation adds;
+        in a larger window, Gaussians sized for one pixel of the input (the decoder's per-pixel input head)
+        still close up instead of leaving the background visible between them. ``variance_px2`` 0: unchanged."""
+        if not (isinstance(variance_px2, int | float) and math.isfinite(variance_px2) and variance_px2 >= 0):
+            raise LyraInputError(f"smoothed: variance_px2 must be a number >= 0, got {variance_px2!r}")
+        if not (math.isfinite(focal) and focal > 0):
+            raise LyraInputError(f"smoothed: focal must be a positive number of pixels, got {focal!r}")
+        if variance_px2 == 0:
+            return self
+        d = (self.means - centre.to(self.means)).norm(dim=-1, keepdim=True)
+        scales = torch.sqrt(self.scales.square() + variance_px2 * (d / focal).square())
+        return Gaussians(self.means, scales, self.quats, self.opacities, self.colors)
+
     def select_for_export(self, prune_ratio: float = 0.0, min_opacity: float = 0.0) -> Gaussians:
         """The Gaussians an export keeps: opacity >= ``min_opacity``, then Lyra's pruning of the least opaque
         ``prune_ratio`` of them (:meth:`prune_by_opacity`; original order kept). Both 0: all, unchanged."""

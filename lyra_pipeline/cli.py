@@ -555,6 +555,9 @@ def train_teacher_cmd(
 PruneOpt = typer.Option(0.0, "--prune-ratio", help="drop this fraction of the least opaque Gaussians (Lyra's "
                         "pruning), after --min-opacity")
 MinOpacityOpt = typer.Option(0.0, "--min-opacity", help="drop Gaussians less opaque than this")
+SmoothingOpt = typer.Option(0.2, "--smoothing", help="widen every Gaussian by this many squared input pixels "
+                           "(Mip-Splatting's 3D filter), so viewer windows larger than the input frame show closed "
+                           "surfaces (at the input size it blurs: about 1.9 dB); 0 writes the Gaussians as decoded")
 LayoutOpt = typer.Option("compact", "--layout", help="PLY vertex layout: compact (x y z f_dc opacity scale rot) or "
                          "inria (the original 3DGS layout, with zero normals and zero f_rest_0..44)")
 
@@ -570,13 +573,14 @@ def export_ply(
     prune_ratio: float = PruneOpt,
     min_opacity: float = MinOpacityOpt,
     layout: str = LayoutOpt,
+    smoothing: float = SmoothingOpt,
 ) -> None:
     """Decode a stored scene into 3D Gaussians: standard 3DGS PLY + a PNG strip (teacher above, render below)."""
     _setup_env()
     from lyra_pipeline.reconstruct import ExportOptions, export_scene
 
     try:
-        options = ExportOptions(prune_ratio, min_opacity, layout)
+        options = ExportOptions(prune_ratio, min_opacity, layout, smoothing)
         res = export_scene(store, scene, out or Path(f"{scene}.ply"), checkpoint=checkpoint, html=html, log=_log,
                            options=options)
     except LyraError as exc:
@@ -600,13 +604,14 @@ def reconstruct(
     prune_ratio: float = PruneOpt,
     min_opacity: float = MinOpacityOpt,
     layout: str = LayoutOpt,
+    smoothing: float = SmoothingOpt,
 ) -> None:
     """One image -> camera trajectories -> teacher videos -> decoder -> Gaussians (PLY) + a rendered strip."""
     _setup_env()
     from lyra_pipeline.reconstruct import ExportOptions, reconstruct_image
 
     try:
-        options = ExportOptions(prune_ratio, min_opacity, layout)
+        options = ExportOptions(prune_ratio, min_opacity, layout, smoothing)
         res = reconstruct_image(image, out, prompt=prompt, checkpoint=checkpoint, store=store, preset=preset,
                                 html=html, log=_log, options=options)
     except LyraError as exc:

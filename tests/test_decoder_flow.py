@@ -96,7 +96,7 @@ def test_export_ply_round_trips_and_renders_the_same(trained_store, tmp_path):
     store_path, summary = trained_store
     store = RunStore(store_path)
     scene_id = sorted(store.scene_ids())[0]
-    res = export_scene(str(store_path), scene_id, tmp_path / "scene.ply")
+    res = export_scene(str(store_path), scene_id, tmp_path / "scene.ply", options=ExportOptions(smoothing=0.0))
     assert res.gaussians > 0 and res.strip is not None and res.strip.stat().st_size > 0
     model, _ = load_decoder(store, None)
     gaussians, views, trajectories = decode_scene(model, store, scene_id)
@@ -154,7 +154,14 @@ def test_export_options_keep_what_they_say_and_bad_ones_write_nothing(trained_st
     back = Gaussians.from_ply(res.ply)
     torch.testing.assert_close(back.means, expected.means)
     assert b"property float f_rest_44" in res.ply.read_bytes()[:4096]
-    for bad in ({"prune_ratio": 1.0}, {"min_opacity": -1.0}, {"layout": "splat"}):
+    # the default export widens each Gaussian by 0.2 squared input pixels at its distance from the input camera
+    smooth = Gaussians.from_ply(export_scene(str(store_path), scene_id, tmp_path / "smooth.ply", strip=False).ply)
+    _, views, trajectories = decode_scene(model, store, scene_id)
+    cam = views.get(scene_id, trajectories[0]).cameras
+    d = (gaussians.means - cam.c2w[0, :3, 3]).norm(dim=-1, keepdim=True)
+    expected_scales = torch.sqrt(gaussians.scales.square() + 0.2 * (d / cam.K[0, 0, 0]).square())
+    torch.testing.assert_close(smooth.scales, expected_scales, rtol=1e-5, atol=1e-7)
+    for bad in ({"prune_ratio": 1.0}, {"min_opacity": -1.0}, {"layout": "splat"}, {"smoothing": -0.1}):
         with pytest.raises(LyraInputError, match="--"):
             ExportOptions(**bad)
     # through the CLI: one line, exit 2, nothing written
