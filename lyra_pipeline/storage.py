@@ -156,7 +156,20 @@ class RunStore:
                     from None
         else:
             raise LyraStorageError(f"{self.url}: not a lyra store (no store.json)")
-        self._zroot = zarr.open_group(store=self._zarr_store(), mode="a")
+        self._zroot = self._open_root()
+
+    def _open_root(self, attempts: int = 20) -> zarr.Group:
+        """The root Zarr group, created if missing. Two processes opening a new store at once race here: one
+        creates ``scenes.zarr`` while the other finds it half made (zarr raises "nothing found at path ''"), so
+        a failed open is retried after a short pause before the error is raised."""
+        for attempt in range(attempts):
+            try:
+                return zarr.open_group(store=self._zarr_store(), mode="a")
+            except Exception:  # noqa: BLE001 - zarr raises several types for a half-made group
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def check_writable(self) -> None:
         """Write and remove a probe file, so a read-only store fails before any work rather than mid-run."""

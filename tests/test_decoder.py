@@ -598,7 +598,7 @@ def test_background_and_depth_input_config_errors_name_the_field() -> None:
 def test_fused_keep_draws_what_the_input_saw_once() -> None:
     """``fuse: known``: the input frame keeps its whole grid; later frames (and other views' first frames, the
     same input camera) keep only blocks the known input depth does not fully cover; ``stack`` keeps everything."""
-    cfg = DecoderConfig.preset("tiny", fuse="known", input_stride=0)
+    cfg = DecoderConfig.preset("tiny", fuse="known", input_stride=0, fuse_covered=1.0)
     v, t, h, w, g = 2, 9, 32, 48, cfg.gaussian_stride
     known = torch.full((v, t, 1, h, w), 2.0)
     known[0, 8, 0, :8, :8] = 0.0  # view 0, frame 8: blocks (0..1, 0..1) unseen
@@ -615,11 +615,14 @@ def test_fused_keep_draws_what_the_input_saw_once() -> None:
     # a block counts as covered from fuse_covered of its pixels known
     half = fused_keep(replace(cfg, fuse_covered=0.5), known).reshape(keep.shape)
     assert not half[1, 1, 1, 1] and not half[1, 0, 0, 0] and half[0, 1, :2, :2].all()
+    # the CPU presets' 0.05: any known pixel makes the block seen; only blocks the input saw nothing of remain
+    preset = fused_keep(replace(cfg, fuse_covered=0.05), known).reshape(keep.shape)
+    assert preset[0, 0].all() and int(preset[0, 1].sum()) == 4 and not preset[1].any()
     # with the input head, the input frame's grid is dropped and the head's Gaussians come first
     with_head = fused_keep(DecoderConfig.preset("tiny"), known)
     assert with_head.shape == (h * w + keep.numel(),) and with_head[: h * w].all()
     assert torch.equal(with_head[h * w :].reshape(keep.shape)[0, 0], torch.zeros_like(keep[0, 0]))
-    assert torch.equal(with_head[h * w :].reshape(keep.shape)[:, 1], keep[:, 1])
+    assert torch.equal(with_head[h * w :].reshape(keep.shape)[:, 1], preset[:, 1])
     with pytest.raises(LyraConfigError, match=r"decoder\.fuse: expected 'stack' unless depth_input"):
         DecoderConfig.preset("tiny", fuse="known", input_stride=0, depth_input=False)
     with pytest.raises(LyraConfigError, match=r"decoder\.input_stride: expected 0 unless fuse is 'known'"):
