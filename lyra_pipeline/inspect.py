@@ -31,6 +31,27 @@ def evenly_spaced(total: int, count: int) -> list[int]:
     return sorted({round(i * (total - 1) / max(count - 1, 1)) for i in range(count)})
 
 
+def spread_frames(c2w: np.ndarray, count: int) -> list[int]:
+    """``count`` frames of a camera path (c2w (T,4,4)) spread over where the camera goes, not over frame numbers:
+    farthest-point sampling from frame 0 on each camera's centre and the point one unit along its optical axis
+    (so turning in place counts too), returned sorted. A two-loop spiral's evenly numbered frames (0, 12, 24 of
+    25) all sit at its start; a path that does not move gives :func:`evenly_spaced`."""
+    t = int(c2w.shape[0])
+    count = min(count, t)
+    feats = np.concatenate([c2w[:, :3, 3], c2w[:, :3, 3] + c2w[:, :3, 2]], axis=1).astype(np.float64)
+    dist = np.linalg.norm(feats - feats[0], axis=1)
+    if count <= 1 or float(dist.max()) < 1e-9:
+        return evenly_spaced(t, count)
+    picked = [0]
+    while len(picked) < count:
+        nxt = int(np.argmax(dist))  # first of the farthest on ties
+        if dist[nxt] < 1e-9:
+            break
+        picked.append(nxt)
+        dist = np.minimum(dist, np.linalg.norm(feats - feats[nxt], axis=1))
+    return sorted(picked)
+
+
 def _tile(img: np.ndarray, label: str) -> Image.Image:
     """(H,W,3) uint8 or (H,W) bool -> labelled PIL tile."""
     if img.dtype == bool:
@@ -48,7 +69,8 @@ def _chw(a: np.ndarray) -> np.ndarray:
 
 def contact_sheet(store: RunStore, scene_id: str, trajectories: list[str] | None = None,
                   num_frames: int = 4) -> Image.Image:
-    """One row per trajectory: warped / plain mask / refined mask / teacher at ``num_frames`` frame indices."""
+    """One row per trajectory: warped / plain mask / refined mask / teacher at ``num_frames`` frames spread along
+    the camera path (:func:`spread_frames`)."""
     rows: list[list[Image.Image]] = []
     have = store.list_arrays(scene_id)
     head = []
@@ -65,8 +87,10 @@ def contact_sheet(store: RunStore, scene_id: str, trajectories: list[str] | None
         if f"{base}/warp/rgb" not in have:
             continue
         warp = store.read_array(scene_id, f"{base}/warp/rgb")
-        t = warp.shape[0]
-        idx = evenly_spaced(t, num_frames)
+        if f"{base}/cameras/c2w" in have:
+            idx = spread_frames(store.read_array(scene_id, f"{base}/cameras/c2w"), num_frames)
+        else:
+            idx = evenly_spaced(warp.shape[0], num_frames)
         for i in idx:
             row = [_tile(_chw(warp[i]), f"{name} f{i} warped")]
             row.append(_tile(store.read_array(scene_id, f"{base}/warp/mask")[i, 0], "splat mask"))

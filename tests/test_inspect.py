@@ -53,3 +53,28 @@ def test_export_png_gif_mp4(tmp_path):
     reader = imageio_ffmpeg.read_frames(str(tmp_path / "a.mp4"))
     meta = next(reader)
     assert meta["size"] == (48, 32) and sum(1 for _ in reader) == 5
+
+
+def _poses(centres: np.ndarray, yaws: np.ndarray | None = None) -> np.ndarray:
+    c2w = np.tile(np.eye(4), (len(centres), 1, 1))
+    c2w[:, :3, 3] = centres
+    if yaws is not None:
+        c2w[:, 0, 0], c2w[:, 0, 2], c2w[:, 2, 0], c2w[:, 2, 2] = np.cos(yaws), np.sin(yaws), -np.sin(yaws), np.cos(yaws)
+    return c2w
+
+
+def test_spread_frames_follow_where_the_camera_goes():
+    from lyra_pipeline.inspect import evenly_spaced, spread_frames
+
+    # two loops of a circle in 25 frames: frames 0, 12 and 24 are the same position
+    a = np.linspace(0, 4 * np.pi, 25)
+    loop = _poses(np.stack([np.cos(a) - 1, np.sin(a), np.zeros(25)], axis=1) * 0.3)
+    assert evenly_spaced(25, 3) == [0, 12, 24]
+    picks = spread_frames(loop, 3)
+    centres = loop[picks, :3, 3]
+    gaps = [np.linalg.norm(centres[i] - centres[j]) for i in range(3) for j in range(i + 1, 3)]
+    assert picks[0] == 0 and min(gaps) > 0.3, picks  # at least half the loop's diameter (0.6) apart
+    # turning in place still spreads; standing still falls back to even numbering
+    turn = _poses(np.zeros((9, 3)), np.linspace(0, 0.8, 9))
+    assert spread_frames(turn, 3) == [0, 4, 8]
+    assert spread_frames(_poses(np.zeros((9, 3))), 3) == evenly_spaced(9, 3)
