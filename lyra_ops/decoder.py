@@ -562,6 +562,12 @@ def fused_keep(config: DecoderConfig, known_depth: torch.Tensor) -> torch.Tensor
     return torch.cat([head, keep.reshape(-1)])
 
 
+def nothing_known(cameras_per_view: Sequence[Cameras]) -> torch.Tensor:
+    """Known depth (V,T,1,H,W) of views of which nothing is known: all 0."""
+    cams = cameras_per_view[0]
+    return torch.zeros(len(cameras_per_view), len(cams), 1, cams.height, cams.width)
+
+
 def input_rays(config: DecoderConfig, cams: Cameras) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The input head's rays: origins, unit dirs (1,H/s,W/s,3) through the s x s pixel blocks of the input frame
     (the first camera of ``cams``, s = ``input_stride``), and the footprint per unit distance s / fx, float32."""
@@ -645,10 +651,8 @@ def ceiling_gaussians(
                                       opacity))
     out = Gaussians.cat(parts)
     if config.fuse == "known" and not whole:
-        if known_depth_per_view is None:
-            known = torch.zeros(len(cameras_per_view), *depth_per_view[0].shape)
-        else:
-            known = torch.stack(list(known_depth_per_view))
+        known = (nothing_known(cameras_per_view) if known_depth_per_view is None
+                 else torch.stack(list(known_depth_per_view)))
         out = out.index(fused_keep(config, known))
     return out
 
@@ -915,8 +919,7 @@ class LatentGaussianDecoder(nn.Module):
         if self.config.fuse != "known":
             return gaussians
         if known_depth is None:
-            cams = cameras_per_view[0]
-            known_depth = torch.zeros(len(cameras_per_view), len(cams), 1, cams.height, cams.width)
+            known_depth = nothing_known(cameras_per_view)
         return gaussians.index(fused_keep(self.config, known_depth).to(gaussians.device))
 
 

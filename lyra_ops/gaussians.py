@@ -190,8 +190,8 @@ class Gaussians:
     def select_for_export(self, prune_ratio: float = 0.0, min_opacity: float = 0.0) -> Gaussians:
         """The Gaussians an export keeps: opacity >= ``min_opacity``, then Lyra's pruning of the least opaque
         ``prune_ratio`` of them (:meth:`prune_by_opacity`; original order kept). Both 0: all, unchanged."""
-        for name, value, high in (("prune_ratio", prune_ratio, 1.0), ("min_opacity", min_opacity, 1.0)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < high:
+        for name, value in (("prune_ratio", prune_ratio), ("min_opacity", min_opacity)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
                 raise LyraInputError(f"{name}: expected a number in [0, 1), got {value!r}")
         keep = torch.ones(self.num, dtype=torch.bool, device=self.device)
         if min_opacity > 0:

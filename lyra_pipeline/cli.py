@@ -72,9 +72,9 @@ def _overrides(config_file: Path | None, num_scenes: int | None, images: Path | 
         sc = over.setdefault("scenes", {})
         sc["source"], sc["images_dir"] = "images", str(images.resolve())
         if "num_scenes" not in sc:  # every image of the folder unless --num-scenes (or the config file) says
-            from lyra_pipeline.inputs import IMAGE_SUFFIXES
+            from lyra_pipeline.inputs import image_files
 
-            found = sum(1 for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if images.is_dir() else 0
+            found = len(image_files(images)) if images.is_dir() else 0
             sc["num_scenes"] = max(found, 1)  # an empty or missing folder fails in preflight, naming it
         over.setdefault("depth", {}).setdefault("backend", "planar")
         over.setdefault("generator", {}).setdefault("backend", "warp_only")
@@ -138,12 +138,10 @@ def run(
         name, over, cfg = _resolve(preset, config, num_scenes, images, trajectory, seed)
         from lyra_pipeline.planning import preflight
 
-        preflight(cfg)  # bad custom trajectory / image folder: fail before any work
-        if cfg.scenes.source == "images":
+        bank = preflight(cfg)  # bad custom trajectory / image folder: fail before any work
+        if bank is not None:
             from lyra_ops.prompts import sample_records
-            from lyra_pipeline.inputs import scan_image_folder
 
-            bank = scan_image_folder(cfg.scenes.images_dir, cfg.seed, warn=False)
             used = [r.scene_id for r in sample_records(bank, cfg.scenes.num_scenes, cfg.seed)]
             _log(f"images: {len(used)} of {len(bank)} in {cfg.scenes.images_dir}: {', '.join(used)}")
         st = RunStore(store)  # fail fast on an unusable store

@@ -49,6 +49,11 @@ def image_rgb(im: Image.Image, source: str) -> np.ndarray:
     return np.round(out).astype(np.uint8)
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The images of a folder (``IMAGE_SUFFIXES``, any case), sorted by name."""
+    return [p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+
+
 def scan_image_folder(folder: str | Path, run_seed: int, *, warn: bool = True) -> list[SceneRecord]:
     """Every ``NAME.png|jpg|jpeg|webp`` of a folder with its ``NAME.txt`` prompt (empty if absent; logged when
     ``warn``, so a preflight check followed by the run's own scan warns once)."""
@@ -56,9 +61,7 @@ def scan_image_folder(folder: str | Path, run_seed: int, *, warn: bool = True) -
     if not root.is_dir():
         raise LyraInputError(f"{root}: images folder not found (expected a folder of NAME.png + NAME.txt)")
     records = []
-    for path in sorted(root.iterdir()):
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
+    for path in image_files(root):
         scene_id = validate_scene_id(path.stem, source=str(path))
         prompt_file = path.with_suffix(".txt")
         if prompt_file.exists():

@@ -23,9 +23,9 @@ if TYPE_CHECKING:
     from lyra_ops.cameras import Cameras
 
 
-def preflight(config: RunConfig) -> None:
+def preflight(config: RunConfig) -> list[SceneRecord] | None:
     """Check run-wide inputs before any work starts (a bad custom trajectory would fail every scene, a bad
-    checkpoint folder every generation)."""
+    checkpoint folder every generation). Returns the image folder's records (source ``images``), else None."""
     if config.scenes.source == "text":
         from lyra_pipeline.backends.diffusers_image import inspect_t2i_checkpoint
 
@@ -50,7 +50,8 @@ def preflight(config: RunConfig) -> None:
     if config.scenes.source == "images":
         from lyra_pipeline.inputs import scan_image_folder
 
-        scan_image_folder(config.scenes.images_dir, config.seed, warn=False)  # the run's own scan warns
+        return scan_image_folder(config.scenes.images_dir, config.seed, warn=False)  # the run's own scan warns
+    return None
 
 
 def procedural_records(config: RunConfig) -> list[SceneRecord]:

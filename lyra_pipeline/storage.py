@@ -162,14 +162,12 @@ class RunStore:
         """The root Zarr group, created if missing. Two processes opening a new store at once race here: one
         creates ``scenes.zarr`` while the other finds it half made (zarr raises "nothing found at path ''"), so
         a failed open is retried after a short pause before the error is raised."""
-        for attempt in range(attempts):
+        for attempt in range(attempts - 1):
             try:
                 return zarr.open_group(store=self._zarr_store(), mode="a")
             except Exception:  # noqa: BLE001 - zarr raises several types for a half-made group
-                if attempt == attempts - 1:
-                    raise
                 time.sleep(0.05 * (attempt + 1))
-        raise AssertionError("unreachable")
+        return zarr.open_group(store=self._zarr_store(), mode="a")
 
     def check_writable(self) -> None:
         """Write and remove a probe file, so a read-only store fails before any work rather than mid-run."""
