@@ -81,6 +81,7 @@ class OptimizeConfig:
     init_points: int | None = None
     depth_weight: float = 0.2
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    random_background: bool = False
     densify: bool = False
     densify_from: int = 50
     densify_until: int | None = None
@@ -124,8 +125,9 @@ class OptimizeConfig:
             or not all(isinstance(v, int | float) and 0.0 <= v <= 1.0 for v in bg)
         ):
             raise bad("background", "a tuple of 3 numbers in [0, 1]")
-        if not isinstance(self.densify, bool):
-            raise bad("densify", "a bool")
+        for name in ("densify", "random_background"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "a bool")
         if self.backend not in BACKENDS:
             raise bad("backend", f"one of {BACKENDS}")
 
@@ -298,21 +300,24 @@ class _Params:
 
     NAMES = ("means", "log_scales", "quats", "logit_opacities", "colors")
 
-    def __init__(self, g: Gaussians, lrs: dict[str, float]) -> None:
-        g = g.detach()
-        self.tensors = {
-            "means": g.means.clone(),
-            "log_scales": torch.log(g.scales.clamp(min=SCALE_MIN)),
-            "quats": g.quats.clone(),
-            "logit_opacities": torch.logit(g.opacities.clamp(OPACITY_EPS, 1.0 - OPACITY_EPS)),
-            "colors": g.colors.clamp(0.0, 1.0),
-        }
-        for t in self.tensors.values():
-            t.requires_grad_(True)
+    def __init__(self, raw: dict[str, torch.Tensor], lrs: dict[str, float]) -> None:
+        self.tensors = {name: raw[name].detach().clone().requires_grad_(True) for name in self.NAMES}
         self.optimizer = torch.optim.Adam(
             [{"params": [self.tensors[name]], "lr": lrs[name], "name": name} for name in self.NAMES],
             eps=1e-15,  # 3DGS's Adam epsilon
         )
+
+    @classmethod
+    def from_gaussians(cls, g: Gaussians, lrs: dict[str, float]) -> _Params:
+        g = g.detach()
+        raw = {
+            "means": g.means,
+            "log_scales": torch.log(g.scales.clamp(min=SCALE_MIN)),
+            "quats": g.quats,
+            "logit_opacities": torch.logit(g.opacities.clamp(OPACITY_EPS, 1.0 - OPACITY_EPS)),
+            "colors": g.colors.clamp(0.0, 1.0),
+        }
+        return cls(raw, lrs)
 
     @property
     def num(self) -> int:
@@ -440,6 +445,137 @@ class _Densifier:
         self.reset(params.num, device)
 
 
+class SceneOptimizer:
+    """Per-scene 3D Gaussian optimisation that can stop after any step and resume bit-exactly.
+
+    ``SceneOptimizer(frames, cameras, init, config, depths=...)`` prepares step 0 (see :func:`optimize_scene` for
+    the arguments); :meth:`run` advances to a step; :meth:`state_tensors` is everything the next step depends on
+    (parameters, Adam moments, the generator, the view queue, the densification statistics, the scene extent and
+    the step), and :meth:`load_state_tensors` restores it into an optimiser built with the same frames, cameras,
+    depths and config, after which :meth:`run` continues exactly as an uninterrupted run would (same machine and
+    torch build). The init only matters at step 0: a restored state replaces it.
+    """
+
+    def __init__(self, frames: torch.Tensor, cameras: Cameras, init: Gaussians, config: OptimizeConfig | None = None,
+                 *, depths: torch.Tensor | None = None) -> None:
+        config = OptimizeConfig() if config is None else config
+        _check_inputs(frames, cameras, init, depths, config)
+        self.config = config
+        device, dtype = init.device, torch.float32
+        self.device = device
+        self.n = frames.shape[0]
+        self.h, self.w = frames.shape[2:]
+        self.frames = frames.detach().to(device, dtype)
+        self.depths = depths.detach().to(device, dtype) if depths is not None else None
+        self.w2c_all = cameras.w2c.to(device, dtype)
+        self.k_all = cameras.K.to(device, dtype)
+        self.background = torch.tensor(config.background, dtype=dtype, device=device)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        init = init.detach().to(device, dtype)
+        if config.init_points is not None and init.num > config.init_points:
+            subset = torch.randperm(init.num, generator=self.generator)[: config.init_points].sort().values
+            init = init.index(subset.to(device))
+        self.extent = (float(config.scene_extent) if config.scene_extent is not None
+                       else _scene_extent(init.means, cameras))
+        self.params = _Params.from_gaussians(init, self._lrs())
+        self.sampler = _ViewSampler(self.n, self.generator)
+        self.densify_until = config.densify_until if config.densify_until is not None else int(0.5 * config.steps)
+        self.densifier = _Densifier(self.params.num, device, self.h * self.w) if config.densify else None
+        self.weights = LossWeights(mse=1.0, lpips=0.0, depth=config.depth_weight if depths is not None else 0.0,
+                                   opacity=0.0)
+        self.batch = min(config.batch_views, self.n)
+        self.step = 0
+
+    def _lrs(self) -> dict[str, float]:
+        c = self.config
+        return {"means": c.lr_means * self.extent, "log_scales": c.lr_scales, "quats": c.lr_quats,
+                "logit_opacities": c.lr_opacities, "colors": c.lr_colors}
+
+    def gaussians(self) -> Gaussians:
+        """The current (detached, activated) Gaussians."""
+        return self.params.gaussians().detach()
+
+    def run(self, until: int | None = None,
+            callback: Callable[[int, float, Gaussians], object] | None = None) -> list[float]:
+        """Optimise from the current step up to step ``until`` (default ``config.steps``); the loss of each step.
+        ``callback(step, loss, gaussians)`` after every step; a truthy return stops early."""
+        config = self.config
+        until = config.steps if until is None else min(until, config.steps)
+        lr_means0 = config.lr_means * self.extent
+        losses: list[float] = []
+        while self.step < until:
+            step = self.step
+            frac = step / max(config.steps - 1, 1)
+            self.params.set_lr("means", lr_means0 * config.lr_means_final_ratio**frac)
+            views = torch.tensor(self.sampler.take(self.batch), device=self.device)
+            background = (torch.rand(len(views), 3, generator=self.generator).to(self.device)
+                          if config.random_background else self.background)
+            out = rasterize(self.params.gaussians(), self.w2c_all[views], self.k_all[views], self.w, self.h,
+                            background=background, backend=config.backend)
+            loss, _ = distillation_loss(out, self.frames[views],
+                                        self.depths[views] if self.depths is not None else None, weights=self.weights)
+            self.params.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            means = self.params.tensors["means"]
+            if self.densifier is not None and step < self.densify_until and means.grad is not None:
+                self.densifier.accumulate(means.grad, means, self.w2c_all[views], self.k_all[views])
+            self.params.optimizer.step()
+            self.params.project()
+            losses.append(float(loss.detach()))
+            if (
+                self.densifier is not None
+                and step + 1 >= config.densify_from
+                and step + 1 < self.densify_until
+                and (step + 1) % config.densify_every == 0
+            ):
+                self.densifier.step(self.params, config, self.extent, self.generator)
+            self.step = step + 1
+            if callback is not None and callback(step, losses[-1], self.gaussians()):
+                break
+        return losses
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything the next step depends on, as CPU tensors (e.g. for ``safetensors``)."""
+        out: dict[str, torch.Tensor] = {}
+        for group in self.params.optimizer.param_groups:
+            name, p = group["name"], group["params"][0]
+            out[f"param/{name}"] = p.detach().cpu().contiguous()
+            for key, value in self.params.optimizer.state.get(p, {}).items():
+                out[f"adam/{name}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        out["rng"] = self.generator.get_state()
+        out["sampler"] = torch.tensor(self.sampler.queue, dtype=torch.int64)
+        out["meta"] = torch.tensor([float(self.step), self.extent], dtype=torch.float64)
+        if self.densifier is not None:
+            out["densifier/grad_sum"] = self.densifier.grad_sum.cpu().contiguous()
+            out["densifier/count"] = self.densifier.count.cpu().contiguous()
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore a :meth:`state_tensors` snapshot (raises ``LyraInputError`` when one is missing or off)."""
+        need = [f"param/{name}" for name in _Params.NAMES] + ["rng", "sampler", "meta"]
+        if self.densifier is not None:
+            need += ["densifier/grad_sum", "densifier/count"]
+        missing = [k for k in need if k not in tensors]
+        if missing:
+            raise LyraInputError(f"SceneOptimizer state lacks {', '.join(missing)}")
+        step, extent = tensors["meta"].tolist()
+        self.step, self.extent = int(step), float(extent)
+        raw = {name: tensors[f"param/{name}"].to(self.device) for name in _Params.NAMES}
+        self.params = _Params(raw, self._lrs())
+        for group in self.params.optimizer.param_groups:
+            name, p = group["name"], group["params"][0]
+            state = {key.rsplit("/", 1)[1]: value.to(self.device) for key, value in tensors.items()
+                     if key.startswith(f"adam/{name}/")}
+            if state:
+                state["step"] = state["step"].cpu()  # Adam keeps its step count on the CPU
+                self.params.optimizer.state[p] = state
+        self.generator.set_state(tensors["rng"])
+        self.sampler.queue = [int(v) for v in tensors["sampler"].tolist()]
+        if self.densifier is not None:
+            self.densifier.grad_sum = tensors["densifier/grad_sum"].to(self.device)
+            self.densifier.count = tensors["densifier/count"].to(self.device)
+
+
 def optimize_scene(
     frames: torch.Tensor,
     cameras: Cameras,
@@ -464,75 +600,17 @@ def optimize_scene(
 
     Returns:
         :class:`OptimizeResult` with the detached optimised Gaussians, the loss of every step and the seconds
-        spent in the loop.
+        spent in the loop. (:class:`SceneOptimizer` is the same optimisation, stoppable and resumable.)
     """
-    config = OptimizeConfig() if config is None else config
-    _check_inputs(frames, cameras, init, depths, config)
-    device, dtype = init.device, torch.float32
-    n = frames.shape[0]
-    h, w = frames.shape[2:]
-    frames = frames.detach().to(device, dtype)
-    depths = depths.detach().to(device, dtype) if depths is not None else None
-    w2c_all = cameras.w2c.to(device, dtype)
-    k_all = cameras.K.to(device, dtype)
-    background = torch.tensor(config.background, dtype=dtype, device=device)
-    generator = torch.Generator().manual_seed(config.seed)
-
-    init = init.detach().to(device, dtype)
-    if config.init_points is not None and init.num > config.init_points:
-        subset = torch.randperm(init.num, generator=generator)[: config.init_points].sort().values
-        init = init.index(subset.to(device))
-    extent = float(config.scene_extent) if config.scene_extent is not None else _scene_extent(init.means, cameras)
-    lr_means0 = config.lr_means * extent
-    lrs = {
-        "means": lr_means0,
-        "log_scales": config.lr_scales,
-        "quats": config.lr_quats,
-        "logit_opacities": config.lr_opacities,
-        "colors": config.lr_colors,
-    }
-    params = _Params(init, lrs)
-    sampler = _ViewSampler(n, generator)
-    densify_until = config.densify_until if config.densify_until is not None else int(0.5 * config.steps)
-    densifier = _Densifier(params.num, device, h * w) if config.densify else None
-    weights = LossWeights(mse=1.0, lpips=0.0, depth=config.depth_weight if depths is not None else 0.0, opacity=0.0)
-    batch = min(config.batch_views, n)
+    opt = SceneOptimizer(frames, cameras, init, config, depths=depths)
     logger.info(
         "optimize_scene: %d frames %dx%d, %d Gaussians, %d steps x %d views, extent %.4g",
-        n, h, w, params.num, config.steps, batch, extent,
+        opt.n, opt.h, opt.w, opt.params.num, opt.config.steps, opt.batch, opt.extent,
     )  # fmt: skip
-
-    losses: list[float] = []
     start = time.perf_counter()
-    for step in range(config.steps):
-        frac = step / max(config.steps - 1, 1)
-        params.set_lr("means", lr_means0 * config.lr_means_final_ratio**frac)
-        views = torch.tensor(sampler.take(batch), device=device)
-        g = params.gaussians()
-        out = rasterize(
-            g, w2c_all[views], k_all[views], w, h, background=background, backend=config.backend
-        )
-        loss, _ = distillation_loss(
-            out, frames[views], depths[views] if depths is not None else None, weights=weights
-        )
-        params.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if densifier is not None and step < densify_until and params.tensors["means"].grad is not None:
-            densifier.accumulate(params.tensors["means"].grad, params.tensors["means"], w2c_all[views], k_all[views])
-        params.optimizer.step()
-        params.project()
-        losses.append(float(loss.detach()))
-        if (
-            densifier is not None
-            and step + 1 >= config.densify_from
-            and step + 1 < densify_until
-            and (step + 1) % config.densify_every == 0
-        ):
-            densifier.step(params, config, extent, generator)
-        if callback is not None and callback(step, losses[-1], params.gaussians().detach()):
-            break
+    losses = opt.run(callback=callback)
     seconds = time.perf_counter() - start
-    result = params.gaussians().detach()
+    result = opt.gaussians()
     logger.info(
         "optimize_scene: %d steps in %.2f s, loss %.4g -> %.4g, %d Gaussians",
         len(losses), seconds, losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"),

@@ -588,6 +588,57 @@ def export_ply(
 
 
 @app.command()
+def refine(
+    scene: str = typer.Argument(..., help="scene id"),
+    store: str = StoreOpt,
+    steps: int = typer.Option(300, "--steps", help="optimiser steps (one teacher frame each; ~0.3-0.6 s per step "
+                              "at 176x320 on one CPU core)"),
+    init: str = typer.Option("auto", "--init", help="start from: decoder (the decoder's Gaussians), rgbd (the input "
+                             "frame's and the trajectories' last frames' RGB-D point cloud), auto (decoder)"),
+    background: str = typer.Option("random", "--background", help="behind the fitted views: random (a new colour "
+                                   "each view, so the scene looks the same over any viewer background) or white"),
+    checkpoint: Path = typer.Option(None, "--checkpoint", help="decoder model.safetensors for --init decoder "
+                                    "(default: the store's newest finished training, else the shipped decoder)"),
+    out: Path = typer.Option(None, "--out", help="PLY path (default: <scene>-refined.ply)"),
+    html: bool = typer.Option(False, "--html", help="also write a self-contained HTML viewer (needs node/npx)"),
+    prune_ratio: float = PruneOpt,
+    min_opacity: float = MinOpacityOpt,
+    layout: str = LayoutOpt,
+    smoothing: float = SmoothingOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
+) -> None:
+    """Optimise one stored scene's 3D Gaussians against its teacher frames (resumes; a finished one does
+    nothing), then write the PLY (+ strip, + HTML) like export-ply."""
+    _setup_env(verbose)
+    from flows.refine_scene import refine_scene
+    from lyra_pipeline.reconstruct import ExportOptions, refine_summary, resolve_decoder
+    from lyra_pipeline.refine import RefineConfig, scene_trajectories
+
+    try:  # everything is checked before anything is written
+        if steps < 1:
+            raise LyraInputError(f"--steps: expected an integer >= 1, got {steps}")
+        config = RefineConfig(steps=steps, init=init, background=background)
+        ExportOptions(prune_ratio, min_opacity, layout, smoothing)  # bad export options fail here
+        target = out or Path(f"{scene}-refined.ply")
+        if target.suffix.lower() != ".ply":
+            raise LyraInputError(f"{target}: --out must be a .ply path")
+        st = RunStore(store, create=False)
+        scene_trajectories(st, scene)
+        if config.init != "rgbd":
+            resolve_decoder(st, checkpoint, _log)
+        result = refine_scene(scene=scene, store=store, steps=steps, init=init, background=background,
+                              checkpoint=str(checkpoint) if checkpoint else None, out=str(target), html=html,
+                              export={"prune_ratio": prune_ratio, "min_opacity": min_opacity, "layout": layout,
+                                      "smoothing": smoothing})
+    except LyraError as exc:
+        _fail(exc)
+    _log(refine_summary(result) + f"; {result['steps_computed']} steps computed now")
+    ex = result["export"]
+    console.print(f"wrote {ex['ply']} ({ex['gaussians']} Gaussians)" + (f", {ex['strip']}" if ex["strip"] else "")
+                  + (f", {ex['html']}" if ex["html"] else ""))
+
+
+@app.command()
 def reconstruct(
     image: Path = typer.Option(..., "--image", help="input image (PNG/JPEG)"),
     prompt: str = typer.Option(None, "--prompt", help="text prompt (default: IMAGE.txt beside it, or its name)"),
@@ -603,15 +654,21 @@ def reconstruct(
     min_opacity: float = MinOpacityOpt,
     layout: str = LayoutOpt,
     smoothing: float = SmoothingOpt,
+    refine_steps: int = typer.Option(None, "--refine", help="then refine the Gaussians against the generated "
+                                     "frames for this many steps (like `lyra refine`; resumable in OUT/store)"),
 ) -> None:
     """One image -> camera trajectories -> teacher videos -> decoder -> Gaussians (PLY) + a rendered strip."""
     _setup_env()
     from lyra_pipeline.reconstruct import ExportOptions, reconstruct_image
+    from lyra_pipeline.refine import RefineConfig
 
     try:
         options = ExportOptions(prune_ratio, min_opacity, layout, smoothing)
+        if refine_steps is not None and refine_steps < 1:
+            raise LyraInputError(f"--refine: expected an integer >= 1 (optimiser steps), got {refine_steps}")
+        refine_config = RefineConfig(steps=refine_steps) if refine_steps is not None else None
         res = reconstruct_image(image, out, prompt=prompt, checkpoint=checkpoint, store=store, preset=preset,
-                                html=html, log=_log, options=options)
+                                html=html, log=_log, options=options, refine=refine_config)
     except LyraError as exc:
         _fail(exc)
     console.print(f"wrote {res.ply} ({res.gaussians} Gaussians, decoder {res.decoder}), {res.strip}"

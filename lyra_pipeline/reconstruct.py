@@ -45,6 +45,7 @@ from lyra_pipeline.training import (
 
 if TYPE_CHECKING:
     from lyra_pipeline.config import RunConfig
+    from lyra_pipeline.refine import RefineConfig
 
 SPLAT_TRANSFORM_PACKAGE = "@playcanvas/splat-transform"
 
@@ -198,28 +199,50 @@ def _ply_path(out: str | Path) -> Path:
 def write_scene(model: LatentGaussianDecoder, source: str, store: RunStore, scene_id: str, out: Path, *,
                 html: bool = False, strip: bool = True, options: ExportOptions | None = None) -> ExportResult:
     """Decode ``scene_id`` with ``model`` and write the PLY (+ strip, + HTML) of the Gaussians ``options`` keep."""
-    options = options or ExportOptions()
     gaussians, views, trajectories = decode_scene(model, store, scene_id)
+    return write_gaussians(gaussians, source, views, scene_id, trajectories, out, background=model.config.background,
+                           html=html, strip=strip, options=options)
+
+
+def write_gaussians(gaussians: Gaussians, source: str, views: ViewCache, scene_id: str, trajectories: list[str],
+                    out: Path, *, background: str = "input_mean", html: bool = False, strip: bool = True,
+                    options: ExportOptions | None = None) -> ExportResult:
+    """Write the Gaussians ``options`` keep as a PLY at ``out`` (+ the strip along the scene's trajectories, + the
+    HTML viewer opening at the input camera over ``background``: ``white`` or ``input_mean``)."""
+    options = options or ExportOptions()
     gaussians = gaussians.select_for_export(options.prune_ratio, options.min_opacity)
-    first = views.get(scene_id, trajectories[0]).cameras
-    gaussians = gaussians.smoothed(first.c2w[0, :3, 3], float(first.K[0, 0, 0]), options.smoothing)
+    first = views.get(scene_id, trajectories[0])
+    gaussians = gaussians.smoothed(first.cameras.c2w[0, :3, 3], float(first.cameras.K[0, 0, 0]), options.smoothing)
     out.parent.mkdir(parents=True, exist_ok=True)
     gaussians.to_ply(out, layout=options.layout)
     strip_path = None
     if strip:
         strip_path = out.with_suffix(".png")
-        render_strip(gaussians, views, scene_id, trajectories,
-                     background=model.config.background).save(strip_path)
+        render_strip(gaussians, views, scene_id, trajectories, background=background).save(strip_path)
     html_path = None
     if html:
-        view = views.get(scene_id, trajectories[0])
-        background = background_color(view.frames[0], model.config.background)
-        settings = viewer_settings(view.cameras.c2w[0], view.cameras.K[0], view.cameras.height, view.cameras.width,
-                                   tuple(background.tolist()) if background is not None else (1.0, 1.0, 1.0))
+        colour = background_color(first.frames[0], background)
+        settings = viewer_settings(first.cameras.c2w[0], first.cameras.K[0], first.cameras.height,
+                                   first.cameras.width,
+                                   tuple(colour.tolist()) if colour is not None else (1.0, 1.0, 1.0))
         settings_path = out.with_suffix(".viewer.json")
         settings_path.write_text(json.dumps(settings, indent=1))
         html_path = splat_transform(out, out.with_suffix(".html"), "-E", str(settings_path))
     return ExportResult(out, strip_path, gaussians.num, source, html_path)
+
+
+def export_refined(store: RunStore, scene_id: str, name: str, out: str | Path, *, html: bool = False,
+                   strip: bool = True, options: ExportOptions | None = None) -> ExportResult:
+    """The refined Gaussians of refinement ``name`` (``lyra refine``) written like :func:`export_scene`."""
+    from lyra_pipeline.refine import load_plan, refined_gaussians
+
+    out = _ply_path(out)
+    plan, _ = load_plan(store, scene_id, name)
+    gaussians = refined_gaussians(store, scene_id, name)
+    views = ViewCache(store, size=len(plan.trajectories))
+    source = f"refined {plan.config.steps} steps from {plan.init} ({name})"
+    return write_gaussians(gaussians, source, views, scene_id, plan.trajectories, out, html=html, strip=strip,
+                           options=options)
 
 
 def viewer_settings(c2w: torch.Tensor, K: torch.Tensor, height: int, width: int,
@@ -252,8 +275,8 @@ def viewer_settings(c2w: torch.Tensor, K: torch.Tensor, height: int, width: int,
 
 def reconstruct_image(image: str | Path, out_dir: str | Path, *, prompt: str | None = None,
                       checkpoint: str | Path | None = None, store: str | None = None, preset: str = "default",
-                      html: bool = False, log: Log | None = None,
-                      options: ExportOptions | None = None) -> ExportResult:
+                      html: bool = False, log: Log | None = None, options: ExportOptions | None = None,
+                      refine: RefineConfig | None = None) -> ExportResult:
     """One image -> trajectories -> teacher videos -> latents (SDG stages in-process) -> decoder -> PLY + strip.
 
     The image and its prompt are copied into ``<out_dir>/input/``; the generated scene goes to
@@ -261,18 +284,40 @@ def reconstruct_image(image: str | Path, out_dir: str | Path, *, prompt: str | N
     training), else ``store``'s newest finished training (skipped when it is not a store or has none), else the
     shipped package decoder; it is loaded before anything is written, and ``log`` gets one ``decoder: ...`` line.
     Depth is the ``planar`` prior and the teacher the ``warp_only`` baseline (no video or depth model is needed).
+    ``refine``: also optimise the scene's Gaussians against its teacher frames (:mod:`lyra_pipeline.refine`,
+    resumable in ``<out_dir>/store``) and export the refined ones instead of the decoder's.
     """
+    from lyra_pipeline.inputs import load_image
+    from lyra_pipeline.refine import refine_scene_inprocess
+
     image = Path(image)
     if not image.is_file():
         raise LyraInputError(f"{image}: image not found")
+    load_image(image, 8, 8)  # an unreadable image is named (the user's path) before anything is written
     model, source = resolve_decoder(store, checkpoint, log)
     out_dir = Path(out_dir)
     config = _scene_config(out_dir / "input", preset)  # a bad preset fails here, before anything is written
     _copy_input(image, out_dir / "input", prompt)
     scene_store = str(out_dir / "store")
     scene_id = _generate_scene(config, scene_store)
-    return write_scene(model, source, RunStore(scene_store, create=False), scene_id, out_dir / f"{scene_id}.ply",
-                       html=html, options=options)
+    run_store = RunStore(scene_store, create=False)
+    out = out_dir / f"{scene_id}.ply"
+    if refine is None:
+        return write_scene(model, source, run_store, scene_id, out, html=html, options=options)
+    plan, result = refine_scene_inprocess(run_store, scene_id, refine, model, source, log=log)
+    if log is not None:
+        log(refine_summary(result))
+    return export_refined(run_store, scene_id, plan.name, out, html=html, options=options)
+
+
+def refine_summary(result: dict) -> str:
+    """One line: PSNR on the held-out teacher frames before and after a refinement."""
+    b, a = result["psnr_before"], result["psnr_after"]
+    init = result["init"].split(":")[0]
+    return (f"refined {result['scene']} ({result['name']}, {result['steps']} steps from {init}): "
+            f"PSNR on {result['held_out_frames']} unfitted teacher frames {b['input_mean']:.2f} -> "
+            f"{a['input_mean']:.2f} dB (over white {b['white']:.2f} -> {a['white']:.2f}, over grey {b['grey']:.2f} -> "
+            f"{a['grey']:.2f}); {result['gaussians_after']} Gaussians")
 
 
 def _copy_input(image: Path, folder: Path, prompt: str | None) -> None:

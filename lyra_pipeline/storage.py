@@ -495,7 +495,7 @@ class RunStore:
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
 
     def remove_tree(self, rel: str) -> None:
-        """Delete a folder relative to the store (missing is fine)."""
+        """Delete a folder or a file relative to the store (missing is fine)."""
         path = self._path(rel)
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
