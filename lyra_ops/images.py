@@ -10,12 +10,34 @@ def cover_crop(x: torch.Tensor, height: int, width: int, *, mode: str) -> torch.
     """Resize (C,H,W) so it covers height x width keeping its aspect (``mode`` of F.interpolate), then
     centre-crop. No clamping: works for images and for metric maps (``mode="nearest"`` for depth)."""
     _, h, w = x.shape
-    scale = max(height / h, width / w)
-    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
+    new_h, new_w, top, left = cover_crop_geometry(h, w, height, width)
     smooth = {"antialias": True, "align_corners": False} if mode in ("bilinear", "bicubic") else {}
     resized = F.interpolate(x[None], size=(new_h, new_w), mode=mode, **smooth)[0]
-    top, left = (new_h - height) // 2, (new_w - width) // 2
     return resized[:, top : top + height, left : left + width]
+
+
+def cover_crop_geometry(src_h: int, src_w: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """(resized height, resized width, top, left) of :func:`cover_crop` from src_h x src_w to height x width."""
+    scale = max(height / src_h, width / src_w)
+    new_h, new_w = max(height, round(src_h * scale)), max(width, round(src_w * scale))
+    return new_h, new_w, (new_h - height) // 2, (new_w - width) // 2
+
+
+def cover_crop_intrinsics(K: torch.Tensor, src_h: int, src_w: int, height: int, width: int) -> torch.Tensor:
+    """Pixel intrinsics (...,3,3) of a src_h x src_w camera after :func:`cover_crop` to height x width.
+
+    ``F.interpolate`` (``align_corners=False``) maps continuous pixel coordinates (pixel j centred at j + 0.5)
+    by exactly new_w / src_w and new_h / src_h, and the crop shifts them by (left, top): so fx, cx scale by the
+    first and lose ``left``, fy, cy by the second and lose ``top``. The scale is one number up to the rounding of
+    the resized size, so square pixels stay (nearly) square, unlike stretching each axis to the new size."""
+    new_h, new_w, top, left = cover_crop_geometry(src_h, src_w, height, width)
+    sx, sy = new_w / src_w, new_h / src_h
+    out = K.clone()
+    out[..., 0, :] = K[..., 0, :] * sx
+    out[..., 1, :] = K[..., 1, :] * sy
+    out[..., 0, 2] -= left * K[..., 2, 2]
+    out[..., 1, 2] -= top * K[..., 2, 2]
+    return out
 
 
 def cover_crop_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:

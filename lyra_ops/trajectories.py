@@ -21,6 +21,7 @@ import torch
 
 from lyra_ops.cameras import OPENCV_TO_OPENGL, Cameras, check_se3, intrinsics_matrix, invert_se3
 from lyra_ops.errors import LyraInputError
+from lyra_ops.images import cover_crop_intrinsics
 from lyra_ops.paths import ALL_PATHS, EXTRA_PATHS, LYRA_PATHS, PathSpec  # noqa: F401 - re-exported
 
 SPIRAL_RADIUS_X = 0.15
@@ -129,7 +130,8 @@ def load_trajectory_npz(
 ) -> Cameras:
     """Load a Lyra-2 style ``trajectory.npz`` (keys w2c (N,4,4), intrinsics (N,3,3), image_height, image_width).
 
-    Intrinsics are rescaled from (image_height, image_width) to (height, width); translations are multiplied
+    Intrinsics are mapped from (image_height, image_width) to (height, width) like a cover-cropped image
+    (:func:`lyra_ops.images.cover_crop_intrinsics`); translations are multiplied
     by ``pose_scale``; poses are re-expressed relative to frame 0 only if frame 0 is not the identity.
     """
     src = str(path)
@@ -232,7 +234,7 @@ def _finish_custom(
     # Express all poses relative to frame 0 so that world = first camera frame, as the pipeline assumes.
     rel = w2c @ invert_se3(w2c[:1])
     rel[:, :3, 3] *= pose_scale
-    k = intr.clone()
-    k[:, 0, :] *= width / src_w
-    k[:, 1, :] *= height / src_h
+    # The intrinsics go through the same resize-to-cover + centre crop as a src_h x src_w image would
+    # (one uniform scale and an offset), so pixels stay square and the path matches a cover-cropped input image.
+    k = cover_crop_intrinsics(intr, src_h, src_w, height, width)
     return Cameras(invert_se3(rel).float(), k.float(), height, width)

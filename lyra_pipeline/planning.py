@@ -105,6 +105,17 @@ def scene_records(config: RunConfig) -> list[SceneRecord]:
     return sample_records(bank, config.scenes.num_scenes, config.seed)
 
 
+def input_intrinsics(config: RunConfig) -> torch.Tensor:
+    """The input frame's camera (3,3): a custom path's frame-0 intrinsics (mapped to the video size like the image
+    is, so the input and the path share one camera), else the configured field of view."""
+    from lyra_ops.cameras import default_intrinsics
+
+    v = config.video
+    if config.trajectories.custom:
+        return trajectory_cameras(config, None, "custom", None)[0].K[0].clone()
+    return default_intrinsics(v.height, v.width, v.hfov_deg)
+
+
 def trajectory_cameras(config: RunConfig, scene: SceneRecord | None, name: str,
                        K: torch.Tensor | None) -> tuple[Cameras, float]:
     from lyra_ops.trajectories import ALL_PATHS, draw_distance, load_trajectory, make_trajectory

@@ -100,6 +100,8 @@ def plan_keys(config: RunConfig, scene: SceneRecord) -> SceneKeys:
     v = STAGE_VERSIONS
     video = section_dict(config, "video")
     input_params = {**video, "source": config.scenes.source, "kind": config.scenes.scene_kind}
+    if config.trajectories.custom:  # the input frame is taken with the custom path's frame-0 camera
+        input_params["custom_sha"] = _file_sha(config.trajectories.custom)
     if config.scenes.source == "text":
         input_params["text_to_image"] = {**section_dict(config, "text_to_image"),
                                          "checkpoint": inspect_checkpoint_files(config.text_to_image.model_path)}

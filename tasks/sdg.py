@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from prefect import task
 
-from lyra_ops.cameras import Cameras, default_intrinsics
+from lyra_ops.cameras import Cameras
 from lyra_ops.depth import ConstantDepth, PlanarDepth, align_depth_scale, postprocess_depth
 from lyra_ops.generation import OracleGenerator, WarpOnlyGenerator
 from lyra_ops.images import from_signed, from_uint8, to_signed, to_uint8
@@ -25,7 +25,7 @@ from lyra_ops.seeding import derive_seed
 from lyra_ops.warp import WarpResult, depth_reliability_mask, forward_warp, unproject_depth
 from lyra_pipeline.config import RunConfig, edge_threshold, mesh_downsample
 from lyra_pipeline.inputs import load_depth_file, load_image
-from lyra_pipeline.planning import scene_records, trajectory_cameras
+from lyra_pipeline.planning import input_intrinsics, scene_records, trajectory_cameras
 from lyra_pipeline.retries import STAGE_TASK_OPTIONS
 from lyra_pipeline.stages import StageReport, run_units
 from lyra_pipeline.storage import RunStore
@@ -65,7 +65,7 @@ def make_input(store_url: str, config: RunConfig, scene: SceneRecord, run_id: st
     v, sid = config.video, scene.scene_id
 
     def compute(store: RunStore, _: str) -> None:
-        K = default_intrinsics(v.height, v.width, v.hfov_deg)
+        K = input_intrinsics(config)
         if scene.source == "procedural":
             procedural = make_scene(scene.seed, kind=config.scenes.scene_kind)
             rgb = procedural.render(IDENTITY[None], K[None], v.height, v.width).rgb[0]
