@@ -61,6 +61,26 @@ def _setup_env(verbose: bool = False) -> None:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "lyra_torch_extensions"))
+    if not verbose:
+        import prefect.main  # noqa: F401 - configures Prefect's logging (with the level above)
+
+        for handler in logging.getLogger().handlers:  # main()'s console handler (or Prefect's, when embedded)
+            if not any(isinstance(f, ConsoleFailureFilter) for f in handler.filters):
+                handler.addFilter(ConsoleFailureFilter())
+
+
+class ConsoleFailureFilter(logging.Filter):
+    """Prefect's console output without tracebacks: a failed task run stays one line (its exception's message),
+    a failed flow run's line is dropped (the CLI prints its ``error:`` line). The Prefect API and ``--verbose``
+    keep the full records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("prefect.flow_runs") and record.exc_info:
+            return False
+        if record.name.startswith("prefect.task_runs") and record.exc_info:
+            # the API handler (on the task-run logger, called before this root handler) already sent it whole
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def _overrides(config_file: Path | None, num_scenes: int | None, images: Path | None, trajectory: Path | None,
@@ -456,11 +476,16 @@ def stage(
         _fail(LyraError(f"unknown stage {name!r}; expected one of: prompts, {', '.join(SCENE_TASKS)}"))
     try:
         _, _, cfg = _resolve(preset, config, num_scenes, images, trajectory, seed)
+        if scene:  # checked against the config's scene list before the store is created or written
+            from lyra_pipeline.planning import scene_records
+
+            known = [s.scene_id for s in scene_records(cfg)]
+            unknown = sorted(set(scene) - set(known))
+            if unknown:
+                raise LyraInputError(f"--scene: unknown scene id(s) {unknown} for this config; its scenes: "
+                                     f"{', '.join(known[:12])}{' ...' if len(known) > 12 else ''}")
         scenes = sample_prompts.fn(store, cfg)
         if scene:
-            unknown = set(scene) - {s.scene_id for s in scenes}
-            if unknown:
-                raise LyraError(f"unknown scene id(s) {sorted(unknown)} for this config")
             scenes = [s for s in scenes if s.scene_id in scene]
         if name == "prompts":
             console.print(f"{len(scenes)} scenes recorded in {store}/prompts.parquet")

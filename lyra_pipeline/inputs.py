@@ -54,6 +54,9 @@ def image_files(folder: Path) -> list[Path]:
     return [p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
 
 
+_WARNED_NO_PROMPT: set[str] = set()
+
+
 def scan_image_folder(folder: str | Path, run_seed: int, *, warn: bool = True) -> list[SceneRecord]:
     """Every ``NAME.png|jpg|jpeg|webp`` of a folder with its ``NAME.txt`` prompt (empty if absent; logged when
     ``warn``, so a preflight check followed by the run's own scan warns once)."""
@@ -70,7 +73,8 @@ def scan_image_folder(folder: str | Path, run_seed: int, *, warn: bool = True) -
             except UnicodeDecodeError as exc:
                 raise LyraInputError(f"{prompt_file}: prompt must be UTF-8 text ({exc})") from exc
         else:
-            if warn:
+            if warn and str(path) not in _WARNED_NO_PROMPT:  # once per image and process (a run scans twice)
+                _WARNED_NO_PROMPT.add(str(path))
                 log.warning("%s: no prompt file %s, using an empty prompt", path, prompt_file.name)
             text = ""
         sha = hashlib.sha256(path.read_bytes()).hexdigest()

@@ -73,6 +73,7 @@ def test_missing_prompt_warns_once_per_scan_and_not_when_asked_not_to(tmp_path, 
         scan_image_folder(tmp_path, 0, warn=False)
         assert "no prompt file" not in caplog.text
         scan_image_folder(tmp_path, 0)
+        scan_image_folder(tmp_path, 0)  # a run scans its folder more than once: still one warning
     assert caplog.text.count("no prompt file a.txt") == 1
 
 

@@ -1,0 +1,62 @@
+"""CLI error handling found in testing (issue 15 section 4): validate first, write after; one line per failure."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+
+from typer.testing import CliRunner
+
+from lyra_pipeline.cli import ConsoleFailureFilter, app
+
+runner = CliRunner()
+
+
+def test_stage_with_an_unknown_scene_creates_no_store(tmp_path):
+    store = tmp_path / "new_store"
+    res = runner.invoke(app, ["stage", "warp", "--preset", "smoke", "--scene", "../x", "--store", str(store)])
+    assert res.exit_code == 2, res.output
+    assert "--scene: unknown scene id(s) ['../x']" in res.output and "proc-000000" in res.output
+    assert not store.exists()
+
+
+def test_console_filter_keeps_one_line_per_failure():
+    """Prefect's failed-flow record (with its traceback) is dropped from the console, a failed task run stays one
+    line without its traceback; other records pass untouched."""
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        exc_info = sys.exc_info()
+    filt = ConsoleFailureFilter()
+    flow = logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, "Encountered exception", None, exc_info)
+    task = logging.LogRecord("prefect.task_runs", logging.ERROR, __file__, 1, "Finished in state Failed", None,
+                             exc_info)
+    other = logging.LogRecord("lyra_pipeline.inputs", logging.WARNING, __file__, 1, "careful", None, exc_info)
+    assert not filt.filter(flow)
+    assert filt.filter(task) and task.exc_info is None
+    assert filt.filter(other) and other.exc_info is not None
+    handler = logging.StreamHandler()
+    handler.addFilter(filt)
+    assert "Traceback" not in handler.format(task)
+
+
+def test_run_with_a_failing_scene_prints_no_traceback(tmp_path, examples_dir):
+    """A truncated image fails its scene: the console shows one line for the failed unit and the error line, no
+    Prefect traceback (before: ~15 lines of it)."""
+    import subprocess
+
+    images = tmp_path / "images"
+    images.mkdir()
+    good = sorted((examples_dir / "samples").glob("*.png"))[0]
+    shutil.copy(good, images / "good.png")
+    (images / "bad.png").write_bytes(good.read_bytes()[:20000])
+    proc = subprocess.run([sys.executable, "-m", "lyra_pipeline.cli", "run", "--preset", "smoke", "--images",
+                           str(images), "--num-scenes", "2", "--store", str(tmp_path / "store")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = proc.stderr
+    assert "Traceback" not in err, err[-3000:]
+    assert err.count("bad.png: cannot decode image") == 1, err[-3000:]
+    assert err.count("no prompt file good.txt") == 1, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("error: 1 scene(s) failed: ['bad']")
