@@ -216,6 +216,54 @@ def load_trajectory(path: str | Path, **kwargs) -> Cameras:
     raise LyraInputError(f"{path}: unsupported trajectory file type {suffix!r}; expected .npz or .json")
 
 
+FRAMES_FORMS = "'clip', 'all', an integer N >= 2 or 'stride K' with K >= 1"
+
+
+def parse_frames(value: str | int) -> tuple[str, int]:
+    """``trajectories.frames`` as (mode, number): ("clip", 0), ("all", 0), ("count", N) or ("stride", K)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 2:
+            raise LyraInputError(f"trajectories.frames: expected {FRAMES_FORMS}, got {value!r}")
+        return "count", value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("clip", "all"):
+            return text, 0
+        if text.isdigit():
+            return parse_frames(int(text))
+        parts = text.split()
+        if len(parts) == 2 and parts[0] == "stride" and parts[1].isdigit() and int(parts[1]) >= 1:
+            return "stride", int(parts[1])
+    raise LyraInputError(f"trajectories.frames: expected {FRAMES_FORMS}, got {value!r}")
+
+
+def select_frames(total: int, frames: str | int, clip: int, temporal: int = 8) -> tuple[list[int], int]:
+    """Frame indices of a ``total``-frame path kept under ``trajectories.frames`` (see :func:`parse_frames`), and
+    how many of them hold the last pose to reach a length of ``temporal`` k + 1 (the latent grid).
+
+    ``clip``: the first ``clip`` frames (the video model's length; ``LyraInputError`` when the path is shorter);
+    ``all``: every frame; N: N frames evenly spaced from the first to the last (rounded to the nearest index);
+    ``stride K``: frames 0, K, 2K, ... (and the last frame, so the path ends where it ends)."""
+    mode, n = parse_frames(frames)
+    if mode == "clip":
+        if total < clip:
+            raise LyraInputError(f"the path has {total} frames but {clip} were requested (video.num_frames); set "
+                                 "trajectories.frames to all, N or 'stride K'")
+        picks = list(range(clip))
+    elif mode == "all":
+        picks = list(range(total))
+    elif mode == "count":
+        if n > total:
+            raise LyraInputError(f"trajectories.frames: {n} frames requested but the path has {total}")
+        picks = [round(i * (total - 1) / (n - 1)) for i in range(n)]
+    else:
+        picks = list(range(0, total, n))
+        if picks[-1] != total - 1:
+            picks.append(total - 1)
+    held = (-(len(picks) - 1)) % temporal
+    return picks + [picks[-1]] * held, held
+
+
 def _finish_custom(
     w2c: torch.Tensor, intr: torch.Tensor, src: str, src_h: int, src_w: int,
     height: int, width: int, num_frames: int | None, pose_scale: float,

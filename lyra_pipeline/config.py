@@ -67,6 +67,17 @@ class TrajectoryConfig(Section):
     lookat: Literal["textbook", "lyra"] = "textbook"
     custom: str | None = None  # .npz/.json path; replaces `names` with a single trajectory named "custom"
     pose_scale: float = Field(1.0, gt=0)
+    # Which frames of a custom path are kept: "clip" (its first video.num_frames), "all", N (N evenly spaced
+    # frames) or "stride K" (every K-th); a count that is not 8k+1 holds the last pose to the next 8k+1.
+    frames: str | int = "clip"
+
+    @field_validator("frames")
+    @classmethod
+    def _frames(cls, value: str | int) -> str | int:
+        from lyra_ops.trajectories import parse_frames
+
+        parse_frames(value)  # raises naming the expected forms
+        return value
 
     @field_validator("names")
     @classmethod

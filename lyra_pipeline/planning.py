@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lyra_ops.errors import LyraInputError
+from lyra_ops.errors import LyraConfigError, LyraInputError
 from lyra_ops.prompts import SceneRecord, compose_prompts, procedural_scene_id, sample_records, text_scene_id
 from lyra_ops.scene_params import sample_scene
 from lyra_ops.seeding import derive_seed, numpy_rng
@@ -46,7 +46,15 @@ def preflight(config: RunConfig) -> list[SceneRecord] | None:
 
         inspect_teacher(config.generator.model_path or SHIPPED_TEACHER)
     if config.trajectories.custom:
-        trajectory_cameras(config, None, "custom", None)  # raises LyraInputError naming file/field/frame
+        cams, _ = trajectory_cameras(config, None, "custom", None)  # raises LyraInputError naming file/field/frame
+        clip = config.video.num_frames
+        if len(cams) > clip and config.generator.backend in ("tiny", "diffusers"):
+            raise LyraConfigError(
+                f"{config.trajectories.custom}: trajectories.frames={config.trajectories.frames!r} gives {len(cams)} "
+                f"frames per path, but the {config.generator.backend} teacher generates {clip}-frame clips and "
+                "generating a longer path clip by clip is not implemented yet; use generator.backend oracle or "
+                "warp_only (any length), or trajectories.frames: clip"
+            )
     if config.scenes.source == "images":
         from lyra_pipeline.inputs import scan_image_folder
 
@@ -105,6 +113,24 @@ def scene_records(config: RunConfig) -> list[SceneRecord]:
     return sample_records(bank, config.scenes.num_scenes, config.seed)
 
 
+_LOGGED_FRAME_CHOICES: set[tuple[str, str]] = set()
+
+
+def _log_frame_choice(path: str, total: int, frames: str | int, picks: list[int], held: int) -> None:
+    """Say once per process which frames of a custom path are used when some are dropped or held."""
+    import logging
+
+    kept = len(set(picks))
+    if (kept == total and not held) or (path, str(frames)) in _LOGGED_FRAME_CHOICES:
+        return
+    _LOGGED_FRAME_CHOICES.add((path, str(frames)))
+    what = f"uses {kept} of its {total} frames (trajectories.frames: {frames})"
+    if held:
+        what += f", then holds the last pose for {held} frames to reach {len(picks)} (8k+1)"
+    hint = "; trajectories.frames: all | N | 'stride K' keeps more" if kept < total else ""
+    logging.getLogger("lyra_pipeline.planning").warning("%s: the custom path %s%s", path, what, hint)
+
+
 def input_intrinsics(config: RunConfig) -> torch.Tensor:
     """The input frame's camera (3,3): a custom path's frame-0 intrinsics (mapped to the video size like the image
     is, so the input and the path share one camera), else the configured field of view."""
@@ -122,9 +148,17 @@ def trajectory_cameras(config: RunConfig, scene: SceneRecord | None, name: str,
 
     v, t = config.video, config.trajectories
     if name == "custom":
-        cams = load_trajectory(t.custom, height=v.height, width=v.width, num_frames=v.num_frames,
-                               pose_scale=t.pose_scale)
-        return cams, 0.0
+        import torch
+
+        from lyra_ops.trajectories import select_frames
+
+        whole = load_trajectory(t.custom, height=v.height, width=v.width, pose_scale=t.pose_scale)
+        try:
+            picks, held = select_frames(len(whole), t.frames, v.num_frames)
+        except LyraInputError as exc:
+            raise LyraInputError(f"{t.custom}: {exc}") from None
+        _log_frame_choice(t.custom, len(whole), t.frames, picks, held)
+        return whole[torch.tensor(picks)], 0.0
     distance = draw_distance(ALL_PATHS[name], numpy_rng(scene.seed, "trajectory", name), t.distance_factor)
     cams = make_trajectory(name, K, v.height, v.width, v.num_frames, distance=distance,
                            center_depth=t.center_depth, lookat=t.lookat)

@@ -89,3 +89,70 @@ def test_identity_first_pose_gives_the_input_at_frame_0(tmp_path):
     assert same[reliable].mean() >= 0.99, same[reliable].mean()
     assert (mask0 == reliable).mean() >= 0.99
     assert reliable.mean() > 0.85
+
+
+# --- long paths (issue 15 section 2) ---------------------------------------------------------------------------
+
+
+def test_select_frames_modes():
+    from lyra_ops.errors import LyraInputError
+    from lyra_ops.trajectories import select_frames
+
+    assert select_frames(500, "clip", 9) == (list(range(9)), 0)
+    picks, held = select_frames(500, "all", 9)
+    assert picks[:500] == list(range(500)) and held == 5 and len(picks) == 505 and set(picks[500:]) == {499}
+    picks, held = select_frames(500, 25, 9)
+    assert held == 0 and picks[0] == 0 and picks[-1] == 499 and len(picks) == 25
+    assert max(b - a for a, b in zip(picks, picks[1:], strict=False)) - min(
+        b - a for a, b in zip(picks, picks[1:], strict=False)) <= 1  # evenly spaced
+    picks, held = select_frames(100, "stride 10", 9)
+    assert picks[:11] == [*range(0, 100, 10), 99] and (len(picks) - 1) % 8 == 0
+    for bad in ("every 2", 1, "stride 0", "some"):
+        with pytest.raises(LyraInputError, match="trajectories.frames"):
+            select_frames(100, bad, 9)
+    with pytest.raises(LyraInputError, match="has 5 frames but 9"):
+        select_frames(5, "clip", 9)
+
+
+def test_long_path_oracle_frames_are_exact_and_the_drop_is_logged(tmp_path, caplog):
+    """A 30-frame path with trajectories.frames: all is generated whole (33 frames: 3 hold the last pose); with
+    the oracle teacher every frame equals the exact render. The default (clip) logs that it drops frames."""
+    import logging
+
+    from lyra_ops.images import to_uint8
+    from lyra_ops.scenes import make_scene
+    from lyra_pipeline.config import build_config
+    from lyra_pipeline.planning import trajectory_cameras
+    from lyra_pipeline.storage import RunStore
+    from tasks.sdg import SCENE_TASKS, sample_prompts
+
+    path = foreign_path(tmp_path / "long.json", frames=30)
+    with caplog.at_level(logging.WARNING):
+        trajectory_cameras(build_config("smoke", {"trajectories": {"custom": str(path)}}), None, "custom", None)
+    assert "uses 9 of its 30 frames" in caplog.text
+    config = build_config("smoke", {"scenes": {"num_scenes": 1},
+                                    "trajectories": {"custom": str(path), "frames": "all"}})
+    store = tmp_path / "store"
+    (scene,) = sample_prompts.fn(str(store), config)
+    for task in SCENE_TASKS.values():
+        task.fn(str(store), config, scene, "test")
+    st = RunStore(store, create=False)
+    c2w = torch.from_numpy(st.read_array(scene.scene_id, "trajectories/custom/cameras/c2w"))
+    K = torch.from_numpy(st.read_array(scene.scene_id, "trajectories/custom/cameras/K"))
+    assert c2w.shape[0] == 33 and torch.equal(c2w[29], c2w[32])
+    teacher = st.read_array(scene.scene_id, "trajectories/custom/teacher/rgb")
+    exact = to_uint8(make_scene(scene.seed).render(c2w, K, 96, 160).rgb).numpy()
+    np.testing.assert_array_equal(teacher, exact)
+    assert st.read_array(scene.scene_id, "trajectories/custom/latents").shape[1] == 5  # (33 - 1) / 8 + 1
+
+
+def test_long_path_with_a_clip_teacher_fails_before_work(tmp_path):
+    from lyra_ops.errors import LyraConfigError
+    from lyra_pipeline.config import build_config
+    from lyra_pipeline.planning import preflight
+
+    path = foreign_path(tmp_path / "long.json", frames=30)
+    config = build_config("smoke", {"trajectories": {"custom": str(path), "frames": "all"},
+                                    "generator": {"backend": "tiny"}})
+    with pytest.raises(LyraConfigError, match="33 frames per path.*9-frame clips"):
+        preflight(config)
