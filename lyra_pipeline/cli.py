@@ -665,8 +665,14 @@ def refine(
 
 @app.command()
 def reconstruct(
-    image: Path = typer.Option(..., "--image", help="input image (PNG/JPEG)"),
-    prompt: str = typer.Option(None, "--prompt", help="text prompt (default: IMAGE.txt beside it, or its name)"),
+    image: Path = typer.Option(None, "--image", help="input image (PNG/JPEG/WebP)"),
+    prompt: str = typer.Option(None, "--prompt", help="text prompt: with --image its caption (default: IMAGE.txt "
+                               "beside it, or its name); without --image the scene to create (text to 3D through "
+                               "--text-to-image or --config's text_to_image)"),
+    text_to_image: Path = typer.Option(None, "--text-to-image", help="local diffusers text-to-image pipeline folder "
+                                       "for --prompt without --image (PixArt, SD3, FLUX, SDXL, Sana)"),
+    config: Path = typer.Option(None, "--config", help="YAML whose text_to_image section configures text to 3D "
+                                "(steps, guidance, device, dtype, model_path; e.g. configs/text_prompts.yaml)"),
     checkpoint: str = typer.Option(None, "--checkpoint", help="decoder model.safetensors, or a store whose newest "
                                    "finished `lyra train` is used (default: --store's newest finished training, "
                                    "else the decoder shipped with the package)"),
@@ -682,9 +688,10 @@ def reconstruct(
     refine_steps: int = typer.Option(None, "--refine", help="then refine the Gaussians against the generated "
                                      "frames for this many steps (like `lyra refine`; resumable in OUT/store)"),
 ) -> None:
-    """One image -> camera trajectories -> teacher videos -> decoder -> Gaussians (PLY) + a rendered strip."""
+    """One image (or a text prompt) -> camera trajectories -> teacher videos -> decoder -> Gaussians (PLY) + a
+    rendered strip (+ an HTML viewer)."""
     _setup_env()
-    from lyra_pipeline.reconstruct import ExportOptions, reconstruct_image
+    from lyra_pipeline.reconstruct import ExportOptions, reconstruct_image, reconstruct_text
     from lyra_pipeline.refine import RefineConfig
 
     try:
@@ -692,8 +699,17 @@ def reconstruct(
         if refine_steps is not None and refine_steps < 1:
             raise LyraInputError(f"--refine: expected an integer >= 1 (optimiser steps), got {refine_steps}")
         refine_config = RefineConfig(steps=refine_steps) if refine_steps is not None else None
-        res = reconstruct_image(image, out, prompt=prompt, checkpoint=checkpoint, store=store, preset=preset,
-                                html=html, log=_log, options=options, refine=refine_config)
+        common = {"checkpoint": checkpoint, "store": store, "preset": preset, "html": html, "log": _log,
+                  "options": options, "refine": refine_config}
+        if image is not None:
+            res = reconstruct_image(image, out, prompt=prompt, **common)
+        elif prompt is not None:
+            settings = dict(load_config_file(config)[1].get("text_to_image", {})) if config else {}
+            if text_to_image is not None:
+                settings["model_path"] = str(text_to_image)
+            res = reconstruct_text(prompt, out, text_to_image=settings, **common)
+        else:
+            raise LyraInputError("reconstruct needs --image IMAGE or --prompt TEXT")
     except LyraError as exc:
         _fail(exc)
     console.print(f"wrote {res.ply} ({res.gaussians} Gaussians, decoder {res.decoder}), {res.strip}"

@@ -288,7 +288,6 @@ def reconstruct_image(image: str | Path, out_dir: str | Path, *, prompt: str | N
     resumable in ``<out_dir>/store``) and export the refined ones instead of the decoder's.
     """
     from lyra_pipeline.inputs import load_image
-    from lyra_pipeline.refine import refine_scene_inprocess
 
     image = Path(image)
     if not image.is_file():
@@ -298,9 +297,51 @@ def reconstruct_image(image: str | Path, out_dir: str | Path, *, prompt: str | N
     out_dir = Path(out_dir)
     config = _scene_config(out_dir / "input", preset)  # a bad preset fails here, before anything is written
     _copy_input(image, out_dir / "input", prompt)
+    return _reconstruct(config, out_dir, model, source, html=html, log=log, options=options, refine=refine)
+
+
+TEXT_TO_IMAGE_HELP = ("pass --text-to-image DIR (a local diffusers text-to-image pipeline folder: PixArt, SD3, FLUX, "
+                      "SDXL or Sana) or --config FILE with a text_to_image section (see configs/text_prompts.yaml)")
+
+
+def reconstruct_text(prompt: str, out_dir: str | Path, *, text_to_image: dict | None,
+                     checkpoint: str | Path | None = None, store: str | None = None, preset: str = "default",
+                     html: bool = False, log: Log | None = None, options: ExportOptions | None = None,
+                     refine: RefineConfig | None = None) -> ExportResult:
+    """Text to 3D: ``prompt`` -> the configured text-to-image pipeline's first frame (``text_to_image``: the
+    ``TextToImageConfig`` fields, ``model_path`` required) -> the same path as :func:`reconstruct_image`. The
+    pipeline folder and the decoder are checked before anything is written; the first frame is also saved as
+    ``<out_dir>/input/<scene>.png``."""
+    from lyra_pipeline.backends.diffusers_image import inspect_t2i_checkpoint
+
+    if not prompt or not prompt.strip():
+        raise LyraInputError("--prompt: expected a non-empty text")
+    settings = dict(text_to_image or {})
+    if not settings.get("model_path"):
+        raise LyraConfigError(f"reconstruct --prompt needs a text-to-image pipeline: {TEXT_TO_IMAGE_HELP}")
+    inspect_t2i_checkpoint(settings["model_path"])
+    model, source = resolve_decoder(store, checkpoint, log)
+    out_dir = Path(out_dir)
+    prompts = out_dir / "input" / "prompt.txt"
+    config = _scene_config(out_dir / "input", preset, text={"prompts_file": str(prompts.resolve()),
+                                                           "text_to_image": settings})
+    prompts.parent.mkdir(parents=True, exist_ok=True)
+    prompts.write_text(prompt.strip() + "\n", encoding="utf-8")
+    return _reconstruct(config, out_dir, model, source, html=html, log=log, options=options, refine=refine)
+
+
+def _reconstruct(config: RunConfig, out_dir: Path, model: LatentGaussianDecoder, source: str, *, html: bool,
+                 log: Log | None, options: ExportOptions | None, refine: RefineConfig | None) -> ExportResult:
+    """The scene of ``config`` (one image or prompt) generated into ``<out_dir>/store``, decoded (and refined),
+    written as ``<out_dir>/<scene>.ply``."""
+    from lyra_pipeline.refine import refine_scene_inprocess
+
     scene_store = str(out_dir / "store")
     scene_id = _generate_scene(config, scene_store)
     run_store = RunStore(scene_store, create=False)
+    if config.scenes.source == "text":  # the generated first frame, for the user
+        frame = torch.from_numpy(run_store.read_array(scene_id, "input/rgb")).permute(1, 2, 0).numpy()
+        Image.fromarray(frame).save(out_dir / "input" / f"{scene_id}.png")
     out = out_dir / f"{scene_id}.ply"
     if refine is None:
         return write_scene(model, source, run_store, scene_id, out, html=html, options=options)
@@ -331,13 +372,18 @@ def _copy_input(image: Path, folder: Path, prompt: str | None) -> None:
     (folder / f"{name}.txt").write_text(text, encoding="utf-8")
 
 
-def _scene_config(folder: Path, preset: str) -> RunConfig:
-    """The SDG config of one image in ``folder``: planar depth, warp-only teacher, ``preset``'s video format."""
+def _scene_config(folder: Path, preset: str, text: dict | None = None) -> RunConfig:
+    """The SDG config of one image in ``folder`` (or, with ``text`` = {prompts_file, text_to_image}, one prompt):
+    planar depth, warp-only teacher, ``preset``'s video format."""
     from lyra_pipeline.config import build_config
 
-    return build_config(preset, {"scenes": {"source": "images", "images_dir": str(folder.resolve()), "num_scenes": 1},
-                                 "depth": {"backend": "planar"}, "generator": {"backend": "warp_only"}},
-                        source="reconstruct")
+    scenes = {"source": "images", "images_dir": str(folder.resolve()), "num_scenes": 1}
+    extra = {}
+    if text is not None:
+        scenes = {"source": "text", "prompts_file": text["prompts_file"], "num_scenes": 1}
+        extra = {"text_to_image": text["text_to_image"]}
+    return build_config(preset, {"scenes": scenes, "depth": {"backend": "planar"},
+                                 "generator": {"backend": "warp_only"}, **extra}, source="reconstruct")
 
 
 def _generate_scene(config: RunConfig, store: str) -> str:

@@ -77,3 +77,33 @@ def test_text_source_errors(tiny_pixart, tmp_path):
     (bad / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
     with pytest.raises(LyraConfigError, match="not a supported text-to-image pipeline"):
         preflight(text_config(bad))
+
+
+def test_reconstruct_prompt_text_to_3d(tiny_pixart, tmp_path):
+    """`lyra reconstruct --prompt` without an image: the tiny PixArt folder makes the first frame, the rest is the
+    image path (PLY + strip); without a text-to-image pipeline one clear line and nothing written."""
+    from typer.testing import CliRunner
+
+    from lyra_ops.gaussians import Gaussians
+    from lyra_pipeline.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "r"
+    res = runner.invoke(app, ["reconstruct", "--prompt", "a red barn at dusk", "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    assert "needs a text-to-image pipeline: pass --text-to-image DIR" in res.output
+    assert not out.exists()
+    res = runner.invoke(app, ["reconstruct", "--prompt", "a red barn", "--text-to-image", str(tmp_path / "nope"),
+                              "--out", str(out)])
+    assert res.exit_code == 2 and "nope" in res.output, res.output
+    assert not out.exists()
+    config = tmp_path / "t2i.yaml"
+    config.write_text("text_to_image:\n  steps: 2\n  max_text_tokens: 16\n")
+    res = runner.invoke(app, ["reconstruct", "--prompt", "a red barn at dusk", "--text-to-image", str(tiny_pixart),
+                              "--config", str(config), "--preset", "smoke", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    plys = list(out.glob("text-*.ply"))
+    assert len(plys) == 1 and Gaussians.from_ply(plys[0]).num > 1000
+    assert plys[0].with_suffix(".png").is_file()
+    assert (out / "input" / f"{plys[0].stem}.png").is_file()
+    assert (out / "input" / "prompt.txt").read_text().strip() == "a red barn at dusk"
