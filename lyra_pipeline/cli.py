@@ -112,9 +112,27 @@ def _resolve(preset: str | None, config_file: Path | None, num_scenes: int | Non
     return name, over, build_config(name, over, source=str(config_file or "command line"))
 
 
-def _done_units(store: RunStore) -> int:
-    """Dataset-generation units recorded as done (evaluation rows excluded)."""
-    return sum(1 for r in store.read_manifest().to_pylist() if r["status"] == "done" and r["stage"] in STAGES)
+def run_units(cfg: RunConfig, only_scenes: list[str] | None) -> dict[tuple[str, str, str], str]:
+    """The units this run must finish: (scene, trajectory, stage) -> its content key under ``cfg``, for the run's
+    scenes only (``--scene``, else the config's scene list)."""
+    from lyra_pipeline.planning import scene_records
+    from lyra_pipeline.stages import plan_keys, scene_units
+
+    units = scene_units(cfg)
+    out = {}
+    for scene in scene_records(cfg):
+        if only_scenes and scene.scene_id not in only_scenes:
+            continue
+        keys = plan_keys(cfg, scene)
+        for trajectory, stage in units:
+            out[(scene.scene_id, trajectory, stage)] = keys.key(stage, trajectory)
+    return out
+
+
+def _done_units(store: RunStore, units: dict[tuple[str, str, str], str]) -> int:
+    """How many of this run's ``units`` the store records as done with the key this config gives them."""
+    done = store.done_keys()
+    return sum(1 for unit, key in units.items() if done.get(unit) == key)
 
 
 def _log(message: str) -> None:
@@ -184,21 +202,20 @@ def run(
         except BaseException as exc:  # noqa: BLE001 - reported below
             result["error"] = exc
 
-    from lyra_pipeline.stages import scene_units  # imports torch: not at CLI start-up
-
-    total = len(only_scenes or range(cfg.scenes.num_scenes)) * len(scene_units(cfg))
+    units = run_units(cfg, only_scenes)  # this run's scenes and units, not the store's other content
+    scenes = len({scene for scene, _, _ in units})
     thread = threading.Thread(target=target, daemon=True)
     with Progress(TextColumn("[bold]lyra run[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
-        bar = progress.add_task(f"{name}: {cfg.scenes.num_scenes} scenes", total=total)
+        bar = progress.add_task(f"{name}: {scenes} scene{'s' if scenes != 1 else ''}", total=len(units))
         thread.start()
         while thread.is_alive():
             thread.join(0.5)
             try:
-                progress.update(bar, completed=_done_units(RunStore(store)))
+                progress.update(bar, completed=_done_units(RunStore(store), units))
             except Exception:  # noqa: BLE001 - progress is best effort while files are being replaced
                 pass
-        progress.update(bar, completed=_done_units(RunStore(store)))
+        progress.update(bar, completed=_done_units(RunStore(store), units))
     err = result.get("error")
     if err is not None:
         if isinstance(err, PipelineFailed | LyraError):
