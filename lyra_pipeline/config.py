@@ -109,7 +109,7 @@ class DepthConfig(Section):
     # grows as the image shrinks, so the threshold is scaled by edge_reference_height / H: the same angular
     # criterion at every resolution (at 176 rows the plain 0.05 would mark whole floors as "edges").
     edge_threshold: float = Field(0.05, gt=0)
-    edge_reference_height: int = Field(704, ge=1)
+    edge_reference_height: int | None = Field(704, ge=1)  # None: the threshold as given at every resolution
     constant_value: float = Field(2.0, gt=0)  # fallback backends' depth scale
 
 
@@ -301,7 +301,8 @@ def load_config_file(path: str | Path) -> tuple[str | None, dict[str, Any]]:
 
 def edge_threshold(config: RunConfig) -> float:
     """Depth-edge threshold at this run's resolution (see ``DepthConfig.edge_threshold``)."""
-    return config.depth.edge_threshold * config.depth.edge_reference_height / config.video.height
+    ref = config.depth.edge_reference_height
+    return config.depth.edge_threshold * (ref / config.video.height if ref is not None else 1.0)
 
 
 def mesh_downsample(config: RunConfig) -> int:

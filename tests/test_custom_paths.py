@@ -156,3 +156,19 @@ def test_long_path_with_a_clip_teacher_fails_before_work(tmp_path):
                                     "generator": {"backend": "tiny"}})
     with pytest.raises(LyraConfigError, match="33 frames per path.*9-frame clips"):
         preflight(config)
+
+
+def test_lyra_compat_config_uses_the_reference_mask_settings_at_any_size():
+    """configs/lyra_compat.yaml reproduces the reference's masks at every resolution: edge threshold 0.05 unscaled
+    and a seam mesh at a quarter of the frame (the project's defaults scale both with the height)."""
+    from pathlib import Path
+
+    from lyra_pipeline.config import build_config, edge_threshold, load_config_file, mesh_downsample
+
+    preset, over = load_config_file(Path(__file__).resolve().parents[1] / "configs" / "lyra_compat.yaml")
+    for size in ({"height": 96, "width": 160}, {"height": 176, "width": 320}, {"height": 704, "width": 1280}):
+        cfg = build_config(preset, {**over, "video": {**over.get("video", {}), **size}})
+        assert edge_threshold(cfg) == 0.05 and mesh_downsample(cfg) == 4
+        ours = build_config("default", {"video": size})
+        assert edge_threshold(ours) == pytest.approx(0.05 * 704 / size["height"])
+        assert mesh_downsample(ours) == max(1, size["height"] // 176)
