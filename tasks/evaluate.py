@@ -36,6 +36,7 @@ FRAME_SCHEMA = pa.schema([
     ("depth_abs_rel", pa.float64()),
 ])
 NAN = float("nan")
+EVAL_CHUNK = 5  # frames rendered and scored together (peak memory; measured in benchmarks/bench_evaluate.py)
 
 
 @dataclass(frozen=True)
@@ -74,19 +75,21 @@ def trajectory_frame_rows(store: RunStore, config: RunConfig, scene: SceneRecord
         return [{**r, **dict.fromkeys(("teacher_psnr_gt", "teacher_ssim_gt", "warp_psnr_gt", "depth_abs_rel"), NAN),
                  **dict.fromkeys(("seen", "occluded", "outside", "leak_plain", "leak_refined", "false_hole_plain",
                                   "false_hole_refined"), 0)} for r in rows]
-    gt = truth.world.render(cams.c2w, cams.K, cams.height, cams.width)
-    gt_rgb = from_uint8(to_uint8(gt.rgb))  # the same 8-bit quantisation as stored frames
-    teacher_psnr = psnr(teacher, gt_rgb)
-    teacher_ssim = structural_similarity_index_measure(teacher, gt_rgb, data_range=1.0, reduction="none")
-    warp_psnr = psnr(warped, gt_rgb, refined)
-    for f, row in enumerate(rows):
-        vis = source_visibility(truth.world, gt.depth[f, 0], cams.c2w[f], cams.K[f], truth.k_src)
-        cp, cr = mask_confusion(plain[f, 0], vis), mask_confusion(refined[f, 0], vis)
-        row.update(teacher_psnr_gt=float(teacher_psnr[f]), teacher_ssim_gt=float(teacher_ssim[f]),
-                   warp_psnr_gt=float(warp_psnr[f]), seen=cp["seen"], occluded=cp["occluded"],
-                   outside=cp["outside"], leak_plain=cp["leak"], leak_refined=cr["leak"],
-                   false_hole_plain=cp["false_hole"], false_hole_refined=cr["false_hole"],
-                   depth_abs_rel=truth.depth_abs_rel)
+    for lo in range(0, n, EVAL_CHUNK):  # a few frames at a time: the exact render's ray buffers stay small
+        sl = slice(lo, min(lo + EVAL_CHUNK, n))
+        gt = truth.world.render(cams.c2w[sl], cams.K[sl], cams.height, cams.width)
+        gt_rgb = from_uint8(to_uint8(gt.rgb))  # the same 8-bit quantisation as stored frames
+        teacher_psnr = psnr(teacher[sl], gt_rgb)
+        teacher_ssim = structural_similarity_index_measure(teacher[sl], gt_rgb, data_range=1.0, reduction="none")
+        warp_psnr = psnr(warped[sl], gt_rgb, refined[sl])
+        for i, f in enumerate(range(sl.start, sl.stop)):
+            vis = source_visibility(truth.world, gt.depth[i, 0], cams.c2w[f], cams.K[f], truth.k_src)
+            cp, cr = mask_confusion(plain[f, 0], vis), mask_confusion(refined[f, 0], vis)
+            rows[f].update(teacher_psnr_gt=float(teacher_psnr[i]), teacher_ssim_gt=float(teacher_ssim[i]),
+                           warp_psnr_gt=float(warp_psnr[i]), seen=cp["seen"], occluded=cp["occluded"],
+                           outside=cp["outside"], leak_plain=cp["leak"], leak_refined=cr["leak"],
+                           false_hole_plain=cp["false_hole"], false_hole_refined=cr["false_hole"],
+                           depth_abs_rel=truth.depth_abs_rel)
     return rows
 
 
