@@ -24,6 +24,17 @@ def examples_dir() -> Path:
     pytest.skip("Lyra example assets (shared/data/lyra_examples) not found")
 
 
+@pytest.fixture(scope="module")
+def torch_single_thread():
+    """torch on one intra-op thread for a module (OpenMP threads on busy shared cores made steps ~50x slower)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One Prefect test server for the whole session (each harness costs ~10 s to start)."""

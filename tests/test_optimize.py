@@ -33,12 +33,7 @@ TRAIN = [0, 2, 4, 6, 8]
 HELD_OUT = [1, 3, 5, 7]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 @pytest.fixture(scope="module")
