@@ -62,11 +62,15 @@ def _setup_env(verbose: bool = False) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "lyra_torch_extensions"))
     if not verbose:
-        import prefect.main  # noqa: F401 - configures Prefect's logging (with the level above)
+        _quiet_console()
 
-        for handler in logging.getLogger().handlers:  # main()'s console handler (or Prefect's, when embedded)
-            if not any(isinstance(f, ConsoleFailureFilter) for f in handler.filters):
-                handler.addFilter(ConsoleFailureFilter())
+
+def _quiet_console() -> None:
+    """Put :class:`ConsoleFailureFilter` on the root logger's console handlers (main()'s, or Prefect's once it has
+    configured logging); idempotent, and it imports nothing (a finished store's re-run stays Prefect-free)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, ConsoleFailureFilter) for f in handler.filters):
+            handler.addFilter(ConsoleFailureFilter())
 
 
 class ConsoleFailureFilter(logging.Filter):
@@ -189,6 +193,9 @@ def run(
     except LyraError as exc:
         _fail(exc)
     from flows.generate_dataset import PipelineFailed, generate_dataset
+
+    if not verbose:
+        _quiet_console()  # Prefect's own console handler, when it configured one (no main(): embedded use)
 
     try:
         flow = generate_dataset.with_options(task_runner=make_task_runner(workers, dask, dask_address))
