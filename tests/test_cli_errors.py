@@ -6,6 +6,7 @@ import logging
 import shutil
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from lyra_pipeline.cli import ConsoleFailureFilter, app
@@ -41,6 +42,7 @@ def test_console_filter_keeps_one_line_per_failure():
     assert "Traceback" not in handler.format(task)
 
 
+@pytest.mark.slow
 def test_run_with_a_failing_scene_prints_no_traceback(tmp_path, examples_dir):
     """A truncated image fails its scene: the console shows one line for the failed unit and the error line, no
     Prefect traceback (before: ~15 lines of it)."""

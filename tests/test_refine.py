@@ -76,6 +76,7 @@ def test_refine_resumes_exactly_after_a_kill(smoke_store, tmp_path, monkeypatch)
     assert plan_refine(st, SCENE, config, model, source).name == name
 
 
+@pytest.mark.slow
 def test_refine_improves_unfitted_frames_from_both_inits(smoke_store):
     st = RunStore(smoke_store)
     model, source = load_decoder(st, None)
