@@ -19,6 +19,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -37,9 +38,9 @@ from lyra_pipeline.quality import (  # noqa: E402
     scene_background,
 )
 from lyra_pipeline.reconstruct import load_decoder  # noqa: E402
-from lyra_pipeline.refine import GREY, WHITE, RefineConfig, rgbd_init, scene_targets, scene_trajectories  # noqa: E402
+from lyra_pipeline.refine import GREY, WHITE, RefineConfig, initial_gaussians, scene_targets  # noqa: E402
 from lyra_pipeline.storage import RunStore  # noqa: E402
-from lyra_pipeline.training import ViewCache, procedural_world, scene_gaussians  # noqa: E402
+from lyra_pipeline.training import ViewCache, procedural_world, scene_trajectories  # noqa: E402
 
 
 def score(g, targets, background) -> dict[str, float]:
@@ -66,12 +67,10 @@ def run_scene(store: RunStore, scene_id: str, model, source: str, args: argparse
     config = RefineConfig(steps=args.steps, background=args.background)
     targets = scene_targets(views, scene_id, trajectories, config.frame_stride)
     inits = {}
-    t0 = time.perf_counter()
-    decoded = scene_gaussians(model, views, scene_id, trajectories).detach().to("cpu", torch.float32)
-    inits["decoder"] = (decoded.index(torch.nonzero(decoded.opacities >= config.min_init_opacity).squeeze(1)),
-                        time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    inits["rgbd"] = (rgbd_init(views, scene_id, trajectories), time.perf_counter() - t0)
+    for name in ("decoder", "rgbd"):  # exactly what `lyra refine --init <name>` starts from
+        t0 = time.perf_counter()
+        init = initial_gaussians(views, scene_id, trajectories, replace(config, init=name), model)
+        inits[name] = (init, time.perf_counter() - t0)
     out = {"scene": scene_id, "fitted_frames": len(targets.picks), "inits": {}}
     for name, (init, build_s) in inits.items():
         opt = SceneOptimizer(targets.fit_frames, targets.fit_cameras, init, config.optimize_config(),

@@ -116,15 +116,17 @@ def _resolve(preset: str | None, config_file: Path | None, num_scenes: int | Non
     return name, over, build_config(name, over, source=str(config_file or "command line"))
 
 
-def run_units(cfg: RunConfig, only_scenes: list[str] | None) -> dict[tuple[str, str, str], str]:
+def planned_units(cfg: RunConfig, only_scenes: list[str] | None,
+                  records: list | None = None) -> dict[tuple[str, str, str], str]:
     """The units this run must finish: (scene, trajectory, stage) -> its content key under ``cfg``, for the run's
-    scenes only (``--scene``, else the config's scene list)."""
+    scenes only (``--scene``, else the config's scene list; ``records``: that list when already known, so an image
+    folder is not hashed again)."""
     from lyra_pipeline.planning import scene_records
     from lyra_pipeline.stages import plan_keys, scene_units
 
     units = scene_units(cfg)
     out = {}
-    for scene in scene_records(cfg):
+    for scene in records if records is not None else scene_records(cfg):
         if only_scenes and scene.scene_id not in only_scenes:
             continue
         keys = plan_keys(cfg, scene)
@@ -181,10 +183,12 @@ def run(
         from lyra_pipeline.planning import preflight
 
         bank = preflight(cfg)  # bad custom trajectory / image folder: fail before any work
+        records = None
         if bank is not None:
             from lyra_ops.prompts import sample_records
 
-            used = [r.scene_id for r in sample_records(bank, cfg.scenes.num_scenes, cfg.seed)]
+            records = sample_records(bank, cfg.scenes.num_scenes, cfg.seed)
+            used = [r.scene_id for r in records]
             _log(f"images: {len(used)} of {len(bank)} in {cfg.scenes.images_dir}: {', '.join(used)}")
         st = RunStore(store)  # fail fast on an unusable store
         st.check_writable()
@@ -209,7 +213,7 @@ def run(
         except BaseException as exc:  # noqa: BLE001 - reported below
             result["error"] = exc
 
-    units = run_units(cfg, only_scenes)  # this run's scenes and units, not the store's other content
+    units = planned_units(cfg, only_scenes, records)  # this run's scenes and units, not the store's other content
     scenes = len({scene for scene, _, _ in units})
     thread = threading.Thread(target=target, daemon=True)
     with Progress(TextColumn("[bold]lyra run[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -661,7 +665,8 @@ def refine(
     _setup_env(verbose)
     from flows.refine_scene import refine_scene
     from lyra_pipeline.reconstruct import ExportOptions, refine_summary, resolve_decoder
-    from lyra_pipeline.refine import RefineConfig, scene_trajectories
+    from lyra_pipeline.refine import RefineConfig
+    from lyra_pipeline.training import scene_trajectories
 
     try:  # everything is checked before anything is written
         if steps < 1:

@@ -36,11 +36,11 @@ from lyra_pipeline.storage import RunStore
 from lyra_pipeline.training import (
     LATEST,
     ViewCache,
-    index_dataset,
     load_decoder_bytes,
     load_latest_decoder,
     render_view,
     scene_gaussians,
+    scene_trajectories,
 )
 
 if TYPE_CHECKING:
@@ -110,15 +110,6 @@ def resolve_decoder(store: RunStore | str | None, checkpoint: str | Path | None,
     if log is not None:
         log(f"decoder: {source}")
     return model, source
-
-
-def scene_trajectories(store: RunStore, scene_id: str) -> list[str]:
-    """Trajectories of a scene whose teacher frames and latents are done."""
-    names = index_dataset(store).scenes.get(scene_id, [])
-    if not names:
-        raise LyraInputError(f"{store.url}: scene {scene_id!r} has no trajectory with finished latents; scenes: "
-                             f"{', '.join(store.scene_ids()[:20])}")
-    return names
 
 
 def decode_scene(model, store: RunStore, scene_id: str) -> tuple[Gaussians, ViewCache, list[str]]:

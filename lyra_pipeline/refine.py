@@ -42,7 +42,7 @@ from lyra_ops.images import from_uint8
 from lyra_ops.metrics import psnr
 from lyra_ops.optimize import OptimizeConfig, SceneOptimizer, init_gaussians_from_rgbd, render_views
 from lyra_pipeline.storage import RunStore
-from lyra_pipeline.training import ViewCache, index_dataset, scene_gaussians
+from lyra_pipeline.training import ViewCache, scene_gaussians, scene_trajectories
 
 REFINE_VERSION = 1
 INITS = ("auto", "decoder", "rgbd")
@@ -111,17 +111,6 @@ class SceneTargets:
     input_frame: torch.Tensor  # (3,H,W) uint8 frame 0
 
 
-def scene_trajectories(store: RunStore, scene_id: str) -> list[str]:
-    """Trajectories of ``scene_id`` whose teacher frames are done (one clear error for an unknown scene)."""
-    names = index_dataset(store).scenes.get(scene_id, [])
-    if not names:
-        known = store.scene_ids()
-        hint = f"; scenes: {', '.join(known[:20])}" if known else "; the store has no scenes"
-        raise LyraInputError(f"{store.url}: scene {scene_id!r} has no trajectory with finished teacher frames and "
-                             f"latents{hint}")
-    return names
-
-
 def scene_targets(views: ViewCache, scene_id: str, trajectories: list[str], frame_stride: int) -> SceneTargets:
     frames, c2w, ks, depths, picks = [], [], [], [], []
     held_frames, held_c2w, held_k, held = [], [], [], []
@@ -167,6 +156,20 @@ def rgbd_init(views: ViewCache, scene_id: str, trajectories: list[str]) -> Gauss
     if not parts:
         raise LyraInputError(f"scene {scene_id!r}: no frame has a stored depth to start --init rgbd from")
     return Gaussians.cat(parts)
+
+
+def initial_gaussians(views: ViewCache, scene_id: str, trajectories: list[str], config: RefineConfig,
+                      decoder=None) -> Gaussians:
+    """The Gaussians a refinement starts from: the decoder's (``init`` ``decoder`` / ``auto``) or the RGB-D point
+    cloud (``rgbd``), without those less opaque than ``config.min_init_opacity`` (kept whole if that drops all)."""
+    if config.init == "rgbd":
+        init = rgbd_init(views, scene_id, trajectories)
+    else:
+        if decoder is None:
+            raise LyraInputError("refine --init decoder needs a decoder (none was given)")
+        init = scene_gaussians(decoder, views, scene_id, trajectories).detach().to("cpu", torch.float32)
+    keep = init.opacities >= config.min_init_opacity
+    return init.index(torch.nonzero(keep).squeeze(1)) if bool(keep.any()) else init
 
 
 def gaussian_bytes(g: Gaussians, metadata: dict[str, str] | None = None) -> bytes:
@@ -219,18 +222,8 @@ def plan_refine(store: RunStore, scene_id: str, config: RefineConfig, decoder=No
     ``decoder`` is needed for ``init`` ``decoder`` / ``auto``. Validates everything before writing."""
     trajectories = scene_trajectories(store, scene_id)
     views = ViewCache(store, size=len(trajectories))
-    init_mode = "rgbd" if config.init == "rgbd" else "decoder"
-    if init_mode == "decoder":
-        if decoder is None:
-            raise LyraInputError("refine --init decoder needs a decoder (none was given)")
-        init = scene_gaussians(decoder, views, scene_id, trajectories).detach().to("cpu", torch.float32)
-        described = f"decoder: {decoder_source}"
-    else:
-        init = rgbd_init(views, scene_id, trajectories)
-        described = "rgbd"
-    keep = init.opacities >= config.min_init_opacity
-    if bool(keep.any()):
-        init = init.index(torch.nonzero(keep).squeeze(1))
+    init = initial_gaussians(views, scene_id, trajectories, config, decoder)
+    described = "rgbd" if config.init == "rgbd" else f"decoder: {decoder_source}"
     init_bytes = gaussian_bytes(init)
     done = store.done_keys()
     inputs = {t: [done.get((scene_id, t, stage), "") for stage in ("cameras", "generate", "video_depth")]

@@ -269,6 +269,18 @@ def index_dataset(store: RunStore) -> DatasetIndex:
                         str(latents.attrs.get("encoder", "patchify")))
 
 
+def scene_trajectories(store: RunStore, scene_id: str) -> list[str]:
+    """Trajectories of ``scene_id`` whose teacher frames and latents are done (one clear error for an unknown
+    scene, naming the store's scenes)."""
+    names = index_dataset(store).scenes.get(scene_id, [])
+    if not names:
+        known = store.scene_ids()
+        hint = f"; scenes: {', '.join(known[:20])}" if known else "; the store has no scenes"
+        raise LyraInputError(f"{store.url}: scene {scene_id!r} has no trajectory with finished teacher frames and "
+                             f"latents{hint}")
+    return names
+
+
 def split_scenes(scene_ids: list[str], val_scenes: int, seed: int) -> tuple[list[str], list[str]]:
     """(train, val) by scene: the ``val_scenes`` ids with the smallest seeded hash are held out. Independent of
     the order scenes were listed in; at least one scene is left for training."""

@@ -36,7 +36,7 @@ FRAME_SCHEMA = pa.schema([
     ("depth_abs_rel", pa.float64()),
 ])
 NAN = float("nan")
-EVAL_CHUNK = 2  # frames rendered and scored together (peak memory; measured in benchmarks/bench_evaluate.py)
+EVAL_CHUNK = 2  # frames rendered and scored together: bounds peak memory (benchmarks/bench_run.py --evaluate)
 
 
 @dataclass(frozen=True)

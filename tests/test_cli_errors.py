@@ -67,16 +67,16 @@ def test_run_with_a_failing_scene_prints_no_traceback(tmp_path, examples_dir):
 def test_progress_counts_this_runs_scenes_and_units(smoke_store):
     """The progress bar counted every done unit in the store against the configured scene count (a retry of one
     scene showed 32/32 at its start); it now counts this run's units whose key this config gives them."""
-    from lyra_pipeline.cli import _done_units, run_units
+    from lyra_pipeline.cli import _done_units, planned_units
     from lyra_pipeline.config import build_config
     from lyra_pipeline.storage import RunStore
 
     st = RunStore(smoke_store, create=False)
     cfg = build_config("smoke", {"scenes": {"num_scenes": 3}})
-    units = run_units(cfg, None)
+    units = planned_units(cfg, None)
     assert len(units) == 3 * 38 and _done_units(st, units) == len(units)
-    one = run_units(cfg, ["proc-000001"])
+    one = planned_units(cfg, ["proc-000001"])
     assert len(one) == 38 and {s for s, _, _ in one} == {"proc-000001"} and _done_units(st, one) == 38
-    changed = run_units(build_config("smoke", {"scenes": {"num_scenes": 3}, "mask": {"threshold": 0.05}}), None)
+    changed = planned_units(build_config("smoke", {"scenes": {"num_scenes": 3}, "mask": {"threshold": 0.05}}), None)
     done = _done_units(st, changed)  # refine, generate and what follows must be redone under the new key
     assert done == 3 * (2 + 6 * 2), done  # input, depth + cameras, warp per trajectory
