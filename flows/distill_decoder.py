@@ -12,8 +12,10 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from flows.generate_dataset import DEFAULT_STORE
+from lyra_pipeline.runner import check_world_size
 from lyra_pipeline.storage import RunStore
 from lyra_pipeline.training import build_train_config, chunk_ends, final_checkpoint, load_run, write_latest
+from tasks.distributed import train_distributed
 from tasks.train import evaluate_decoder, plan_training, train_chunk
 
 
@@ -22,10 +24,17 @@ def distill_decoder(
     store: str = DEFAULT_STORE,
     preset: str = "smoke",
     overrides: dict[str, Any] | None = None,
+    nproc: int = 1,
+    nnodes: int = 1,
+    rdzv_endpoint: str | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume, or skip if finished) the decoder for ``preset`` + ``overrides`` on ``store``."""
+    """Train (or resume, or skip if finished) the decoder for ``preset`` + ``overrides`` on ``store``.
+
+    ``nproc`` processes per node on ``nnodes`` nodes (> 1 in all): one torchrun job (DDP) that splits each step's
+    ``batch`` samples over the ranks; multi-node jobs meet at ``rdzv_endpoint`` (HOST:PORT)."""
     logger = get_run_logger()
     config = build_train_config(preset, overrides)
+    world = check_world_size(nproc, nnodes, config.batch, "train.batch")
     # 1. The run: named by the config and the dataset's content; the train/val split by scene is fixed in it.
     plan = plan_training(store, config)
     run_name = plan["run"]
@@ -34,11 +43,15 @@ def distill_decoder(
     # 2. Progressive stages, one task per checkpoint interval (each resumes from the newest checkpoint).
     ends = chunk_ends(config)
     progress = create_progress_artifact(progress=0.0, description=f"training {run_name} ({ends[-1]} steps)")
-    chunks = []
-    for end in ends:
-        chunks.append(train_chunk(store, run_name, end))
-        update_progress_artifact(progress, progress=100.0 * end / ends[-1])
-    computed = sum(c["computed"] for c in chunks)
+    if world > 1:
+        job = train_distributed(store, "decoder", run_name, nproc=nproc, nnodes=nnodes,
+                                rdzv_endpoint=rdzv_endpoint, total_steps=ends[-1], progress_id=progress)
+        computed = job["computed"]
+    else:
+        computed = 0
+        for end in ends:
+            computed += train_chunk(store, run_name, end)["computed"]
+            update_progress_artifact(progress, progress=100.0 * end / ends[-1])
     # 3. Validation on the held-out scenes against the teacher frames and the exact ground truth.
     st = RunStore(store, create=False)
     run = load_run(st, run_name)
@@ -46,7 +59,7 @@ def distill_decoder(
     metrics = evaluate_decoder(store, run_name, step) if run.val_scenes else {}
     # 4. Publish: train/latest.json points at this decoder; a Prefect artifact shows the numbers.
     write_latest(st, run, step)
-    summary = {"run": run_name, "step": step, "steps_computed": computed, **metrics}
+    summary = {"run": run_name, "step": step, "steps_computed": computed, "world_size": world, **metrics}
     create_table_artifact(key="decoder-validation", table=[summary],
                           description=f"Decoder {run_name} on the held-out scenes of {store}")
     logger.info("decoder %s: %s", run_name, summary)
@@ -54,8 +67,9 @@ def distill_decoder(
 
 
 @flow(name="retrain-decoder")
-def retrain_decoder(store: str = DEFAULT_STORE, preset: str = "default",
-                    overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def retrain_decoder(store: str = DEFAULT_STORE, preset: str = "default", overrides: dict[str, Any] | None = None,
+                    nproc: int = 1, nnodes: int = 1, rdzv_endpoint: str | None = None) -> dict[str, Any]:
     """Scheduled retraining: train on the store's newest dataset (a run named by its content: an unchanged
     dataset finds its finished run and does nothing; new scenes start a new run)."""
-    return distill_decoder(store=store, preset=preset, overrides=overrides)
+    return distill_decoder(store=store, preset=preset, overrides=overrides, nproc=nproc, nnodes=nnodes,
+                           rdzv_endpoint=rdzv_endpoint)

@@ -13,7 +13,8 @@ the opacity penalty applies no second sigmoid (see ``lyra_ops.losses``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -320,10 +321,18 @@ def batch_loss(
     lpips: LPIPSLoss | None = None,
     backend: str = "torch",
     views_per_chunk: int = 4,
+    forward: Callable[..., Gaussians] | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-    """Distillation loss of one batch: (total, parts, number of Gaussians after pruning)."""
-    unpruned = model(batch.latents, batch.plucker, list(batch.input_cameras), known_depth=batch.known_depth,
-                     prune=False)
+    """Distillation loss of one batch: (total, parts, number of Gaussians after pruning). ``forward``: what to
+    call for the decoder's forward pass (a DistributedDataParallel wrapper of ``model``), default ``model``.
+    ``autocast_dtype`` (e.g. bfloat16): the forward runs under autocast; the Gaussians are rendered and the losses
+    taken in fp32."""
+    with _autocast(batch.latents.device, autocast_dtype):
+        unpruned = (forward or model)(batch.latents, batch.plucker, list(batch.input_cameras),
+                                      known_depth=batch.known_depth, prune=False)
+    if autocast_dtype is not None:
+        unpruned = unpruned.to(dtype=torch.float32)
     fused = model.fuse(unpruned, batch.known_depth, list(batch.input_cameras))
     gaussians = prune_gaussians(prune_gaussians(fused, model.config.prune_ratio), stage.prune_ratio)
     out = render_batch(gaussians, batch, backend=backend, views_per_chunk=views_per_chunk)
@@ -337,6 +346,10 @@ def batch_loss(
         parts["total"] = total
     parts.update(gaussian_stats(gaussians, batch, out))
     return total, parts, gaussians.num
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def gaussian_depth_loss(gaussians: Gaussians, batch: DistillBatch, config: DecoderConfig) -> torch.Tensor:

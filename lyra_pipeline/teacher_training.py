@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import tempfile
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +49,7 @@ from lyra_ops.teacher import (
     sample_sigmas,
     teacher_condition,
 )
+from lyra_pipeline import runner
 from lyra_pipeline.backends.tiny_teacher import (
     TinyUNetSpec,
     build_unet,
@@ -58,18 +58,18 @@ from lyra_pipeline.backends.tiny_teacher import (
     write_teacher_folder,
 )
 from lyra_pipeline.config import Section, format_errors, merge
-from lyra_pipeline.storage import RunStore, content_key
-from lyra_pipeline.training import (
+from lyra_pipeline.distributed import DistContext
+from lyra_pipeline.runner import (
+    Recipe,
+    StepResult,
+    TrainState,
     checkpoint_steps,
-    load_or_create_run,
-    optimizer_tensors,
-    read_checked,
-    read_run_json,
-    remove_uncommitted,
-    restore_optimizer,
-    sha256_hex,
-    split_scenes,
+    load_state,
+    run_params,
+    stream_generators,
 )
+from lyra_pipeline.storage import RunStore, content_key
+from lyra_pipeline.training import load_or_create_run, read_run_json, split_scenes
 
 log = logging.getLogger(__name__)
 TEACHER_TRAIN_VERSION = 1
@@ -112,6 +112,9 @@ class TeacherTrainConfig(Section):
     unet: TeacherUNetConfig = TeacherUNetConfig()
     steps: int = Field(ge=1)
     batch: int = Field(8, ge=1)  # crops per step
+    # Sampling streams the batch is split into (evenly): a distributed job's ranks take whole streams, so a run
+    # with S streams gives the same weights on 1..S processes. More streams than 1 change the sampling.
+    streams: int = Field(1, ge=1)
     crop: int = Field(64, ge=8)  # square training crops (the UNet is convolutional: it samples full frames)
     hole_crops: float = Field(0.5, ge=0, le=1)  # share of crops centred on a disoccluded pixel
     lr: float = Field(5e-4, gt=0)
@@ -134,6 +137,8 @@ class TeacherTrainConfig(Section):
         if self.model == "diffusers" and self.diffusers is None:
             raise ValueError("model 'diffusers' needs a diffusers section with model_path (a local Wan pipeline "
                              "folder)")
+        if self.batch % self.streams:
+            raise ValueError(f"batch {self.batch} must be a multiple of streams {self.streams}")
         if len(self.unet.channels) < 2:
             raise ValueError("unet.channels needs at least two levels")
         if any(c % self.unet.norm_groups for c in self.unet.channels):
@@ -250,14 +255,14 @@ def _signed(x: torch.Tensor) -> torch.Tensor:
 
 
 def sample_pairs(gen: torch.Generator, pairs: PairCache, scenes: dict[str, list[str]], train: list[str],
-                 cfg: TeacherTrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+                 cfg: TeacherTrainConfig, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of training crops drawn from ``gen``: clean frames (B,3,c,c) in [-1,1] and conditioning (B,7,c,c).
 
     Frames 1.. of random training trajectories; a ``hole_crops`` share is centred on a random disoccluded pixel
     (crops of the rest are uniform), so the model sees enough of what it must invent."""
     c = cfg.crop
     x0, cond = [], []
-    for _ in range(cfg.batch):
+    for _ in range(cfg.batch if count is None else count):
         scene = train[int(torch.randint(len(train), (1,), generator=gen))]
         trajs = scenes[scene]
         view = pairs.get(scene, trajs[int(torch.randint(len(trajs), (1,), generator=gen))])
@@ -332,7 +337,7 @@ def plan_teacher_run(store: RunStore, config: TeacherTrainConfig, preset: str = 
             raise LyraConfigError(f"{d.model_path}: teacher fine-tuning supports Wan (flow matching); "
                                   f"{info.pipeline_class} is not supported yet")
         check_frame_format(info, index.frames, index.height, index.width)
-    name = "teacher-" + content_key("teacher", TEACHER_TRAIN_VERSION, config.model_dump(mode="json"),
+    name = "teacher-" + content_key("teacher", TEACHER_TRAIN_VERSION, run_params(config, {"streams": 1}),
                                     {"dataset": index.fingerprint})[:12]
 
     def create() -> dict[str, Any]:
@@ -346,14 +351,12 @@ def load_teacher_run(store: RunStore, name: str) -> TeacherRun:
     return TeacherRun.from_json(read_run_json(store, name))
 
 
-@dataclass
-class TeacherTrainer:
-    model: torch.nn.Module  # the module whose trainable parameters are optimised
-    optimizer: torch.optim.AdamW
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    generator: torch.Generator
-    step: int
-    diffusers: Any = None  # DiffusersTeacher for model 'diffusers'
+class TeacherState(TrainState):
+    """The runner's training state plus the diffusers wrapper (``extra``) for ``model: diffusers``."""
+
+    @property
+    def diffusers(self) -> Any:
+        return self.extra
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
@@ -368,66 +371,37 @@ class TeacherTrainer:
                 p.copy_(state[n].to(p.device, p.dtype))
 
 
-def new_teacher_trainer(cfg: TeacherTrainConfig) -> TeacherTrainer:
+TeacherTrainer = TeacherState  # the name the tests and tasks know
+
+
+def new_teacher_trainer(cfg: TeacherTrainConfig, device: str | None = None) -> TeacherState:
+    device = device or cfg.device
     teacher = None
     if cfg.model == "diffusers":
         from lyra_pipeline.backends.diffusers_teacher import DiffusersTeacher
 
         d = cfg.diffusers
         teacher = DiffusersTeacher(d.model_path, conditioned_path=d.conditioned_path, lora_rank=d.lora_rank,
-                                   device=cfg.device, sampling_steps=cfg.sampling_steps, guidance=d.guidance,
+                                   device=device, sampling_steps=cfg.sampling_steps, guidance=d.guidance,
                                    seed=cfg.seed)
         model = teacher.module
     else:
-        model = build_unet(cfg.unet.spec(), seed=cfg.seed).to(cfg.device).train()
+        model = build_unet(cfg.unet.spec(), seed=cfg.seed).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(cfg.warmup_steps))
-    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "teacher-sampling"))
-    return TeacherTrainer(model, optimizer, scheduler, generator, 0, teacher)
+    return TeacherState(model, optimizer, scheduler, stream_generators(cfg.seed, "teacher-sampling", cfg.streams),
+                        0, teacher)
 
 
-def save_teacher_checkpoint(store: RunStore, run: TeacherRun, trainer: TeacherTrainer) -> str:
-    """``step-N/{model,optimizer}.safetensors`` then ``state.json`` (the commit marker with their sha256)."""
-    config_key = "unet_config" if trainer.diffusers is None else "transformer_config"
-    model_bytes = st_save(trainer.trainable_state(), metadata={config_key: json.dumps(
-        dict(trainer.model.config), sort_keys=True, default=list)})
-    opt_bytes = st_save(optimizer_tensors(trainer.model, trainer.optimizer, trainer.generator))
-    store.write_file(RunStore.checkpoint_rel(run.name, trainer.step, "model.safetensors"), model_bytes)
-    store.write_file(RunStore.checkpoint_rel(run.name, trainer.step, "optimizer.safetensors"), opt_bytes)
-    state = {"step": trainer.step, "run": run.name, "scheduler": trainer.scheduler.state_dict(),
-             "sha256": {"model.safetensors": sha256_hex(model_bytes), "optimizer.safetensors": sha256_hex(opt_bytes)},
-             "saved_at": time.time()}
-    store.write_file(RunStore.checkpoint_rel(run.name, trainer.step, "state.json"), json.dumps(state).encode())
-    return state["sha256"]["model.safetensors"]
-
-
-def load_teacher_trainer(store: RunStore, run: TeacherRun, step: int) -> TeacherTrainer:
-    """The exact state of checkpoint ``step`` (weights, AdamW moments, LR schedule, sampler RNG)."""
-    state = json.loads(store.read_file(RunStore.checkpoint_rel(run.name, step, "state.json")))
-    trainer = new_teacher_trainer(run.config)
-    model_bytes = read_checked(store, run.name, step, "model.safetensors", state["sha256"]["model.safetensors"])
-    trainer.load_trainable(st_load(model_bytes), f"{store.url}: teacher checkpoint step {step}")
-    opt_bytes = read_checked(store, run.name, step, "optimizer.safetensors", state["sha256"]["optimizer.safetensors"])
-    restore_optimizer(trainer.model, trainer.optimizer, trainer.scheduler, trainer.generator, st_load(opt_bytes),
-                      state["scheduler"], source=f"{store.url}: teacher checkpoint step {step}",
-                      device=run.config.device)
-    trainer.step = int(state["step"])
-    return trainer
-
-
-def prune_teacher_checkpoints(store: RunStore, run: TeacherRun) -> None:
-    steps = checkpoint_steps(store, run.name)
-    for step in steps[: -run.config.keep_checkpoints]:
-        store.remove_tree(RunStore.checkpoint_rel(run.name, step))
-
-
-def teacher_chunk_ends(cfg: TeacherTrainConfig) -> list[int]:
-    return sorted(set(range(cfg.checkpoint_every, cfg.steps, cfg.checkpoint_every)) | {cfg.steps})
+def teacher_weights_bytes(state: TeacherState) -> bytes:
+    config_key = "unet_config" if state.diffusers is None else "transformer_config"
+    return st_save(state.trainable_state(), metadata={config_key: json.dumps(
+        dict(state.model.config), sort_keys=True, default=list)})
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The training loop
+# The training loop (lyra_pipeline.runner runs it)
 # ------------------------------------------------------------------------------------------------------------
 
 TEACHER_METRICS = pa.schema([
@@ -436,80 +410,107 @@ TEACHER_METRICS = pa.schema([
 ])  # fmt: skip
 
 
-def tiny_loss(trainer: TeacherTrainer, x0: torch.Tensor, cond: torch.Tensor, cfg: TeacherTrainConfig) -> torch.Tensor:
-    """Flow-matching loss of a crop batch: noise levels and noise from the trainer's generator."""
-    gen = trainer.generator
+def tiny_inputs(gen: torch.Generator, pairs: PairCache, scenes: dict[str, list[str]], train: list[str],
+                cfg: TeacherTrainConfig, count: int) -> tuple[torch.Tensor, ...]:
+    """One stream's share of a step: ``count`` crops, their noise levels and noise, all drawn from ``gen``."""
+    x0, cond = sample_pairs(gen, pairs, scenes, train, cfg, count)
     sigma = sample_sigmas(x0.shape[0], gen, shift=cfg.shift, logit_normal=cfg.logit_normal)
-    noise = torch.randn(x0.shape, generator=gen)
-    x0, cond, noise, sigma = (v.to(cfg.device) for v in (x0, cond, noise, sigma))
-    out = network_output(trainer.model, flow_match_noisy(x0, noise, sigma), cond, sigma * 1000.0)
+    return x0, cond, torch.randn(x0.shape, generator=gen), sigma
+
+
+def tiny_loss(model: Any, x0: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
+              cfg: TeacherTrainConfig, device: str) -> torch.Tensor:
+    """Flow-matching loss of a crop batch."""
+    x0, cond, noise, sigma = (v.to(device) for v in (x0, cond, noise, sigma))
+    out = network_output(model, flow_match_noisy(x0, noise, sigma), cond, sigma * 1000.0)
     if cfg.prediction == "velocity":
         return F.mse_loss(out.float(), flow_match_target(x0, noise))
     return F.mse_loss(out.float(), x0)  # = sigma^2-weighted velocity loss
 
 
-def teacher_step(trainer: TeacherTrainer, loss: torch.Tensor, cfg: TeacherTrainConfig) -> dict:
-    """AdamW with gradient clipping on ``loss``; raises (weights untouched) on a non-finite loss or gradient."""
-    if not torch.isfinite(loss):
-        raise LyraNonFiniteError(f"teacher loss is {float(loss)}")
-    trainer.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    params = [p for p in trainer.model.parameters() if p.requires_grad]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-    if not math.isfinite(grad_norm):
-        trainer.optimizer.zero_grad(set_to_none=True)
-        raise LyraNonFiniteError(f"teacher gradient norm is {grad_norm}")
-    lr = trainer.optimizer.param_groups[0]["lr"]
-    trainer.optimizer.step()
-    trainer.scheduler.step()
-    return {"loss": float(loss.detach()), "grad_norm": grad_norm, "lr": lr}
+class TeacherRecipe(Recipe):
+    """Teacher fine-tuning for :mod:`lyra_pipeline.runner`. The global batch is ``cfg.batch`` crops (tiny) or
+    videos (diffusers) split evenly over ``cfg.streams`` sampling streams: the unit a rank of a distributed job
+    takes."""
+
+    metric_schema = TEACHER_METRICS
+    nonfinite = LyraNonFiniteError
+
+    def __init__(self, store: RunStore, run: TeacherRun, ctx: DistContext | None = None) -> None:
+        cfg = run.config
+        self.store, self.run, self.run_name, self.total_steps = store, run, run.name, cfg.steps
+        self.batch, self.grad_clip, self.torch_threads = cfg.streams, cfg.grad_clip, cfg.torch_threads
+        self.device = (ctx or DistContext()).device(cfg.device)
+        self.pairs = PairCache(store)
+        self.index: dict[str, list[str]] = {}
+
+    def prepare(self) -> None:
+        self.index = index_pairs(self.store).scenes
+        missing = [s for s in self.run.train_scenes if s not in self.index]
+        if missing:
+            raise LyraStorageError(f"{self.store.url}: training scenes {missing[:5]} of run {self.run_name} no "
+                                   "longer have finished teacher frames")
+
+    def new_state(self) -> TeacherState:
+        return new_teacher_trainer(self.run.config, self.device)
+
+    def weights_bytes(self, state: TeacherState) -> bytes:
+        return teacher_weights_bytes(state)
+
+    def load_weights(self, state: TeacherState, data: bytes, source: str) -> None:
+        state.load_trainable(st_load(data), source)
+
+    def micro_batches(self, streams: list[int]) -> list[list[int]]:
+        # The tiny teacher's crops go through one batched forward; diffusers videos one stream at a time.
+        return [streams] if self.run.config.model == "tiny" else [[s] for s in streams]
+
+    def loss(self, state: TeacherState, model, streams: list[int]) -> StepResult:
+        cfg = self.run.config
+        per = cfg.batch // cfg.streams
+        if state.diffusers is None:  # each stream's crops and noise from its generator, one forward over all
+            parts = [tiny_inputs(state.generators[s], self.pairs, self.index, self.run.train_scenes, cfg, per)
+                     for s in streams]
+            loss = tiny_loss(model, *(torch.cat(p) for p in zip(*parts, strict=True)), cfg, self.device)
+        else:
+            losses = []
+            for s in streams:
+                videos = sample_videos(state.generators[s], self.pairs, self.index, self.run.train_scenes, per)
+                losses += [state.diffusers.loss(*view_inputs(v), v.prompt, state.generators[s]) for v in videos]
+            loss = sum(losses) / len(losses)
+        return StepResult(loss, {"loss": float(loss.detach())})
+
+    def keep_checkpoints(self, steps: list[int]) -> set[int]:
+        return set(steps[-self.run.config.keep_checkpoints:])
+
+    def log_step(self, step: int, row: dict[str, Any]) -> None:
+        if step % 50 == 0 or step == self.total_steps:
+            log.info("%s step %d/%d loss %.4f (%.3f s/step)", self.run_name, step, self.total_steps, row["loss"],
+                     row["seconds"])
+
+    def step_error(self, step: int, first: int, exc: Exception) -> Exception:
+        return LyraNonFiniteError(f"teacher run {self.run_name}, step {step}: {exc}; nothing was saved after "
+                                  f"checkpoint step {first} — lower lr")
 
 
-def train_teacher_until(store_url: str, run_name: str, until_step: int) -> dict[str, Any]:
+def teacher_chunk_ends(cfg: TeacherTrainConfig) -> list[int]:
+    return sorted(set(range(cfg.checkpoint_every, cfg.steps, cfg.checkpoint_every)) | {cfg.steps})
+
+
+def teacher_recipe(store_url: str, run_name: str, ctx: DistContext | None = None) -> TeacherRecipe:
+    store = RunStore(store_url, create=False)
+    return TeacherRecipe(store, load_teacher_run(store, run_name), ctx)
+
+
+def load_teacher_trainer(store: RunStore, run: TeacherRun, step: int) -> TeacherState:
+    """The exact state of checkpoint ``step`` (weights, AdamW moments, LR schedule, sampling streams)."""
+    return load_state(TeacherRecipe(store, run), step)
+
+
+def train_teacher_until(store_url: str, run_name: str, until_step: int,
+                        ctx: DistContext | None = None) -> dict[str, Any]:
     """Train teacher run ``run_name`` from its newest checkpoint up to ``until_step`` and checkpoint there (does
     nothing when a checkpoint at or beyond it exists)."""
-    store = RunStore(store_url, create=False)
-    run = load_teacher_run(store, run_name)
-    cfg = run.config
-    until_step = min(until_step, cfg.steps)
-    steps = checkpoint_steps(store, run.name)
-    if steps and steps[-1] >= until_step:
-        return {"run": run.name, "from": steps[-1], "to": steps[-1], "computed": 0}
-    start = max([s for s in steps if s <= until_step], default=0)
-    remove_uncommitted(store, run.name, start)
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-    trainer = load_teacher_trainer(store, run, start) if start else new_teacher_trainer(cfg)
-    index = index_pairs(store).scenes
-    missing = [s for s in run.train_scenes if s not in index]
-    if missing:
-        raise LyraStorageError(f"{store.url}: training scenes {missing[:5]} of run {run.name} no longer have "
-                               "finished teacher frames")
-    pairs, rows, first = PairCache(store), [], trainer.step
-    while trainer.step < until_step:
-        t0 = time.perf_counter()
-        try:
-            if trainer.diffusers is None:
-                loss = tiny_loss(trainer, *sample_pairs(trainer.generator, pairs, index, run.train_scenes, cfg), cfg)
-            else:
-                videos = sample_videos(trainer.generator, pairs, index, run.train_scenes, cfg.batch)
-                loss = sum(trainer.diffusers.loss(*view_inputs(v), v.prompt, trainer.generator) for v in videos)
-                loss = loss / len(videos)
-            out = teacher_step(trainer, loss, cfg)
-        except LyraNonFiniteError as exc:
-            raise LyraNonFiniteError(f"teacher run {run.name}, step {trainer.step + 1}: {exc}; nothing was saved "
-                                     f"after checkpoint step {first} — lower lr") from exc
-        trainer.step += 1
-        rows.append({"run": run.name, "step": trainer.step, **out, "seconds": time.perf_counter() - t0})
-        if trainer.step % 50 == 0 or trainer.step == until_step:
-            log.info("%s step %d/%d loss %.4f (%.3f s/step)", run.name, trainer.step, cfg.steps, out["loss"],
-                     rows[-1]["seconds"])
-    store.write_table(RunStore.train_rel(run.name, "metrics", f"step-{trainer.step:08d}.parquet"),
-                      pa.Table.from_pylist(rows, schema=TEACHER_METRICS))
-    sha = save_teacher_checkpoint(store, run, trainer)
-    prune_teacher_checkpoints(store, run)
-    return {"run": run.name, "from": first, "to": trainer.step, "computed": trainer.step - first,
-            "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"], "model_sha256": sha}
+    return runner.train_until(teacher_recipe(store_url, run_name, ctx), until_step, ctx)
 
 
 def final_teacher_step(store: RunStore, run: TeacherRun) -> int:

@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import math
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from lyra_ops.distill import (
     INFERENCE,
     StageSpec,
     ViewData,
+    batch_loss,
     batch_to,
     build_batch,
     decode_gaussians,
@@ -42,13 +42,26 @@ from lyra_ops.distill import (
     sample_views,
     warmup_lambda,
 )
-from lyra_ops.distill import train_step as run_train_step
 from lyra_ops.errors import LyraConfigError, LyraInputError, LyraStorageError
 from lyra_ops.latents import PixelPatchifyEncoder
 from lyra_ops.losses import LossWeights, make_lpips
 from lyra_ops.scenes import make_scene
 from lyra_ops.seeding import derive_seed
+from lyra_pipeline import runner
 from lyra_pipeline.config import Section, format_errors, merge
+from lyra_pipeline.distributed import DistContext
+from lyra_pipeline.runner import (  # noqa: F401 - checkpoint helpers re-exported for the tasks and benchmarks
+    Recipe,
+    StepResult,
+    TrainState,
+    checkpoint_steps,
+    load_state,
+    read_checked,
+    remove_uncommitted,
+    run_params,
+    sha256_hex,
+    stream_generators,
+)
 from lyra_pipeline.storage import RunStore, content_key
 
 log = logging.getLogger(__name__)
@@ -121,6 +134,11 @@ class TrainConfig(Section):
     backend: Literal["torch", "gsplat"] = "torch"
     device: str = "cpu"
     views_per_chunk: int = Field(4, ge=1)
+    # Samples per optimiser step (the global batch: split over the ranks of `lyra train --nproc N`, so the
+    # weights do not depend on N); each is drawn from its own sampling stream.
+    batch: int = Field(1, ge=1)
+    # bf16: the decoder's forward under bf16 autocast (rendering and losses stay fp32); for GPUs.
+    precision: Literal["fp32", "bf16"] = "fp32"
     torch_threads: int | None = Field(1, ge=1)  # pin intra-op threads (None: torch's default)
     eval_frame_stride: int = Field(1, ge=1)  # validation renders every k-th frame of every trajectory
     # Start from these weights instead of a random init: a lyra decoder .safetensors path, or "shipped" (the
@@ -453,7 +471,8 @@ def plan_run(store: RunStore, config: TrainConfig) -> TrainRun:
     # The resolved decoder config joins the key: a preset whose layout changed in code is another run.
     inputs = {"dataset": index.fingerprint, "decoder": dec.to_dict(),
               **({"init_weights": init_sha} if init_sha else {})}
-    name = "decoder-" + content_key("train", TRAIN_FORMAT_VERSION, config.model_dump(mode="json"), inputs)[:12]
+    params = run_params(config, {"batch": 1, "precision": "fp32"})
+    name = "decoder-" + content_key("train", TRAIN_FORMAT_VERSION, params, inputs)[:12]
 
     def create() -> dict[str, Any]:
         train, val = split_scenes(sorted(index.scenes), config.val_scenes, config.seed)
@@ -485,30 +504,19 @@ def load_run(store: RunStore, name: str) -> TrainRun:
     return TrainRun.from_json(read_run_json(store, name))
 
 
-@dataclass
-class Trainer:
-    """Mutable training state: model, AdamW, scheduler, sampling generator and the number of steps done."""
-
-    model: LatentGaussianDecoder
-    optimizer: torch.optim.AdamW
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    generator: torch.Generator
-    step: int
-
-
-def new_trainer(config: TrainConfig, init: bytes | None = None) -> Trainer:
+def new_trainer(config: TrainConfig, init: bytes | None = None, device: str | None = None) -> TrainState:
     """Step-0 training state: the decoder (random, or the weights in ``init`` safetensors bytes), AdamW, the
-    scheduler and the sampling generator."""
+    scheduler and one sampling generator per sample of the global batch (``config.batch``)."""
+    device = device or config.device
     model = LatentGaussianDecoder(config.decoder_config(), seed=config.seed)
     if init is not None:
         load_decoder_state(model, st_load(init), keep_missing=NEW_MODULES)
-    model = model.to(config.device)
+    model = model.to(device)
     o = config.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_lambda(o.warmup_steps, o.schedule, config.total_steps, o.min_lr_ratio))
-    generator = torch.Generator().manual_seed(derive_seed(config.seed, "decoder-sampling"))
-    return Trainer(model, optimizer, scheduler, generator, 0)
+    return TrainState(model, optimizer, scheduler, stream_generators(config.seed, "decoder-sampling", config.batch))
 
 
 def initial_weights(run: TrainRun) -> bytes | None:
@@ -523,117 +531,16 @@ def initial_weights(run: TrainRun) -> bytes | None:
     return init[0]
 
 
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def checkpoint_steps(store: RunStore, run: str) -> list[int]:
-    """Steps of the committed checkpoints of a run (those with a ``state.json``), ascending."""
-    steps = []
-    for name in store.list_names(RunStore.train_rel(run, "checkpoints")):
-        if name.startswith("step-") and name[5:].isdigit():
-            if store.read_file(RunStore.checkpoint_rel(run, int(name[5:]), "state.json")) is not None:
-                steps.append(int(name[5:]))
-    return sorted(steps)
-
-
-def optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Optimizer moments keyed ``<field>/<parameter name>`` plus the sampler RNG state (``rng/sampler``)."""
-    out: dict[str, torch.Tensor] = {}
-    names = {id(p): n for n, p in model.named_parameters()}
-    for p, st in optimizer.state.items():
-        for k, v in st.items():
-            out[f"{k}/{names[id(p)]}"] = torch.as_tensor(v).detach().cpu().contiguous()
-    out["rng/sampler"] = generator.get_state()
-    return out
-
-
-def restore_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, generator: torch.Generator,
-                      tensors: dict[str, torch.Tensor], scheduler_state: dict[str, Any], *, source: str,
-                      device: str = "cpu") -> None:
-    """Inverse of :func:`optimizer_tensors` (+ the LR scheduler's state): the exact optimizer state to resume."""
-    params = dict(model.named_parameters())
-    for key, value in tensors.items():
-        if key == "rng/sampler":
-            continue
-        field, pname = key.split("/", 1)
-        if pname not in params:
-            raise LyraStorageError(f"{source}: optimizer state names unknown parameter {pname!r}")
-        optimizer.state[params[pname]][field] = value.to(device)
-    scheduler.load_state_dict(scheduler_state)
-    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
-        group["lr"] = lr
-    generator.set_state(tensors["rng/sampler"])
-
-
-def save_checkpoint(store: RunStore, run: TrainRun, trainer: Trainer) -> str:
-    """Write ``step-N/{model,optimizer}.safetensors`` then ``state.json`` (the commit marker, with hashes).
-    Returns the model file's sha256."""
-    model_state = {k: v.detach().cpu().contiguous() for k, v in trainer.model.state_dict().items()}
+def decoder_weights_bytes(model: LatentGaussianDecoder) -> bytes:
+    """A decoder checkpoint file: safetensors weights + the decoder config as metadata."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     # One metadata key: safetensors writes its metadata map in hash order, so several keys would make the bytes
     # (and the sha256 that names the checkpoint in evaluations) differ between identical saves.
-    meta = {"decoder_config": json.dumps(trainer.model.config.to_dict(), sort_keys=True)}
-    model_bytes = st_save(model_state, metadata=meta)
-    opt_bytes = st_save(optimizer_tensors(trainer.model, trainer.optimizer, trainer.generator))
-    store.write_file(RunStore.checkpoint_rel(run.name, trainer.step, "model.safetensors"), model_bytes)
-    store.write_file(RunStore.checkpoint_rel(run.name, trainer.step, "optimizer.safetensors"), opt_bytes)
-    state = {
-        "step": trainer.step, "run": run.name, "stage": run.config.stage_at(max(trainer.step - 1, 0))[1].name,
-        "scheduler": trainer.scheduler.state_dict(),
-        "sha256": {"model.safetensors": sha256_hex(model_bytes), "optimizer.safetensors": sha256_hex(opt_bytes)},
-        "saved_at": time.time(),
-    }  # fmt: skip
-    store.write_file(RunStore.checkpoint_rel(run.name, trainer.step, "state.json"), json.dumps(state).encode())
-    return state["sha256"]["model.safetensors"]
-
-
-def read_checked(store: RunStore, run: str, step: int, name: str, expected_sha: str) -> bytes:
-    rel = RunStore.checkpoint_rel(run, step, name)
-    data = store.read_file(rel)
-    if data is None or sha256_hex(data) != expected_sha:
-        what = "is missing" if data is None else "does not match the sha256 recorded in state.json (corrupt)"
-        raise LyraStorageError(
-            f"{store.url}/{rel} {what}; delete {RunStore.checkpoint_rel(run, step)} to resume from the previous "
-            "checkpoint"
-        )
-    return data
-
-
-def load_trainer(store: RunStore, run: TrainRun, step: int) -> Trainer:
-    """Restore the exact training state of checkpoint ``step`` (weights, AdamW moments, scheduler, sampler RNG)."""
-    state = json.loads(store.read_file(RunStore.checkpoint_rel(run.name, step, "state.json")))
-    trainer = new_trainer(run.config)
-    model_bytes = read_checked(store, run.name, step, "model.safetensors", state["sha256"]["model.safetensors"])
-    load_decoder_state(trainer.model, {k: v.to(run.config.device) for k, v in st_load(model_bytes).items()})
-    opt_bytes = read_checked(store, run.name, step, "optimizer.safetensors", state["sha256"]["optimizer.safetensors"])
-    restore_optimizer(trainer.model, trainer.optimizer, trainer.scheduler, trainer.generator, st_load(opt_bytes),
-                      state["scheduler"], source=f"{store.url}: checkpoint step {step}", device=run.config.device)
-    trainer.step = int(state["step"])
-    return trainer
-
-
-def prune_checkpoints(store: RunStore, run: TrainRun) -> None:
-    """Keep the newest ``keep_checkpoints`` and the last one of every stage; drop incomplete newer folders."""
-    steps = checkpoint_steps(store, run.name)
-    keep = set(steps[-run.config.keep_checkpoints:]) | set(run.config.stage_ends())
-    for step in steps:
-        if step not in keep:
-            store.remove_tree(RunStore.checkpoint_rel(run.name, step))
-
-
-def remove_uncommitted(store: RunStore, run: str, after: int) -> None:
-    """Delete checkpoint folders newer than ``after`` without a state.json (a kill mid-save)."""
-    committed = set(checkpoint_steps(store, run))
-    for name in store.list_names(RunStore.train_rel(run, "checkpoints")):
-        if name.startswith("step-") and name[5:].isdigit():
-            step = int(name[5:])
-            if step > after and step not in committed:
-                store.remove_tree(RunStore.checkpoint_rel(run, step))
+    return st_save(state, metadata={"decoder_config": json.dumps(model.config.to_dict(), sort_keys=True)})
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The training loop
+# The training loop (lyra_pipeline.runner runs it)
 # ------------------------------------------------------------------------------------------------------------
 
 METRIC_SCHEMA = pa.schema([
@@ -645,11 +552,14 @@ METRIC_SCHEMA = pa.schema([
     ("distance_mean", pa.float64()), ("alpha_mean", pa.float64()),
 ])  # fmt: skip
 STAT_COLUMNS = ("opacity_mean", "opacity_above_half", "scale_mean", "distance_mean", "alpha_mean")
+LOSS_COLUMNS = ("total", "mse", "lpips", "depth", "opacity", "gaussians", "views", *STAT_COLUMNS)
 
 
-def sample_batch(run: TrainRun, views: ViewCache, trainer: Trainer, stage: StageConfig, index: dict[str, list[str]]):
-    """Draw one training sample (scene, views, frames) from the trainer's generator and assemble it."""
-    gen, spec = trainer.generator, stage.spec()
+def sample_batch(run: TrainRun, views: ViewCache, gen: torch.Generator | TrainState, stage: StageConfig,
+                 index: dict[str, list[str]]):
+    """Draw one training sample (scene, views, frames) from ``gen`` (a sampling stream) and assemble it."""
+    gen = gen.generator if isinstance(gen, TrainState) else gen
+    spec = stage.spec()
     scene = run.train_scenes[int(torch.randint(len(run.train_scenes), (1,), generator=gen))]
     names = sample_views(gen, index[scene], spec)
     inputs, start, end = sample_input_frames(gen, run.frames, spec)
@@ -658,74 +568,101 @@ def sample_batch(run: TrainRun, views: ViewCache, trainer: Trainer, stage: Stage
     return build_batch(data, inputs, targets, spec, PixelPatchifyEncoder(), run.config.decoder_config().background)
 
 
-def train_until(store_url: str, run_name: str, until_step: int) -> dict[str, Any]:
-    """Train run ``run_name`` from its newest checkpoint up to ``until_step`` steps and checkpoint there.
+class DecoderRecipe(Recipe):
+    """Decoder self-distillation for :mod:`lyra_pipeline.runner`: one sample = one scene's views and frames."""
 
-    Does nothing when a checkpoint at or beyond ``until_step`` exists. Metrics of the chunk are written to
-    ``train/<run>/metrics/step-N.parquet`` before the checkpoint commits, so they always match the weights.
-    """
-    store = RunStore(store_url, create=False)
-    run = load_run(store, run_name)
-    cfg = run.config
-    until_step = min(until_step, cfg.total_steps)
-    steps = checkpoint_steps(store, run.name)
-    start = max([s for s in steps if s <= until_step], default=0)
-    if steps and steps[-1] >= until_step:
-        return {"run": run.name, "from": steps[-1], "to": steps[-1], "computed": 0}
-    remove_uncommitted(store, run.name, start)
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-    trainer = load_trainer(store, run, start) if start else new_trainer(cfg, initial_weights(run))
-    index = index_dataset(store).scenes
-    missing = [s for s in run.train_scenes if s not in index]
-    if missing:
-        raise LyraStorageError(f"{store.url}: training scenes {missing[:5]} of run {run.name} no longer have "
-                               "finished latents")
-    lpips = None
-    if cfg.loss.lpips > 0:
-        if cfg.loss.lpips_weights:
-            lpips = make_lpips(cfg.loss.lpips_weights, backbone_path=cfg.loss.lpips_backbone, device=cfg.device)
-        else:
-            log.info("LPIPS skipped: no local weights configured (train.loss.lpips_weights)")
-    weights = LossWeights(mse=cfg.loss.mse, lpips=cfg.loss.lpips if lpips is not None else 0.0, depth=cfg.loss.depth,
-                          depth_mode=cfg.loss.depth_mode, gaussian_depth=cfg.loss.gaussian_depth)
-    views = ViewCache(store)
-    rows = []
-    first = trainer.step
-    while trainer.step < until_step:
-        t0 = time.perf_counter()
-        _, stage = cfg.stage_at(trainer.step)
-        batch = batch_to(sample_batch(run, views, trainer, stage, index), cfg.device)
-        try:
-            out = run_train_step(
-                trainer.model, trainer.optimizer, trainer.scheduler, batch, stage.spec(), weights=weights,
-                grad_clip=cfg.optim.grad_clip, lpips=lpips, backend=cfg.backend, views_per_chunk=cfg.views_per_chunk,
-            )  # fmt: skip
-        except FloatingPointError as exc:
-            raise FloatingPointError(
-                f"run {run.name}, step {trainer.step + 1} (stage {stage.name!r}): {exc}; nothing was saved after "
-                f"checkpoint step {first} — lower optim.lr or check the dataset"
-            ) from exc
-        trainer.step += 1
-        rows.append({
-            "run": run.name, "step": trainer.step, "stage": stage.name, "total": out["total"],
-            "mse": out.get("mse", math.nan), "lpips": out.get("lpips", math.nan), "depth": out.get("depth", math.nan),
-            "opacity": out.get("opacity", math.nan), "grad_norm": out["grad_norm"], "lr": out["lr"],
-            "gaussians": int(out["gaussians"]), "views": int(batch.latents.shape[0]),
-            "seconds": time.perf_counter() - t0, **{k: out.get(k, math.nan) for k in STAT_COLUMNS},
-        })  # fmt: skip
-        if trainer.step % 10 == 0 or trainer.step == until_step:
+    metric_schema = METRIC_SCHEMA
+
+    def __init__(self, store: RunStore, run: TrainRun, ctx: DistContext | None = None) -> None:
+        cfg = run.config
+        self.store, self.run, self.run_name, self.total_steps = store, run, run.name, cfg.total_steps
+        self.batch, self.grad_clip, self.torch_threads = cfg.batch, cfg.optim.grad_clip, cfg.torch_threads
+        self.device = (ctx or DistContext()).device(cfg.device)
+        self.index: dict[str, list[str]] = {}
+        self.views = ViewCache(store)
+        self.lpips = None
+        self.weights = LossWeights()
+
+    def prepare(self) -> None:
+        cfg, store = self.run.config, self.store
+        self.index = index_dataset(store).scenes
+        missing = [s for s in self.run.train_scenes if s not in self.index]
+        if missing:
+            raise LyraStorageError(f"{store.url}: training scenes {missing[:5]} of run {self.run_name} no longer "
+                                   "have finished latents")
+        if cfg.loss.lpips > 0 and self.lpips is None:
+            if cfg.loss.lpips_weights:
+                self.lpips = make_lpips(cfg.loss.lpips_weights, backbone_path=cfg.loss.lpips_backbone,
+                                        device=self.device)
+            else:
+                log.info("LPIPS skipped: no local weights configured (train.loss.lpips_weights)")
+        self.weights = LossWeights(mse=cfg.loss.mse, lpips=cfg.loss.lpips if self.lpips is not None else 0.0,
+                                   depth=cfg.loss.depth, depth_mode=cfg.loss.depth_mode,
+                                   gaussian_depth=cfg.loss.gaussian_depth)
+
+    def new_state(self) -> TrainState:
+        return new_trainer(self.run.config, initial_weights(self.run), device=self.device)
+
+    def weights_bytes(self, state: TrainState) -> bytes:
+        return decoder_weights_bytes(state.model)
+
+    def load_weights(self, state: TrainState, data: bytes, source: str) -> None:
+        load_decoder_state(state.model, {k: v.to(self.device) for k, v in st_load(data).items()})
+
+    def loss(self, state: TrainState, model, streams: list[int]) -> StepResult:
+        cfg = self.run.config
+        _, stage = cfg.stage_at(state.step)
+        (stream,) = streams
+        batch = batch_to(sample_batch(self.run, self.views, state.generators[stream], stage, self.index), self.device)
+        total, parts, count = batch_loss(
+            state.model, batch, stage.spec(), weights=self.weights, lpips=self.lpips, backend=cfg.backend,
+            views_per_chunk=cfg.views_per_chunk, forward=model,
+            autocast_dtype=torch.bfloat16 if cfg.precision == "bf16" else None,
+        )  # fmt: skip
+        metrics = {k: float(v.detach()) for k, v in parts.items() if k in LOSS_COLUMNS}
+        return StepResult(total, {**metrics, "gaussians": float(count), "views": float(batch.latents.shape[0])})
+
+    def checkpoint_info(self, step: int) -> dict[str, Any]:
+        return {"stage": self.run.config.stage_at(max(step - 1, 0))[1].name}
+
+    def keep_checkpoints(self, steps: list[int]) -> set[int]:
+        """The newest ``keep_checkpoints`` and the last one of every stage."""
+        return set(steps[-self.run.config.keep_checkpoints:]) | set(self.run.config.stage_ends())
+
+    def row(self, step: int, metrics: dict[str, float], seconds: float) -> dict[str, Any]:
+        row = {"run": self.run_name, "step": step, "stage": self.run.config.stage_at(step - 1)[1].name,
+               "seconds": seconds, **{k: metrics.get(k, math.nan) for k in METRIC_SCHEMA.names
+                                      if k not in ("run", "step", "stage", "seconds")}}
+        row["gaussians"], row["views"] = int(round(row["gaussians"])), int(round(row["views"]))
+        return row
+
+    def log_step(self, step: int, r: dict[str, Any]) -> None:
+        if step % 10 == 0:
             log.info("%s step %d/%d [%s] loss %.4f mse %.4f depth %.4f | opacity %.2f (%.0f%% > 0.5) scale %.3f "
-                     "distance %.2f alpha %.2f (%.2f s/step)", run.name, trainer.step, cfg.total_steps, stage.name,
-                     out["total"], out.get("mse", math.nan), out.get("depth", math.nan), out["opacity_mean"],
-                     100 * out["opacity_above_half"], out["scale_mean"], out["distance_mean"], out["alpha_mean"],
-                     rows[-1]["seconds"])
-    store.write_table(RunStore.train_rel(run.name, "metrics", f"step-{trainer.step:08d}.parquet"),
-                      pa.Table.from_pylist(rows, schema=METRIC_SCHEMA))
-    sha = save_checkpoint(store, run, trainer)
-    prune_checkpoints(store, run)
-    return {"run": run.name, "from": first, "to": trainer.step, "computed": trainer.step - first,
-            "loss_first": rows[0]["total"], "loss_last": rows[-1]["total"], "model_sha256": sha}
+                     "distance %.2f alpha %.2f (%.2f s/step)", self.run_name, step, self.total_steps, r["stage"],
+                     r["total"], r["mse"], r["depth"], r["opacity_mean"], 100 * r["opacity_above_half"],
+                     r["scale_mean"], r["distance_mean"], r["alpha_mean"], r["seconds"])
+
+    def step_error(self, step: int, first: int, exc: Exception) -> Exception:
+        stage = self.run.config.stage_at(step - 1)[1].name
+        return FloatingPointError(f"run {self.run_name}, step {step} (stage {stage!r}): {exc}; nothing was saved "
+                                  f"after checkpoint step {first} — lower optim.lr or check the dataset")
+
+
+def decoder_recipe(store_url: str, run_name: str, ctx: DistContext | None = None) -> DecoderRecipe:
+    store = RunStore(store_url, create=False)
+    return DecoderRecipe(store, load_run(store, run_name), ctx)
+
+
+def load_trainer(store: RunStore, run: TrainRun, step: int) -> TrainState:
+    """Restore the exact training state of checkpoint ``step`` (weights, AdamW moments, scheduler, sampler RNG)."""
+    return load_state(DecoderRecipe(store, run), step)
+
+
+def train_until(store_url: str, run_name: str, until_step: int, ctx: DistContext | None = None) -> dict[str, Any]:
+    """Train run ``run_name`` from its newest checkpoint up to ``until_step`` steps and checkpoint there (see
+    :func:`lyra_pipeline.runner.train_until`; a no-op when a checkpoint at or beyond ``until_step`` exists)."""
+    return runner.train_until(decoder_recipe(store_url, run_name, ctx), until_step, ctx)
 
 
 def chunk_ends(config: TrainConfig) -> list[int]:

@@ -1,0 +1,171 @@
+"""Data-parallel training under torchrun (gloo on CPU): the same weights at any world size, rank 0 alone writes,
+a killed rank fails the job with its error, and a relaunch at another world size resumes from the checkpoint."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load as st_load
+
+from lyra_ops.errors import LyraConfigError
+from lyra_pipeline.distributed import DistributedJobError, failure_from_output, run_torchrun, torchrun_command
+from lyra_pipeline.runner import check_world_size, checkpoint_steps
+from lyra_pipeline.storage import RunStore
+from lyra_pipeline.teacher_training import build_teacher_config, plan_teacher_run, train_teacher_until
+from lyra_pipeline.training import build_train_config, plan_run, read_metrics, train_until
+
+REPO = Path(__file__).resolve().parents[1]
+HARNESS = str(REPO / "tests" / "dist_harness.py")
+# Float tolerance of "the same weights": DDP sums two ranks' gradients where one process accumulates them; each
+# is the same two float32 halves added once, so on this machine the weights come out bit-identical (measured max
+# |difference| 0.0 after 10 steps); 1e-6 leaves room for another gloo summation order.
+ATOL = 1e-6
+
+
+def overrides(steps: int = 10, every: int = 5, batch: int = 2) -> dict:
+    return {"stages": [{"name": "views_1", "steps": steps, "targets": 2}], "checkpoint_every": every, "batch": batch,
+            "torch_threads": 1, "optim": {"lr": 1e-3, "warmup_steps": 2}}
+
+
+def copy_store(src: Path, dst: Path) -> str:
+    return str(shutil.copytree(src, dst))
+
+
+def weights(url: str, run: str, step: int, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
+    return st_load(RunStore(url, create=False).read_file(RunStore.checkpoint_rel(run, step, name)))
+
+
+def launch(url: str, run: str, nproc: int, *, kind: str = "decoder", env: dict | None = None, harness: bool = True):
+    target = [HARNESS, kind, url, run] if harness else ["lyra_pipeline.train_worker", kind, url, run]
+    cmd = torchrun_command(target, nproc=nproc, module=not harness)
+    return run_torchrun(cmd, env={"PYTHONPATH": str(REPO), **(env or {})})
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=ATOL, rtol=0, msg=k)
+
+
+def test_two_ranks_train_like_one_and_only_rank_0_writes(smoke_store, tmp_path):
+    config = build_train_config("smoke", overrides())
+    one = copy_store(smoke_store, tmp_path / "one")
+    two = copy_store(smoke_store, tmp_path / "two")
+    run = plan_run(RunStore(one, create=False), config)
+    assert plan_run(RunStore(two, create=False), config).name == run.name
+    for end in (5, 10):
+        train_until(one, run.name, end)
+    launch(two, run.name, 2, env={"LYRA_TEST_WRITES": str(tmp_path / "writes")})
+    # same weights, optimizer moments and sampling streams (the checkpoint holds both ranks' streams)
+    assert_same(weights(one, run.name, 10), weights(two, run.name, 10))
+    opt1, opt2 = weights(one, run.name, 10, "optimizer.safetensors"), weights(two, run.name, 10, "optimizer.safetensors")
+    assert {"rng/sampler", "rng/sampler/1"} <= opt1.keys()
+    assert_same(opt1, opt2)
+    # metrics: one row per step, averaged over the global batch (equal to the one-process run's)
+    m1, m2 = read_metrics(RunStore(one), run.name).to_pylist(), read_metrics(RunStore(two), run.name).to_pylist()
+    assert [r["step"] for r in m2] == list(range(1, 11))
+    for r1, r2 in zip(m1, m2, strict=True):
+        assert math.isclose(r1["total"], r2["total"], rel_tol=1e-6) and r1["views"] == r2["views"]
+    # rank 0 alone wrote, and wrote no file twice
+    written = (tmp_path / "writes.0").read_text().split()
+    assert not (tmp_path / "writes.1").exists()
+    assert len(written) == len(set(written)) and any(w.endswith("state.json") for w in written)
+
+
+def test_killed_rank_fails_the_job_and_another_world_size_resumes(smoke_store, tmp_path):
+    config = build_train_config("smoke", overrides())
+    straight = copy_store(smoke_store, tmp_path / "straight")
+    url = copy_store(smoke_store, tmp_path / "killed")
+    run = plan_run(RunStore(straight, create=False), config)
+    plan_run(RunStore(url, create=False), config)
+    for end in (5, 10):
+        train_until(straight, run.name, end)
+    # rank 1 is SIGKILLed before step 8: the job fails naming it; retriable (it reported no error of its own)
+    with pytest.raises(DistributedJobError, match=r"rank 1 failed: .*(SIGKILL|Signal 9)") as err:
+        launch(url, run.name, 2, env={"LYRA_TEST_FAULT": "1:8:kill"})
+    assert err.value.retriable
+    assert checkpoint_steps(RunStore(url, create=False), run.name) == [5]
+    # relaunched with one process, it resumes from step 5 and ends where the uninterrupted run did
+    launch(url, run.name, 1, harness=False)
+    assert checkpoint_steps(RunStore(url, create=False), run.name)[-1] == 10
+    assert_same(weights(url, run.name, 10), weights(straight, run.name, 10))
+    assert [r["step"] for r in read_metrics(RunStore(url), run.name).to_pylist()] == list(range(1, 11))
+    # a rank that raises: its own message, not retried
+    raised = copy_store(smoke_store, tmp_path / "raised")
+    plan_run(RunStore(raised, create=False), config)
+    with pytest.raises(DistributedJobError, match="rank 0 failed: injected failure before step 2") as err:
+        launch(raised, run.name, 2, env={"LYRA_TEST_FAULT": "0:2:raise"})
+    assert not err.value.retriable
+
+
+@pytest.mark.slow
+def test_teacher_two_ranks_train_like_one(smoke_store, tmp_path):
+    config = build_teacher_config("smoke", {"streams": 2, "batch": 2, "steps": 4, "checkpoint_every": 2,
+                                            "torch_threads": 1})
+    one = copy_store(smoke_store, tmp_path / "one")
+    two = copy_store(smoke_store, tmp_path / "two")
+    run = plan_teacher_run(RunStore(one, create=False), config, "smoke")
+    plan_teacher_run(RunStore(two, create=False), config, "smoke")
+    for end in (2, 4):
+        train_teacher_until(one, run.name, end)
+    launch(two, run.name, 2, kind="teacher", harness=False)
+    assert_same(weights(one, run.name, 4), weights(two, run.name, 4))
+
+
+def test_world_size_is_checked_before_launch():
+    assert check_world_size(2, 1, 4) == 2
+    with pytest.raises(LyraConfigError, match="3 processes but train.batch = 2"):
+        check_world_size(3, 1, 2)
+    with pytest.raises(LyraConfigError, match="--rdzv-endpoint"):
+        torchrun_command(["x"], nproc=2, nnodes=2, rdzv_endpoint=None)
+    cmd = torchrun_command(["lyra_pipeline.train_worker"], nproc=2, nnodes=2, rdzv_endpoint="node0:29500")
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"] and "--rdzv-endpoint=node0:29500" in cmd
+
+
+def test_failure_report_parsing():
+    torchrun_report = """
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-04_17:00:00
+  host      : box
+  rank      : 3 (local_rank: 1)
+  exitcode  : -9 (pid: 123)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 123
+"""
+    assert failure_from_output(torchrun_report.splitlines()) == "rank 3 failed: Signal 9 (SIGKILL) received by PID 123"
+    ours = ['LYRA_RANK_ERROR {"rank": 1, "error": "bad data"}', *torchrun_report.splitlines()]
+    assert failure_from_output(ours) == "rank 1 failed: bad data"
+    assert failure_from_output(["nothing to see"]) is None
+
+
+def test_flow_runs_the_job_as_one_task_and_rerun_does_nothing(smoke_store, prefect_harness):
+    from flows.distill_decoder import distill_decoder
+
+    over = overrides(4, 2)
+    summary = distill_decoder(store=str(smoke_store), preset="smoke", overrides=over, nproc=2)
+    assert summary["world_size"] == 2 and summary["steps_computed"] == 4 and summary["step"] == 4
+    assert math.isfinite(summary["psnr_gt"])
+    again = distill_decoder(store=str(smoke_store), preset="smoke", overrides=over, nproc=2)
+    assert again["steps_computed"] == 0 and again["psnr_gt"] == summary["psnr_gt"]
+    with pytest.raises(LyraConfigError, match="every rank needs at least one sample"):
+        distill_decoder(store=str(smoke_store), preset="smoke", overrides=over, nproc=3)
+
+
+def test_gpu_generation_fails_clearly_without_gpus(tmp_path):
+    import subprocess
+
+    store = tmp_path / "store"
+    proc = subprocess.run([sys.executable, "-m", "lyra_pipeline.cli", "run", "--preset", "smoke", "--gpus", "2",
+                           "--store", str(store)], capture_output=True, text=True, env={**os.environ,
+                           "CUDA_VISIBLE_DEVICES": ""}, timeout=300)
+    assert proc.returncode != 0
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--gpus 2" in lines[0] and "GPU" in lines[0], lines
+    assert not store.exists()
