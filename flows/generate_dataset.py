@@ -12,13 +12,16 @@ import hashlib
 import time
 import uuid
 from collections import Counter
+from contextlib import nullcontext
 from typing import Any
 
+import dask
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture, as_completed, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from lyra_pipeline.cluster import GPU_RESOURCE
 from lyra_pipeline.config import build_config
 from lyra_pipeline.planning import preflight
 from lyra_pipeline.stages import StageReport, finished_scenes, scene_units
@@ -54,10 +57,14 @@ def generate_dataset(
     overrides: dict[str, Any] | None = None,
     run_id: str | None = None,
     scene_ids: list[str] | None = None,
+    gpu_stages: bool = False,
 ) -> dict[str, Any]:
     """Generate (or complete) a dataset in ``store`` from a preset plus config overrides.
 
     ``scene_ids`` restricts the run to those scenes of the sampled list (``lyra retry`` passes the failed ones).
+    ``gpu_stages`` (Dask task runners whose GPU workers offer resource ``GPU=1``): video generation, and depth
+    stages configured on CUDA, run only on GPU workers (``lyra_pipeline.cluster``); with ``compute.tasks: scene``
+    whole scene tasks do.
     """
     logger = get_run_logger()
     config = build_config(preset, overrides)
@@ -69,11 +76,12 @@ def generate_dataset(
     if removed:
         logger.info("removed %d temporary files left by an interrupted run", removed)
 
-    def each(task, scenes, after: list[PrefectFuture] | None = None) -> list[PrefectFuture]:
-        """Submit ``task`` once per scene, each after that scene's upstream future(s)."""
+    def each(task, scenes, after: list[PrefectFuture] | None = None, gpu: bool = False) -> list[PrefectFuture]:
+        """Submit ``task`` once per scene, each after that scene's upstream future(s); ``gpu``: on GPU workers."""
         waits = after or [None] * len(scenes)
-        return [task.submit(store, config, s, run_id, wait_for=[w] if w is not None else None)
-                for s, w in zip(scenes, waits, strict=True)]
+        with dask.annotate(resources=GPU_RESOURCE) if gpu and gpu_stages else nullcontext():
+            return [task.submit(store, config, s, run_id, wait_for=[w] if w is not None else None)
+                    for s, w in zip(scenes, waits, strict=True)]
 
     # 1. Sample prompts: the scene list, reproducible from the run seed, recorded in prompts.parquet.
     scenes = sample_prompts(store, config)
@@ -89,7 +97,8 @@ def generate_dataset(
         # at its own place in the scene list, so concurrent runs on one store rarely wait on each other's leases.
         start = int(hashlib.sha256(run_id.encode()).hexdigest(), 16) % max(len(scenes), 1)
         scenes = scenes[start:] + scenes[:start]
-        futures = [process_scene.submit(store, config, s, run_id) for s in scenes]
+        with dask.annotate(resources=GPU_RESOURCE) if gpu_stages else nullcontext():  # whole scenes on GPU workers
+            futures = [process_scene.submit(store, config, s, run_id) for s in scenes]
         progress = create_progress_artifact(progress=0.0, description=f"{len(scenes)} scenes")
         for i, fut in enumerate(as_completed(futures)):
             fut.wait()  # records the final state on the future (else .state asks the API, which may lag)
@@ -100,7 +109,7 @@ def generate_dataset(
         # 2. First frames: procedural renders or user images, cover-cropped to the video size.
         inputs = each(make_input, scenes)
         # 3. Depth of the first frame (exact for procedural scenes), cleaned up and edge-filtered.
-        depth = each(estimate_depth, scenes, after=inputs)
+        depth = each(estimate_depth, scenes, after=inputs, gpu=config.depth.device.startswith("cuda"))
         # 4. Camera trajectories (Lyra's six paths or a custom one), seeded per scene and path.
         #    (Stages of one scene run one after another: one writer per scene's manifest.)
         cameras = each(make_cameras, scenes, after=depth)
@@ -109,11 +118,11 @@ def generate_dataset(
         # 6. Conservative mask refinement against the seam mesh.
         masks = each(refine_masks, scenes, after=warps)
         # 7. Teacher video: the generator conditioned on warped frames and refined masks.
-        teacher = each(generate_video, scenes, after=masks)
+        teacher = each(generate_video, scenes, after=masks, gpu=True)
         # 8. Latents of the teacher video: what the 3DGS decoder reads.
         latents = each(encode_latents, scenes, after=teacher)
         # 9. Depth of every teacher frame (Lyra: ViPE): the decoder's depth supervision.
-        video_depth = each(estimate_video_depth, scenes, after=latents)
+        video_depth = each(estimate_video_depth, scenes, after=latents, gpu=config.depth.device.startswith("cuda"))
 
         by_stage = [inputs, depth, cameras, warps, masks, teacher, latents, video_depth]
         progress = create_progress_artifact(progress=0.0, description=f"{len(scenes)} scenes x {len(by_stage)} "

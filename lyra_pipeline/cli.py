@@ -175,11 +175,16 @@ def run(
     only_scenes: list[str] = typer.Option(None, "--scene", help="only these scene ids"),
     dask: bool = typer.Option(False, "--dask", help="run scene tasks on a local Dask cluster (--workers processes)"),
     dask_address: str = typer.Option(None, "--dask-address", help="run scene tasks on an existing Dask scheduler"),
+    gpus: int = typer.Option(0, "--gpus", min=0, help="one Dask worker per GPU for video generation (plus --workers "
+                             "CPU workers for the other stages); with --dask-address: the scheduler's workers that "
+                             "offer resource GPU=1"),
 ) -> None:
     """Generate (or complete) a dataset: every stage of every scene, skipping finished work."""
     _setup_env(verbose)
     try:
         name, over, cfg = _resolve(preset, config, num_scenes, images, trajectory, seed)
+        if gpus:
+            over, cfg = _gpu_overrides(name, over, cfg, gpus, dask_address, config)
         from lyra_pipeline.planning import preflight
 
         bank = preflight(cfg)  # bad custom trajectory / image folder: fail before any work
@@ -202,14 +207,15 @@ def run(
         _quiet_console()  # Prefect's own console handler, when it configured one (no main(): embedded use)
 
     try:
-        flow = generate_dataset.with_options(task_runner=make_task_runner(workers, dask, dask_address))
+        flow = generate_dataset.with_options(task_runner=make_task_runner(workers, dask, dask_address, gpus))
     except LyraError as exc:
         _fail(exc)
     result: dict[str, Any] = {}
 
     def target() -> None:
         try:
-            result["summary"] = flow(store=store, preset=name, overrides=over, scene_ids=only_scenes)
+            result["summary"] = flow(store=store, preset=name, overrides=over, scene_ids=only_scenes,
+                                     gpu_stages=bool(gpus))
         except BaseException as exc:  # noqa: BLE001 - reported below
             result["error"] = exc
 
@@ -253,9 +259,32 @@ def _nothing_to_do(store: RunStore, cfg: RunConfig, only_scenes: list[str] | Non
     return True
 
 
-def make_task_runner(workers: int, dask: bool = False, dask_address: str | None = None):
+def _gpu_overrides(name: str, over: dict[str, Any], cfg: RunConfig, gpus: int, dask_address: str | None,
+                   config_file: Path | None) -> tuple[dict[str, Any], RunConfig]:
+    """``--gpus``: check the GPUs exist (locally; a remote scheduler's workers declare theirs), run one task per
+    stage (GPU stages go to GPU workers), and put a model teacher on ``cuda``."""
+    from lyra_pipeline.cluster import check_gpus
+    from lyra_pipeline.config import merge
+
+    if not dask_address:
+        check_gpus(gpus)
+    extra: dict[str, Any] = {"compute": {"tasks": "stage"}}
+    if cfg.generator.backend in ("tiny", "diffusers") and cfg.generator.device == "cpu":
+        extra["generator"] = {"device": "cuda"}
+    over = merge(over, extra)
+    return over, build_config(name, over, source=str(config_file or "command line"))
+
+
+def make_task_runner(workers: int, dask: bool = False, dask_address: str | None = None, gpus: int = 0):
     """Threads in this process (default), a local Dask cluster of ``workers`` single-threaded processes, or an
-    existing Dask scheduler."""
+    existing Dask scheduler; ``gpus``: a local cluster of one worker per GPU beside ``workers`` CPU workers
+    (:mod:`lyra_pipeline.cluster`)."""
+    if gpus and not dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        from lyra_pipeline.cluster import gpu_cluster_spec
+
+        return DaskTaskRunner(cluster_class="distributed.SpecCluster", cluster_kwargs=gpu_cluster_spec(gpus, workers))
     if not dask and not dask_address:
         from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -533,35 +562,57 @@ def stage(
 TrainPresetOpt = typer.Option("default", "--preset", help="training preset: smoke | default | paper")
 
 
+NprocOpt = typer.Option(1, "--nproc", min=1, help="training processes per machine (torchrun, DDP; one per GPU)")
+NnodesOpt = typer.Option(1, "--nnodes", min=1, help="machines in the job (run the same command on each)")
+RdzvOpt = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT where the job's machines meet (with --nnodes > 1)")
+
+
 @app.command()
 def train(
     store: str = StoreOpt,
     preset: str = TrainPresetOpt,
     config: Path = typer.Option(None, "--config", help="YAML with training overrides (stages, optim, ...)"),
     steps: int = typer.Option(None, "--steps", min=1, help="scale every stage's steps to this total"),
+    batch: int = typer.Option(None, "--batch", min=1, help="samples per step (global batch, split over the ranks; "
+                              "default: the preset's, or --nproc x --nnodes when that is larger)"),
+    nproc: int = NprocOpt,
+    nnodes: int = NnodesOpt,
+    rdzv_endpoint: str = RdzvOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     """Distill the 3DGS decoder from the store's teacher videos (resumes; a finished run does nothing)."""
     _setup_env(verbose)
     from flows.distill_decoder import distill_decoder
+    from lyra_pipeline.distributed import torchrun_command
+    from lyra_pipeline.runner import check_world_size
     from lyra_pipeline.training import build_train_config
 
     try:
         file_preset, over = load_config_file(config) if config else (None, {})
         name = file_preset or preset
+        source = str(config or "command line")
         if steps is not None:
-            base = build_train_config(name, over, source=str(config or "command line"))
+            base = build_train_config(name, over, source=source)
             total = base.total_steps
             stages = [s.model_dump() for s in base.stages]
             for s in stages:
                 s["steps"] = max(1, round(s["steps"] * steps / total)) if s["steps"] else 0
             over = {**over, "stages": stages}
-        build_train_config(name, over, source=str(config or "command line"))
+        base = build_train_config(name, over, source=source)
+        if batch is None and nproc * nnodes > base.batch:
+            batch = nproc * nnodes  # one sample per rank (a run of its own: the batch names the run)
+        if batch is not None:
+            over = {**over, "batch": batch}
+        cfg = build_train_config(name, over, source=source)
+        check_world_size(nproc, nnodes, cfg.batch, "train.batch")
+        torchrun_command([], nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint)  # validates the endpoint
         RunStore(store, create=False)
-        summary = distill_decoder(store=store, preset=name, overrides=over)
+        summary = distill_decoder(store=store, preset=name, overrides=over, nproc=nproc, nnodes=nnodes,
+                                  rdzv_endpoint=rdzv_endpoint)
     except (LyraError, FloatingPointError) as exc:
         _fail(exc)
-    console.print(f"decoder {summary['run']}: {summary['step']} steps ({summary['steps_computed']} computed now)")
+    console.print(f"decoder {summary['run']}: {summary['step']} steps ({summary['steps_computed']} computed now"
+                  + (f" on {summary['world_size']} processes" if summary.get("world_size", 1) > 1 else "") + ")")
     if "psnr_gt" in summary:
         out.print(f"held-out scenes: {summary['scenes']}, frames {summary['frames']}: PSNR vs teacher "
                   f"{summary['psnr_teacher']:.2f} dB, vs ground truth {summary['psnr_gt']:.2f} dB, SSIM vs ground "
@@ -576,12 +627,17 @@ def train_teacher_cmd(
     steps: int = typer.Option(None, "--steps", min=1, help="total optimiser steps"),
     export: Path = typer.Option(None, "--export", help="also write the finished teacher folder here (e.g. "
                                 "lyra_pipeline/weights/tiny_teacher)"),
+    nproc: int = NprocOpt,
+    nnodes: int = NnodesOpt,
+    rdzv_endpoint: str = RdzvOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     """Fine-tune the camera-conditioned teacher on an oracle store's exact pairs (resumes; a finished run does
     nothing); report it against the warp-only baseline on held-out scenes."""
     _setup_env(verbose)
     from flows.train_teacher import train_teacher
+    from lyra_pipeline.distributed import torchrun_command
+    from lyra_pipeline.runner import check_world_size
     from lyra_pipeline.teacher_training import build_teacher_config
 
     try:
@@ -589,9 +645,15 @@ def train_teacher_cmd(
         preset = file_preset or preset
         if steps is not None:
             over = {**over, "steps": steps}
-        build_teacher_config(preset, over)
+        cfg = build_teacher_config(preset, over)
+        if nproc * nnodes > cfg.streams and "streams" not in over:
+            over = {**over, "streams": nproc * nnodes}  # one sampling stream per rank (names a run of its own)
+            cfg = build_teacher_config(preset, over)
+        check_world_size(nproc, nnodes, cfg.streams, "teacher streams")
+        torchrun_command([], nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint)  # validates the endpoint
         RunStore(store, create=False)
-        summary = train_teacher(store=store, preset=preset, overrides=over, export_to=str(export) if export else None)
+        summary = train_teacher(store=store, preset=preset, overrides=over, export_to=str(export) if export else None,
+                                nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint)
     except (LyraError, FloatingPointError) as exc:
         _fail(exc)
     console.print(f"teacher {summary['run']}: {summary['step']} steps ({summary['steps_computed']} computed now); "

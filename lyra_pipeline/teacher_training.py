@@ -419,10 +419,10 @@ def tiny_inputs(gen: torch.Generator, pairs: PairCache, scenes: dict[str, list[s
 
 
 def tiny_loss(model: Any, x0: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
-              cfg: TeacherTrainConfig, device: str) -> torch.Tensor:
-    """Flow-matching loss of a crop batch."""
+              cfg: TeacherTrainConfig, device: str, forward: Any = None) -> torch.Tensor:
+    """Flow-matching loss of a crop batch (``forward``: the model's DDP wrapper in a distributed job)."""
     x0, cond, noise, sigma = (v.to(device) for v in (x0, cond, noise, sigma))
-    out = network_output(model, flow_match_noisy(x0, noise, sigma), cond, sigma * 1000.0)
+    out = network_output(model, flow_match_noisy(x0, noise, sigma), cond, sigma * 1000.0, forward=forward)
     if cfg.prediction == "velocity":
         return F.mse_loss(out.float(), flow_match_target(x0, noise))
     return F.mse_loss(out.float(), x0)  # = sigma^2-weighted velocity loss
@@ -470,12 +470,14 @@ class TeacherRecipe(Recipe):
         if state.diffusers is None:  # each stream's crops and noise from its generator, one forward over all
             parts = [tiny_inputs(state.generators[s], self.pairs, self.index, self.run.train_scenes, cfg, per)
                      for s in streams]
-            loss = tiny_loss(model, *(torch.cat(p) for p in zip(*parts, strict=True)), cfg, self.device)
+            loss = tiny_loss(state.model, *(torch.cat(p) for p in zip(*parts, strict=True)), cfg, self.device,
+                             forward=model)
         else:
             losses = []
             for s in streams:
                 videos = sample_videos(state.generators[s], self.pairs, self.index, self.run.train_scenes, per)
-                losses += [state.diffusers.loss(*view_inputs(v), v.prompt, state.generators[s]) for v in videos]
+                losses += [state.diffusers.loss(*view_inputs(v), v.prompt, state.generators[s], forward=model)
+                           for v in videos]
             loss = sum(losses) / len(losses)
         return StepResult(loss, {"loss": float(loss.detach())})
 

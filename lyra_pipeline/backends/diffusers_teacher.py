@@ -56,9 +56,10 @@ class DiffusersTeacher:
         check_frame_format(self.generator.info, frames, height, width)
 
     def loss(self, truth: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor, first: torch.Tensor, prompt: str,
-             gen: torch.Generator) -> torch.Tensor:
+             gen: torch.Generator, forward=None) -> torch.Tensor:
         """Flow-matching loss of one video: ``truth`` (T,3,H,W) and ``warped`` (holes -1) in [-1,1], ``mask``
-        (T,1,H,W) bool, ``first`` (3,H,W) in [0,1]; noise level and noise drawn from ``gen``."""
+        (T,1,H,W) bool, ``first`` (3,H,W) in [0,1]; noise level and noise drawn from ``gen``. ``forward``: the
+        transformer's DDP wrapper in a distributed job."""
         g = self.generator
         with torch.no_grad():
             x0 = g.encode(truth)
@@ -73,7 +74,7 @@ class DiffusersTeacher:
             skip = 1
         parts = [noisy] + ([base] if base is not None else []) + [warp]
         _, _, t_l, _, _ = x0.shape
-        call = g.denoiser(truth.shape[-2], truth.shape[-1], t_l)
+        call = g.denoiser(truth.shape[-2], truth.shape[-1], t_l, forward=forward)
         pred = call(torch.cat(parts, dim=1), sigma * 1000.0, text)
         target = flow_match_target(x0, noise).to(pred.device)
         return F.mse_loss(pred[:, :, skip:].float(), target[:, :, skip:])

@@ -391,9 +391,10 @@ class DiffusersVideoGenerator:
         pipe = self.pipeline()
         return pipe._execution_device if self.offload["cpu_offload"] else torch.device(self.device)
 
-    def denoiser(self, height: int, width: int, latent_frames: int):
+    def denoiser(self, height: int, width: int, latent_frames: int, forward=None):
         """``f(model_input (1,C,T_l,h,w), timestep (1,), text (1,L,D)) -> model output (1,z,T_l,h,w)`` with
-        gradients enabled (wrap in ``torch.no_grad()`` to sample)."""
+        gradients enabled (wrap in ``torch.no_grad()`` to sample). ``forward``: what to call instead of the
+        transformer (its DDP wrapper in a distributed job)."""
         pipe, fam, device = self.pipeline(), FAMILIES[self.info.family], self.execution_device()
         transformer = self.transformer
         extra = {}
@@ -405,7 +406,7 @@ class DiffusersVideoGenerator:
             x = x.to(device, self.dtype)
             if fam.frames_first:
                 x = x.permute(0, 2, 1, 3, 4)
-            out = transformer(hidden_states=x, timestep=timestep.to(device), encoder_hidden_states=hidden.to(
+            out = (forward or transformer)(hidden_states=x, timestep=timestep.to(device), encoder_hidden_states=hidden.to(
                 device, self.dtype), return_dict=False, **extra)[0]
             return out.permute(0, 2, 1, 3, 4) if fam.frames_first else out
 

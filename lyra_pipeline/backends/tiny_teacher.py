@@ -85,10 +85,11 @@ PREDICTIONS = ("sample", "velocity")
 SIGMA_FLOOR = 1e-3  # sample -> velocity conversion divides by sigma
 
 
-def network_output(model, noisy: torch.Tensor, cond: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+def network_output(model, noisy: torch.Tensor, cond: torch.Tensor, timestep: torch.Tensor,
+                   forward=None) -> torch.Tensor:
     """The UNet's raw output for (N,3,H,W) noisy frames and their (N,7,H,W) conditioning at scheduler
     timesteps (N,) = 1000 sigma. Frames are edge-padded to the model's multiple, folded p x p into channels,
-    and the output unfolded and cropped back."""
+    and the output unfolded and cropped back. ``forward``: what to call (a DDP wrapper of ``model``)."""
     p = unet_patch(model.config)
     x = torch.cat([noisy, cond], dim=1)
     h, w = x.shape[-2:]
@@ -96,7 +97,7 @@ def network_output(model, noisy: torch.Tensor, cond: torch.Tensor, timestep: tor
     ph, pw = (-h) % m, (-w) % m
     if ph or pw:
         x = F.pad(x, (0, pw, 0, ph), mode="replicate")
-    out = model(F.pixel_unshuffle(x, p), timestep).sample
+    out = (forward or model)(F.pixel_unshuffle(x, p), timestep).sample
     return F.pixel_shuffle(out, p)[..., :h, :w]
 
 
