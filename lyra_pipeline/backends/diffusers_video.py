@@ -406,8 +406,9 @@ class DiffusersVideoGenerator:
             x = x.to(device, self.dtype)
             if fam.frames_first:
                 x = x.permute(0, 2, 1, 3, 4)
-            out = (forward or transformer)(hidden_states=x, timestep=timestep.to(device), encoder_hidden_states=hidden.to(
-                device, self.dtype), return_dict=False, **extra)[0]
+            out = (forward or transformer)(hidden_states=x, timestep=timestep.to(device),
+                                           encoder_hidden_states=hidden.to(device, self.dtype), return_dict=False,
+                                           **extra)[0]
             return out.permute(0, 2, 1, 3, 4) if fam.frames_first else out
 
         return call
