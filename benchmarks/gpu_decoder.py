@@ -1,11 +1,14 @@
 """One decoder distillation step at the paper's scale: time and peak memory (run on a CUDA machine).
 
 Random latents and Plücker tensors (the Cosmos tokenizer's 16 / 32 channels, or the embedded patchify
-encoder's 1536 / 48), the `paper` decoder preset (attention blocks where mamba_ssm is missing), bf16
-autocast, gradient checkpointing, Gaussians rendered into target views by our torch rasterizer (or gsplat),
-MSE loss, backward, AdamW step. Writes JSON to $OUT/gpu_decoder.json.
+encoder's 1536 / 48), the `paper` decoder preset (attention blocks where mamba_ssm is missing), Gaussians
+rendered into target views by our torch rasterizer (or gsplat), MSE loss, backward, AdamW step. The training
+switches of `train.precision` (fp32 | bf16 autocast of the decoder forward; Gaussians rendered in fp32, as
+`lyra_ops.distill.batch_loss` does) and `decoder_overrides.gradient_checkpointing` are measured as a grid.
+Writes JSON to $OUT/gpu_decoder.json.
 
-    python benchmarks/gpu_decoder.py                     # 704x1280, 121 frames, 1 view, 9 targets
+    python benchmarks/gpu_decoder.py --grid              # the switches x paper stage shapes (issue 17 item 6)
+    python benchmarks/gpu_decoder.py                     # 704x1280, 121 frames, bf16 + checkpointing, 1-2 views
     python benchmarks/gpu_decoder.py --quick             # tiny CPU smoke of the script itself
 """
 
@@ -30,7 +33,8 @@ def step_stats(args: argparse.Namespace, device: torch.device) -> dict:
     t_l = 1 + (t - 1) // 8
     channels = {"cosmos": (16, 32), "patchify": (1536, 48)}[args.channels]
     cfg = DecoderConfig.preset(args.preset, latent_channels=channels[0], plucker_channels=channels[1],
-                               gradient_checkpointing=True)
+                               gradient_checkpointing=args.checkpointing)
+    bf16 = args.precision == "bf16"
     model = LatentGaussianDecoder(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -50,8 +54,9 @@ def step_stats(args: argparse.Namespace, device: torch.device) -> dict:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             gaussians = model(latents, plucker, cams)
+        gaussians = gaussians.to(dtype=torch.float32)
         out = rasterize(gaussians, viewmats, ks, w, h, background=bg, backend=args.backend, near=0.1, far=500.0)
         loss = torch.nn.functional.mse_loss(out.rgb, target)
         opt.zero_grad(set_to_none=True)
@@ -62,7 +67,8 @@ def step_stats(args: argparse.Namespace, device: torch.device) -> dict:
         if i > 0:  # first step warms up kernels
             times.append(time.perf_counter() - t0)
     return {
-        "preset": args.preset, "channels": args.channels, "size": [h, w], "frames": t, "views": args.views,
+        "preset": args.preset, "precision": args.precision, "checkpointing": args.checkpointing,
+        "channels": args.channels, "size": [h, w], "frames": t, "views": args.views,
         "targets": args.targets, "backend": args.backend, "device": str(device),
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "",
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
@@ -83,6 +89,9 @@ def main() -> None:
     ap.add_argument("--targets", type=int, default=9)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--backend", default="torch", choices=["torch", "gsplat"])
+    ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
+    ap.add_argument("--grid", action="store_true", help="fp32/bf16 x checkpointing off/on at Lyra's stage shapes")
     ap.add_argument("--quick", action="store_true", help="tiny sizes on whatever device (script smoke test)")
     args = ap.parse_args()
     if args.quick:
@@ -91,12 +100,25 @@ def main() -> None:
     out_dir = Path(os.environ.get("OUT", "gpu_out"))
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
-    runs = [args] if args.quick else [args, argparse.Namespace(**{**vars(args), "views": 2})]
+    def variant(**kw) -> argparse.Namespace:
+        return argparse.Namespace(**{**vars(args), **kw})
+
+    if args.grid:
+        switches = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
+        shapes = [{"height": 176, "width": 320, "frames": 17, "targets": 17} if not args.quick else {},
+                  {"frames": 121 if not args.quick else 9}]
+        runs = [variant(precision=p, checkpointing=c, **shape) for shape in shapes for p, c in switches]
+        runs.append(variant(precision="bf16", checkpointing=True, views=2, frames=121 if not args.quick else 9))
+    elif args.quick:
+        runs = [args]
+    else:
+        runs = [args, variant(views=2)]
     for run in runs:
         try:
             res = step_stats(run, device)
-        except Exception as exc:  # noqa: BLE001 - record and go on to the next configuration
-            res = {"views": run.views, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+        except Exception as exc:  # noqa: BLE001 - record (out of memory included) and go on to the next one
+            res = {"views": run.views, "precision": run.precision, "checkpointing": run.checkpointing,
+                   "frames": run.frames, "error": f"{type(exc).__name__}: {exc}"[:500]}
         results.append(res)
         print(json.dumps(res), flush=True)
         (out_dir / "gpu_decoder.json").write_text(json.dumps(results, indent=2))
