@@ -35,9 +35,11 @@ def train_teacher(
     nproc: int = 1,
     nnodes: int = 1,
     rdzv_endpoint: str | None = None,
+    parallel: str = "ddp",
 ) -> dict[str, Any]:
     """Train (or resume, or skip if finished) the camera-conditioned teacher for ``preset`` + ``overrides``;
-    ``nproc`` x ``nnodes`` > 1: one torchrun job (DDP) whose ranks take the config's sampling ``streams``."""
+    ``nproc`` x ``nnodes`` > 1: one torchrun job whose ranks take the config's sampling ``streams``, the model
+    replicated (``parallel`` ddp) or sharded over them (fsdp: FSDP2, for video models too large for one GPU)."""
     logger = get_run_logger()
     config = build_teacher_config(preset, overrides)
     world = check_world_size(nproc, nnodes, config.streams, "teacher streams")
@@ -51,7 +53,8 @@ def train_teacher(
     progress = create_progress_artifact(progress=0.0, description=f"training {run_name} ({ends[-1]} steps)")
     if world > 1:
         job = train_distributed(store, "teacher", run_name, nproc=nproc, nnodes=nnodes,
-                                rdzv_endpoint=rdzv_endpoint, total_steps=ends[-1], progress_id=progress)
+                                rdzv_endpoint=rdzv_endpoint, total_steps=ends[-1], progress_id=progress,
+                                parallel=parallel)
         computed = job["computed"]
     else:
         computed = 0

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lyra_ops.errors import LyraError, LyraInputError
+from lyra_ops.errors import LyraConfigError, LyraError, LyraInputError
 from lyra_pipeline.config import RunConfig, build_config, load_config_file
 from lyra_pipeline.storage import EVAL_STAGES, SCENE_STAGES, STAGES, RunStore
 
@@ -324,7 +324,7 @@ def retry(
         return
     console.print(f"retrying {len(failed)} scene(s): {', '.join(failed[:20])}")
     run(preset=preset, config=config, store=store, num_scenes=num_scenes, images=images, trajectory=trajectory,
-        seed=seed, workers=workers, verbose=verbose, only_scenes=failed, dask=dask, dask_address=dask_address)
+        seed=seed, workers=workers, verbose=verbose, only_scenes=failed, dask=dask, dask_address=dask_address, gpus=0)
 
 
 @app.command()
@@ -630,6 +630,8 @@ def train_teacher_cmd(
     nproc: int = NprocOpt,
     nnodes: int = NnodesOpt,
     rdzv_endpoint: str = RdzvOpt,
+    parallel: str = typer.Option("ddp", "--parallel", help="with --nproc/--nnodes: ddp (the model on every rank) or "
+                                 "fsdp (sharded over the ranks: video models too large for one GPU)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     """Fine-tune the camera-conditioned teacher on an oracle store's exact pairs (resumes; a finished run does
@@ -645,6 +647,8 @@ def train_teacher_cmd(
         preset = file_preset or preset
         if steps is not None:
             over = {**over, "steps": steps}
+        if parallel not in ("ddp", "fsdp"):
+            raise LyraConfigError(f"--parallel {parallel!r}: expected ddp or fsdp")
         cfg = build_teacher_config(preset, over)
         if nproc * nnodes > cfg.streams and "streams" not in over:
             over = {**over, "streams": nproc * nnodes}  # one sampling stream per rank (names a run of its own)
@@ -653,7 +657,7 @@ def train_teacher_cmd(
         torchrun_command([], nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint)  # validates the endpoint
         RunStore(store, create=False)
         summary = train_teacher(store=store, preset=preset, overrides=over, export_to=str(export) if export else None,
-                                nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint)
+                                nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint, parallel=parallel)
     except (LyraError, FloatingPointError) as exc:
         _fail(exc)
     console.print(f"teacher {summary['run']}: {summary['step']} steps ({summary['steps_computed']} computed now); "

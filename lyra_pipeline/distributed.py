@@ -70,8 +70,14 @@ class DistContext:
         return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
     def no_sync(self, wrapped: Any, sync: bool):
-        """Context for one micro-batch's backward: gradient all-reduce only on the last one of a step."""
-        return wrapped.no_sync() if self.distributed and not sync else nullcontext()
+        """Context for one micro-batch's backward: gradient all-reduce (DDP) or reduce-scatter (FSDP) only on
+        the last one of a step."""
+        if not self.distributed:
+            return nullcontext()
+        if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2 module
+            wrapped.set_requires_gradient_sync(sync)
+            return nullcontext()
+        return wrapped.no_sync() if not sync else nullcontext()
 
     def barrier(self) -> None:
         if self.distributed:
@@ -164,18 +170,22 @@ def torchrun_command(target: Sequence[str], *, nproc: int, nnodes: int = 1, rdzv
     return [*cmd, *(["-m"] if module else []), *target]
 
 
+_COLLATERAL = re.compile(r"Connection (reset|closed|refused)|Broken pipe|remote (worker|process)|"
+                         r"collective operation timeout|NCCL communicator was aborted|Socket Timeout", re.I)
 _ROOT_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)")
 _ROOT_FIELD = re.compile(r"^\s*(exitcode|traceback)\s*:\s*(.*)$")
 
 
 def failure_from_output(lines: Sequence[str]) -> str | None:
-    """The first failing rank and its error, from our workers' ``LYRA_RANK_ERROR`` lines or, when a rank died
-    without one (killed by a signal), torchrun's "Root Cause" report."""
+    """The rank that failed first and its error. torchrun's "Root Cause" report names the rank; its message is
+    that rank's ``LYRA_RANK_ERROR`` line when it wrote one (an exception), else torchrun's account (a signal).
+    Without the report (torchrun itself cut short), the first ``LYRA_RANK_ERROR`` line."""
+    errors: dict[str, str] = {}
     for line in lines:
         if RANK_ERROR in line:
             try:
                 doc = json.loads(line.split(RANK_ERROR, 1)[1])
-                return f"rank {doc['rank']} failed: {doc['error']}"
+                errors.setdefault(str(doc["rank"]), str(doc["error"]))
             except (ValueError, KeyError):
                 continue
     rank, fields, in_root = None, {}, False
@@ -188,8 +198,17 @@ def failure_from_output(lines: Sequence[str]) -> str | None:
             elif (m := _ROOT_FIELD.match(line)) and m.group(1) not in fields:
                 fields[m.group(1)] = m.group(2).strip()
     if rank is None:
-        return None
-    what = fields.get("traceback") or f"exit code {fields.get('exitcode', '?')}"
+        first = next(iter(errors.items()), None)
+        return f"rank {first[0]} failed: {first[1]}" if first else None
+    if rank in errors:
+        # A rank whose peer died first fails on the broken connection, and may be observed first: prefer a rank's
+        # own error over such a symptom.
+        own = [(r, e) for r, e in errors.items() if not _COLLATERAL.search(e)]
+        r, e = own[0] if _COLLATERAL.search(errors[rank]) and own else (rank, errors[rank])
+        return f"rank {r} failed: {e}"
+    traceback = fields.get("traceback", "")
+    what = traceback if traceback and "To enable traceback" not in traceback else \
+        f"exit code {fields.get('exitcode', '?')}"
     return f"rank {rank} failed: {what}"
 
 
@@ -208,9 +227,14 @@ def run_torchrun(cmd: Sequence[str], *, on_line: Callable[[str], None] = lambda 
     code = proc.wait()
     if code != 0:
         reason = failure_from_output(lines) or f"torchrun exited with code {code}: {' | '.join(lines[-5:])}"
-        raise DistributedJobError(f"distributed training failed: {reason}",
-                                  retriable=not any(RANK_ERROR in line for line in lines))
+        raise DistributedJobError(f"distributed training failed: {reason}", retriable=killed(reason))
     return lines
+
+
+def killed(reason: str) -> bool:
+    """True when the failing rank was ended by a signal (preemption, the OOM killer, a lost node), not by an error
+    it raised: a relaunch that resumes from the last checkpoint may then succeed."""
+    return bool(re.search(r"Signal \d+|SIG[A-Z]+|exit code -\d+", reason))
 
 
 def report_rank_error(exc: BaseException) -> None:

@@ -118,9 +118,27 @@ class Recipe(ABC):
     torch_threads: int | None = None
     metric_schema: pa.Schema
     nonfinite: type[Exception] = FloatingPointError
+    # How a job holds the model (a launch option, not part of the run): "ddp" replicates it on every rank; "fsdp"
+    # (PyTorch FSDP2) shards parameters, gradients and AdamW moments over the ranks, for models one GPU cannot
+    # hold with their optimizer state. Both average the same gradients.
+    parallel: str = "ddp"
 
     @abstractmethod
     def new_state(self) -> TrainState: ...
+
+    def new_optimizer(self, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+        """(optimizer, LR scheduler) over ``model``'s trainable parameters; needed for ``parallel: fsdp``, which
+        builds them again over the sharded parameters."""
+        raise NotImplementedError(f"{type(self).__name__} does not support parallel 'fsdp'")
+
+    def shard(self, model: torch.nn.Module) -> None:
+        """FSDP2: shard ``model`` in place (each block its own unit, then the root)."""
+        from torch.distributed.fsdp import fully_shard
+
+        for name in ("blocks", "down_blocks", "up_blocks"):
+            for block in getattr(model, name, None) or []:
+                fully_shard(block)
+        fully_shard(model)
 
     @abstractmethod
     def weights_bytes(self, state: TrainState) -> bytes:
@@ -199,15 +217,21 @@ def remove_uncommitted(store: RunStore, run: str, after: int) -> None:
                 store.remove_tree(RunStore.checkpoint_rel(run, step))
 
 
+def full_tensor(t: Any) -> torch.Tensor:
+    """A plain CPU tensor of ``t``; a sharded (FSDP DTensor) one is gathered first, which every rank must call."""
+    t = torch.as_tensor(t) if not hasattr(t, "full_tensor") else t.full_tensor()
+    return t.detach().cpu().contiguous()
+
+
 def optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                       generators: list[torch.Generator]) -> dict[str, torch.Tensor]:
     """Optimizer moments keyed ``<field>/<parameter name>`` plus every stream's RNG state (``rng/sampler`` for
-    stream 0, ``rng/sampler/<i>`` for the others)."""
+    stream 0, ``rng/sampler/<i>`` for the others). Sharded moments are gathered (a collective under FSDP)."""
     out: dict[str, torch.Tensor] = {}
     names = {id(p): n for n, p in model.named_parameters()}
     for p, st in optimizer.state.items():
         for k, v in st.items():
-            out[f"{k}/{names[id(p)]}"] = torch.as_tensor(v).detach().cpu().contiguous()
+            out[f"{k}/{names[id(p)]}"] = full_tensor(v)
     for i, g in enumerate(generators):
         out[RNG_PREFIX if i == 0 else f"{RNG_PREFIX}/{i}"] = g.get_state()
     return out
@@ -218,13 +242,19 @@ def restore_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
                       scheduler_state: dict[str, Any], *, source: str, device: str = "cpu") -> None:
     """Inverse of :func:`optimizer_tensors` (+ the LR scheduler's state): the exact optimizer state to resume."""
     params = dict(model.named_parameters())
-    for key, value in tensors.items():
+    for key, value in sorted(tensors.items()):  # one order on every rank (FSDP scatters each moment)
         if key.startswith(RNG_PREFIX):
             continue
         name, pname = key.split("/", 1)
         if pname not in params:
             raise LyraStorageError(f"{source}: optimizer state names unknown parameter {pname!r}")
-        optimizer.state[params[pname]][name] = value.to(device)
+        param = params[pname]
+        value = value.to(device)
+        if hasattr(param, "device_mesh") and value.shape == param.shape:  # FSDP: this rank's shard of the moment
+            from torch.distributed.tensor import distribute_tensor
+
+            value = distribute_tensor(value, param.device_mesh, param.placements)
+        optimizer.state[param][name] = value
     scheduler.load_state_dict(scheduler_state)
     for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
         group["lr"] = lr
@@ -236,12 +266,16 @@ def restore_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
         g.set_state(tensors[key])
 
 
-def save_checkpoint(recipe: Recipe, state: TrainState) -> str:
+def checkpoint_files(recipe: Recipe, state: TrainState) -> tuple[bytes, bytes]:
+    """(model, optimizer) safetensors bytes of ``state`` (under FSDP a collective: every rank calls it)."""
+    return recipe.weights_bytes(state), st_save(optimizer_tensors(state.model, state.optimizer, state.generators))
+
+
+def save_checkpoint(recipe: Recipe, state: TrainState, files: tuple[bytes, bytes] | None = None) -> str:
     """Write ``step-N/{model,optimizer}.safetensors`` then ``state.json`` (the commit marker, with hashes).
     Returns the model file's sha256."""
     store, run = recipe.store, recipe.run_name
-    model_bytes = recipe.weights_bytes(state)
-    opt_bytes = st_save(optimizer_tensors(state.model, state.optimizer, state.generators))
+    model_bytes, opt_bytes = files or checkpoint_files(recipe, state)
     store.write_file(RunStore.checkpoint_rel(run, state.step, "model.safetensors"), model_bytes)
     store.write_file(RunStore.checkpoint_rel(run, state.step, "optimizer.safetensors"), opt_bytes)
     doc = {
@@ -287,10 +321,22 @@ def prune_checkpoints(recipe: Recipe) -> None:
 # ------------------------------------------------------------------------------------------------------------
 
 
+def shard_state(recipe: Recipe, state: TrainState) -> None:
+    """FSDP: shard the model in place, then rebuild the optimizer and scheduler over the sharded parameters,
+    carrying over the optimizer moments (each rank keeps its shard) and the schedule."""
+    moments = optimizer_tensors(state.model, state.optimizer, state.generators)
+    schedule = state.scheduler.state_dict()
+    recipe.shard(state.model)
+    state.optimizer, state.scheduler = recipe.new_optimizer(state.model)
+    restore_optimizer(state.model, state.optimizer, state.scheduler, state.generators, moments, schedule,
+                      source=f"run {recipe.run_name} (sharding)", device=recipe.device)
+
+
 def optimizer_step(state: TrainState, grad_clip: float, what: str) -> tuple[float, float]:
     """Clip, then step AdamW and the scheduler: (gradient norm, learning rate used). A non-finite gradient norm
     raises ``FloatingPointError`` before the weights are touched."""
-    norm = float(torch.nn.utils.clip_grad_norm_(state.trainable(), grad_clip if grad_clip > 0 else math.inf))
+    total = torch.nn.utils.clip_grad_norm_(state.trainable(), grad_clip if grad_clip > 0 else math.inf)
+    norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
     if not math.isfinite(norm):
         state.optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(f"non-finite gradient norm ({norm}) in {what}")
@@ -341,7 +387,10 @@ def train_until(recipe: Recipe, until_step: int, ctx: DistContext | None = None,
         torch.set_num_threads(recipe.torch_threads)
     recipe.prepare()
     state = load_state(recipe, start) if start else recipe.new_state()
-    net = ctx.wrap(state.model, recipe.device)
+    sharded = ctx.distributed and recipe.parallel == "fsdp"
+    if sharded:
+        shard_state(recipe, state)
+    net = state.model if sharded else ctx.wrap(state.model, recipe.device)
     rows: list[dict[str, Any]] = []
     first = state.step
     while state.step < until_step:
@@ -355,10 +404,11 @@ def train_until(recipe: Recipe, until_step: int, ctx: DistContext | None = None,
         recipe.log_step(state.step, rows[-1])
     ctx.share_streams(state.generators, streams)  # rank 0 checkpoints the streams the others advanced
     sha = None
+    files = checkpoint_files(recipe, state) if sharded else None  # gathering the shards takes every rank
     if ctx.main:
         store.write_table(RunStore.train_rel(run, "metrics", f"step-{state.step:08d}.parquet"),
                           pa.Table.from_pylist(rows, schema=recipe.metric_schema))
-        sha = save_checkpoint(recipe, state)
+        sha = save_checkpoint(recipe, state, files)
         prune_checkpoints(recipe)
     ctx.barrier()  # every rank leaves with the checkpoint committed
     if sha is None:

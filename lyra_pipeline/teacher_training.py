@@ -64,6 +64,7 @@ from lyra_pipeline.runner import (
     StepResult,
     TrainState,
     checkpoint_steps,
+    full_tensor,
     load_state,
     run_params,
     stream_generators,
@@ -359,7 +360,7 @@ class TeacherState(TrainState):
         return self.extra
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+        return {n: full_tensor(p) for n, p in self.model.named_parameters() if p.requires_grad}
 
     def load_trainable(self, state: dict[str, torch.Tensor], source: str) -> None:
         params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -387,11 +388,16 @@ def new_teacher_trainer(cfg: TeacherTrainConfig, device: str | None = None) -> T
         model = teacher.module
     else:
         model = build_unet(cfg.unet.spec(), seed=cfg.seed).to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(cfg.warmup_steps))
+    optimizer, scheduler = teacher_optimizer(cfg, model)
     return TeacherState(model, optimizer, scheduler, stream_generators(cfg.seed, "teacher-sampling", cfg.streams),
                         0, teacher)
+
+
+def teacher_optimizer(cfg: TeacherTrainConfig, model: torch.nn.Module) -> tuple[torch.optim.AdamW, Any]:
+    """AdamW over the trainable parameters, with the warm-up schedule."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(cfg.warmup_steps))
 
 
 def teacher_weights_bytes(state: TeacherState) -> bytes:
@@ -436,10 +442,12 @@ class TeacherRecipe(Recipe):
     metric_schema = TEACHER_METRICS
     nonfinite = LyraNonFiniteError
 
-    def __init__(self, store: RunStore, run: TeacherRun, ctx: DistContext | None = None) -> None:
+    def __init__(self, store: RunStore, run: TeacherRun, ctx: DistContext | None = None,
+                 parallel: str = "ddp") -> None:
         cfg = run.config
         self.store, self.run, self.run_name, self.total_steps = store, run, run.name, cfg.steps
         self.batch, self.grad_clip, self.torch_threads = cfg.streams, cfg.grad_clip, cfg.torch_threads
+        self.parallel = parallel  # a job's choice, not the run's: "ddp" or "fsdp" (lyra_pipeline.runner)
         self.device = (ctx or DistContext()).device(cfg.device)
         self.pairs = PairCache(store)
         self.index: dict[str, list[str]] = {}
@@ -453,6 +461,9 @@ class TeacherRecipe(Recipe):
 
     def new_state(self) -> TeacherState:
         return new_teacher_trainer(self.run.config, self.device)
+
+    def new_optimizer(self, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+        return teacher_optimizer(self.run.config, model)
 
     def weights_bytes(self, state: TeacherState) -> bytes:
         return teacher_weights_bytes(state)

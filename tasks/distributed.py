@@ -32,15 +32,16 @@ def retry_killed_jobs(task, task_run, state) -> bool:
 @task(name="train-distributed", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_killed_jobs)
 def train_distributed(store_url: str, kind: str, run_name: str, *, nproc: int, nnodes: int = 1,
                       rdzv_endpoint: str | None = None, total_steps: int, progress_id: UUID | None = None,
-                      python: str | None = None) -> dict[str, Any]:
+                      parallel: str = "ddp", python: str | None = None) -> dict[str, Any]:
     """Run ``torchrun -m lyra_pipeline.train_worker kind STORE RUN`` with ``nproc`` processes per node on
-    ``nnodes`` nodes; returns the steps before and after."""
+    ``nnodes`` nodes (``parallel``: ddp, or fsdp for the teacher); returns the steps before and after."""
     logger = get_run_logger()
     store = RunStore(store_url, create=False)
     before = (checkpoint_steps(store, run_name) or [0])[-1]
     if before >= total_steps:  # finished: no job to launch
         return {"run": run_name, "from": before, "to": before, "computed": 0, "world_size": nproc * nnodes}
-    cmd = torchrun_command(["lyra_pipeline.train_worker", kind, store_url, run_name], nproc=nproc, nnodes=nnodes,
+    cmd = torchrun_command(["lyra_pipeline.train_worker", kind, store_url, run_name, "--parallel", parallel],
+                           nproc=nproc, nnodes=nnodes,
                            rdzv_endpoint=rdzv_endpoint, run_id=run_name, **({"python": python} if python else {}))
     logger.info("launching %s", " ".join(cmd))
 

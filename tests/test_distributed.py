@@ -41,8 +41,9 @@ def weights(url: str, run: str, step: int, name: str = "model.safetensors") -> d
     return st_load(RunStore(url, create=False).read_file(RunStore.checkpoint_rel(run, step, name)))
 
 
-def launch(url: str, run: str, nproc: int, *, kind: str = "decoder", env: dict | None = None, harness: bool = True):
-    target = [HARNESS, kind, url, run] if harness else ["lyra_pipeline.train_worker", kind, url, run]
+def launch(url: str, run: str, nproc: int, *, kind: str = "decoder", env: dict | None = None, harness: bool = True,
+           extra: tuple[str, ...] = ()):
+    target = [HARNESS, kind, url, run, *extra] if harness else ["lyra_pipeline.train_worker", kind, url, run, *extra]
     cmd = torchrun_command(target, nproc=nproc, module=not harness)
     return run_torchrun(cmd, env={"PYTHONPATH": str(REPO), **(env or {})})
 
@@ -144,7 +145,10 @@ Root Cause (first observed failure):
 """
     assert failure_from_output(torchrun_report.splitlines()) == "rank 3 failed: Signal 9 (SIGKILL) received by PID 123"
     ours = ['LYRA_RANK_ERROR {"rank": 1, "error": "bad data"}', *torchrun_report.splitlines()]
-    assert failure_from_output(ours) == "rank 1 failed: bad data"
+    assert failure_from_output(ours) == "rank 3 failed: Signal 9 (SIGKILL) received by PID 123"  # root cause wins
+    ours = ['LYRA_RANK_ERROR {"rank": 3, "error": "bad data"}', *torchrun_report.splitlines()]
+    assert failure_from_output(ours) == "rank 3 failed: bad data"
+    assert failure_from_output(ours[:1]) == "rank 3 failed: bad data"
     assert failure_from_output(["nothing to see"]) is None
 
 
@@ -234,3 +238,38 @@ def test_wan_teacher_two_ranks_train_like_one(smoke_store, tmp_path):
         train_teacher_until(one, run.name, end)
     launch(two, run.name, 2, kind="teacher", harness=False)
     assert_same(weights(one, run.name, 2), weights(two, run.name, 2), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_wan_teacher_fsdp_trains_like_one_process_and_resumes(smoke_store, tmp_path):
+    """FSDP2 (parameters, gradients and AdamW moments sharded over 2 ranks) for the diffusers teacher: the same
+    weights as one process, checkpoints gathered to rank 0 in the usual format, resumed by one process."""
+    from lyra_pipeline.backends.tiny import make_tiny_wan
+
+    wan = make_tiny_wan(tmp_path / "wan")
+    over = {"model": "diffusers", "diffusers": {"model_path": str(wan), "lora_rank": 2}, "steps": 3, "batch": 2,
+            "streams": 2, "sampling_steps": 2, "checkpoint_every": 1, "lr": 1e-2, "warmup_steps": 0,
+            "torch_threads": 1}
+    one = copy_store(smoke_store, tmp_path / "one")
+    two = copy_store(smoke_store, tmp_path / "two")
+    config = build_teacher_config("smoke", over)
+    run = plan_teacher_run(RunStore(one, create=False), config, "smoke")
+    plan_teacher_run(RunStore(two, create=False), config, "smoke")
+    for end in (1, 2, 3):
+        train_teacher_until(one, run.name, end)
+    env = {"LYRA_TEST_FAULT": "0:3:raise"}  # two sharded chunks, then a failure before step 3
+    with pytest.raises(DistributedJobError, match="injected failure"):
+        launch(two, run.name, 2, kind="teacher", env=env, extra=("--parallel", "fsdp"))
+    assert checkpoint_steps(RunStore(two, create=False), run.name)[-1] == 2
+    assert_same(weights(one, run.name, 2), weights(two, run.name, 2), atol=1e-5)
+    assert_same(weights(one, run.name, 2, "optimizer.safetensors"), weights(two, run.name, 2, "optimizer.safetensors"),
+                atol=1e-5)
+    train_teacher_until(two, run.name, 3)  # one process resumes the sharded job's checkpoint
+    assert_same(weights(one, run.name, 3), weights(two, run.name, 3), atol=1e-5)
+
+
+def test_a_peer_error_beats_the_connection_errors_it_causes():
+    lines = ['LYRA_RANK_ERROR {"rank": 0, "error": "[gloo/pair.cc:545] Read error: Connection reset by peer"}',
+             'LYRA_RANK_ERROR {"rank": 1, "error": "injected failure"}',
+             "Root Cause (first observed failure):", "  rank      : 0 (local_rank: 0)", "  exitcode  : 1 (pid: 5)"]
+    assert failure_from_output(lines) == "rank 1 failed: injected failure"
