@@ -113,7 +113,7 @@ def _require(cond: bool, source: str, message: str) -> None:
 
 
 JSON_KEYS = ("convention", "image_height", "image_width", "frames")
-JSON_FRAME_KEYS = ("c2w", "w2c", "K", "fx", "fy", "cx", "cy")
+JSON_FRAME_KEYS = ("c2w", "w2c", "K", "fx", "fy", "cx", "cy", "time")  # time: video poses (dynamic input)
 
 
 def _known_keys(obj: dict, allowed: tuple[str, ...], source: str, where: str) -> None:
