@@ -20,7 +20,8 @@ class Section(BaseModel):
 
 
 class ScenesConfig(Section):
-    source: Literal["procedural", "images", "text"] = "procedural"
+    # dynamic: procedural rooms with moving objects, filmed by a moving input camera (section ``dynamic``)
+    source: Literal["procedural", "images", "text", "dynamic"] = "procedural"
     num_scenes: int = Field(2, ge=1)
     images_dir: str | None = None  # folder of NAME.png/.jpg + NAME.txt prompts (source=images)
     # source=text: one prompt per line (blank lines and '#' comments skipped); None: seeded template prompts
@@ -58,6 +59,15 @@ class VideoConfig(Section):
             raise ValueError(f"num_frames must be 8k+1 (latent frames 1 + (T-1)/8), got {self.num_frames}; "
                              f"nearest valid: {lo} or {lo + 8}")
         return self
+
+
+class DynamicConfig(Section):
+    """Dynamic scenes (``scenes.source: dynamic``, Lyra's video -> 4D variant; ``lyra_ops.dynamic``): the input is a
+    video, every novel path is offset from the input camera frame by frame, at the input's time steps."""
+
+    moving: int = Field(2, ge=0)  # objects set in motion per procedural scene (translate, rotate or bounce)
+    camera_speed: float = Field(0.15, ge=0)  # drift of the procedural input camera over the clip (scene units)
+    flip: bool = True  # flip supervision: every path also generated from the time-reversed input ("<name>_flip")
 
 
 class TrajectoryConfig(Section):
@@ -176,6 +186,7 @@ class RunConfig(Section):
     text_to_image: TextToImageConfig = TextToImageConfig()
     video: VideoConfig = VideoConfig()
     trajectories: TrajectoryConfig = TrajectoryConfig()
+    dynamic: DynamicConfig = DynamicConfig()
     depth: DepthConfig = DepthConfig()
     warp: WarpConfig = WarpConfig()
     mask: MaskConfig = MaskConfig()
@@ -194,6 +205,15 @@ class RunConfig(Section):
                                  "'transformers', 'planar' or 'constant'")
             if self.generator.backend == "oracle":
                 raise ValueError("generator.backend 'oracle' renders procedural scenes only")
+        if self.scenes.source == "dynamic":
+            if self.trajectories.custom:
+                raise ValueError("trajectories.custom is not supported for dynamic scenes yet: their paths are "
+                                 "offsets of the input camera (trajectories.names)")
+            if self.depth.backend not in ("procedural", "constant", "planar"):
+                raise ValueError(f"depth.backend {self.depth.backend!r} is not supported for dynamic scenes yet; use "
+                                 "'procedural' (exact)")
+            if self.latents.encoder != "patchify":
+                raise ValueError("dynamic scenes store patchify latents (latents.encoder 'patchify')")
         if self.scenes.source == "images" and not self.scenes.images_dir:
             raise ValueError("scenes.images_dir is required when scenes.source is 'images'")
         if self.scenes.source == "images" and self.depth.backend == "procedural":
@@ -219,8 +239,19 @@ class RunConfig(Section):
 
     @property
     def trajectory_names(self) -> list[str]:
-        return ["custom"] if self.trajectories.custom else list(self.trajectories.names)
+        if self.trajectories.custom:
+            return ["custom"]
+        names = list(self.trajectories.names)
+        if self.scenes.source == "dynamic" and self.dynamic.flip:
+            names += [f"{n}{FLIP_SUFFIX}" for n in self.trajectories.names]
+        return names
 
+    @property
+    def is_dynamic(self) -> bool:
+        return self.scenes.source == "dynamic"
+
+
+FLIP_SUFFIX = "_flip"  # a dynamic path generated from the time-reversed input (stored in time order)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CI-sized: 2 scenes x 6 paths x 9 frames at 96x160.
@@ -229,6 +260,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {"scenes": {"num_scenes": 6}, "video": {"height": 176, "width": 320, "num_frames": 25}},
     # Lyra-1's SDG format: 121 frames at 704x1280 (needs a GPU-sized machine for the real generator).
     "paper": {"scenes": {"num_scenes": 8}, "video": {"height": 704, "width": 1280, "num_frames": 121}},
+    # Dynamic scenes (moving objects, moving input camera): CI-sized, 2 paths + their flipped twins.
+    "dynamic-smoke": {"scenes": {"source": "dynamic", "num_scenes": 2},
+                      "trajectories": {"names": ["left", "zoom_out"]}},
+    # Dynamic, laptop-sized: the default format, Lyra's six paths + six flipped.
+    "dynamic": {"scenes": {"source": "dynamic", "num_scenes": 6},
+                "video": {"height": 176, "width": 320, "num_frames": 25}},
 }
 
 

@@ -101,10 +101,28 @@ def text_records(config: RunConfig) -> list[SceneRecord]:
     return records
 
 
+def dynamic_records(config: RunConfig) -> list[SceneRecord]:
+    """Dynamic procedural scenes ``dyn-NNNNNN``: the room of a seed with ``dynamic.moving`` objects in motion."""
+    from lyra_ops.motions import describe_dynamic, dynamic_prompt, sample_motions
+
+    records = []
+    for i in range(config.scenes.num_scenes):
+        scene_id = f"dyn-{i:06d}"
+        seed = derive_seed(config.seed, scene_id)
+        params = sample_scene(seed, kind=config.scenes.scene_kind)
+        motions = sample_motions(params, config.dynamic.moving)
+        sha = hashlib.sha256(json.dumps(describe_dynamic(params, motions), sort_keys=True).encode()).hexdigest()
+        records.append(SceneRecord(scene_id, dynamic_prompt(params, motions), None, sha, seed, "dynamic"))
+    return records
+
+
 def scene_records(config: RunConfig) -> list[SceneRecord]:
-    """The run's scene list: seeded and order-independent (procedural, text prompts or an image folder)."""
+    """The run's scene list: seeded and order-independent (procedural, dynamic, text prompts or an image
+    folder)."""
     if config.scenes.source == "procedural":
         return procedural_records(config)
+    if config.scenes.source == "dynamic":
+        return dynamic_records(config)
     if config.scenes.source == "text":
         return sample_records(text_records(config), config.scenes.num_scenes, config.seed)
     from lyra_pipeline.inputs import scan_image_folder
@@ -163,3 +181,41 @@ def trajectory_cameras(config: RunConfig, scene: SceneRecord | None, name: str,
     cams = make_trajectory(name, K, v.height, v.width, v.num_frames, distance=distance,
                            center_depth=t.center_depth, lookat=t.lookat)
     return cams, distance
+
+
+# --- dynamic scenes ----------------------------------------------------------------------------------------
+
+
+def dynamic_world(config: RunConfig, scene: SceneRecord):
+    """The moving procedural scene behind a ``dynamic`` record (its exact ground truth at any camera and time)."""
+    from lyra_ops.dynamic import make_dynamic_scene
+
+    return make_dynamic_scene(scene.seed, moving=config.dynamic.moving)
+
+
+def dynamic_input(config: RunConfig, scene: SceneRecord) -> tuple[torch.Tensor, Cameras, torch.Tensor]:
+    """A dynamic scene's input video: frames (T,3,H,W) in [0,1], its cameras (frame 0 at the identity) and the
+    frames' normalised times (T,)."""
+    from lyra_ops.dynamic import frame_times, input_camera_path
+
+    v = config.video
+    cams = input_camera_path(scene.seed, input_intrinsics(config), v.height, v.width, v.num_frames,
+                             speed=config.dynamic.camera_speed)
+    times = frame_times(v.num_frames)
+    frames = dynamic_world(config, scene).render(cams.c2w, cams.K, v.height, v.width, times).rgb
+    return frames, cams, times
+
+
+def dynamic_trajectory(config: RunConfig, scene: SceneRecord, name: str, input_cameras: Cameras):
+    """Novel path ``name`` of a dynamic scene (``<path>_flip``: its flipped twin, the same distance) as a
+    :class:`lyra_ops.dynamic.DynamicPath`, and the path's distance."""
+    from lyra_ops.dynamic import dynamic_path
+    from lyra_ops.trajectories import ALL_PATHS, draw_distance
+    from lyra_pipeline.config import FLIP_SUFFIX
+
+    t = config.trajectories
+    base = name.removesuffix(FLIP_SUFFIX)
+    distance = draw_distance(ALL_PATHS[base], numpy_rng(scene.seed, "trajectory", base), t.distance_factor)
+    path = dynamic_path(base, input_cameras, distance=distance, center_depth=t.center_depth, lookat=t.lookat,
+                        flipped=name.endswith(FLIP_SUFFIX))
+    return path, distance

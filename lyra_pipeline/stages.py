@@ -100,6 +100,8 @@ def plan_keys(config: RunConfig, scene: SceneRecord) -> SceneKeys:
     v = STAGE_VERSIONS
     video = section_dict(config, "video")
     input_params = {**video, "source": config.scenes.source, "kind": config.scenes.scene_kind}
+    if config.is_dynamic:  # the input video: its motions and its camera
+        input_params["dynamic"] = section_dict(config, "dynamic")
     if config.trajectories.custom:  # the input frame is taken with the custom path's frame-0 camera
         input_params["custom_sha"] = _file_sha(config.trajectories.custom)
     if config.scenes.source == "text":

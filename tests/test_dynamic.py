@@ -10,17 +10,9 @@ import pytest
 import torch
 
 from lyra_ops.cameras import default_intrinsics, invert_se3
-from lyra_ops.dynamic import (
-    Motion,
-    _clear,
-    dynamic_path,
-    frame_times,
-    generation_order,
-    input_camera_path,
-    make_dynamic_scene,
-    moved,
-)
+from lyra_ops.dynamic import dynamic_path, frame_times, generation_order, input_camera_path, make_dynamic_scene
 from lyra_ops.errors import LyraInputError
+from lyra_ops.motions import Motion, _clear, moved
 from lyra_ops.scenes import FIRST_OBJECT_ID, make_scene
 from lyra_ops.trajectories import make_trajectory
 
