@@ -88,8 +88,15 @@ class ConsoleFailureFilter(logging.Filter):
 
 
 def _overrides(config_file: Path | None, num_scenes: int | None, images: Path | None, trajectory: Path | None,
-               seed: int | None) -> tuple[str | None, dict[str, Any]]:
+               seed: int | None, video: Path | None = None, poses: Path | None = None) -> tuple[str | None, dict]:
     preset, over = load_config_file(config_file) if config_file else (None, {})
+    if video is not None or poses is not None:
+        if video is None or poses is None:
+            raise LyraConfigError("--video and --poses go together: a video file and its poses (one per frame)")
+        sc = over.setdefault("scenes", {})
+        sc.update(source="video", video_path=str(video.resolve()), poses_path=str(poses.resolve()), num_scenes=1)
+        over.setdefault("depth", {}).setdefault("backend", "planar")
+        over.setdefault("generator", {}).setdefault("backend", "warp_only")
     if num_scenes is not None:
         over.setdefault("scenes", {})["num_scenes"] = num_scenes
     if images is not None:
@@ -110,9 +117,10 @@ def _overrides(config_file: Path | None, num_scenes: int | None, images: Path | 
 
 
 def _resolve(preset: str | None, config_file: Path | None, num_scenes: int | None, images: Path | None,
-             trajectory: Path | None, seed: int | None) -> tuple[str, dict[str, Any], RunConfig]:
-    file_preset, over = _overrides(config_file, num_scenes, images, trajectory, seed)
-    name = preset or file_preset or "default"
+             trajectory: Path | None, seed: int | None, video: Path | None = None,
+             poses: Path | None = None) -> tuple[str, dict[str, Any], RunConfig]:
+    file_preset, over = _overrides(config_file, num_scenes, images, trajectory, seed, video, poses)
+    name = preset or file_preset or ("dynamic" if video is not None else "default")
     return name, over, build_config(name, over, source=str(config_file or "command line"))
 
 
@@ -151,7 +159,7 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(2)
 
 
-PresetOpt = typer.Option(None, "--preset", help="smoke | default (the default) | paper")
+PresetOpt = typer.Option(None, "--preset", help="smoke | default (the default) | paper | dynamic-smoke | dynamic")
 ConfigOpt = typer.Option(None, "--config", exists=False, help="YAML file with config overrides")
 StoreOpt = typer.Option(DEFAULT_STORE, "--store", help="local path or fsspec URL of the run store")
 NumScenesOpt = typer.Option(None, "--num-scenes", min=1, help="number of scenes")
@@ -178,11 +186,14 @@ def run(
     gpus: int = typer.Option(0, "--gpus", min=0, help="one Dask worker per GPU for video generation (plus --workers "
                              "CPU workers for the other stages); with --dask-address: the scheduler's workers that "
                              "offer resource GPU=1"),
+    video: Path = typer.Option(None, "--video", help="a monocular video (mp4/webm): one dynamic scene (with --poses)"),
+    poses: Path = typer.Option(None, "--poses", help="the video's camera per frame: .npz (w2c, intrinsics, optional "
+                               "times) or .json (frames with c2w/w2c, K, optional time)"),
 ) -> None:
     """Generate (or complete) a dataset: every stage of every scene, skipping finished work."""
     _setup_env(verbose)
     try:
-        name, over, cfg = _resolve(preset, config, num_scenes, images, trajectory, seed)
+        name, over, cfg = _resolve(preset, config, num_scenes, images, trajectory, seed, video, poses)
         if gpus:
             over, cfg = _gpu_overrides(name, over, cfg, gpus, dask_address, config)
         from lyra_pipeline.planning import preflight
@@ -324,7 +335,8 @@ def retry(
         return
     console.print(f"retrying {len(failed)} scene(s): {', '.join(failed[:20])}")
     run(preset=preset, config=config, store=store, num_scenes=num_scenes, images=images, trajectory=trajectory,
-        seed=seed, workers=workers, verbose=verbose, only_scenes=failed, dask=dask, dask_address=dask_address, gpus=0)
+        seed=seed, workers=workers, verbose=verbose, only_scenes=failed, dask=dask, dask_address=dask_address, gpus=0,
+        video=None, poses=None)
 
 
 @app.command()

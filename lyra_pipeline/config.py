@@ -20,13 +20,16 @@ class Section(BaseModel):
 
 
 class ScenesConfig(Section):
-    # dynamic: procedural rooms with moving objects, filmed by a moving input camera (section ``dynamic``)
-    source: Literal["procedural", "images", "text", "dynamic"] = "procedural"
+    # dynamic: procedural rooms with moving objects, filmed by a moving input camera (section ``dynamic``);
+    # video: one monocular video (video_path) with its per-frame poses (poses_path), a dynamic scene
+    source: Literal["procedural", "images", "text", "dynamic", "video"] = "procedural"
     num_scenes: int = Field(2, ge=1)
     images_dir: str | None = None  # folder of NAME.png/.jpg + NAME.txt prompts (source=images)
     # source=text: one prompt per line (blank lines and '#' comments skipped); None: seeded template prompts
     prompts_file: str | None = None
     scene_kind: Literal["room"] = "room"
+    video_path: str | None = None  # source=video: an mp4/webm file (lyra_pipeline.video_input)
+    poses_path: str | None = None  # source=video: its poses, one per frame (.npz / .json, optional times)
 
 
 class TextToImageConfig(Section):
@@ -205,13 +208,23 @@ class RunConfig(Section):
                                  "'transformers', 'planar' or 'constant'")
             if self.generator.backend == "oracle":
                 raise ValueError("generator.backend 'oracle' renders procedural scenes only")
-        if self.scenes.source == "dynamic":
+        if self.scenes.source == "video":
+            if not (self.scenes.video_path and self.scenes.poses_path):
+                raise ValueError("scenes.source 'video' needs scenes.video_path (mp4/webm) and scenes.poses_path "
+                                 "(.npz/.json, one pose per frame)")
+            if self.depth.backend in ("procedural", "file"):
+                raise ValueError(f"depth.backend {self.depth.backend!r} cannot serve a user video; use "
+                                 "'transformers', 'planar' or 'constant'")
+            if self.generator.backend == "oracle":
+                raise ValueError("generator.backend 'oracle' renders procedural scenes only; use 'warp_only', 'tiny' "
+                                 "or 'diffusers' for a video")
+        if self.is_dynamic:
             if self.trajectories.custom:
                 raise ValueError("trajectories.custom is not supported for dynamic scenes yet: their paths are "
                                  "offsets of the input camera (trajectories.names)")
-            if self.depth.backend not in ("procedural", "constant", "planar"):
-                raise ValueError(f"depth.backend {self.depth.backend!r} is not supported for dynamic scenes yet; use "
-                                 "'procedural' (exact)")
+            if self.scenes.source == "dynamic" and self.depth.backend not in ("procedural", "constant", "planar"):
+                raise ValueError(f"depth.backend {self.depth.backend!r}: procedural dynamic scenes have exact depth "
+                                 "('procedural')")
             if self.latents.encoder != "patchify":
                 raise ValueError("dynamic scenes store patchify latents (latents.encoder 'patchify')")
         if self.scenes.source == "images" and not self.scenes.images_dir:
@@ -242,15 +255,17 @@ class RunConfig(Section):
         if self.trajectories.custom:
             return ["custom"]
         names = list(self.trajectories.names)
-        if self.scenes.source == "dynamic" and self.dynamic.flip:
+        if self.is_dynamic and self.dynamic.flip:
             names += [f"{n}{FLIP_SUFFIX}" for n in self.trajectories.names]
         return names
 
     @property
     def is_dynamic(self) -> bool:
-        return self.scenes.source == "dynamic"
+        """Dynamic scenes: a video in (procedural ``dynamic`` or a user ``video``), time-synchronised paths."""
+        return self.scenes.source in DYNAMIC_SOURCES
 
 
+DYNAMIC_SOURCES = ("dynamic", "video")  # scene sources whose input is a video
 FLIP_SUFFIX = "_flip"  # a dynamic path generated from the time-reversed input (stored in time order)
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -47,9 +47,8 @@ def _frames(store: RunStore, scene_id: str, name: str, data: np.ndarray, **attrs
 def input_video(store: RunStore, scene_id: str, config: RunConfig) -> tuple[torch.Tensor, Cameras, torch.Tensor]:
     """The stored input video: frames (T,3,H,W) in [0,1], cameras, times."""
     v = config.video
-    K = _read(store, scene_id, "input/K")
-    c2w = _read(store, scene_id, "input/video/c2w")
-    cams = Cameras(c2w, K.expand(c2w.shape[0], 3, 3).clone(), v.height, v.width)
+    cams = Cameras(_read(store, scene_id, "input/video/c2w"), _read(store, scene_id, "input/video/K"), v.height,
+                   v.width)
     return from_uint8(_read(store, scene_id, "input/video/rgb")), cams, _read(store, scene_id, "input/video/times")
 
 
@@ -70,6 +69,7 @@ def make_input(store: RunStore, config: RunConfig, scene: SceneRecord) -> None:
     store.write_array(sid, "input/K", cams.K[0].numpy())
     _frames(store, sid, "input/video/rgb", to_uint8(frames).numpy())
     store.write_array(sid, "input/video/c2w", cams.c2w.numpy())
+    store.write_array(sid, "input/video/K", cams.K.numpy())
     store.write_array(sid, "input/video/times", times.numpy())
 
 
@@ -80,9 +80,16 @@ def estimate_depth(store: RunStore, config: RunConfig, scene: SceneRecord) -> No
         raw = dynamic_world(config, scene).render(cams.c2w, cams.K, cams.height, cams.width, times).depth[:, 0]
         valid, label = raw > 0, "procedural (exact, per frame)"
     else:
-        estimator = ConstantDepth(d.constant_value) if d.backend == "constant" else PlanarDepth(d.constant_value)
+        if d.backend == "transformers":
+            from lyra_pipeline.backends.transformers_depth import TransformersDepth
+
+            estimator = TransformersDepth(d.model_path, kind=d.kind, near=d.relative_near, far=d.relative_far,
+                                          device=d.device)
+        else:
+            estimator = ConstantDepth(d.constant_value) if d.backend == "constant" else PlanarDepth(d.constant_value)
         preds = [estimator.estimate(frames[i], cams.K[i]) for i in range(len(cams))]
-        raw, valid, label = torch.stack([p.depth for p in preds]), None, preds[0].label
+        raw, label = torch.stack([p.depth for p in preds]), preds[0].label
+        valid = torch.stack([p.valid for p in preds]) if preds[0].valid is not None else None
     depth = torch.stack([postprocess_depth(raw[i], valid[i] if valid is not None else None, d.max_depth)
                          for i in range(raw.shape[0])])
     reliable = torch.stack([depth_reliability_mask(z, d.edge_window, edge_threshold(config)) for z in depth])

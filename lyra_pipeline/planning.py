@@ -55,6 +55,12 @@ def preflight(config: RunConfig) -> list[SceneRecord] | None:
                 "generating a longer path clip by clip is not implemented yet; use generator.backend oracle or "
                 "warp_only (any length), or trajectories.frames: clip"
             )
+    if config.scenes.source == "video":  # every check of the video and its poses, before anything is written
+        from lyra_pipeline.video_input import load_input_video
+
+        v = config.video
+        load_input_video(config.scenes.video_path, config.scenes.poses_path, height=v.height, width=v.width,
+                         num_frames=v.num_frames)
     if config.scenes.source == "images":
         from lyra_pipeline.inputs import scan_image_folder
 
@@ -101,6 +107,22 @@ def text_records(config: RunConfig) -> list[SceneRecord]:
     return records
 
 
+def video_record(config: RunConfig) -> SceneRecord:
+    """The one scene of a user video: id from the file name, prompt from ``NAME.txt`` beside it (else empty),
+    identity = sha256 of the video and poses files."""
+    import re
+
+    video, poses = Path(config.scenes.video_path), Path(config.scenes.poses_path)
+    for p, what in ((video, "scenes.video_path"), (poses, "scenes.poses_path")):
+        if not p.is_file():
+            raise LyraInputError(f"{p}: no such file ({what})")
+    sha = hashlib.sha256(video.read_bytes() + b"\0" + poses.read_bytes()).hexdigest()
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", video.stem).lstrip("._-") or "video"
+    prompt_file = video.with_suffix(".txt")
+    text = prompt_file.read_text(encoding="utf-8").strip() if prompt_file.is_file() else ""
+    return SceneRecord(stem, text, str(video.resolve()), sha, derive_seed(config.seed, stem), "video")
+
+
 def dynamic_records(config: RunConfig) -> list[SceneRecord]:
     """Dynamic procedural scenes ``dyn-NNNNNN``: the room of a seed with ``dynamic.moving`` objects in motion."""
     from lyra_ops.motions import describe_dynamic, dynamic_prompt, sample_motions
@@ -123,6 +145,8 @@ def scene_records(config: RunConfig) -> list[SceneRecord]:
         return procedural_records(config)
     if config.scenes.source == "dynamic":
         return dynamic_records(config)
+    if config.scenes.source == "video":
+        return [video_record(config)]
     if config.scenes.source == "text":
         return sample_records(text_records(config), config.scenes.num_scenes, config.seed)
     from lyra_pipeline.inputs import scan_image_folder
@@ -195,10 +219,16 @@ def dynamic_world(config: RunConfig, scene: SceneRecord):
 
 def dynamic_input(config: RunConfig, scene: SceneRecord) -> tuple[torch.Tensor, Cameras, torch.Tensor]:
     """A dynamic scene's input video: frames (T,3,H,W) in [0,1], its cameras (frame 0 at the identity) and the
-    frames' normalised times (T,)."""
+    frames' normalised times (T,). A user video is read and validated (``lyra_pipeline.video_input``)."""
     from lyra_ops.dynamic import frame_times, input_camera_path
 
     v = config.video
+    if scene.source == "video":
+        from lyra_pipeline.video_input import load_input_video
+
+        clip = load_input_video(config.scenes.video_path, config.scenes.poses_path, height=v.height, width=v.width,
+                                num_frames=v.num_frames)
+        return clip.frames, clip.cameras, clip.times
     cams = input_camera_path(scene.seed, input_intrinsics(config), v.height, v.width, v.num_frames,
                              speed=config.dynamic.camera_speed)
     times = frame_times(v.num_frames)

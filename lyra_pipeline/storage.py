@@ -412,7 +412,8 @@ class RunStore:
             ("depth", "depth"): ("y", "x"), ("depth", "reliable"): ("y", "x"),
             ("cameras", "c2w"): ("frame", "i4", "j4"), ("cameras", "K"): ("frame", "i3", "j3"),
             ("cameras", "times"): ("frame",), ("cameras", "source_frames"): ("frame",),
-            ("video", "c2w"): ("frame", "i4", "j4"), ("video", "times"): ("frame",),
+            ("video", "c2w"): ("frame", "i4", "j4"), ("video", "K"): ("frame", "i3", "j3"),
+            ("video", "times"): ("frame",),
             ("video", "reliable"): ("frame", "band", "y", "x"),
         }  # fmt: skip
         if (parent, leaf) in table:

@@ -158,7 +158,7 @@ def write_video(path: str | Path, frames: torch.Tensor, fps: float = 16.0) -> Pa
     t, h, w, _ = data.shape
     writer = _ffmpeg().write_frames(str(path), (w, h), fps=fps, codec="libx264rgb", pix_fmt_in="rgb24",
                                     pix_fmt_out="rgb24", output_params=["-qp", "0", "-preset", "veryfast"],
-                                    macro_block_size=1)
+                                    macro_block_size=1, quality=None)
     writer.send(None)
     for frame in data:
         writer.send(frame.tobytes())

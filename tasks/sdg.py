@@ -24,7 +24,7 @@ from lyra_ops.scenes import make_scene
 from lyra_ops.seeding import derive_seed
 from lyra_ops.warp import WarpResult, depth_reliability_mask, forward_warp, unproject_depth
 from lyra_pipeline import dynamic_stages as dynamic
-from lyra_pipeline.config import RunConfig, edge_threshold, mesh_downsample
+from lyra_pipeline.config import DYNAMIC_SOURCES, RunConfig, edge_threshold, mesh_downsample
 from lyra_pipeline.inputs import load_depth_file, load_image
 from lyra_pipeline.planning import input_intrinsics, scene_records, trajectory_cameras
 from lyra_pipeline.retries import STAGE_TASK_OPTIONS
@@ -66,7 +66,7 @@ def make_input(store_url: str, config: RunConfig, scene: SceneRecord, run_id: st
     v, sid = config.video, scene.scene_id
 
     def compute(store: RunStore, _: str) -> None:
-        if scene.source == "dynamic":
+        if scene.source in DYNAMIC_SOURCES:
             return dynamic.make_input(store, config, scene)
         K = input_intrinsics(config)
         if scene.source == "procedural":
@@ -118,7 +118,7 @@ def estimate_depth(store_url: str, config: RunConfig, scene: SceneRecord, run_id
     sid = scene.scene_id
 
     def compute(store: RunStore, _: str) -> None:
-        if scene.source == "dynamic":
+        if scene.source in DYNAMIC_SOURCES:
             return dynamic.estimate_depth(store, config, scene)
         rgb = from_uint8(read_tensor(store, sid, "input/rgb"))
         raw, valid, label = _estimate_depth(config, scene, rgb, read_tensor(store, sid, "input/K"))
@@ -138,7 +138,7 @@ def make_cameras(store_url: str, config: RunConfig, scene: SceneRecord, run_id: 
     sid = scene.scene_id
 
     def compute(store: RunStore, name: str) -> None:
-        if scene.source == "dynamic":
+        if scene.source in DYNAMIC_SOURCES:
             return dynamic.make_cameras(store, config, scene, name)
         cams, distance = trajectory_cameras(config, scene, name, read_tensor(store, sid, "input/K"))
         base = f"trajectories/{name}/cameras"
@@ -167,7 +167,7 @@ def warp_frames(store_url: str, config: RunConfig, scene: SceneRecord, run_id: s
     sid = scene.scene_id
 
     def compute(store: RunStore, name: str) -> None:
-        if scene.source == "dynamic":
+        if scene.source in DYNAMIC_SOURCES:
             return dynamic.warp_frames(store, config, scene, name)
         rgb = to_signed(from_uint8(read_tensor(store, sid, "input/rgb")))
         cams = read_cameras(store, sid, name, config)
@@ -190,7 +190,7 @@ def refine_masks(store_url: str, config: RunConfig, scene: SceneRecord, run_id: 
     sid = scene.scene_id
 
     def compute(store: RunStore, name: str) -> None:
-        if scene.source == "dynamic":
+        if scene.source in DYNAMIC_SOURCES:
             return dynamic.refine_masks(store, config, scene, name)
         base = f"trajectories/{name}/warp"
         mask = read_tensor(store, sid, f"{base}/mask")
@@ -237,7 +237,7 @@ def generate_video(store_url: str, config: RunConfig, scene: SceneRecord, run_id
     sid, generator = scene.scene_id, make_generator(config, scene, RunStore(store_url))
 
     def compute(store: RunStore, name: str) -> None:
-        if scene.source == "dynamic":
+        if scene.source in DYNAMIC_SOURCES:
             return dynamic.generate_video(store, config, scene, name, generator)
         base = f"trajectories/{name}"
         first = from_uint8(read_tensor(store, sid, "input/rgb"))
@@ -315,7 +315,7 @@ def estimate_video_depth(store_url: str, config: RunConfig, scene: SceneRecord, 
 
     def compute(store: RunStore, name: str) -> None:
         base = f"trajectories/{name}"
-        if scene.source == "dynamic":
+        if scene.source in DYNAMIC_SOURCES:
             depth, label = dynamic.video_depth(store, config, scene, name)
             return write_frames(store, sid, f"{base}/video_depth/depth", depth.numpy(), label=label)
         frames = from_uint8(read_tensor(store, sid, f"{base}/teacher/rgb"))

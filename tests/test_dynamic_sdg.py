@@ -159,3 +159,67 @@ def test_kill_mid_scene_resumes_to_identical_arrays(tmp_path, dynamic_store):
     for name in names:
         assert np.array_equal(a.read_array("dyn-000000", name), b.read_array("dyn-000000", name)), name
     shutil.rmtree(url)
+
+
+@pytest.fixture(scope="module")
+def user_video(tmp_path_factory):
+    """A procedural dynamic scene written as a user would bring it: a video and its poses."""
+    pytest.importorskip("imageio_ffmpeg")
+    from lyra_ops.cameras import default_intrinsics
+    from lyra_ops.dynamic import frame_times, input_camera_path, make_dynamic_scene
+    from lyra_pipeline.video_input import write_video, write_video_poses
+
+    folder = tmp_path_factory.mktemp("user")
+    h, w, t = 96, 160, 9
+    cams = input_camera_path(5, default_intrinsics(h, w), h, w, t)
+    frames = make_dynamic_scene(5).render(cams.c2w, cams.K, h, w, frame_times(t)).rgb
+    (folder / "street walk.txt").write_text("a room where things move")
+    return (write_video(folder / "street walk.mp4", frames, fps=8),
+            write_video_poses(folder / "street walk.npz", cams, torch.arange(t) / 8.0), frames, cams)
+
+
+def lyra(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lyra_pipeline.cli", *args], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_lyra_run_video_makes_a_dynamic_scene_from_a_user_video(user_video, tmp_path):
+    video, poses, frames, cams = user_video
+    store = tmp_path / "store"
+    out = lyra("run", "--video", str(video), "--poses", str(poses), "--preset", "dynamic-smoke", "--store",
+               str(store))
+    assert out.returncode == 0, out.stdout + out.stderr
+    st = RunStore(store, create=False)
+    (sid,) = st.scene_ids()
+    assert sid == "street_walk" and st.read_prompts()[0]["text"] == "a room where things move"
+    got = arr(st, sid, "input/video/rgb")
+    assert torch.equal(got, (frames * 255).round().to(torch.uint8))  # the video, read back exactly
+    torch.testing.assert_close(arr(st, sid, "input/video/c2w"), cams.c2w, atol=1e-6, rtol=0)
+    teacher = st.scene_group(sid)["trajectories/left_flip/teacher/rgb"]
+    assert teacher.attrs["generator"] == "warp_only" and teacher.shape == (9, 3, 96, 160)
+    again = lyra("run", "--video", str(video), "--poses", str(poses), "--preset", "dynamic-smoke", "--store",
+                 str(store))
+    assert again.returncode == 0 and "nothing to do" in again.stdout + again.stderr
+
+
+def test_lyra_run_video_bad_inputs_one_line_nothing_written(user_video, tmp_path):
+    video, poses, frames, cams = user_video
+    from lyra_pipeline.video_input import write_video_poses
+
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"\0" * 4096)
+    short = write_video_poses(tmp_path / "short.npz", cams[:5], torch.arange(5) / 8.0)
+    back = torch.arange(9) / 8.0
+    back[3] = 0.0
+    backwards = write_video_poses(tmp_path / "back.npz", cams, back)
+    for args, expected in (
+        (["--video", str(junk), "--poses", str(poses)], "cannot decode as a video"),
+        (["--video", str(video), "--poses", str(short)], "5 poses but"),
+        (["--video", str(video), "--poses", str(backwards)], "times must increase strictly"),
+        (["--video", str(video)], "--video and --poses go together"),
+    ):
+        store = tmp_path / "store"
+        out = lyra("run", *args, "--preset", "dynamic-smoke", "--store", str(store))
+        lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
+        assert out.returncode != 0 and len(lines) == 1 and expected in lines[0], lines
+        assert not store.exists()
