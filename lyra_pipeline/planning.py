@@ -48,12 +48,11 @@ def preflight(config: RunConfig) -> list[SceneRecord] | None:
     if config.trajectories.custom:
         cams, _ = trajectory_cameras(config, None, "custom", None)  # raises LyraInputError naming file/field/frame
         clip = config.video.num_frames
-        if len(cams) > clip and config.generator.backend in ("tiny", "diffusers"):
+        if len(cams) > clip and config.latents.encoder == "vae":
             raise LyraConfigError(
                 f"{config.trajectories.custom}: trajectories.frames={config.trajectories.frames!r} gives {len(cams)} "
-                f"frames per path, but the {config.generator.backend} teacher generates {clip}-frame clips and "
-                "generating a longer path clip by clip is not implemented yet; use generator.backend oracle or "
-                "warp_only (any length), or trajectories.frames: clip"
+                f"frames per path, generated clip by clip in {clip}-frame clips, whose sampled latents do not form "
+                "one video: use latents.encoder patchify for long paths"
             )
     if config.scenes.source == "video":  # every check of the video and its poses, before anything is written
         from lyra_pipeline.video_input import load_input_video

@@ -28,7 +28,8 @@ from lyra_pipeline.config import DYNAMIC_SOURCES, RunConfig, edge_threshold, mes
 from lyra_pipeline.inputs import load_depth_file, load_image
 from lyra_pipeline.planning import input_intrinsics, scene_records, trajectory_cameras
 from lyra_pipeline.retries import STAGE_TASK_OPTIONS
-from lyra_pipeline.stages import StageReport, run_units
+from lyra_pipeline.long_paths import generate_long_path
+from lyra_pipeline.stages import StageReport, plan_keys, run_units
 from lyra_pipeline.storage import RunStore
 
 log = logging.getLogger(__name__)
@@ -241,10 +242,15 @@ def generate_video(store_url: str, config: RunConfig, scene: SceneRecord, run_id
             return dynamic.generate_video(store, config, scene, name, generator)
         base = f"trajectories/{name}"
         first = from_uint8(read_tensor(store, sid, "input/rgb"))
+        cams = read_cameras(store, sid, name, config)
+        if len(cams) > config.video.num_frames and config.generator.backend in ("tiny", "diffusers"):
+            return generate_long_path(store, config, scene, name, generator, plan_keys(config, scene).key(
+                "generate", name), cams, first, read_tensor(store, sid, "depth/depth"),
+                read_tensor(store, sid, "depth/reliable"), read_tensor(store, sid, "input/K"))  # clip by clip
         mask = read_tensor(store, sid, f"{base}/refine/mask")
         warped = to_signed(from_uint8(read_tensor(store, sid, f"{base}/warp/rgb")))
         warped = torch.where(mask, warped, torch.full_like(warped, -1.0))
-        cams, seed = read_cameras(store, sid, name, config), derive_seed(scene.seed, "generate", name)
+        seed = derive_seed(scene.seed, "generate", name)
         if hasattr(generator, "generate_with_latents"):  # diffusion backends: keep the sampled latents too
             frames, latents = generator.generate_with_latents(first, scene.text, cams, warped, mask, seed=seed)
             store.write_array(sid, f"{base}/teacher/latents", latents.float().numpy(),

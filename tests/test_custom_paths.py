@@ -146,16 +146,66 @@ def test_long_path_oracle_frames_are_exact_and_the_drop_is_logged(tmp_path, capl
     assert st.read_array(scene.scene_id, "trajectories/custom/latents").shape[1] == 5  # (33 - 1) / 8 + 1
 
 
-def test_long_path_with_a_clip_teacher_fails_before_work(tmp_path):
-    from lyra_ops.errors import LyraConfigError
-    from lyra_pipeline.config import build_config
-    from lyra_pipeline.planning import preflight
+def test_clip_starts_cover_the_path_with_one_frame_overlap():
+    from lyra_pipeline.long_paths import clip_starts
 
-    path = foreign_path(tmp_path / "long.json", frames=30)
-    config = build_config("smoke", {"trajectories": {"custom": str(path), "frames": "all"},
-                                    "generator": {"backend": "tiny"}})
-    with pytest.raises(LyraConfigError, match="33 frames per path.*9-frame clips"):
-        preflight(config)
+    assert clip_starts(9, 9) == [0] and clip_starts(25, 9) == [0, 8, 16] and clip_starts(33, 25) == [0, 8]
+    assert clip_starts(505, 9)[-1] == 496 and len(clip_starts(505, 9)) == 63
+
+
+def test_long_path_with_the_tiny_teacher_is_generated_clip_by_clip_and_resumes_per_clip(tmp_path, monkeypatch):
+    """25 frames in 9-frame clips (starts 0, 8, 16): every frame generated; the change across a clip boundary is
+    no larger than between neighbouring frames inside a clip (mean absolute difference of consecutive frames);
+    a generation killed after two clips resumes at the third and ends with the same frames."""
+    import shutil
+    from pathlib import Path
+
+    from lyra_pipeline import long_paths
+    from lyra_pipeline.config import build_config
+    from lyra_pipeline.storage import RunStore
+    from tasks.sdg import SCENE_TASKS, sample_prompts
+
+    path = foreign_path(tmp_path / "long.json", frames=25)
+    config = build_config("smoke", {"scenes": {"num_scenes": 1}, "generator": {"backend": "tiny", "steps": 2},
+                                    "trajectories": {"custom": str(path), "frames": "all"}})
+    store = tmp_path / "store"
+    (scene,) = sample_prompts.fn(str(store), config)
+    for name, task in SCENE_TASKS.items():
+        if name in ("generate", "latents", "video_depth"):
+            break
+        task.fn(str(store), config, scene, "test")
+    other = Path(shutil.copytree(store, tmp_path / "other"))
+    for name in ("generate", "latents", "video_depth"):
+        SCENE_TASKS[name].fn(str(other), config, scene, "test")
+    st = RunStore(other, create=False)
+    arr = st.scene_group(scene.scene_id)["trajectories/custom/teacher/rgb"]
+    assert arr.shape == (25, 3, 96, 160) and arr.attrs["clip_starts"] == [0, 8, 16] and arr.attrs["clips_done"] == 3
+    frames = torch.from_numpy(arr[:]).float()
+    steps = (frames[1:] - frames[:-1]).abs().mean(dim=(1, 2, 3))  # change from frame i to i + 1
+    boundary = steps[[8, 16]]  # frame 8 -> 9 and 16 -> 17: the first frames each new clip generates
+    inside = steps[[i for i in range(24) if i not in (8, 16)]]
+    assert float(boundary.max()) <= float(inside.max()), (boundary, inside)
+    assert st.read_array(scene.scene_id, "trajectories/custom/latents").shape[1] == 4  # (25 - 1) / 8 + 1
+
+    # killed after two clips: the third raises once; the re-run resumes there and matches the straight run
+    real = long_paths.forward_warp
+    calls = {"n": 0}
+
+    def fail_in_clip_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # clip 2: 1 source + depth probe; clip 3: the same again, then its 2 sources
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(long_paths, "forward_warp", fail_in_clip_3)
+    with pytest.raises(RuntimeError, match="killed"):
+        SCENE_TASKS["generate"].fn(str(store), config, scene, "test")
+    assert RunStore(store, create=False).scene_group(scene.scene_id)[
+        "trajectories/custom/teacher/rgb"].attrs["clips_done"] == 2
+    monkeypatch.setattr(long_paths, "forward_warp", real)
+    SCENE_TASKS["generate"].fn(str(store), config, scene, "test")
+    resumed = RunStore(store, create=False).read_array(scene.scene_id, "trajectories/custom/teacher/rgb")
+    np.testing.assert_array_equal(resumed, arr[:])
 
 
 def test_lyra_compat_config_uses_the_reference_mask_settings_at_any_size():
