@@ -137,8 +137,10 @@ def generate_long_path(store: RunStore, config: RunConfig, scene: SceneRecord, n
             last = {"rgb": first, "depth": depth, "K": at.K[0], "c2w": at.c2w[0],
                     "reliable": depth_reliability_mask(depth, config.depth.edge_window, edge_threshold(config))}
             warped, mask = _cache_warp([source, last], sub, config)
+        # one noise seed for every clip (the path's): a teacher that draws the same noise for a clip's frames then
+        # draws it for the whole path, and the frames after a boundary do not change noise as well as conditioning
         frames = generator.generate(first, scene.text, sub, warped, mask, seed=derive_seed(scene.seed, "generate",
-                                                                                             name, c))
+                                                                                             name))
         lo = 0 if c == 0 else 1  # a later clip's first frame is the previous clip's last one
         arr[s + lo : s + len(sub)] = to_uint8(frames[lo:]).numpy()
         arr.attrs["clips_done"] = c + 1  # after the frames: a kill never records a clip it did not write
