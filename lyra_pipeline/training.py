@@ -16,7 +16,7 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -139,6 +139,10 @@ class TrainConfig(Section):
     batch: int = Field(1, ge=1)
     # bf16: the decoder's forward under bf16 autocast (rendering and losses stay fp32); for GPUs.
     precision: Literal["fp32", "bf16"] = "fp32"
+    # What the training renders are composited over: "decoder" (the decoder's own `background`, e.g. the input
+    # mean colour) or "random" (a uniform random colour per sample): a pixel the teacher shows must then be covered
+    # by opaque Gaussians, so exports look the same over any viewer's background (white, PlayCanvas grey, ...).
+    background: Literal["decoder", "random"] = "decoder"
     torch_threads: int | None = Field(1, ge=1)  # pin intra-op threads (None: torch's default)
     eval_frame_stride: int = Field(1, ge=1)  # validation renders every k-th frame of every trajectory
     # Start from these weights instead of a random init: a lyra decoder .safetensors path, or "shipped" (the
@@ -471,7 +475,7 @@ def plan_run(store: RunStore, config: TrainConfig) -> TrainRun:
     # The resolved decoder config joins the key: a preset whose layout changed in code is another run.
     inputs = {"dataset": index.fingerprint, "decoder": dec.to_dict(),
               **({"init_weights": init_sha} if init_sha else {})}
-    params = run_params(config, {"batch": 1, "precision": "fp32"})
+    params = run_params(config, {"batch": 1, "precision": "fp32", "background": "decoder"})
     name = "decoder-" + content_key("train", TRAIN_FORMAT_VERSION, params, inputs)[:12]
 
     def create() -> dict[str, Any]:
@@ -565,7 +569,10 @@ def sample_batch(run: TrainRun, views: ViewCache, gen: torch.Generator | TrainSt
     inputs, start, end = sample_input_frames(gen, run.frames, spec)
     targets = sample_targets(gen, start, end, spec.targets, spec.frame_sampling)
     data = [views.get(scene, n) for n in names]
-    return build_batch(data, inputs, targets, spec, PixelPatchifyEncoder(), run.config.decoder_config().background)
+    batch = build_batch(data, inputs, targets, spec, PixelPatchifyEncoder(), run.config.decoder_config().background)
+    if run.config.background == "random":  # drawn last, from the same stream: other samples are unchanged
+        batch = replace(batch, background=torch.rand(3, generator=gen))
+    return batch
 
 
 class DecoderRecipe(Recipe):

@@ -549,3 +549,20 @@ def test_single_scene_overfit_approaches_ceiling(single_thread):
     assert trained_psnr > fresh_psnr + 2.0, numbers
     assert trained_absrel < 0.5 * plane_absrel, numbers
     assert losses[-1] < 0.5 * losses[0], numbers
+
+
+def test_random_training_background_is_drawn_per_sample_from_the_stream(smoke_store):
+    """train.background random: each sample is composited over its own colour, drawn from the sample's stream
+    (reproducible), while the default keeps the decoder's background."""
+    store = RunStore(smoke_store)
+    config = build_train_config("smoke", {**overrides(2, 2), "background": "random"})
+    run = plan_run(store, config)
+    assert run.name != plan_run(store, build_train_config("smoke", overrides(2, 2))).name
+    index, views = index_dataset(store).scenes, ViewCache(store)
+    first = [sample_batch(run, views, torch.Generator().manual_seed(5), config.stages[0], index).background
+             for _ in range(2)]
+    assert torch.equal(first[0], first[1]) and first[0].shape == (3,) and 0 <= float(first[0].min())
+    gen = torch.Generator().manual_seed(5)
+    a, b = (sample_batch(run, views, gen, config.stages[0], index).background for _ in range(2))
+    assert not torch.equal(a, b)
+    assert train_until(str(smoke_store), run.name, 2)["computed"] == 2
