@@ -26,9 +26,9 @@ from lyra_ops.warp import WarpResult, depth_reliability_mask, forward_warp, unpr
 from lyra_pipeline import dynamic_stages as dynamic
 from lyra_pipeline.config import DYNAMIC_SOURCES, RunConfig, edge_threshold, mesh_downsample
 from lyra_pipeline.inputs import load_depth_file, load_image
+from lyra_pipeline.long_paths import generate_long_path
 from lyra_pipeline.planning import input_intrinsics, scene_records, trajectory_cameras
 from lyra_pipeline.retries import STAGE_TASK_OPTIONS
-from lyra_pipeline.long_paths import generate_long_path
 from lyra_pipeline.stages import StageReport, plan_keys, run_units
 from lyra_pipeline.storage import RunStore
 
