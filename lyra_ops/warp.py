@@ -16,6 +16,7 @@ it is tested against.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -427,17 +428,58 @@ def forward_warp(
     inp = _warp_inputs(
         "forward_warp", image, depth, K_src, c2w_src, K_tgt, w2c_tgt, source_mask, depth_weight_scale
     )
-    c, h, w = inp.image.shape
+    points, values = _source_points(inp)
+    return _splat_frames(points, values, inp.proj, inp.image.shape[1:], inp.dtype, depth_weight_scale, hole_value)
+
+
+def forward_warp_sources(
+    images: Sequence[Tensor],
+    depths: Sequence[Tensor],
+    K_srcs: Sequence[Tensor],
+    c2w_srcs: Sequence[Tensor],
+    K_tgt: Tensor,
+    w2c_tgt: Tensor,
+    *,
+    source_masks: Sequence[Tensor | None] | None = None,
+    depth_weight_scale: float = 50.0,
+    hole_value: float = -1.0,
+) -> WarpResult:
+    """:func:`forward_warp` of several source RGB-D frames at once (a 3D cache of frames, as GEN3C's): the points of
+    every source are splatted together into each target, so where sources overlap their colours blend by the same
+    depth and bilinear weights as one source's pixels do. One source gives exactly :func:`forward_warp`'s result."""
+    if not (len(images) == len(depths) == len(K_srcs) == len(c2w_srcs)) or not images:
+        raise LyraInputError("forward_warp_sources: images, depths, K_srcs and c2w_srcs must be equally long, >= 1")
+    masks = list(source_masks) if source_masks is not None else [None] * len(images)
+    parts = [_warp_inputs("forward_warp_sources", im, d, k, c, K_tgt, w2c_tgt, m, depth_weight_scale)
+             for im, d, k, c, m in zip(images, depths, K_srcs, c2w_srcs, masks, strict=True)]
+    shapes = {p.image.shape for p in parts}
+    if len(shapes) != 1:
+        raise LyraInputError(f"forward_warp_sources: every source must have one (C,H,W) shape, got {sorted(shapes)}")
+    pts, vals = zip(*(_source_points(p) for p in parts), strict=True)
+    return _splat_frames(torch.cat(pts, dim=1), torch.cat(vals, dim=1), parts[0].proj, parts[0].image.shape[1:],
+                         parts[0].dtype, depth_weight_scale, hole_value)
+
+
+def _source_points(inp: _WarpInputs) -> tuple[Tensor, Tensor]:
+    """World points (3,N) float64 and colours (C,N) of a source's splatted pixels."""
+    c = inp.image.shape[0]
     flat_valid = inp.valid.reshape(-1)
     points = _unproject64(inp.depth, inp.K_src, inp.c2w_src).reshape(-1, 3)[flat_valid].T.contiguous()
-    values = inp.image.reshape(c, -1)[:, flat_valid].contiguous()
-    n_frames = inp.proj.shape[0]
-    rgb = torch.empty(n_frames, c, h, w, dtype=inp.dtype)
-    out_depth = torch.empty(n_frames, 1, h, w, dtype=inp.dtype)
+    return points, inp.image.reshape(c, -1)[:, flat_valid].contiguous()
+
+
+def _splat_frames(points: Tensor, values: Tensor, proj: Tensor, size: tuple[int, int], dtype: torch.dtype,
+                  depth_weight_scale: float, hole_value: float) -> WarpResult:
+    """Splat points (3,N) with colours (C,N) into every target projection of ``proj`` (F,3,4)."""
+    c = values.shape[0]
+    h, w = size
+    n_frames = proj.shape[0]
+    rgb = torch.empty(n_frames, c, h, w, dtype=dtype)
+    out_depth = torch.empty(n_frames, 1, h, w, dtype=dtype)
     mask = torch.empty(n_frames, 1, h, w, dtype=torch.bool)
-    work = _work_buffers(values.shape[1], c, h, w, inp.dtype)
+    work = _work_buffers(values.shape[1], c, h, w, dtype)
     for f in range(n_frames):
-        acc = _splat_frame(points, values, inp.proj[f], h, w, float(depth_weight_scale), work)
+        acc = _splat_frame(points, values, proj[f], h, w, float(depth_weight_scale), work)
         weight = acc[c + 1]
         hit = weight > 0
         safe = torch.where(hit, weight, 1.0)

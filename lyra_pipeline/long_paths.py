@@ -8,7 +8,8 @@ is conditioned on the 3D cache warped into its cameras, its first frame being th
 - clip ``c > 0``: the cache is the input frame and the previous clip's last frame ``s_c``, with that frame's
   depth from the configured estimator, scaled to the depth the cache already predicts there (the median ratio
   to the warped depth; the exact depth for procedural scenes). Each source is warped into the clip's cameras and
-  its mask refined against its own seam mesh; per pixel the nearest valid source wins (a z-buffer).
+  the sources' points are splatted together (``forward_warp_sources``: depth- and bilinear-weighted, as one
+  frame's pixels are) and the mask refined against each source's seam mesh in turn.
 
 Frames are written into ``teacher/rgb`` clip by clip; its attributes ``clips_done`` and ``unit_key`` make the
 unit resumable per clip (a killed generation restarts at its first unfinished clip, under the same key only),
@@ -28,7 +29,7 @@ from lyra_ops.images import from_uint8, to_signed, to_uint8
 from lyra_ops.mask_refine import refine_mask_conservative
 from lyra_ops.prompts import SceneRecord
 from lyra_ops.seeding import derive_seed
-from lyra_ops.warp import depth_reliability_mask, forward_warp, unproject_depth
+from lyra_ops.warp import depth_reliability_mask, forward_warp, forward_warp_sources, unproject_depth
 from lyra_pipeline.config import RunConfig, edge_threshold, mesh_downsample
 from lyra_pipeline.storage import RunStore
 
@@ -59,20 +60,19 @@ def _warp_source(src: dict, cams: Cameras, config: RunConfig) -> tuple[torch.Ten
 
 
 def _cache_warp(sources: list[dict], cams: Cameras, config: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every cache source warped into ``cams``, merged by nearest valid depth: (warped (T,3,H,W) in [-1,1] with
-    holes -1, mask (T,1,H,W) bool)."""
-    best_rgb = best_depth = best_mask = None
-    for src in sources:
-        rgb, depth, mask = _warp_source(src, cams, config)
-        depth = torch.where(mask, depth, torch.inf)
-        if best_rgb is None:
-            best_rgb, best_depth, best_mask = rgb, depth, mask
-        else:
-            nearer = depth < best_depth
-            best_rgb = torch.where(nearer, rgb, best_rgb)
-            best_depth = torch.minimum(depth, best_depth)
-            best_mask = best_mask | mask
-    return torch.where(best_mask, best_rgb, -1.0), best_mask
+    """The cache rendered into ``cams``: every source's points splatted together (depth- and bilinear-weighted,
+    as one frame's pixels are), the mask refined against each source's seam mesh in turn: (warped (T,3,H,W) in
+    [-1,1] with holes -1, mask (T,1,H,W) bool)."""
+    warp = forward_warp_sources([to_signed(s["rgb"]) for s in sources], [s["depth"] for s in sources],
+                                [s["K"] for s in sources], [s["c2w"] for s in sources], cams.K, cams.w2c,
+                                source_masks=[s["reliable"] for s in sources],
+                                depth_weight_scale=config.warp.depth_weight_scale)
+    if config.mask.refine:
+        for src in sources:
+            points = unproject_depth(src["depth"], src["K"], src["c2w"])
+            warp = refine_mask_conservative(warp, points, ~src["reliable"], cams.w2c, cams.K,
+                                            threshold=config.mask.threshold, factor=mesh_downsample(config))
+    return torch.where(warp.mask, warp.rgb, -1.0), warp.mask
 
 
 def _frame_depth(config: RunConfig, scene: SceneRecord, frame: torch.Tensor, cam: Cameras,

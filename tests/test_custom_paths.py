@@ -188,21 +188,21 @@ def test_long_path_with_the_tiny_teacher_is_generated_clip_by_clip_and_resumes_p
     assert st.read_array(scene.scene_id, "trajectories/custom/latents").shape[1] == 4  # (25 - 1) / 8 + 1
 
     # killed after two clips: the third raises once; the re-run resumes there and matches the straight run
-    real = long_paths.forward_warp
+    real = long_paths.forward_warp_sources
     calls = {"n": 0}
 
     def fail_in_clip_3(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 5:  # clip 2: 1 source + depth probe; clip 3: the same again, then its 2 sources
+        if calls["n"] == 2:  # the cache warp of clip 3 (clip 2 made the first)
             raise RuntimeError("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(long_paths, "forward_warp", fail_in_clip_3)
+    monkeypatch.setattr(long_paths, "forward_warp_sources", fail_in_clip_3)
     with pytest.raises(RuntimeError, match="killed"):
         SCENE_TASKS["generate"].fn(str(store), config, scene, "test")
     assert RunStore(store, create=False).scene_group(scene.scene_id)[
         "trajectories/custom/teacher/rgb"].attrs["clips_done"] == 2
-    monkeypatch.setattr(long_paths, "forward_warp", real)
+    monkeypatch.setattr(long_paths, "forward_warp_sources", real)
     SCENE_TASKS["generate"].fn(str(store), config, scene, "test")
     resumed = RunStore(store, create=False).read_array(scene.scene_id, "trajectories/custom/teacher/rgb")
     np.testing.assert_array_equal(resumed, arr[:])

@@ -354,3 +354,24 @@ def test_reliability_mask_rejects_bad_windows(window):
         depth_reliability_mask(torch.ones(5, 5), window=window)
     with pytest.raises(LyraInputError, match="depth"):
         depth_reliability_mask(torch.ones(5))
+
+
+def test_several_sources_splat_together_and_one_source_is_forward_warp():
+    """forward_warp_sources: one source gives forward_warp's result bit for bit; two copies of a source give the
+    same colours (the weights double, the average does not change) and depth."""
+    from lyra_ops.warp import forward_warp_sources
+
+    g = torch.Generator().manual_seed(3)
+    image = torch.rand(3, 24, 32, generator=g) * 2 - 1
+    depth = 2.0 + torch.rand(24, 32, generator=g)
+    K = torch.tensor([[30.0, 0, 16], [0, 30.0, 12], [0, 0, 1]])
+    w2c = torch.eye(4).repeat(2, 1, 1)
+    w2c[:, 0, 3] = torch.tensor([0.05, -0.1])
+    one = forward_warp(image, depth, K, torch.eye(4), K, w2c)
+    same = forward_warp_sources([image], [depth], [K], [torch.eye(4)], K, w2c)
+    assert torch.equal(one.rgb, same.rgb) and torch.equal(one.depth, same.depth) and torch.equal(one.mask, same.mask)
+    twice = forward_warp_sources([image, image], [depth, depth], [K, K], [torch.eye(4)] * 2, K, w2c)
+    torch.testing.assert_close(twice.rgb, one.rgb, atol=1e-5, rtol=0)
+    assert torch.equal(twice.mask, one.mask)
+    with pytest.raises(LyraInputError, match="equally long"):
+        forward_warp_sources([image], [depth, depth], [K], [torch.eye(4)], K, w2c)
