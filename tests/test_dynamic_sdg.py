@@ -223,3 +223,29 @@ def test_lyra_run_video_bad_inputs_one_line_nothing_written(user_video, tmp_path
         lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
         assert out.returncode != 0 and len(lines) == 1 and expected in lines[0], lines
         assert not store.exists()
+
+
+def test_a_failing_dynamic_scene_fails_alone(tmp_path, prefect_harness, monkeypatch):
+    """Failure isolation as for static scenes: one dynamic scene's error fails that scene only, the other finishes,
+    and the manifest records the failure."""
+    from flows.generate_dataset import PipelineFailed, generate_dataset
+    from lyra_pipeline import dynamic_stages
+
+    real = dynamic_stages.make_input
+
+    def broken(store, config, scene):
+        if scene.scene_id == "dyn-000001":
+            raise RuntimeError("corrupt input video")
+        return real(store, config, scene)
+
+    monkeypatch.setattr(dynamic_stages, "make_input", broken)
+    root = tmp_path / "store"
+    with pytest.raises(PipelineFailed, match="dyn-000001"):
+        generate_dataset(store=str(root), preset="dynamic-smoke", overrides={"trajectories": {"names": ["left"]},
+                                                                             "dynamic": {"flip": False}})
+    store = RunStore(root, create=False)
+    rows = store.read_manifest().to_pylist()
+    failed = {(r["scene_id"], r["stage"]) for r in rows if r["status"] == "failed"}
+    assert failed == {("dyn-000001", "input")}
+    done = {r["scene_id"] for r in rows if r["status"] == "done" and r["stage"] == "video_depth"}
+    assert done == {"dyn-000000"}
