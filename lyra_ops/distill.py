@@ -439,13 +439,25 @@ def train_step(
         model, batch, stage, weights=weights, lpips=lpips, backend=backend, views_per_chunk=views_per_chunk
     )
     total.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    if not math.isfinite(float(norm)):
-        optimizer.zero_grad(set_to_none=True)
-        raise FloatingPointError(f"train_step: non-finite gradient norm ({float(norm)}) in stage {stage.name!r}")
-    lr = optimizer.param_groups[0]["lr"]
-    optimizer.step()
-    scheduler.step()
+    norm, lr = apply_gradients(list(model.parameters()), optimizer, scheduler, grad_clip,
+                               f"train_step, stage {stage.name!r}")
     out = {name: float(value.detach()) for name, value in parts.items()}
     out.update(grad_norm=float(norm), lr=float(lr), gaussians=float(count))
     return out
+
+
+def apply_gradients(params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, grad_clip: float,
+                    what: str) -> tuple[float, float]:
+    """Clip the accumulated gradients of ``params``, then step the optimizer and the scheduler: (gradient norm,
+    learning rate used). A non-finite norm raises ``FloatingPointError`` (naming ``what``) before the weights are
+    touched. Sharded (FSDP DTensor) gradients give a sharded norm, gathered here."""
+    total = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+    if not math.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"{what}: non-finite gradient norm ({norm})")
+    lr = float(optimizer.param_groups[0]["lr"])
+    optimizer.step()
+    scheduler.step()
+    return norm, lr

@@ -142,11 +142,14 @@ def dynamic_path(name: str, input_cameras: Cameras, *, distance: float, center_d
     return DynamicPath(name, cams, frame_times(n), flipped, torch.arange(n))
 
 
+def generation_index(path: DynamicPath) -> torch.Tensor:
+    """The stored frames of ``path`` in the order a teacher generates them: a flipped path runs backwards in
+    time (step ``j`` is stored frame ``T-1-j``)."""
+    n = len(path.cameras)
+    return torch.arange(n - 1, -1, -1) if path.flipped else torch.arange(n)
+
+
 def generation_order(path: DynamicPath) -> tuple[Cameras, torch.Tensor, torch.Tensor]:
-    """What a teacher conditioned on this path generates, in generation order: (cameras, times, source frames).
-    A flipped path runs backwards in time: step ``j`` is the stored frame ``T-1-j``."""
-    if not path.flipped:
-        return path.cameras, path.times, path.source_frames
-    idx = torch.arange(len(path.cameras) - 1, -1, -1)
-    cams = Cameras(path.cameras.c2w[idx], path.cameras.K[idx], path.cameras.height, path.cameras.width)
-    return cams, path.times[idx], path.source_frames[idx]
+    """What a teacher conditioned on this path generates, in generation order: (cameras, times, source frames)."""
+    idx = generation_index(path)
+    return path.cameras[idx], path.times[idx], path.source_frames[idx]

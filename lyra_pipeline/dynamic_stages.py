@@ -24,13 +24,14 @@ import numpy as np
 import torch
 
 from lyra_ops.cameras import Cameras
-from lyra_ops.depth import ConstantDepth, PlanarDepth, postprocess_depth
-from lyra_ops.dynamic import DynamicPath, generation_order
+from lyra_ops.depth import postprocess_depth
+from lyra_ops.dynamic import DynamicPath, generation_index
 from lyra_ops.images import from_signed, from_uint8, to_signed, to_uint8
 from lyra_ops.mask_refine import refine_mask_conservative
 from lyra_ops.prompts import SceneRecord
 from lyra_ops.seeding import derive_seed
 from lyra_ops.warp import WarpResult, depth_reliability_mask, forward_warp, unproject_depth
+from lyra_pipeline.backends import depth_estimator
 from lyra_pipeline.config import RunConfig, edge_threshold, mesh_downsample
 from lyra_pipeline.planning import dynamic_input, dynamic_trajectory, dynamic_world
 from lyra_pipeline.storage import RunStore
@@ -44,12 +45,16 @@ def _frames(store: RunStore, scene_id: str, name: str, data: np.ndarray, **attrs
     store.write_array(scene_id, name, data, chunks=(1, *data.shape[1:]), attrs=attrs or None)
 
 
-def input_video(store: RunStore, scene_id: str, config: RunConfig) -> tuple[torch.Tensor, Cameras, torch.Tensor]:
-    """The stored input video: frames (T,3,H,W) in [0,1], cameras, times."""
+def input_cameras(store: RunStore, scene_id: str, config: RunConfig) -> Cameras:
+    """The stored input video's cameras (frame 0 at the identity)."""
     v = config.video
-    cams = Cameras(_read(store, scene_id, "input/video/c2w"), _read(store, scene_id, "input/video/K"), v.height,
+    return Cameras(_read(store, scene_id, "input/video/c2w"), _read(store, scene_id, "input/video/K"), v.height,
                    v.width)
-    return from_uint8(_read(store, scene_id, "input/video/rgb")), cams, _read(store, scene_id, "input/video/times")
+
+
+def input_frames(store: RunStore, scene_id: str) -> torch.Tensor:
+    """The stored input video's frames (T,3,H,W) in [0,1]."""
+    return from_uint8(_read(store, scene_id, "input/video/rgb"))
 
 
 def read_path(store: RunStore, scene_id: str, name: str, config: RunConfig) -> DynamicPath:
@@ -75,18 +80,14 @@ def make_input(store: RunStore, config: RunConfig, scene: SceneRecord) -> None:
 
 def estimate_depth(store: RunStore, config: RunConfig, scene: SceneRecord) -> None:
     sid, d = scene.scene_id, config.depth
-    frames, cams, times = input_video(store, sid, config)
+    cams = input_cameras(store, sid, config)
     if d.backend == "procedural":
+        times = _read(store, sid, "input/video/times")
         raw = dynamic_world(config, scene).render(cams.c2w, cams.K, cams.height, cams.width, times).depth[:, 0]
         valid, label = raw > 0, "procedural (exact, per frame)"
     else:
-        if d.backend == "transformers":
-            from lyra_pipeline.backends.transformers_depth import TransformersDepth
-
-            estimator = TransformersDepth(d.model_path, kind=d.kind, near=d.relative_near, far=d.relative_far,
-                                          device=d.device)
-        else:
-            estimator = ConstantDepth(d.constant_value) if d.backend == "constant" else PlanarDepth(d.constant_value)
+        estimator = depth_estimator(d)
+        frames = input_frames(store, sid)
         preds = [estimator.estimate(frames[i], cams.K[i]) for i in range(len(cams))]
         raw, label = torch.stack([p.depth for p in preds]), preds[0].label
         valid = torch.stack([p.valid for p in preds]) if preds[0].valid is not None else None
@@ -101,8 +102,7 @@ def estimate_depth(store: RunStore, config: RunConfig, scene: SceneRecord) -> No
 
 def make_cameras(store: RunStore, config: RunConfig, scene: SceneRecord, name: str) -> None:
     sid = scene.scene_id
-    _, cams, _ = input_video(store, sid, config)
-    path, distance = dynamic_trajectory(config, scene, name, cams)
+    path, distance = dynamic_trajectory(config, scene, name, input_cameras(store, sid, config))
     base = f"trajectories/{name}/cameras"
     store.write_array(sid, f"{base}/c2w", path.cameras.c2w.numpy(), attrs={"distance": distance,
                                                                             "flipped": path.flipped})
@@ -114,7 +114,7 @@ def make_cameras(store: RunStore, config: RunConfig, scene: SceneRecord, name: s
 def warp_frames(store: RunStore, config: RunConfig, scene: SceneRecord, name: str) -> None:
     """Each target frame from the input frame at the same time, with that frame's depth and pose."""
     sid = scene.scene_id
-    frames, cams, _ = input_video(store, sid, config)
+    frames, cams = input_frames(store, sid), input_cameras(store, sid, config)
     depth = _read(store, sid, "depth/video/depth")[:, 0]
     reliable = _read(store, sid, "depth/video/reliable")[:, 0]
     path = read_path(store, sid, name, config)
@@ -138,7 +138,7 @@ def refine_masks(store: RunStore, config: RunConfig, scene: SceneRecord, name: s
     base = f"trajectories/{name}/warp"
     mask = _read(store, sid, f"{base}/mask")
     if config.mask.refine:
-        _, cams, _ = input_video(store, sid, config)
+        cams = input_cameras(store, sid, config)
         depth = _read(store, sid, "depth/video/depth")[:, 0]
         reliable = _read(store, sid, "depth/video/reliable")[:, 0]
         rgb = to_signed(from_uint8(_read(store, sid, f"{base}/rgb")))
@@ -164,15 +164,14 @@ def generate_video(store: RunStore, config: RunConfig, scene: SceneRecord, name:
         frames = dynamic_world(config, scene).render(cams.c2w, cams.K, cams.height, cams.width, path.times).rgb
         label = "oracle"
     else:  # in generation order (a flipped path backwards in time), stored back in time order
-        inputs, _, _ = input_video(store, sid, config)
+        inputs = input_frames(store, sid)
         mask = _read(store, sid, f"{base}/refine/mask")
         warped = to_signed(from_uint8(_read(store, sid, f"{base}/warp/rgb")))
         warped = torch.where(mask, warped, torch.full_like(warped, -1.0))
-        cams, _, sources = generation_order(path)
-        order = torch.arange(len(cams) - 1, -1, -1) if path.flipped else torch.arange(len(cams))
-        frames = generator.generate(inputs[int(sources[0])], scene.text, cams, warped[order], mask[order],
-                                    seed=derive_seed(scene.seed, "generate", name))
-        frames = frames[order]  # the reversal is its own inverse
+        order = generation_index(path)
+        frames = generator.generate(inputs[int(path.source_frames[order[0]])], scene.text, path.cameras[order],
+                                    warped[order], mask[order], seed=derive_seed(scene.seed, "generate", name))
+        frames = frames[torch.argsort(order)]  # back to time order
         label = generator.name
     _frames(store, sid, f"{base}/teacher/rgb", to_uint8(frames).numpy(), generator=label)
 

@@ -24,12 +24,13 @@ import numpy as np
 import torch
 
 from lyra_ops.cameras import Cameras
-from lyra_ops.depth import ConstantDepth, PlanarDepth, align_depth_scale, postprocess_depth
+from lyra_ops.depth import align_depth_scale, postprocess_depth
 from lyra_ops.images import from_uint8, to_signed, to_uint8
 from lyra_ops.mask_refine import refine_mask_conservative
 from lyra_ops.prompts import SceneRecord
 from lyra_ops.seeding import derive_seed
 from lyra_ops.warp import depth_reliability_mask, forward_warp, forward_warp_sources, unproject_depth
+from lyra_pipeline.backends import depth_estimator
 from lyra_pipeline.config import RunConfig, edge_threshold, mesh_downsample
 from lyra_pipeline.storage import RunStore
 
@@ -86,14 +87,7 @@ def _frame_depth(config: RunConfig, scene: SceneRecord, frame: torch.Tensor, cam
         raw = make_scene(scene.seed, kind=config.scenes.scene_kind).render(cam.c2w, cam.K, cam.height,
                                                                           cam.width).depth[0, 0]
         return postprocess_depth(raw, raw > 0, d.max_depth)
-    if d.backend == "transformers":
-        from lyra_pipeline.backends.transformers_depth import TransformersDepth
-
-        estimator = TransformersDepth(d.model_path, kind=d.kind, near=d.relative_near, far=d.relative_far,
-                                      device=d.device)
-    else:
-        estimator = ConstantDepth(d.constant_value) if d.backend == "constant" else PlanarDepth(d.constant_value)
-    pred = estimator.estimate(frame, cam.K[0])
+    pred = depth_estimator(d).estimate(frame, cam.K[0])
     raw = torch.where(pred.valid, pred.depth, 0.0) if pred.valid is not None else pred.depth
     aligned = align_depth_scale(raw, predicted, predicted > 0)[0]
     return postprocess_depth(aligned, aligned > 0, d.max_depth)

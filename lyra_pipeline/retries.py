@@ -8,10 +8,14 @@ store): retrying only delays the batch. Network hiccups, throttled object-store 
 from __future__ import annotations
 
 from lyra_ops.errors import LyraError
+from lyra_pipeline.distributed import DistributedJobError
 
 
 def is_transient(exc: BaseException | None) -> bool:
-    """True for errors worth retrying: I/O and network failures, not input/config/permission errors."""
+    """True for errors worth retrying: I/O and network failures, and a distributed job one of whose ranks was
+    killed (not one that raised); not input/config/permission errors."""
+    if isinstance(exc, DistributedJobError):
+        return exc.retriable
     if exc is None or isinstance(exc, LyraError | PermissionError):
         return False
     return isinstance(exc, OSError | TimeoutError | ConnectionError)

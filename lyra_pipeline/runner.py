@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from lyra_ops.distill import apply_gradients
 from lyra_ops.errors import LyraConfigError, LyraStorageError
 from lyra_ops.seeding import derive_seed
 from lyra_pipeline.distributed import DistContext, report_progress
@@ -117,7 +118,6 @@ class Recipe(ABC):
     device: str = "cpu"
     torch_threads: int | None = None
     metric_schema: pa.Schema
-    nonfinite: type[Exception] = FloatingPointError
     # How a job holds the model (a launch option, not part of the run): "ddp" replicates it on every rank; "fsdp"
     # (PyTorch FSDP2) shards parameters, gradients and AdamW moments over the ranks, for models one GPU cannot
     # hold with their optimizer state. Both average the same gradients.
@@ -332,20 +332,6 @@ def shard_state(recipe: Recipe, state: TrainState) -> None:
                       source=f"run {recipe.run_name} (sharding)", device=recipe.device)
 
 
-def optimizer_step(state: TrainState, grad_clip: float, what: str) -> tuple[float, float]:
-    """Clip, then step AdamW and the scheduler: (gradient norm, learning rate used). A non-finite gradient norm
-    raises ``FloatingPointError`` before the weights are touched."""
-    total = torch.nn.utils.clip_grad_norm_(state.trainable(), grad_clip if grad_clip > 0 else math.inf)
-    norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
-    if not math.isfinite(norm):
-        state.optimizer.zero_grad(set_to_none=True)
-        raise FloatingPointError(f"non-finite gradient norm ({norm}) in {what}")
-    lr = float(state.optimizer.param_groups[0]["lr"])
-    state.optimizer.step()
-    state.scheduler.step()
-    return norm, lr
-
-
 def train_step(recipe: Recipe, state: TrainState, net: Any, streams: list[int], ctx: DistContext) -> dict[str, float]:
     """One optimiser step on the global batch: this rank's micro-batches (gradients accumulated, all-reduced by DDP
     on the last), metrics averaged over the whole batch, then the update (identical on every rank)."""
@@ -365,7 +351,8 @@ def train_step(recipe: Recipe, state: TrainState, net: Any, streams: list[int], 
     keys = sorted(sums)
     totals = ctx.sum([sums[k] for k in keys])
     metrics = {k: v / recipe.batch for k, v in zip(keys, totals, strict=True)}
-    norm, lr = optimizer_step(state, recipe.grad_clip, f"run {recipe.run_name}")
+    norm, lr = apply_gradients(state.trainable(), state.optimizer, state.scheduler, recipe.grad_clip,
+                               f"run {recipe.run_name}")
     return {**metrics, "grad_norm": norm, "lr": lr}
 
 

@@ -372,9 +372,6 @@ class TeacherState(TrainState):
                 p.copy_(state[n].to(p.device, p.dtype))
 
 
-TeacherTrainer = TeacherState  # the name the tests and tasks know
-
-
 def new_teacher_trainer(cfg: TeacherTrainConfig, device: str | None = None) -> TeacherState:
     device = device or cfg.device
     teacher = None
@@ -440,7 +437,6 @@ class TeacherRecipe(Recipe):
     takes."""
 
     metric_schema = TEACHER_METRICS
-    nonfinite = LyraNonFiniteError
 
     def __init__(self, store: RunStore, run: TeacherRun, ctx: DistContext | None = None,
                  parallel: str = "ddp") -> None:
@@ -548,14 +544,14 @@ EVAL_SCHEMA = pa.schema([
 METHODS = ("teacher", "warp_only", "oracle")
 
 
-def trained_model(store: RunStore, run: TeacherRun, step: int) -> tuple[TeacherTrainer, str]:
+def trained_model(store: RunStore, run: TeacherRun, step: int) -> tuple[TeacherState, str]:
     trainer = load_teacher_trainer(store, run, step)
     state = json.loads(store.read_file(RunStore.checkpoint_rel(run.name, step, "state.json")))
     trainer.model.eval()
     return trainer, state["sha256"]["model.safetensors"]
 
 
-def teacher_video(trainer: TeacherTrainer, view: PairView, cfg: TeacherTrainConfig, seed: int,
+def teacher_video(trainer: TeacherState, view: PairView, cfg: TeacherTrainConfig, seed: int,
                   frame_batch: int = 8) -> torch.Tensor:
     """The teacher's video (T,3,H,W) in [0,1] for one stored trajectory (what its generator backend does)."""
     if trainer.diffusers is not None:

@@ -50,14 +50,12 @@ from lyra_ops.seeding import derive_seed
 from lyra_pipeline import runner
 from lyra_pipeline.config import Section, format_errors, merge
 from lyra_pipeline.distributed import DistContext
-from lyra_pipeline.runner import (  # noqa: F401 - checkpoint helpers re-exported for the tasks and benchmarks
+from lyra_pipeline.runner import (
     Recipe,
     StepResult,
     TrainState,
     checkpoint_steps,
     load_state,
-    read_checked,
-    remove_uncommitted,
     run_params,
     sha256_hex,
     stream_generators,
@@ -559,10 +557,9 @@ STAT_COLUMNS = ("opacity_mean", "opacity_above_half", "scale_mean", "distance_me
 LOSS_COLUMNS = ("total", "mse", "lpips", "depth", "opacity", "gaussians", "views", *STAT_COLUMNS)
 
 
-def sample_batch(run: TrainRun, views: ViewCache, gen: torch.Generator | TrainState, stage: StageConfig,
+def sample_batch(run: TrainRun, views: ViewCache, gen: torch.Generator, stage: StageConfig,
                  index: dict[str, list[str]]):
     """Draw one training sample (scene, views, frames) from ``gen`` (a sampling stream) and assemble it."""
-    gen = gen.generator if isinstance(gen, TrainState) else gen
     spec = stage.spec()
     scene = run.train_scenes[int(torch.randint(len(run.train_scenes), (1,), generator=gen))]
     names = sample_views(gen, index[scene], spec)

@@ -14,22 +14,15 @@ from uuid import UUID
 from prefect import get_run_logger, task
 from prefect.artifacts import update_progress_artifact
 
-from lyra_pipeline.distributed import DistributedJobError, parse_progress, run_torchrun, torchrun_command
+from lyra_pipeline.distributed import parse_progress, run_torchrun, torchrun_command
+from lyra_pipeline.retries import transient_only
 from lyra_pipeline.runner import checkpoint_steps
 from lyra_pipeline.storage import RunStore
 
 
-def retry_killed_jobs(task, task_run, state) -> bool:
-    """Retry a job whose rank died without an error of its own (a signal: preemption, the OOM killer, a lost
-    node); a rank that raised (bad data, non-finite loss) fails the same way again."""
-    try:
-        exc = state.result(raise_on_failure=False)
-    except Exception as err:  # noqa: BLE001
-        exc = err
-    return isinstance(exc, DistributedJobError) and exc.retriable
-
-
-@task(name="train-distributed", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_killed_jobs)
+# A rank killed by a signal (preemption, OOM killer, lost node) is retried from the last checkpoint; a rank that
+# raised fails the same way again (lyra_pipeline.retries.is_transient).
+@task(name="train-distributed", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=transient_only)
 def train_distributed(store_url: str, kind: str, run_name: str, *, nproc: int, nnodes: int = 1,
                       rdzv_endpoint: str | None = None, total_steps: int, progress_id: UUID | None = None,
                       parallel: str = "ddp", python: str | None = None) -> dict[str, Any]:

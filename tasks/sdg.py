@@ -14,7 +14,7 @@ import torch
 from prefect import task
 
 from lyra_ops.cameras import Cameras
-from lyra_ops.depth import ConstantDepth, PlanarDepth, align_depth_scale, postprocess_depth
+from lyra_ops.depth import align_depth_scale, postprocess_depth
 from lyra_ops.generation import OracleGenerator, WarpOnlyGenerator
 from lyra_ops.images import from_signed, from_uint8, to_signed, to_uint8
 from lyra_ops.latents import PixelPatchifyEncoder
@@ -24,6 +24,7 @@ from lyra_ops.scenes import make_scene
 from lyra_ops.seeding import derive_seed
 from lyra_ops.warp import WarpResult, depth_reliability_mask, forward_warp, unproject_depth
 from lyra_pipeline import dynamic_stages as dynamic
+from lyra_pipeline.backends import depth_estimator
 from lyra_pipeline.config import DYNAMIC_SOURCES, RunConfig, edge_threshold, mesh_downsample
 from lyra_pipeline.inputs import load_depth_file, load_image
 from lyra_pipeline.long_paths import generate_long_path
@@ -88,14 +89,6 @@ def make_input(store_url: str, config: RunConfig, scene: SceneRecord, run_id: st
 # 3. Depth -----------------------------------------------------------------------------------------------------
 
 
-def transformers_depth(config: RunConfig):
-    """The configured ``transformers`` depth model (local folder), for the input frame and the teacher frames."""
-    from lyra_pipeline.backends.transformers_depth import TransformersDepth
-
-    d = config.depth
-    return TransformersDepth(d.model_path, kind=d.kind, near=d.relative_near, far=d.relative_far, device=d.device)
-
-
 def _estimate_depth(config: RunConfig, scene: SceneRecord, rgb: torch.Tensor, K: torch.Tensor):
     d = config.depth
     if d.backend == "procedural":
@@ -106,11 +99,7 @@ def _estimate_depth(config: RunConfig, scene: SceneRecord, rgb: torch.Tensor, K:
     if d.backend == "file":
         path = Path(scene.image_path).with_suffix(".depth.npy")
         return load_depth_file(path, rgb.shape[-2], rgb.shape[-1]), None, f"file {path.name}"
-    if d.backend == "transformers":
-        estimator = transformers_depth(config)
-    else:
-        estimator = ConstantDepth(d.constant_value) if d.backend == "constant" else PlanarDepth(d.constant_value)
-    pred = estimator.estimate(rgb, K)
+    pred = depth_estimator(d).estimate(rgb, K)
     return pred.depth, pred.valid, pred.label
 
 
@@ -305,7 +294,7 @@ def teacher_frame_depth(config: RunConfig, scene: SceneRecord, frames: torch.Ten
         world = make_scene(scene.seed, kind=config.scenes.scene_kind)
         return world.render(cams.c2w, cams.K, cams.height, cams.width).depth.float(), "procedural (exact)"
     if d.backend == "transformers":
-        estimator = transformers_depth(config)
+        estimator = depth_estimator(d)
         out = []
         for i in range(frames.shape[0]):
             pred = estimator.estimate(frames[i], cams.K[i])

@@ -340,7 +340,7 @@ def test_training_on_smoke_store_decreases_loss(smoke_store):
     assert not set(run.train_scenes) & set(run.val_scenes)
     # a fixed batch of a training scene, scored before and after training
     trainer = new_trainer(config)
-    batch = sample_batch(run, ViewCache(store), trainer, config.stages[0], index_dataset(store).scenes)
+    batch = sample_batch(run, ViewCache(store), trainer.generator, config.stages[0], index_dataset(store).scenes)
     spec, w = config.stages[0].spec(), LossWeights(lpips=0)
     with torch.no_grad():
         before = float(batch_loss(trainer.model, batch, spec, weights=w)[0])

@@ -13,6 +13,11 @@ def test_is_transient():
     assert is_transient(OSError("connection reset")) and is_transient(TimeoutError())
     assert is_transient(ConnectionError()) and not is_transient(PermissionError())
     assert not is_transient(LyraInputError("bad image")) and not is_transient(ValueError()) and not is_transient(None)
+    # a distributed job: retried when a rank was killed, not when a rank raised
+    from lyra_pipeline.distributed import DistributedJobError
+
+    assert is_transient(DistributedJobError("rank 1 failed: Signal 9", retriable=True))
+    assert not is_transient(DistributedJobError("rank 0 failed: bad data"))
 
 
 def test_prefect_retries_transient_errors_only(prefect_harness):
