@@ -97,6 +97,7 @@ class DecoderConfig:
     input_scale_init: float = 0.2
     input_opacity_init: float = 0.95
     input_depth_fill: int = 0
+    time_embedding: bool = False
     qkv_bias: bool = True
     norm_eps: float = 1e-6
     gradient_checkpointing: bool = False
@@ -170,6 +171,8 @@ class DecoderConfig:
         fill = self.input_depth_fill
         if isinstance(fill, bool) or not isinstance(fill, int) or fill < 0:
             raise bad("input_depth_fill", "an int >= 0 (pixels)")
+        if not isinstance(self.time_embedding, bool):
+            raise bad("time_embedding", "true or false")
         if not 0.0 < self.input_opacity_init < 1.0:
             raise bad("input_opacity_init", "a number in (0, 1)")
         if self.fuse == "known" and not self.depth_input:
@@ -474,11 +477,32 @@ def output_frames(config: DecoderConfig, latent_frames: int) -> list[int]:
     return list(range(tf * (latent_frames - 1) + 1))
 
 
-def block_colors(latents: torch.Tensor, config: DecoderConfig) -> torch.Tensor:
+def latent_frame_of(frame: int, temporal_factor: int) -> int:
+    """The latent frame holding input frame ``frame`` (causal grouping: frame 0 alone, then 8(k-1)+1 .. 8k)."""
+    return (int(frame) + temporal_factor - 1) // temporal_factor
+
+
+def time_features(times: torch.Tensor) -> torch.Tensor:
+    """Lyra's time embedding (spec 4.4): normalised times (...) -> [t, cos t, sin t] (..., 3), float32."""
+    t = times.float()
+    return torch.stack([t, torch.cos(t), torch.sin(t)], dim=-1)
+
+
+def latent_time_features(times: torch.Tensor, temporal_factor: int) -> torch.Tensor:
+    """Per-frame normalised times (V,T), T = 8 T_l - 7, grouped like the latents (causal slots: latent frame 0
+    holds frame 0 in every slot): (V, T_l, 3 x temporal_factor) time features of each latent frame's slots."""
+    v = times.shape[0]
+    first = times[:, :1].expand(v, temporal_factor - 1)
+    slots = torch.cat([first, times], dim=1).reshape(v, -1, temporal_factor)
+    return time_features(slots).flatten(2)
+
+
+def block_colors(latents: torch.Tensor, config: DecoderConfig, frames: Sequence[int] | None = None) -> torch.Tensor:
     """Mean input colour of every Gaussian's pixel block, read back from patchify latents (V,1536,T_l,h,w):
-    (V, T_out, 3, H/g, W/g) in [0, 1] for the frames of :func:`output_frames` and g = ``gaussian_stride``."""
+    (V, T_out, 3, H/g, W/g) in [0, 1] for ``frames`` (default: those of :func:`output_frames`) and
+    g = ``gaussian_stride``."""
     encoder = PixelPatchifyEncoder()
-    frames = output_frames(config, int(latents.shape[2]))
+    frames = output_frames(config, int(latents.shape[2])) if frames is None else list(frames)
     out = []
     for view in latents:
         video = encoder.decode(view.float())[frames]  # (T_out, 3, H, W) in [-1, 1]
@@ -486,10 +510,10 @@ def block_colors(latents: torch.Tensor, config: DecoderConfig) -> torch.Tensor:
     return torch.stack(out)
 
 
-def input_colors(latents: torch.Tensor, config: DecoderConfig) -> torch.Tensor:
-    """Mean colour of each ``input_stride`` block of the input frame (frame 0 of view 0), read back from patchify
-    latents (V,1536,T_l,h,w): (3, H/s, W/s) in [0, 1]."""
-    frame = PixelPatchifyEncoder().decode(latents[0].float())[0]  # (3, H, W) in [-1, 1]
+def input_colors(latents: torch.Tensor, config: DecoderConfig, frame: int = 0) -> torch.Tensor:
+    """Mean colour of each ``input_stride`` block of the input frame (frame ``frame`` of view 0; static: 0), read
+    back from patchify latents (V,1536,T_l,h,w): (3, H/s, W/s) in [0, 1]."""
+    frame = PixelPatchifyEncoder().decode(latents[0].float())[frame]  # (3, H, W) in [-1, 1]
     return F.avg_pool2d(frame[None], config.input_stride)[0] * 0.5 + 0.5
 
 
@@ -506,13 +530,15 @@ def encode_known_depth(depth: torch.Tensor, config: DecoderConfig) -> torch.Tens
 
 
 def block_distance(depth: torch.Tensor, cameras: Cameras, dirs: torch.Tensor, config: DecoderConfig,
-                   edge_ratio: float = 1.1) -> torch.Tensor:
+                   edge_ratio: float = 1.1, frames: Sequence[int] | None = None) -> torch.Tensor:
     """Known distance along each Gaussian's ray (T_out,H/g,W/g,1), 0 where unknown, from one view's known
     z-depth (T,1,H,W) (0: unknown) at the output frames: the mean z of the block's central pixels (the 2x2
     around the block centre for even g), divided by the ray's cosine to the optical axis (``dirs``
     (T_out,H/g,W/g,3), unit, from :func:`output_rays`). Unknown where a central pixel is unknown or the central
     pixels straddle a depth edge (max / min > ``edge_ratio``): those Gaussians keep the learned distance."""
-    frames = output_frames(config, (len(cameras) - 1) // config.temporal_factor + 1)
+    if frames is None:
+        frames = output_frames(config, (len(cameras) - 1) // config.temporal_factor + 1)
+    frames = list(frames)
     return known_distance(depth[frames, 0], cameras.c2w[frames], dirs, config.gaussian_stride, edge_ratio)
 
 
@@ -539,9 +565,10 @@ def input_count(config: DecoderConfig, height: int, width: int) -> int:
     return (height // s) * (width // s) if s else 0
 
 
-def fused_keep(config: DecoderConfig, known_depth: torch.Tensor) -> torch.Tensor:
+def fused_keep(config: DecoderConfig, known_depth: torch.Tensor, frames: Sequence[int] | None = None) -> torch.Tensor:
     """Which Gaussians of the decoder's whole output (``forward(prune=False)``) ``fuse: known`` keeps, in its
-    order: (input_count + V*T_out*h*w,) bool.
+    order: (input_count + V*T_out*h*w,) bool. ``frames``: the output frames (default :func:`output_frames`; the
+    dynamic layout: the one query frame, whose view-0 frame is then the input frame).
 
     ``known_depth`` (V,T,1,H,W): the input frames' known z-depth (0: unknown), as given to the decoder. The first
     output frame of the first view (the input frame) keeps every Gaussian (with ``input_stride``, the input
@@ -553,7 +580,9 @@ def fused_keep(config: DecoderConfig, known_depth: torch.Tensor) -> torch.Tensor
     """
     g = config.gaussian_stride
     v, t, _, h, w = known_depth.shape
-    frames = output_frames(config, (t - 1) // config.temporal_factor + 1)
+    if frames is None:
+        frames = output_frames(config, (t - 1) // config.temporal_factor + 1)
+    frames = list(frames)
     known = (known_depth[:, frames, 0] > 0).float()  # (V,T_out,H,W)
     covered = F.avg_pool2d(known.flatten(0, 1), g).reshape(v, len(frames), h // g, w // g)
     keep = covered < config.fuse_covered - 1e-6
@@ -568,22 +597,23 @@ def nothing_known(cameras_per_view: Sequence[Cameras]) -> torch.Tensor:
     return torch.zeros(len(cameras_per_view), len(cams), 1, cams.height, cams.width)
 
 
-def input_rays(config: DecoderConfig, cams: Cameras) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def input_rays(config: DecoderConfig, cams: Cameras, frame: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The input head's rays: origins, unit dirs (1,H/s,W/s,3) through the s x s pixel blocks of the input frame
-    (the first camera of ``cams``, s = ``input_stride``), and the footprint per unit distance s / fx, float32."""
-    first = cams[torch.tensor([0])]
+    (camera ``frame`` of ``cams``; static: the first, s = ``input_stride``), and the footprint per unit distance
+    s / fx, float32."""
+    first = cams[torch.tensor([int(frame)])]
     origins, dirs = pixel_rays(first, downsample=config.input_stride)
     footprint = (config.input_stride / first.K[:, 0, 0].float())[:, None, None, None].expand(*dirs.shape[:3], 1)
     return origins.float(), dirs.float(), footprint.float()
 
 
 def output_rays(
-    config: DecoderConfig, cams: Cameras
+    config: DecoderConfig, cams: Cameras, frames: Sequence[int] | None = None
 ) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One view's Gaussian rays: the output frames (:func:`output_frames`) of its T = 8 T_l - 7 input cameras,
-    their origins and unit dirs (T_out,h,w,3) at 1/``gaussian_stride`` resolution, and each block's footprint
-    per unit distance, stride / fx (T_out,h,w,1), float32."""
-    idx = output_frames(config, (len(cams) - 1) // config.temporal_factor + 1)
+    """One view's Gaussian rays: the output frames (``frames``, default :func:`output_frames`) of its
+    T = 8 T_l - 7 input cameras, their origins and unit dirs (T_out,h,w,3) at 1/``gaussian_stride`` resolution,
+    and each block's footprint per unit distance, stride / fx (T_out,h,w,1), float32."""
+    idx = output_frames(config, (len(cams) - 1) // config.temporal_factor + 1) if frames is None else list(frames)
     sel = cams[torch.tensor(idx)]
     origins, dirs = pixel_rays(sel, downsample=config.gaussian_stride)
     footprint = (config.gaussian_stride / sel.K[:, 0, 0].float())[:, None, None, None].expand(*dirs.shape[:3], 1)
@@ -693,6 +723,9 @@ class LatentGaussianDecoder(nn.Module):
             self.plucker_embed = PatchEmbed3D(config.plucker_channels, config.width, config.patch_size)
             if config.depth_input:  # known input depth as tokens, zero-initialised like the Plücker embedding
                 self.depth_embed = ZeroTokenEmbed(PATCHIFY_LATENT_CHANNELS, config.width, config.patch_size)
+            if config.time_embedding:  # spec 4.4: input-frame times and the target time, zero-initialised
+                self.input_time_embed = nn.Linear(3 * tf, config.width)
+                self.target_time_embed = nn.Linear(3, config.width)
             blocks: list[nn.Module] = []
             for kind in self.block_types:
                 if kind == ATTENTION:
@@ -736,6 +769,10 @@ class LatentGaussianDecoder(nn.Module):
         if self.config.depth_input:
             self.depth_embed.proj.weight.zero_()
             self.depth_embed.proj.bias.zero_()
+        if self.config.time_embedding:  # zero: a static model loaded into this one decodes as before
+            for embed in (self.input_time_embed, self.target_time_embed):
+                embed.weight.zero_()
+                embed.bias.zero_()
         heads = [self.head, self.input_head] if self.config.input_stride else [self.head]
         for head in heads:
             # PyTorch's default ConvTranspose3d init (kaiming-uniform a = sqrt(5)), drawn from the seeded generator.
@@ -812,14 +849,12 @@ class LatentGaussianDecoder(nn.Module):
         (:func:`encode_known_depth`) are read with ``depth_input`` (None: nothing known)."""
         return self._run(self.head, self.features(latents, plucker, depth_tokens))
 
-    def input_raw(self, features: torch.Tensor) -> torch.Tensor:
-        """The input head's raw output (12, H/s, W/s) from :meth:`features`: one 12-vector per ``input_stride``
-        block of the input frame, read from the tokens of the first latent frame of the first view."""
-        return self._run(self.input_head, features[:1, :, :1])[0, :, 0]
-
     def features(self, latents: torch.Tensor, plucker: torch.Tensor,
-                 depth_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """The trunk's output tokens as a grid (V, width, T_l, h/ph, w/pw), what the heads read."""
+                 depth_tokens: torch.Tensor | None = None, times: torch.Tensor | None = None,
+                 target_time: float | torch.Tensor | None = None) -> torch.Tensor:
+        """The trunk's output tokens as a grid (V, width, T_l, h/ph, w/pw), what the heads read. With
+        ``time_embedding``, ``times`` (V,T) (the normalised time of every input frame) and ``target_time`` (the
+        time the Gaussians are for) are embedded (spec 4.4) and added to every token (None: not added)."""
         self.check_inputs(latents, plucker)
         dtype = self.latent_embed.proj.weight.dtype
         v, _, t_l, h, w = latents.shape
@@ -837,82 +872,150 @@ class LatentGaussianDecoder(nn.Module):
                 raise LyraConfigError(f"depth_tokens: decoder.depth_input needs (V, {c}, T_l, h, w) = ({v}, {c}, "
                                       f"{t_l}, {h}, {w}), found {found}")
             tokens = tokens + self.depth_embed(depth_tokens.to(tokens.device, dtype))
+        if self.config.time_embedding and times is not None:
+            tokens = tokens + self.time_tokens(times, target_time, t_l, (h // ph) * (w // pw)).to(tokens.dtype)
         x = tokens.reshape(1, -1, self.config.width)  # views concatenated view-major, then (t, h, w)
         for block in self.blocks:
             x = self._run(block, x)
         x = self.norm(x)
         return x.reshape(v, t_l, h // ph, w // pw, self.config.width).permute(0, 4, 1, 2, 3)
 
+    def time_tokens(self, times: torch.Tensor, target_time: float | torch.Tensor | None, t_l: int,
+                    per_frame: int) -> torch.Tensor:
+        """Additive time tokens (V, T_l * h/ph * w/pw, width): each latent frame's input-frame times and the
+        target time, embedded as [t, cos t, sin t] (spec 4.4) by two zero-initialised linear maps. (Lyra
+        encodes the broadcast time values with its frozen VAE and a patch embedding; on space-constant values
+        a patch embedding of patchify latents is this linear map of the per-slot features.)"""
+        v = int(times.shape[0])
+        if tuple(times.shape) != (v, self.config.temporal_factor * (t_l - 1) + 1):
+            raise LyraConfigError(f"times: expected the normalised time of every input frame (V, T) = ({v}, "
+                                  f"{self.config.temporal_factor * (t_l - 1) + 1}), found {tuple(times.shape)}")
+        device = self.input_time_embed.weight.device
+        emb = self.input_time_embed(latent_time_features(times.to(device), self.config.temporal_factor))  # (V,T_l,D)
+        if target_time is not None:
+            target = torch.as_tensor(target_time, dtype=torch.float32, device=device).reshape(())
+            emb = emb + self.target_time_embed(time_features(target))
+        return emb.repeat_interleave(per_frame, dim=1)
+
     def rays(
-        self, cameras_per_view: Sequence[Cameras], device: torch.device
+        self, cameras_per_view: Sequence[Cameras], device: torch.device, frames: Sequence[int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The Gaussian rays of all views at 1/``gaussian_stride`` resolution, for the output frames: origins,
-        dirs (V,T_out,h,w,3) and the block footprint per unit distance, stride / fx (V,T_out,h,w,1), float32."""
-        _, origins, dirs, feet = zip(*(output_rays(self.config, cams) for cams in cameras_per_view), strict=True)
+        """The Gaussian rays of all views at 1/``gaussian_stride`` resolution, for the output frames (``frames``,
+        default :func:`output_frames`): origins, dirs (V,T_out,h,w,3) and the block footprint per unit distance,
+        stride / fx (V,T_out,h,w,1), float32."""
+        _, origins, dirs, feet = zip(*(output_rays(self.config, cams, frames) for cams in cameras_per_view),
+                                     strict=True)
         return torch.stack(origins).to(device), torch.stack(dirs).to(device), torch.stack(feet).to(device)
 
     def forward(
         self, latents: torch.Tensor, plucker: torch.Tensor, cameras_per_view: Sequence[Cameras], *,
-        known_depth: torch.Tensor | None = None, prune: bool = True,
+        known_depth: torch.Tensor | None = None, prune: bool = True, times: torch.Tensor | None = None,
+        frame: int | None = None,
     ) -> Gaussians:
         """Gaussians of all V views: with ``input_stride``, first the input head's (the input frame, one per s x s
         block), then the grid (view-major, then t, h, w); reduced by :meth:`fuse` and pruned if
         ``config.prune_ratio`` > 0, unless ``prune=False`` (the whole output, in that order). ``known_depth``
         (V,T,1,H,W), the input frames' z-depth known before the teacher ran (the warped input depth, 0 where
         unknown; None: nothing known), is read with ``depth_input``: as tokens and as the zero point of each
-        Gaussian's distance (:func:`block_distance`), as ``color_skip`` does for colour."""
+        Gaussian's distance (:func:`block_distance`), as ``color_skip`` does for colour. With ``frame`` (and
+        ``times``): :meth:`forward_at` (a wrapper such as DistributedDataParallel only routes ``forward``)."""
+        if frame is not None:
+            return self.forward_at(latents, plucker, cameras_per_view, times, frame, known_depth=known_depth,
+                                   prune=prune)
+        return self._decode(latents, plucker, cameras_per_view, known_depth, None, None, prune)
+
+    def forward_at(
+        self, latents: torch.Tensor, plucker: torch.Tensor, cameras_per_view: Sequence[Cameras], times: torch.Tensor,
+        frame: int, *, known_depth: torch.Tensor | None = None, prune: bool = True,
+    ) -> Gaussians:
+        """Time-conditioned decoding (Lyra's dynamic model, spec 3 and 4.4): the Gaussians of the scene at input
+        frame ``frame``, whose normalised time is ``times[0, frame]``.
+
+        View 0 is the input video (its frame ``frame`` is the input frame the input head draws, one Gaussian per
+        ``input_stride`` block); every view's frame ``frame`` (all at that time: dynamic paths are time-
+        synchronised with the input) gives one Gaussian per ``gaussian_stride`` block, read from the tokens of the
+        latent frame holding it, fused as in :meth:`forward` (kept where the input frame did not see). ``times``
+        (V,T): every input frame's normalised time, embedded with ``time_embedding`` (without it, or with zero
+        time embeddings, this is the static decoder applied at that frame). Same order as :meth:`forward`."""
+        t = len(cameras_per_view[0]) if cameras_per_view else 0
+        if isinstance(frame, bool) or not isinstance(frame, int) or not 0 <= frame < t:
+            raise LyraConfigError(f"frame: expected an input frame index in [0, {t - 1}], got {frame!r}")
+        if not isinstance(times, torch.Tensor) or tuple(times.shape) != (int(latents.shape[0]), t):
+            shape = tuple(times.shape) if isinstance(times, torch.Tensor) else type(times).__name__
+            raise LyraConfigError(f"times: expected (V, T) = ({int(latents.shape[0])}, {t}) normalised times, "
+                                  f"found {shape}")
+        return self._decode(latents, plucker, cameras_per_view, known_depth, times, frame, prune)
+
+    def _decode(self, latents: torch.Tensor, plucker: torch.Tensor, cameras_per_view: Sequence[Cameras],
+                known_depth: torch.Tensor | None, times: torch.Tensor | None, frame: int | None,
+                prune: bool) -> Gaussians:
+        """:meth:`forward` (``frame`` None: the output frames of :func:`output_frames`, input frame 0) or
+        :meth:`forward_at` (the one frame ``frame``, at time ``times[0, frame]``)."""
+        cfg = self.config
         self.check_inputs(latents, plucker, cameras_per_view)
         # Without known depth (None), features() encodes "nothing known" and every distance is learned.
-        use_depth = self.config.depth_input and known_depth is not None
+        use_depth = cfg.depth_input and known_depth is not None
         if use_depth:
-            v, frames = int(latents.shape[0]), len(cameras_per_view[0])
+            v, n = int(latents.shape[0]), len(cameras_per_view[0])
             size = (cameras_per_view[0].height, cameras_per_view[0].width)
-            if tuple(known_depth.shape) != (v, frames, 1, *size):
+            if tuple(known_depth.shape) != (v, n, 1, *size):
                 raise LyraConfigError(f"known_depth: expected the input frames' depth (V, T, 1, H, W) = ({v}, "
-                                      f"{frames}, 1, {size[0]}, {size[1]}), found {tuple(known_depth.shape)}")
-        tokens = encode_known_depth(known_depth, self.config) if use_depth else None
-        x = self.features(latents, plucker, tokens)
-        raw = self._run(self.head, x)  # (V,12,T_out,h,w)
-        origins, dirs, footprint = self.rays(cameras_per_view, raw.device)
+                                      f"{n}, 1, {size[0]}, {size[1]}), found {tuple(known_depth.shape)}")
+        t_l = int(latents.shape[2])
+        frames = output_frames(cfg, t_l) if frame is None else [frame]
+        in_frame = 0 if frame is None else frame
+        tokens = encode_known_depth(known_depth, cfg) if use_depth else None
+        target_time = None if frame is None or times is None else times[0, frame]
+        x = self.features(latents, plucker, tokens, times, target_time)
+        if cfg.gaussian_frames == "keyframes":  # one output frame per latent frame: decode the latent frames needed
+            raw = self._run(self.head, x[:, :, [latent_frame_of(f, cfg.temporal_factor) for f in frames]])
+        else:
+            raw = self._run(self.head, x)[:, :, frames]  # (V,12,T_out,h,w)
+        origins, dirs, footprint = self.rays(cameras_per_view, raw.device, frames)
         base_distance = None
         if use_depth:
             base_distance = torch.stack([
-                block_distance(known_depth[i].to(dirs.device), cams, dirs[i], self.config)
+                block_distance(known_depth[i].to(dirs.device), cams, dirs[i], cfg, frames=frames)
                 for i, cams in enumerate(cameras_per_view)
             ]).reshape(-1, 1)  # fmt: skip
         raw = raw.permute(0, 2, 3, 4, 1).reshape(-1, HEAD_CHANNELS)
         base = None
-        if self.config.color_skip:
-            base = block_colors(latents, self.config).to(raw.device).permute(0, 1, 3, 4, 2).reshape(-1, 3)
+        if cfg.color_skip:
+            base = block_colors(latents, cfg, frames).to(raw.device).permute(0, 1, 3, 4, 2).reshape(-1, 3)
         gaussians = gaussian_processing(
-            raw, origins.reshape(-1, 3), dirs.reshape(-1, 3), self.config, base_colors=base,
+            raw, origins.reshape(-1, 3), dirs.reshape(-1, 3), cfg, base_colors=base,
             footprint=footprint.reshape(-1, 1), base_distance=base_distance,
         )  # fmt: skip
-        if self.config.input_stride:
+        if cfg.input_stride:
             gaussians = Gaussians.cat([self._input_gaussians(x, latents, cameras_per_view[0],
-                                                             known_depth if use_depth else None), gaussians])
+                                                             known_depth if use_depth else None, in_frame),
+                                       gaussians])
         if not prune:
             return gaussians
-        return prune_gaussians(self.fuse(gaussians, known_depth, cameras_per_view), self.config.prune_ratio)
+        return prune_gaussians(self.fuse(gaussians, known_depth, cameras_per_view, frames), cfg.prune_ratio)
 
     def _input_gaussians(self, x: torch.Tensor, latents: torch.Tensor, cams: Cameras,
-                         known_depth: torch.Tensor | None) -> Gaussians:
-        """The input head's Gaussians: one per ``input_stride`` block of the input frame (frame 0 of view 0)."""
+                         known_depth: torch.Tensor | None, frame: int = 0) -> Gaussians:
+        """The input head's Gaussians: one per ``input_stride`` block of the input frame (frame ``frame`` of view 0,
+        from the tokens of the latent frame holding it; static: frame 0)."""
         cfg = self.config
-        raw = self.input_raw(x).permute(1, 2, 0).reshape(-1, HEAD_CHANNELS)
-        origins, dirs, footprint = (t.to(raw.device) for t in input_rays(cfg, cams))
+        k = latent_frame_of(frame, cfg.temporal_factor)
+        raw = self._run(self.input_head, x[:1, :, k : k + 1])[0, :, 0].permute(1, 2, 0).reshape(-1, HEAD_CHANNELS)
+        origins, dirs, footprint = (t.to(raw.device) for t in input_rays(cfg, cams, frame))
         base_distance = None
         if known_depth is not None:  # unknown pixels (depth edges) start on the surface behind them
-            depth = fill_from_neighbours(known_depth[0, :1, 0].to(dirs.device), cfg.input_depth_fill)
-            base_distance = known_distance(depth, cams.c2w[:1], dirs, cfg.input_stride).reshape(-1, 1)
-        base = input_colors(latents, cfg).to(raw.device).permute(1, 2, 0).reshape(-1, 3) if cfg.color_skip else None
+            depth = fill_from_neighbours(known_depth[0, frame : frame + 1, 0].to(dirs.device), cfg.input_depth_fill)
+            base_distance = known_distance(depth, cams.c2w[frame : frame + 1], dirs, cfg.input_stride).reshape(-1, 1)
+        base = None
+        if cfg.color_skip:
+            base = input_colors(latents, cfg, frame).to(raw.device).permute(1, 2, 0).reshape(-1, 3)
         return gaussian_processing(
             raw, origins.reshape(-1, 3), dirs.reshape(-1, 3), cfg, base_colors=base,
             footprint=footprint.reshape(-1, 1), base_distance=base_distance, scale_init=cfg.input_scale_init,
         )  # fmt: skip
 
     def fuse(self, gaussians: Gaussians, known_depth: torch.Tensor | None,
-             cameras_per_view: Sequence[Cameras]) -> Gaussians:
+             cameras_per_view: Sequence[Cameras], frames: Sequence[int] | None = None) -> Gaussians:
         """The whole output (``forward(prune=False)``) reduced as ``config.fuse`` says: unchanged for ``stack``,
         else the Gaussians of :func:`fused_keep` (None: nothing known, so only the input frame's grid, which the
         input head replaces, is dropped)."""
@@ -920,7 +1023,7 @@ class LatentGaussianDecoder(nn.Module):
             return gaussians
         if known_depth is None:
             known_depth = nothing_known(cameras_per_view)
-        return gaussians.index(fused_keep(self.config, known_depth).to(gaussians.device))
+        return gaussians.index(fused_keep(self.config, known_depth, frames).to(gaussians.device))
 
 
 def load_decoder_state(model: LatentGaussianDecoder, state_dict: Mapping[str, torch.Tensor], *,

@@ -54,7 +54,9 @@ class StageSpec:
     ``input_views`` trajectories per sample, drawn as ``V ~ U{1..input_views}`` when ``random_views`` (Lyra's
     multi-view stages) else exactly ``input_views``; ``targets`` target frame indices per sample, rendered for
     every input view, drawn without replacement uniformly or with weight ``exp(3 p)`` (``frame_sampling``);
-    ``prune_ratio`` / ``opacity_weight``: Lyra's prune stages (0.8 / 0.1).
+    ``prune_ratio`` / ``opacity_weight``: Lyra's prune stages (0.8 / 0.1). ``dynamic`` (Lyra's stages 8-9, a
+    dynamic store): one query time per sample, the input video plus ``input_views`` whole paths as inputs and
+    ``targets`` paths (flipped twins included) as targets at that time (:func:`build_dynamic_batch`).
     """
 
     name: str
@@ -67,6 +69,7 @@ class StageSpec:
     frame_sampling: str = "uniform"
     prune_ratio: float = 0.0
     opacity_weight: float = 0.0
+    dynamic: bool = False
 
     def __post_init__(self) -> None:
         def bad(field: str, expected: str) -> LyraConfigError:
@@ -128,6 +131,15 @@ class DistillBatch:
     input_depth: torch.Tensor | None = None  # (V,T_in,1,H,W) metric z-depth of the input frames (0: unknown)
     background: torch.Tensor | None = None  # (3,) RGB composited behind the Gaussians (None: Lyra's white)
     known_depth: torch.Tensor | None = None  # (V,T_in,1,H,W) warped input depth, the decoder's depth input (0: unknown)
+    # Dynamic samples (time-conditioned decoding, LatentGaussianDecoder.forward_at): every input frame's normalised
+    # time (V,T_in) and the input frame whose time the Gaussians are for (None: a static sample).
+    times: torch.Tensor | None = None
+    frame: int | None = None
+
+    @property
+    def output_frames(self) -> list[int] | None:
+        """The frames the decoder emits Gaussians for when not the static default: the one query frame."""
+        return None if self.frame is None else [self.frame]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -267,6 +279,41 @@ def build_batch(
     )
 
 
+def build_dynamic_batch(
+    input_view: ViewData,
+    views: Sequence[ViewData],
+    targets: Sequence[ViewData],
+    frame: int,
+    times: torch.Tensor,
+    encoder: LatentEncoder,
+    background: str = "white",
+) -> DistillBatch:
+    """One dynamic sample (spec 5.1, dynamic): the decoder reads the input video (``input_view``, view 0: its
+    frames, cameras and depth; latents encoded here) and the whole time-synchronised ``views``, and is asked for
+    the scene at input frame ``frame`` (normalised time ``times[frame]``, ``times`` (T,)); the targets are frame
+    ``frame`` of every view in ``targets`` (Lyra: the 12 paths, flipped twins included, all at that time; none:
+    an inference batch)."""
+    n = int(input_view.frames.shape[0])
+    if not 0 <= int(frame) < n or tuple(times.shape) != (n,):
+        raise LyraInputError(f"build_dynamic_batch: frame {frame} and times {tuple(times.shape)} do not fit the "
+                             f"input video's {n} frames")
+    inputs = build_batch([input_view, *views], list(range(n)), [], INFERENCE, encoder, background)
+    inputs = replace(inputs, background=background_color(input_view.frames[int(frame)], background),
+                     times=times.float()[None].expand(1 + len(views), n).contiguous(), frame=int(frame))
+    if not targets:  # inference: the decoder's inputs only
+        return inputs
+    pick = [int(frame)]
+    rgb = torch.cat([t.frames[pick].float() / 255.0 for t in targets])
+    depth = valid = None
+    if all(t.depth is not None for t in targets):
+        depth = torch.cat([t.depth[pick].float() for t in targets])
+        valid = torch.cat([(t.depth_valid if t.depth_valid is not None else t.depth > 0)[pick] for t in targets])
+    return replace(
+        inputs, viewmats=torch.cat([t.cameras.w2c[pick] for t in targets]).float(),
+        Ks=torch.cat([t.cameras.K[pick] for t in targets]).float(), rgb=rgb, depth=depth, depth_valid=valid,
+    )  # fmt: skip
+
+
 def background_color(input_frame: torch.Tensor, mode: str) -> torch.Tensor | None:
     """The RGB (3,) float32 in [0, 1] composited behind the Gaussians: ``"white"`` -> None (the renderer's
     white), ``"input_mean"`` -> the mean colour of ``input_frame`` ((3,H,W) uint8, or float in [0, 1]), the
@@ -283,7 +330,7 @@ def background_color(input_frame: torch.Tensor, mode: str) -> torch.Tensor | Non
 def batch_to(batch: DistillBatch, device: torch.device | str) -> DistillBatch:
     """The batch with its tensors on ``device`` (cameras stay on the CPU: the decoder moves its rays)."""
     moved = {k: getattr(batch, k).to(device) for k in ("latents", "plucker", "viewmats", "Ks", "rgb")}
-    for k in ("depth", "depth_valid", "input_depth", "background", "known_depth"):
+    for k in ("depth", "depth_valid", "input_depth", "background", "known_depth", "times"):
         value = getattr(batch, k)
         moved[k] = value.to(device) if value is not None else None
     return replace(batch, **moved)
@@ -297,7 +344,7 @@ def batch_to(batch: DistillBatch, device: torch.device | str) -> DistillBatch:
 def decode_gaussians(model: LatentGaussianDecoder, batch: DistillBatch, prune_ratio: float = 0.0) -> Gaussians:
     """Decoder forward on one batch, then Lyra's opacity pruning."""
     return prune_gaussians(model(batch.latents, batch.plucker, list(batch.input_cameras),
-                                 known_depth=batch.known_depth), prune_ratio)
+                                 known_depth=batch.known_depth, times=batch.times, frame=batch.frame), prune_ratio)
 
 
 def render_batch(
@@ -330,10 +377,11 @@ def batch_loss(
     taken in fp32."""
     with _autocast(batch.latents.device, autocast_dtype):
         unpruned = (forward or model)(batch.latents, batch.plucker, list(batch.input_cameras),
-                                      known_depth=batch.known_depth, prune=False)
+                                      known_depth=batch.known_depth, prune=False, times=batch.times,
+                                      frame=batch.frame)
     if autocast_dtype is not None:
         unpruned = unpruned.to(dtype=torch.float32)
-    fused = model.fuse(unpruned, batch.known_depth, list(batch.input_cameras))
+    fused = model.fuse(unpruned, batch.known_depth, list(batch.input_cameras), batch.output_frames)
     gaussians = prune_gaussians(prune_gaussians(fused, model.config.prune_ratio), stage.prune_ratio)
     out = render_batch(gaussians, batch, backend=backend, views_per_chunk=views_per_chunk)
     total, parts = distillation_loss(
@@ -357,10 +405,12 @@ def gaussian_depth_loss(gaussians: Gaussians, batch: DistillBatch, config: Decod
     a known input depth: z_pred is the Gaussian's depth in the camera of the frame it was emitted for, z_target
     the input frame's metric depth at the block's centre pixel (``batch.input_depth``). Direct supervision of the
     distance channel, denser and more local than the rendered-depth loss (CPU presets; off in Lyra's setting).
-    With ``input_stride``, the input head's Gaussians (first in the order) are scored against frame 0 of view 0."""
+    With ``input_stride``, the input head's Gaussians (first in the order) are scored against frame 0 of view 0
+    (a dynamic sample: the query frame of view 0, the input video)."""
     gs = config.gaussian_stride
     t_l = int(batch.latents.shape[2])
-    idx = torch.tensor(output_frames(config, t_l))
+    idx = torch.tensor(batch.output_frames or output_frames(config, t_l))
+    first = 0 if batch.frame is None else batch.frame  # the input frame the input head draws
     n_in = input_count(config, batch.height, batch.width)
     preds, targets = [], []
 
@@ -371,8 +421,8 @@ def gaussian_depth_loss(gaussians: Gaussians, batch: DistillBatch, config: Decod
     if n_in:
         s = config.input_stride
         means = gaussians.means[:n_in].reshape(1, batch.height // s, batch.width // s, 3)
-        preds.append(depth_in(batch.input_cameras[0].c2w[:1].to(means), means).reshape(-1))
-        targets.append(batch.input_depth[0][:1, 0, s // 2 :: s, s // 2 :: s].to(means).reshape(-1))
+        preds.append(depth_in(batch.input_cameras[0].c2w[first : first + 1].to(means), means).reshape(-1))
+        targets.append(batch.input_depth[0][first : first + 1, 0, s // 2 :: s, s // 2 :: s].to(means).reshape(-1))
     means = gaussians.means[n_in:].reshape(len(batch.input_cameras), len(idx), batch.height // gs,
                                            batch.width // gs, 3)
     for v, cams in enumerate(batch.input_cameras):

@@ -703,13 +703,26 @@ def export_ply(
     min_opacity: float = MinOpacityOpt,
     layout: str = LayoutOpt,
     smoothing: float = SmoothingOpt,
+    times: str = typer.Option(None, "--times", help="dynamic scenes: a Gaussian sequence at these input frames, "
+                              "'all' or e.g. 0,12,24: <out stem>_<frame>.ply each (SuperSplat plays numbered PLYs "
+                              "as an animation), <out stem>.sequence.json (`lyra view` plays it) and a PNG strip"),
 ) -> None:
     """Decode a stored scene into 3D Gaussians: standard 3DGS PLY + a PNG strip (teacher above, render below)."""
     _setup_env()
-    from lyra_pipeline.reconstruct import ExportOptions, export_scene
+    from lyra_pipeline.reconstruct import ExportOptions, export_scene, export_sequence
 
     try:
         options = ExportOptions(prune_ratio, min_opacity, layout, smoothing)
+        if times is not None:
+            if html:
+                raise LyraInputError("--html: not available with --times (the HTML viewer shows one PLY); open the "
+                                     "sequence with `lyra view <stem>.sequence.json` or drop the PLYs on SuperSplat")
+            seq = export_sequence(store, scene, out or Path(f"{scene}.ply"), times=times, checkpoint=checkpoint,
+                                  log=_log, options=options)
+            console.print(f"wrote {len(seq.plys)} PLYs ({seq.plys[0].name} .. {seq.plys[-1].name}, "
+                          f"{min(seq.gaussians)}-{max(seq.gaussians)} Gaussians each, decoder {seq.decoder}), "
+                          f"{seq.index}" + (f", {seq.strip}" if seq.strip else ""))
+            return
         res = export_scene(store, scene, out or Path(f"{scene}.ply"), checkpoint=checkpoint, html=html, log=_log,
                            options=options)
     except LyraError as exc:
@@ -842,7 +855,8 @@ def report(
 
 @app.command()
 def view(
-    target: str = typer.Argument(..., help="scene id in --store, or a .ply file"),
+    target: str = typer.Argument(..., help="scene id in --store (a dynamic scene plays with a time slider), a .ply "
+                                 "file, or a <stem>.sequence.json from `export-ply --times`"),
     store: str = StoreOpt,
     checkpoint: str = typer.Option(None, "--checkpoint", help="decoder model.safetensors (default: the store's "
                                    "newest finished training, else the decoder shipped with the package; without "
@@ -850,12 +864,13 @@ def view(
     host: str = typer.Option("127.0.0.1", "--host", help="bind address (0.0.0.0 exposes it to your network)"),
     port: int = typer.Option(8080, "--port"),
 ) -> None:
-    """Interactive 3D view in the browser (viser): Gaussians, camera trajectories as frustums, the input image."""
+    """Interactive 3D view in the browser (viser): Gaussians, camera trajectories as frustums, the input image; a
+    time slider and play toggle for dynamic scenes and Gaussian sequences."""
     _setup_env()
     from lyra_pipeline.viewer import start_viewer
 
     try:
-        if target.lower().endswith(".ply"):
+        if target.lower().endswith((".ply", ".sequence.json")):
             server = start_viewer(ply=target, host=host, port=port)
         else:
             server = start_viewer(store=store, scene=target, checkpoint=checkpoint, host=host, port=port, log=_log)

@@ -36,10 +36,12 @@ from lyra_pipeline.storage import RunStore
 from lyra_pipeline.training import (
     LATEST,
     ViewCache,
+    dynamic_inputs,
     load_decoder_bytes,
     load_latest_decoder,
     render_view,
     scene_gaussians,
+    scene_gaussians_at,
     scene_trajectories,
 )
 
@@ -234,6 +236,105 @@ def export_refined(store: RunStore, scene_id: str, name: str, out: str | Path, *
     source = f"refined {plan.config.steps} steps from {plan.init} ({name})"
     return write_gaussians(gaussians, source, views, scene_id, plan.trajectories, out, html=html, strip=strip,
                            options=options)
+
+
+@dataclass(frozen=True)
+class SequenceResult:
+    index: Path  # <stem>.sequence.json
+    plys: list[Path]
+    strip: Path | None
+    gaussians: list[int]
+    decoder: str
+
+
+def parse_frames(text: str, count: int) -> list[int]:
+    """``--times``: ``all``, or comma-separated input frame indices in [0, count - 1] (one clear error else)."""
+    if text.strip().lower() == "all":
+        return list(range(count))
+    try:
+        frames = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        frames = []
+    if not frames or any(not 0 <= f < count for f in frames) or len(set(frames)) != len(frames):
+        raise LyraInputError(f"--times {text!r}: expected 'all' or distinct frame indices in [0, {count - 1}] "
+                             "separated by commas, e.g. 0,12,24")
+    return sorted(frames)
+
+
+def is_dynamic_scene(store: RunStore, scene_id: str) -> bool:
+    return "input/video/times" in store.list_arrays(scene_id)
+
+
+def decode_sequence(model: LatentGaussianDecoder, store: RunStore, scene_id: str,
+                    frames: list[int]) -> tuple[list[Gaussians], ViewCache, list[str], torch.Tensor]:
+    """A dynamic scene's Gaussians at each input frame of ``frames`` (time-conditioned decoding), its views, its
+    forward paths and the input video's normalised times."""
+    forward = dynamic_inputs(store, scene_id)
+    views = ViewCache(store, size=len(forward) + 2)
+    _, times = views.input_view(scene_id)
+    return [scene_gaussians_at(model, views, scene_id, forward, f) for f in frames], views, forward, times
+
+
+def export_sequence(store_url: str, scene_id: str, out: str | Path, *, times: str = "all",
+                    checkpoint: str | Path | None = None, strip: bool = True, log: Log | None = None,
+                    options: ExportOptions | None = None, fps: float = 8.0) -> SequenceResult:
+    """A dynamic scene as a Gaussian sequence: one PLY per query frame, ``<stem>_<frame:04d>.ply`` beside ``out``
+    (the numbered names SuperSplat plays as an animation when the files or their folder are dropped on it), an
+    index ``<stem>.sequence.json`` (frame, normalised time, file, Gaussians per step; ``lyra view`` plays it with a
+    time slider) and ``<stem>_sequence.png``: the input video (top) above the Gaussians rendered from the input
+    camera at the same times (bottom). Everything is validated before anything is written."""
+    out = _ply_path(out)
+    store = RunStore(store_url, create=False)
+    scene_trajectories(store, scene_id)
+    if not is_dynamic_scene(store, scene_id):
+        raise LyraInputError(f"scene {scene_id!r} is static (no input video): export it without --times")
+    count = len(store.read_array(scene_id, "input/video/times"))
+    frames = parse_frames(times, count)
+    options = options or ExportOptions()
+    model, source = resolve_decoder(store, checkpoint, log)
+    if log is not None and not model.config.time_embedding:
+        log(f"decoder {source} has no time embedding: the static decoder is applied at each frame")
+    sequence, views, _, stamps = decode_sequence(model, store, scene_id, frames)
+    input_view, _ = views.input_view(scene_id)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    entries, plys, kept = [], [], []
+    for frame, gaussians in zip(frames, sequence, strict=True):
+        g = gaussians.select_for_export(options.prune_ratio, options.min_opacity)
+        cams = input_view.cameras
+        g = g.smoothed(cams.c2w[frame, :3, 3], float(cams.K[frame, 0, 0]), options.smoothing)
+        path = out.with_name(f"{out.stem}_{frame:04d}.ply")
+        g.to_ply(path, layout=options.layout)
+        plys.append(path)
+        kept.append(g)
+        entries.append({"frame": frame, "time": float(stamps[frame]), "file": path.name, "gaussians": g.num})
+    index = out.with_name(f"{out.stem}.sequence.json")
+    index.write_text(json.dumps({"scene": scene_id, "decoder": source, "fps": fps, "layout": options.layout,
+                                 "frames": entries}, indent=1))
+    strip_path = None
+    if strip:
+        strip_path = out.with_name(f"{out.stem}_sequence.png")
+        sequence_strip(kept, frames, input_view, model.config.background).save(strip_path)
+    return SequenceResult(index, plys, strip_path, [e["gaussians"] for e in entries], source)
+
+
+def sequence_strip(sequence: list[Gaussians], frames: list[int], input_view, background: str = "input_mean",
+                   columns: int = 6) -> Image.Image:
+    """Top: the input video at up to ``columns`` evenly spaced query frames; bottom: the Gaussians of those
+    frames rendered from the input camera at that frame (over the decoder's background)."""
+    from lyra_pipeline.quality import render_gaussians
+
+    picks = evenly_spaced(len(frames), min(columns, len(frames)))
+    top, bottom = [], []
+    cams = input_view.cameras
+    for i in picks:
+        f = frames[i]
+        frame = input_view.frames[f].float() / 255.0
+        bg = background_color(input_view.frames[f], background)
+        render = render_gaussians(sequence[i], cams[torch.tensor([f])], background=bg).rgb[0]
+        top.append(frame)
+        bottom.append(render)
+    grid = torch.cat([torch.cat(top, dim=2), torch.cat(bottom, dim=2)], dim=1)
+    return Image.fromarray(to_uint8(grid).permute(1, 2, 0).numpy())
 
 
 def viewer_settings(c2w: torch.Tensor, K: torch.Tensor, height: int, width: int,

@@ -30,11 +30,13 @@ from lyra_ops.cameras import Cameras
 from lyra_ops.decoder import DecoderConfig, LatentGaussianDecoder, load_decoder_state
 from lyra_ops.distill import (
     INFERENCE,
+    DistillBatch,
     StageSpec,
     ViewData,
     batch_loss,
     batch_to,
     build_batch,
+    build_dynamic_batch,
     decode_gaussians,
     render_batch,
     sample_input_frames,
@@ -43,12 +45,13 @@ from lyra_ops.distill import (
     warmup_lambda,
 )
 from lyra_ops.errors import LyraConfigError, LyraInputError, LyraStorageError
+from lyra_ops.gaussians import Gaussians
 from lyra_ops.latents import PixelPatchifyEncoder
 from lyra_ops.losses import LossWeights, make_lpips
 from lyra_ops.scenes import make_scene
 from lyra_ops.seeding import derive_seed
 from lyra_pipeline import runner
-from lyra_pipeline.config import Section, format_errors, merge
+from lyra_pipeline.config import FLIP_SUFFIX, Section, format_errors, merge
 from lyra_pipeline.distributed import DistContext
 from lyra_pipeline.runner import (
     Recipe,
@@ -85,6 +88,7 @@ class StageConfig(Section):
     frame_sampling: Literal["uniform", "exponential"] = "uniform"
     prune_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     opacity_weight: float = Field(0.0, ge=0.0)
+    dynamic: bool = False  # a dynamic stage (Lyra's 8-9): time-conditioned samples from a dynamic store
 
     def spec(self) -> StageSpec:
         return StageSpec(**self.model_dump())
@@ -214,6 +218,24 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         "torch_threads": 2,
         "eval_frame_stride": 4,
     },
+    # Dynamic (issue 16; Lyra's stages 8-9 start from its static stage 6): the shipped static decoder plus the
+    # zero-initialised time embedding, trained on a `dynamic` store with one query time per sample: the input video
+    # and 1-3 of the six forward paths as inputs, 4 of the twelve paths (flipped twins included) as targets there.
+    "dynamic": {
+        "decoder": "small",
+        "decoder_overrides": {"time_embedding": True},
+        "init_weights": "shipped",
+        "stages": [
+            {"name": "dynamic", "steps": 600, "input_views": 3, "random_views": True, "targets": 4,
+             "dynamic": True},
+        ],
+        "optim": {"lr": 2e-4, "warmup_steps": 20, "schedule": "cosine"},
+        "loss": {"depth": 0.05, "depth_mode": "log_l1", "gaussian_depth": 0.2},
+        "val_scenes": 4,
+        "checkpoint_every": 50,
+        "torch_threads": 2,
+        "eval_frame_stride": 4,
+    },
     # Lyra's static stages 1-7 (spec 5.4, per-stage steps) for a paper-preset store (704x1280, 121 frames).
     "paper": {
         "decoder": "paper",
@@ -264,6 +286,7 @@ class DatasetIndex:
     width: int
     frames: int
     encoder: str
+    dynamic: bool = False  # the scenes have an input video (a dynamic store)
 
 
 def index_dataset(store: RunStore) -> DatasetIndex:
@@ -285,8 +308,9 @@ def index_dataset(store: RunStore) -> DatasetIndex:
     frames = store.scene_group(first)[f"trajectories/{traj}/teacher/rgb"]
     latents = store.scene_group(first)[f"trajectories/{traj}/latents"]
     t, _, h, w = frames.shape
+    dynamic = "input/video/times" in store.list_arrays(first)
     return DatasetIndex(scenes, hashlib.sha256(blob.encode()).hexdigest()[:16], int(h), int(w), int(t),
-                        str(latents.attrs.get("encoder", "patchify")))
+                        str(latents.attrs.get("encoder", "patchify")), dynamic)
 
 
 def scene_trajectories(store: RunStore, scene_id: str) -> list[str]:
@@ -355,6 +379,25 @@ class ViewCache:
         return ViewData(frames=frames, cameras=cameras, latents=arr("latents"), depth=depth, depth_valid=depth > 0,
                         known_depth=known)
 
+    def input_view(self, scene_id: str) -> tuple[ViewData, torch.Tensor]:
+        """A dynamic scene's input video as a view (frames, cameras, its depth where reliable as both the known
+        depth and the depth target; latents None: encoded when a batch is built) and its normalised times (T,)."""
+        key = (scene_id, "<input video>")
+        if key not in self._cache:
+            def arr(name: str) -> torch.Tensor:
+                return torch.from_numpy(self.store.read_array(scene_id, name))
+
+            frames = arr("input/video/rgb")
+            _, _, h, w = frames.shape
+            cameras = Cameras(arr("input/video/c2w").float(), arr("input/video/K").float(), int(h), int(w))
+            depth = torch.where(arr("depth/video/reliable").bool(), arr("depth/video/depth").float(), 0.0)
+            view = ViewData(frames=frames, cameras=cameras, depth=depth, depth_valid=depth > 0, known_depth=depth)
+            self._cache[key] = (view, arr("input/video/times").float())  # type: ignore[assignment]
+            if len(self._cache) > self.size:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key)
+        return self._cache[key]  # type: ignore[return-value]
+
 
 def scene_gaussians(model: LatentGaussianDecoder, views: ViewCache, scene_id: str, trajectories: list[str]):
     """Decoder Gaussians of one scene from all given trajectories (Lyra's inference: every path as input)."""
@@ -364,6 +407,24 @@ def scene_gaussians(model: LatentGaussianDecoder, views: ViewCache, scene_id: st
     batch = batch_to(build_batch(data, frames, [], INFERENCE, PixelPatchifyEncoder()), device)
     with torch.no_grad():
         return decode_gaussians(model, batch)
+
+
+def dynamic_inputs(store: RunStore, scene_id: str) -> list[str]:
+    """The forward paths of a dynamic scene with finished latents (its flipped twins are targets only)."""
+    return [t for t in scene_trajectories(store, scene_id) if not t.endswith(FLIP_SUFFIX)]
+
+
+def scene_gaussians_at(model: LatentGaussianDecoder, views: ViewCache, scene_id: str, trajectories: list[str],
+                       frame: int) -> Gaussians:
+    """A dynamic scene's Gaussians at input frame ``frame`` (time-conditioned decoding, Lyra's dynamic inference:
+    the input video and every given forward path as input). A static decoder (no time embedding) gives the
+    static decoder applied at that frame."""
+    input_view, times = views.input_view(scene_id)
+    device = next(model.parameters()).device
+    batch = build_dynamic_batch(input_view, [views.get(scene_id, t) for t in trajectories], [], frame, times,
+                                PixelPatchifyEncoder(), model.config.background)
+    with torch.no_grad():
+        return decode_gaussians(model, batch_to(batch, device))
 
 
 def render_view(gaussians, view: ViewData, frames: list[int], backend: str = "torch", background: str = "white"):
@@ -418,8 +479,10 @@ class TrainRun:
 # Decoder fields that only change how Gaussians are rendered or kept, not the weights' meaning: a run may start
 # from weights trained with other values of these.
 INIT_FREE_FIELDS = ("background", "prune_ratio", "gradient_checkpointing", "depth_input", "fuse", "fuse_covered",
-                    "input_stride", "input_scale_init", "input_opacity_init", "input_depth_fill")
-NEW_MODULES = ("depth_embed.", "input_head.")  # modules weights from before depth_input / input_stride may lack
+                    "input_stride", "input_scale_init", "input_opacity_init", "input_depth_fill", "time_embedding")
+# Modules that weights from before depth_input / input_stride / time_embedding may lack (zero-initialised, or the
+# input head, which starts as the input's unprojection)
+NEW_MODULES = ("depth_embed.", "input_head.", "input_time_embed.", "target_time_embed.")
 
 
 def read_init_weights(config: TrainConfig) -> tuple[bytes, str] | None:
@@ -471,9 +534,18 @@ def plan_run(store: RunStore, config: TrainConfig) -> TrainRun:
     init = read_init_weights(config)
     init_sha = sha256_hex(init[0]) if init else None
     # The resolved decoder config joins the key: a preset whose layout changed in code is another run.
-    inputs = {"dataset": index.fingerprint, "decoder": dec.to_dict(),
+    if any(s.dynamic for s in config.stages) and not index.dynamic:
+        raise LyraConfigError(f"{store.url}: dynamic stages need a dynamic store (`lyra run --preset dynamic` or "
+                              "--video); this store's scenes have no input video")
+    decoder_key = dec.to_dict()
+    if not dec.time_embedding:  # fields added since runs were published join the key only when set
+        decoder_key.pop("time_embedding")
+    inputs = {"dataset": index.fingerprint, "decoder": decoder_key,
               **({"init_weights": init_sha} if init_sha else {})}
     params = run_params(config, {"batch": 1, "precision": "fp32", "background": "decoder"})
+    for stage in params["stages"]:
+        if not stage.get("dynamic"):
+            stage.pop("dynamic", None)
     name = "decoder-" + content_key("train", TRAIN_FORMAT_VERSION, params, inputs)[:12]
 
     def create() -> dict[str, Any]:
@@ -557,11 +629,32 @@ STAT_COLUMNS = ("opacity_mean", "opacity_above_half", "scale_mean", "distance_me
 LOSS_COLUMNS = ("total", "mse", "lpips", "depth", "opacity", "gaussians", "views", *STAT_COLUMNS)
 
 
+def sample_dynamic(run: TrainRun, views: ViewCache, gen: torch.Generator, stage: StageConfig, scene: str,
+                   names: list[str]) -> DistillBatch:
+    """One dynamic sample of ``scene`` (spec 5.1, dynamic): a query frame tau ~ U{0..T-1}; inputs: the input
+    video and V paths among the forward ones (Lyra's folders 0-5); targets: ``stage.targets`` distinct paths
+    among all, flipped twins included (folders 0-11), at tau."""
+    spec = stage.spec()
+    forward = [n for n in names if not n.endswith(FLIP_SUFFIX)]
+    chosen = sample_views(gen, forward, spec)
+    frame = int(torch.randint(run.frames, (1,), generator=gen))
+    order = torch.randperm(len(names), generator=gen)[: min(spec.targets, len(names))]
+    input_view, times = views.input_view(scene)
+    batch = build_dynamic_batch(input_view, [views.get(scene, n) for n in chosen],
+                                [views.get(scene, names[int(i)]) for i in order], frame, times,
+                                PixelPatchifyEncoder(), run.config.decoder_config().background)
+    if run.config.background == "random":
+        batch = replace(batch, background=torch.rand(3, generator=gen))
+    return batch
+
+
 def sample_batch(run: TrainRun, views: ViewCache, gen: torch.Generator, stage: StageConfig,
                  index: dict[str, list[str]]):
     """Draw one training sample (scene, views, frames) from ``gen`` (a sampling stream) and assemble it."""
     spec = stage.spec()
     scene = run.train_scenes[int(torch.randint(len(run.train_scenes), (1,), generator=gen))]
+    if spec.dynamic:
+        return sample_dynamic(run, views, gen, stage, scene, index[scene])
     names = sample_views(gen, index[scene], spec)
     inputs, start, end = sample_input_frames(gen, run.frames, spec)
     targets = sample_targets(gen, start, end, spec.targets, spec.frame_sampling)

@@ -107,6 +107,88 @@ def scene_content(st: RunStore, scene: str, arrays: dict, checkpoint: str | Path
         return None, points, note
 
 
+class SequencePlayer:
+    """A Gaussian sequence in the viewer: a "time step" slider and a "play" toggle that swap the shown Gaussians
+    (``load(i)`` -> the Gaussians of step ``i``, loaded on first use and kept). ``labels[i]`` names step i."""
+
+    def __init__(self, server, labels: list[str], load: Callable[[int], Gaussians], fps: float = 8.0) -> None:
+        import threading
+
+        self.server, self.labels, self.load, self.fps = server, labels, load, float(fps)
+        self.cache: dict[int, Gaussians] = {}
+        self.current = -1
+        self.slider = server.gui.add_slider("time step", min=0, max=max(len(labels) - 1, 1), step=1, initial_value=0,
+                                            disabled=len(labels) < 2)
+        self.label = server.gui.add_markdown(labels[0])
+        self.play = server.gui.add_checkbox("play", initial_value=False)
+        self.slider.on_update(lambda _: self.show(int(self.slider.value)))
+        self.show(0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def gaussians(self, i: int) -> Gaussians:
+        if i not in self.cache:
+            self.cache[i] = self.load(i)
+        return self.cache[i]
+
+    def show(self, i: int) -> None:
+        """Show step ``i`` (no-op when already shown)."""
+        if i == self.current:
+            return
+        splats = viewer_splats(self.gaussians(i))
+        if splats is not None:
+            self.server.scene.add_gaussian_splats("/gaussians", **splats)  # same name: replaces the last step
+        else:
+            self.server.scene.remove_by_name("/gaussians")
+        self.label.content = self.labels[i]
+        self.current = i
+
+    def _loop(self) -> None:
+        while not self._stop.wait(1.0 / self.fps):
+            if self.play.value and len(self.labels) > 1:
+                nxt = (self.current + 1) % len(self.labels)
+                self.show(nxt)
+                self.slider.value = nxt
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def read_sequence(path: str | Path) -> tuple[list[dict], Path]:
+    """The frames of a ``<stem>.sequence.json`` index (``lyra export-ply --times``), each file checked."""
+    import json
+
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+        frames = list(doc["frames"])
+        files = [path.parent / str(f["file"]) for f in frames]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LyraInputError(f"{path}: not a lyra sequence index (expected JSON with 'frames': [{{'file', 'time', "
+                             f"'frame'}}, ...] as `lyra export-ply --times` writes): {exc}") from None
+    missing = [str(f) for f in files if not f.is_file()]
+    if not frames or missing:
+        raise LyraInputError(f"{path}: " + (f"missing PLY files {missing[:3]}" if missing else "no frames"))
+    return frames, path.parent
+
+
+def dynamic_sequence(st: RunStore, scene: str, checkpoint: str | Path | None,
+                     log: Callable[[str], None] | None = None) -> tuple[tuple[list[str], Callable], str]:
+    """(labels, loader) of a stored dynamic scene's time steps (decoded on first view) and a note."""
+    from lyra_pipeline.reconstruct import resolve_decoder
+    from lyra_pipeline.training import ViewCache, dynamic_inputs, scene_gaussians_at
+
+    model, source = resolve_decoder(st, checkpoint, log)
+    forward = dynamic_inputs(st, scene)
+    views = ViewCache(st, size=len(forward) + 2)
+    _, times = views.input_view(scene)
+    labels = [f"frame {i} · time {float(t):.3f}" for i, t in enumerate(times)]
+    kind = "time-conditioned" if model.config.time_embedding else "static (applied per frame)"
+    return (labels, lambda i: scene_gaussians_at(model, views, scene, forward, i)), (
+        f"{scene}: {len(labels)} time steps from {kind} decoder {source}")
+
+
 def start_viewer(
     *,
     store: str | None = None,
@@ -124,10 +206,16 @@ def start_viewer(
     ``log`` gets one line saying which (or that the point cloud is shown)."""
     viser = _viser()
     if ply is None and (store is None or scene is None):
-        raise LyraInputError("lyra view: give a PLY path, or --store and a scene id")
+        raise LyraInputError("lyra view: give a PLY path, a .sequence.json, or --store and a scene id")
     gaussians, trajectories, image, points = None, {}, None, None
+    sequence: tuple[list[str], Callable[[int], Gaussians]] | None = None
     note = ""
-    if ply is not None:
+    if ply is not None and str(ply).endswith(".sequence.json"):
+        frames, folder = read_sequence(ply)
+        labels = [f"frame {f['frame']} · time {float(f['time']):.3f} · {f['file']}" for f in frames]
+        sequence = (labels, lambda i: Gaussians.from_ply(folder / frames[i]["file"]))
+        note = f"{ply}: {len(frames)} time steps"
+    elif ply is not None:
         gaussians = Gaussians.from_ply(ply)
         note = f"{ply}: {gaussians.num} Gaussians"
     else:
@@ -145,8 +233,13 @@ def start_viewer(
                 trajectories[parts[1]] = Cameras(c2w, k, h, w)
         if "input/rgb" in arrays:
             image = np.moveaxis(st.read_array(scene, "input/rgb"), 0, -1)
-        gaussians, points, note = scene_content(st, scene, arrays, checkpoint, log)
+        if "input/video/times" in arrays:  # a dynamic scene: the decoder's Gaussians at every input frame
+            sequence, note = dynamic_sequence(st, scene, checkpoint, log)
+        else:
+            gaussians, points, note = scene_content(st, scene, arrays, checkpoint, log)
     server = viser.ViserServer(host=host, port=port, label="lyra", verbose=False)
+    if sequence is not None:
+        server.player = SequencePlayer(server, *sequence)
     splats = viewer_splats(gaussians) if gaussians is not None else None
     if splats is not None:
         server.scene.add_gaussian_splats("/gaussians", **splats)

@@ -44,12 +44,12 @@ def prefect_harness():
         yield
 
 
-def make_smoke_store(path: Path, num_scenes: int = 3) -> Path:
-    """A finished smoke-preset store built in-process, without Prefect (every SDG stage's ``.fn``)."""
+def make_smoke_store(path: Path, num_scenes: int = 3, preset: str = "smoke") -> Path:
+    """A finished smoke-preset (or ``preset``) store built in-process, without Prefect (every SDG stage's ``.fn``)."""
     from lyra_pipeline.config import build_config
     from tasks.sdg import SCENE_TASKS, sample_prompts
 
-    config = build_config("smoke", {"scenes": {"num_scenes": num_scenes}})
+    config = build_config(preset, {"scenes": {"num_scenes": num_scenes}})
     for scene in sample_prompts.fn(str(path), config):
         for task in SCENE_TASKS.values():
             task.fn(str(path), config, scene, "fixture")

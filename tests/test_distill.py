@@ -334,7 +334,7 @@ def overrides(steps: int = 6, every: int = 2) -> dict:
 
 def test_training_on_smoke_store_decreases_loss(smoke_store):
     store = RunStore(smoke_store)
-    config = build_train_config("smoke", {**overrides(10, 10), "optim": {"lr": 2e-3, "warmup_steps": 0}})
+    config = build_train_config("smoke", {**overrides(10, 10), "optim": {"lr": 5e-4, "warmup_steps": 0}})
     run = plan_run(store, config)
     assert len(run.train_scenes) == 2 and len(run.val_scenes) == 1
     assert not set(run.train_scenes) & set(run.val_scenes)
@@ -351,8 +351,9 @@ def test_training_on_smoke_store_decreases_loss(smoke_store):
     with torch.no_grad():
         after = float(batch_loss(model, batch, spec, weights=w)[0])
     # the CPU layout starts at its inputs (colour skip, known depth, the input frame unprojected), so ten steps
-    # take a few percent off (measured 0.01493 -> 0.01448); a broken step leaves the loss where it was or raises it
-    assert after < 0.985 * before, (before, after)
+    # take a share off (measured 0.01493 -> 0.01171 at lr 5e-4; at 2e-3 the steps overshoot on some CPUs:
+    # 0.01448 on one machine, 0.01556 on another); a broken step leaves the loss where it was or raises it
+    assert after < 0.95 * before, (before, after)
     metrics = read_metrics(store, run.name).to_pylist()
     assert [r["step"] for r in metrics] == list(range(1, 11)) and all(r["mse"] > 0 for r in metrics)
     # finished: a second call does nothing and rewrites nothing
