@@ -43,7 +43,7 @@ from lyra_ops.images import from_uint8, to_uint8
 from lyra_ops.metrics import psnr
 from lyra_ops.optimize import OptimizeConfig, init_gaussians_from_rgbd, optimize_scene
 from lyra_ops.seeding import derive_seed
-from lyra_pipeline.config import FLIP_SUFFIX
+from lyra_pipeline.config import FLIP_SUFFIX, DynamicConfig
 from lyra_pipeline.quality import render_gaussians
 from lyra_pipeline.storage import RunStore
 from lyra_pipeline.training import ViewCache, scene_gaussians_at, scene_trajectories
@@ -61,7 +61,7 @@ class DynamicQualitySettings:
     room_margin: float = 0.3
     optimize_steps: tuple[int, ...] = (300,)
     optimize_max_gaussians: int = 60000
-    moving: int = 2  # moving objects per procedural scene (the store's dynamic.moving)
+    moving: int | None = None  # moving objects per procedural scene (None: the store's dynamic.moving)
     backend: str = "torch"
     seed: int = 0
 
@@ -75,12 +75,23 @@ class FrameTargets:
     moving: torch.Tensor  # (N,1,H,W) bool: pixels of moving objects
 
 
-def dynamic_world(store: RunStore, scene_id: str, moving: int) -> DynamicScene:
-    """The exact dynamic scene behind ``scene_id``, checked against the stored input video (it must render the
-    input frames back to within one grey level, else the ``moving`` count or the seed is not the store's)."""
+def store_moving(store: RunStore) -> int:
+    """``dynamic.moving`` of the newest ``lyra run`` on the store that recorded one, else the default."""
+    for summary in reversed(store.run_summaries()):
+        value = ((summary.get("config") or {}).get("dynamic") or {}).get("moving")
+        if isinstance(value, int):
+            return value
+    return DynamicConfig().moving
+
+
+def dynamic_world(store: RunStore, scene_id: str, moving: int | None = None) -> DynamicScene:
+    """The exact dynamic scene behind ``scene_id`` (``moving`` objects; None: :func:`store_moving`), checked
+    against the stored input video (it must render the first and last input frames back to within one grey level,
+    else the ``moving`` count or the seed is not the store's)."""
     record = next((r for r in store.read_prompts() if r["scene_id"] == scene_id), None)
     if record is None or record["source"] != "dynamic":
         raise LyraInputError(f"{store.url}: scene {scene_id!r} is not a procedural dynamic scene (no exact truth)")
+    moving = store_moving(store) if moving is None else moving
     world = make_dynamic_scene(int(record["seed"]), moving=moving)
     rgb = torch.from_numpy(store.read_array(scene_id, "input/video/rgb"))
     c2w = torch.from_numpy(store.read_array(scene_id, "input/video/c2w")).float()

@@ -427,11 +427,15 @@ def scene_gaussians_at(model: LatentGaussianDecoder, views: ViewCache, scene_id:
         return decode_gaussians(model, batch_to(batch, device))
 
 
-def render_view(gaussians, view: ViewData, frames: list[int], backend: str = "torch", background: str = "white"):
+def render_view(gaussians, view: ViewData, frames: list[int], backend: str = "torch", background: str = "white",
+                behind: torch.Tensor | None = None):
     """Render ``gaussians`` at ``frames`` of one trajectory: (renders in [0,1] on the CPU, teacher frames).
-    ``background``: the decoder's (``DecoderConfig.background``)."""
+    ``background``: the decoder's (``DecoderConfig.background``), taken from the view's first frame; ``behind``:
+    an explicit RGB (3,) instead (a dynamic scene's: the input frame of the decoded time)."""
     batch = build_batch([view], list(range(int(view.frames.shape[0]))), frames, INFERENCE, PixelPatchifyEncoder(),
                         background)
+    if behind is not None:
+        batch = replace(batch, background=behind)
     with torch.no_grad():
         return render_batch(gaussians, batch, backend=backend).rgb.clamp(0, 1).cpu(), batch.rgb
 

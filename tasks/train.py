@@ -16,9 +16,12 @@ import torch
 from prefect import task
 from torchmetrics.functional.image import structural_similarity_index_measure
 
+from lyra_ops.distill import background_color
+from lyra_ops.errors import LyraInputError
 from lyra_ops.images import from_uint8, to_uint8
 from lyra_ops.losses import make_lpips
 from lyra_ops.metrics import psnr
+from lyra_pipeline.config import FLIP_SUFFIX
 from lyra_pipeline.quality import CHEAP_METHODS, QUALITY_SCHEMA, available_methods, scene_quality_rows
 from lyra_pipeline.retries import STAGE_TASK_OPTIONS
 from lyra_pipeline.storage import RunStore
@@ -33,6 +36,7 @@ from lyra_pipeline.training import (
     procedural_world,
     render_view,
     scene_gaussians,
+    scene_gaussians_at,
     train_until,
 )
 
@@ -78,8 +82,11 @@ def scene_decoder_rows(store: RunStore, scene_id: str, model, *, sha: str, run: 
     if not trajs:
         return []
     views = views or ViewCache(store, size=len(trajs))
-    world = procedural_world(store, scene_id)
     frames = int(views.get(scene_id, trajs[0]).frames.shape[0])
+    if "input/video/times" in store.list_arrays(scene_id):  # dynamic: Gaussians per time step
+        return dynamic_decoder_rows(store, scene_id, model, trajs, frames, sha=sha, run=run, step=step,
+                                    stride=stride, backend=backend, views=views, lp=lp)
+    world = procedural_world(store, scene_id)
     gaussians = scene_gaussians(model, views, scene_id, trajs)
     rows: list[dict[str, Any]] = []
     for traj in trajs:
@@ -103,6 +110,42 @@ def scene_decoder_rows(store: RunStore, scene_id: str, model, *, sha: str, run: 
                 "psnr_gt": float(p_g[i]) if world is not None else math.nan,
                 "ssim_gt": float(s_g[i]) if world is not None else math.nan,
                 "lpips_teacher": l_t[i], "lpips_gt": l_g[i],
+            })  # fmt: skip
+    return rows
+
+
+def dynamic_decoder_rows(store: RunStore, scene_id: str, model, trajs: list[str], frames: int, *, sha: str, run: str,
+                         step: int, stride: int, backend: str, views: ViewCache, lp) -> list[dict[str, Any]]:
+    """:func:`scene_decoder_rows` of a dynamic scene: at every ``stride``-th input frame, the decoder's Gaussians of
+    that time (the input video and the forward paths as input) rendered at every path's frame there (flipped
+    twins included), against the teacher frame and, for procedural scenes, the exact render at that time."""
+    from lyra_pipeline.dynamic_quality import dynamic_world
+
+    forward = [t for t in trajs if not t.endswith(FLIP_SUFFIX)]
+    try:
+        world = dynamic_world(store, scene_id)
+    except LyraInputError:
+        world = None  # a user video: no exact truth
+    input_view, times = views.input_view(scene_id)
+    rows: list[dict[str, Any]] = []
+    for f in range(0, frames, stride):
+        gaussians = scene_gaussians_at(model, views, scene_id, forward, f)
+        behind = background_color(input_view.frames[f], model.config.background)
+        for traj in trajs:
+            render, teacher = render_view(gaussians, views.get(scene_id, traj), [f], backend, behind=behind)
+            p_t, l_t = float(psnr(render, teacher)[0]), lp(render, teacher)[0]
+            s_t = float(structural_similarity_index_measure(render, teacher, data_range=1.0, reduction="none")[0])
+            p_g = s_g = l_g = math.nan
+            if world is not None:
+                cams = views.get(scene_id, traj).cameras
+                gt = from_uint8(to_uint8(world.render(cams.c2w[[f]], cams.K[[f]], cams.height, cams.width,
+                                                      [float(times[f])]).rgb))
+                p_g, l_g = float(psnr(render, gt)[0]), lp(render, gt)[0]
+                s_g = float(structural_similarity_index_measure(render, gt, data_range=1.0, reduction="none")[0])
+            rows.append({
+                "run": run, "step": step, "model_sha256": sha, "scene_id": scene_id, "trajectory": traj, "frame": f,
+                "input_views": len(forward) + 1, "gaussians": gaussians.num, "psnr_teacher": p_t, "ssim_teacher": s_t,
+                "psnr_gt": p_g, "ssim_gt": s_g, "lpips_teacher": l_t, "lpips_gt": l_g,
             })  # fmt: skip
     return rows
 
