@@ -1,9 +1,9 @@
 """Benchmark: a long camera path generated clip by clip vs a one-clip path, seconds per frame.
 
 The Lyra-2 example path (``../shared/data/lyra_examples/custom_trajectory_examples``, 500 frames, held to 505 =
-8k+1) on one procedural smoke scene (96x160) with the shipped tiny teacher: ``trajectories.frames: all`` (63
-clips of 9 frames overlapping by one, each conditioned on the cache of the input frame and the previous clip's
-last frame) against ``clip`` (its first 9 frames, one clip). Times every SDG stage in-process, one after the
+8k+1) on one procedural smoke scene (96x160) with the shipped tiny teacher: ``trajectories.frames: all`` (clips
+of 9 frames sharing ``generator.clip_overlap`` frames, cross-faded, each conditioned on the cache of the input
+frame and the earlier clip's frame where it starts) against ``clip`` (its first 9 frames, one clip). Times every SDG stage in-process, one after the
 other in this one run, and reports seconds per path frame for the generation stage and for the whole SDG, plus
 the clip-boundary smoothness measure of ``tests/test_custom_paths.py`` on the long path. Writes
 ``benchmarks/results/long_path_cpu.json``; never asserts.
@@ -59,6 +59,14 @@ def run(path: Path, frames: str, work: Path, threads: int) -> dict:
         out["boundary_change_max"] = float(steps[first_new].max())
         out["inside_change_mean"] = float(steps[inside].mean())
         out["inside_change_max"] = float(steps[inside].max())
+        # every step of a cross-fade (from the frame a clip starts at to the first frame only it generates)
+        # against the steps no fade touches
+        ends = [a + arr.attrs["clip_frames"] for a in starts[:-1]]
+        fade = sorted({i for s, e in zip(starts[1:], ends, strict=True) for i in range(s, e)})
+        rest = [i for i in range(n - 1) if i not in fade]
+        out["fade_change_mean"] = float(steps[fade].mean())
+        out["outside_fade_change_mean"] = float(steps[rest].mean())
+        out["clip_overlap"] = int(arr.attrs["clip_frames"] - (starts[1] - starts[0]))
     return out
 
 

@@ -159,6 +159,9 @@ class GeneratorConfig(Section):
     cpu_offload: bool = False  # diffusers enable_model_cpu_offload (small-memory GPUs)
     vae_tiling: bool = False
     vae_slicing: bool = False
+    # Long paths (trajectories.frames other than "clip") with the tiny / diffusers teachers, generated clip by
+    # clip: frames each clip shares with the one before, cross-faded (lyra_pipeline.long_paths); 1 = chained.
+    clip_overlap: int = Field(4, ge=1)
 
 
 class LatentsConfig(Section):
@@ -227,6 +230,9 @@ class RunConfig(Section):
                                  "('procedural')")
             if self.latents.encoder != "patchify":
                 raise ValueError("dynamic scenes store patchify latents (latents.encoder 'patchify')")
+        if self.generator.clip_overlap >= self.video.num_frames:
+            raise ValueError(f"generator.clip_overlap {self.generator.clip_overlap}: expected fewer frames than a clip "
+                             f"(video.num_frames {self.video.num_frames})")
         if self.scenes.source == "images" and not self.scenes.images_dir:
             raise ValueError("scenes.images_dir is required when scenes.source is 'images'")
         if self.scenes.source == "images" and self.depth.backend == "procedural":

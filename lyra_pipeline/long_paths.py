@@ -1,11 +1,15 @@
 """Generating a path longer than the video model's clip, clip by clip (Lyra-2 / GEN3C's long-video generation).
 
-A path of ``N`` frames is covered by clips of ``L = video.num_frames`` frames that overlap by one frame: clip
-``c`` starts at ``s_c = c (L - 1)`` (the last one at ``N - L`` when ``L - 1`` does not divide ``N - 1``). Each clip
-is conditioned on the 3D cache warped into its cameras, its first frame being the last frame generated before it:
+A path of ``N`` frames is covered by clips of ``L = video.num_frames`` frames, each sharing at least ``k =
+generator.clip_overlap`` frames with the clip before (the fewest such clips, starts spread evenly from 0 to
+``N - L``). Each clip is conditioned on the 3D cache warped into its cameras, its first frame being the frame at its
+start ``s_c`` generated before it, and the frames it shares are cross-faded from the earlier clip's to the new
+clip's (weights 0, 1/m, ..., (m-1)/m over m shared frames): a teacher whose clips start sharp and blur as the
+cache's coverage falls then changes gradually across a boundary instead of jumping. ``k = 1`` is plain chaining
+(the shared frame is the conditioning frame).
 
 - clip 0: the cache is the input frame with its depth: the stored ``warp`` / ``refine`` frames;
-- clip ``c > 0``: the cache is the input frame and the previous clip's last frame ``s_c``, with that frame's
+- clip ``c > 0``: the cache is the input frame and the previous clip's frame ``s_c``, with that frame's
   depth from the configured estimator, scaled to the depth the cache already predicts there (the median ratio
   to the warped depth; the exact depth for procedural scenes). Each source is warped into the clip's cameras and
   the sources' points are splatted together (``forward_warp_sources``: depth- and bilinear-weighted, as one
@@ -13,12 +17,15 @@ is conditioned on the 3D cache warped into its cameras, its first frame being th
 
 Frames are written into ``teacher/rgb`` clip by clip; its attributes ``clips_done`` and ``unit_key`` make the
 unit resumable per clip (a killed generation restarts at its first unfinished clip, under the same key only),
-and ``clip_starts`` records where each clip began.
+and ``clip_starts`` records where each clip began. ``teacher/tail`` keeps, in two alternating slots, the frames
+each clip generated where the next one overlaps it, as generated: the cross-fade reads them there, so a clip
+resumed after a kill fades from the same frames and ends identical.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
@@ -38,14 +45,22 @@ log = logging.getLogger(__name__)
 IDENTITY = torch.eye(4)
 
 
-def clip_starts(frames: int, clip: int) -> list[int]:
-    """First frame of every clip covering ``frames`` frames with ``clip``-frame clips overlapping by one."""
+def clip_starts(frames: int, clip: int, overlap: int = 1) -> list[int]:
+    """First frame of every clip covering ``frames`` frames with ``clip``-frame clips, each sharing at least
+    ``overlap`` frames with the one before: the fewest clips that can, spread evenly from frame 0 to the end."""
+    if not 1 <= overlap < clip:
+        raise ValueError(f"generator.clip_overlap: expected 1 <= overlap < {clip} (the clip length), got {overlap}")
     if frames <= clip:
         return [0]
-    starts = list(range(0, frames - clip + 1, clip - 1))
-    if starts[-1] + clip < frames:
-        starts.append(frames - clip)
-    return starts
+    count = math.ceil((frames - overlap) / (clip - overlap))
+    return [round(c * (frames - clip) / (count - 1)) for c in range(count)]
+
+
+def crossfade_weights(shared: int) -> list[float]:
+    """Weight of the new clip on each of the ``shared`` frames it shares with the clip before: 0 on the first
+    (the frame the new clip is conditioned on, kept as it was), rising linearly, so the change between the two
+    clips' frames is spread over the shared frames instead of falling on one."""
+    return [j / shared for j in range(shared)]
 
 
 def _warp_source(src: dict, cams: Cameras, config: RunConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -99,18 +114,24 @@ def generate_long_path(store: RunStore, config: RunConfig, scene: SceneRecord, n
     """Teacher frames of a long path, clip by clip into ``trajectories/<name>/teacher/rgb`` (see the module)."""
     sid, base = scene.scene_id, f"trajectories/{name}"
     n, clip = len(cams), config.video.num_frames
-    starts = clip_starts(n, clip)
+    starts = clip_starts(n, clip, config.generator.clip_overlap)
     h, w = cams.height, cams.width
     rel = f"{base}/teacher/rgb"
     group = store.scene_group(sid)
     done = 0
     if rel in store.list_arrays(sid) and group[rel].attrs.get("unit_key") == key:
         done = int(group[rel].attrs.get("clips_done", 0))
+    shared = [starts[c - 1] + clip - starts[c] for c in range(1, len(starts))]  # frames clip c shares, c >= 1
+    tail_rel = f"{base}/teacher/tail"
     if done == 0:  # a new array (any partial one of another key is replaced)
         store.write_array(sid, rel, np.zeros((n, 3, h, w), dtype=np.uint8), chunks=(1, 3, h, w),
                           attrs={"generator": generator.name, "unit_key": key, "clips_done": 0,
                                  "clip_starts": starts, "clip_frames": clip})
+        if shared:  # two slots: clip c reads the earlier clip's frames from one while it fills the other
+            store.write_array(sid, tail_rel, np.zeros((2, max(shared), 3, h, w), dtype=np.uint8),
+                              chunks=(1, 1, 3, h, w), attrs={"unit_key": key})
     arr = store.scene_group(sid)[rel]
+    tail = store.scene_group(sid)[tail_rel] if shared else None
     if done:
         log.info("%s/%s: resuming generation at clip %d of %d", sid, name, done + 1, len(starts))
     source = {"rgb": input_rgb, "depth": input_depth, "reliable": input_reliable, "K": input_K, "c2w": IDENTITY}
@@ -135,6 +156,14 @@ def generate_long_path(store: RunStore, config: RunConfig, scene: SceneRecord, n
         # draws it for the whole path, and the frames after a boundary do not change noise as well as conditioning
         frames = generator.generate(first, scene.text, sub, warped, mask, seed=derive_seed(scene.seed, "generate",
                                                                                              name))
-        lo = 0 if c == 0 else 1  # a later clip's first frame is the previous clip's last one
-        arr[s + lo : s + len(sub)] = to_uint8(frames[lo:]).numpy()
+        out = to_uint8(frames).numpy()
+        if c > 0:  # the shared frames cross-faded from the earlier clip's own frames (kept in its tail slot)
+            k = shared[c - 1]
+            old = torch.from_numpy(tail[(c - 1) % 2, :k]).float()
+            weights = torch.tensor(crossfade_weights(k)).reshape(k, 1, 1, 1)
+            out[:k] = (old + weights * (torch.from_numpy(out[:k]).float() - old)).round().to(torch.uint8).numpy()
+        arr[s : s + len(sub)] = out
+        if c + 1 < len(starts):  # this clip's frames the next one will share, as generated (before any fade)
+            k = shared[c]
+            tail[c % 2, :k] = to_uint8(frames[len(sub) - k :]).numpy()
         arr.attrs["clips_done"] = c + 1  # after the frames: a kill never records a clip it did not write
