@@ -6,13 +6,14 @@ that time) and ``flip`` (the flipped paths' cameras at that time, whose teacher 
 against exact renders of the moving scene at that time:
 
 - flat (the input frame's mean colour), rgbd (the input frame at that time unprojected with its depth),
-- static: the static decoder (default: the package's shipped one) applied at that frame, same inputs and layout,
+- static: the static decoder (default: the package's shipped one) applied at that frame, same inputs: Gaussians of
+  the query frame only, and (``static_query+keyframes``) in the dynamic decoder's layout, with the other keyframes,
 - dynamic: the trained time-conditioned decoder (``--checkpoint`` or the run's last checkpoint),
 - optimized_<N>: per-frame per-scene optimisation on the frames that exist at that time.
 
 Writes ``--out`` (JSON: table, per-(scene, frame, split, method) rows, settings, model hashes).
 
-    python benchmarks/bench_dynamic.py --store dyn24 --run decoder-d3bedf92fe1d --threads 2
+    python benchmarks/bench_dynamic.py --store dyn24 --run decoder-edb6adde84af --threads 2
 """
 
 from __future__ import annotations
@@ -22,16 +23,25 @@ import hashlib
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lyra_ops.decoder import LatentGaussianDecoder  # noqa: E402
 from lyra_pipeline.dynamic_quality import DynamicQualitySettings, scene_rows, store_moving, summarize  # noqa: E402
 from lyra_pipeline.shipped import MODEL_FILE, shipped_decoder_dir  # noqa: E402
 from lyra_pipeline.storage import RunStore  # noqa: E402
 from lyra_pipeline.training import ViewCache, final_checkpoint, load_decoder_bytes, load_run  # noqa: E402
+
+
+def with_time_frames(model: LatentGaussianDecoder, time_frames: str) -> LatentGaussianDecoder:
+    """The same weights decoding the frames ``time_frames`` names (a rendering-only field)."""
+    out = LatentGaussianDecoder(replace(model.config, time_frames=time_frames))
+    out.load_state_dict(model.state_dict())
+    return out.eval()
 
 
 def main() -> None:
@@ -59,8 +69,12 @@ def main() -> None:
         dyn_bytes = store.read_file(dyn_path)
     static_path = Path(args.static) if args.static else shipped_decoder_dir() / MODEL_FILE
     static_bytes = static_path.read_bytes()
-    models = {"static": load_decoder_bytes(static_bytes, str(static_path)).eval(),
-              "dynamic": load_decoder_bytes(dyn_bytes, dyn_path).eval()}
+    static = load_decoder_bytes(static_bytes, str(static_path)).eval()
+    dynamic = load_decoder_bytes(dyn_bytes, dyn_path).eval()
+    models = {"static": with_time_frames(static, "query")}
+    if dynamic.config.time_frames != "query":  # the static decoder in the dynamic decoder's layout too
+        models[f"static_{dynamic.config.time_frames}"] = with_time_frames(static, dynamic.config.time_frames)
+    models["dynamic"] = dynamic
     steps = tuple(int(s) for s in args.optimize_steps.split(",") if s.strip())
     settings = DynamicQualitySettings(frames=tuple(int(f) for f in args.frames.split(",")),
                                       held_out_views=args.views, optimize_steps=steps, moving=store_moving(store))

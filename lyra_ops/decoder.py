@@ -39,7 +39,12 @@ GAUSSIAN_FRAMES = ("all", "keyframes")  # Gaussians for every frame (Lyra) or fo
 DISTANCE_PARAMS = ("linear", "log")  # distance linear in sigmoid between near and far (Lyra), or log-linear
 BACKGROUNDS = ("white", "input_mean")  # composited behind the Gaussians: Lyra's white, or the input's mean colour
 FUSES = ("stack", "known")  # every output frame's Gaussians (Lyra), or later frames' only where the input did not see
-SCALE_PARAMS = ("absolute", "footprint")  # scale in world units capped (Lyra), or relative to the block footprint
+SCALE_PARAMS = ("absolute", "footprint")
+# Frames a time-conditioned decoding (forward_at) emits Gaussians for: the query frame only, or the query frame
+# first and then the other output frames (:func:`output_frames`) of every view, fused as usual (kept where the
+# input frame of their own time saw nothing), so what other times saw (disocclusions the query time's frames
+# miss) is drawn too, with Gaussians the time embedding can fade where they no longer hold.
+TIME_FRAMES = ("query", "query+keyframes")  # scale in world units capped (Lyra), or relative to the block footprint
 COLOR_SKIP_EPS = 0.02  # skip colours are clamped to [eps, 1 - eps] before their logit
 PATCH_EMBED_LN_EPS = 1e-5  # the reference's PatchEmbed3D uses nn.LayerNorm's default eps
 # Channels of the embedded defaults (PixelPatchifyEncoder latents, encode_plucker's pooled fallback) and of
@@ -98,6 +103,7 @@ class DecoderConfig:
     input_opacity_init: float = 0.95
     input_depth_fill: int = 0
     time_embedding: bool = False
+    time_frames: str = "query"
     qkv_bias: bool = True
     norm_eps: float = 1e-6
     gradient_checkpointing: bool = False
@@ -145,6 +151,7 @@ class DecoderConfig:
         if isinstance(gs, bool) or not isinstance(gs, int) or gs < 1 or self.spatial_factor % gs:
             raise bad("gaussian_stride", f"a positive int dividing spatial_factor ({self.spatial_factor})")
         for key, allowed in (("gaussian_frames", GAUSSIAN_FRAMES), ("distance_param", DISTANCE_PARAMS),
+                             ("time_frames", TIME_FRAMES),
                              ("scale_param", SCALE_PARAMS), ("background", BACKGROUNDS), ("fuse", FUSES)):
             if getattr(self, key) not in allowed:
                 raise bad(key, f"one of {allowed}")
@@ -475,6 +482,13 @@ def output_frames(config: DecoderConfig, latent_frames: int) -> list[int]:
     if config.gaussian_frames == "keyframes":
         return [tf * k for k in range(latent_frames)]
     return list(range(tf * (latent_frames - 1) + 1))
+
+
+def query_frames(config: DecoderConfig, latent_frames: int, frame: int) -> list[int]:
+    """The frames a decoding at input frame ``frame`` emits Gaussians for (``time_frames``): ``frame`` first."""
+    if config.time_frames == "query":
+        return [int(frame)]
+    return [int(frame)] + [f for f in output_frames(config, latent_frames) if f != frame]
 
 
 def latent_frame_of(frame: int, temporal_factor: int) -> int:
@@ -962,7 +976,7 @@ class LatentGaussianDecoder(nn.Module):
                 raise LyraConfigError(f"known_depth: expected the input frames' depth (V, T, 1, H, W) = ({v}, "
                                       f"{n}, 1, {size[0]}, {size[1]}), found {tuple(known_depth.shape)}")
         t_l = int(latents.shape[2])
-        frames = output_frames(cfg, t_l) if frame is None else [frame]
+        frames = output_frames(cfg, t_l) if frame is None else query_frames(cfg, t_l, frame)
         in_frame = 0 if frame is None else frame
         tokens = encode_known_depth(known_depth, cfg) if use_depth else None
         target_time = None if frame is None or times is None else times[0, frame]

@@ -28,6 +28,7 @@ from lyra_ops.decoder import (
     input_count,
     output_frames,
     prune_gaussians,
+    query_frames,
 )
 from lyra_ops.errors import LyraConfigError, LyraInputError
 from lyra_ops.gaussians import Gaussians
@@ -136,10 +137,11 @@ class DistillBatch:
     times: torch.Tensor | None = None
     frame: int | None = None
 
-    @property
-    def output_frames(self) -> list[int] | None:
-        """The frames the decoder emits Gaussians for when not the static default: the one query frame."""
-        return None if self.frame is None else [self.frame]
+    def output_frames(self, config: DecoderConfig) -> list[int]:
+        """The frames the decoder emits Gaussians for: :func:`output_frames`, or for a dynamic sample the query
+        frame's (:func:`query_frames`)."""
+        t_l = int(self.latents.shape[2])
+        return output_frames(config, t_l) if self.frame is None else query_frames(config, t_l, self.frame)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -381,7 +383,7 @@ def batch_loss(
                                       frame=batch.frame)
     if autocast_dtype is not None:
         unpruned = unpruned.to(dtype=torch.float32)
-    fused = model.fuse(unpruned, batch.known_depth, list(batch.input_cameras), batch.output_frames)
+    fused = model.fuse(unpruned, batch.known_depth, list(batch.input_cameras), batch.output_frames(model.config))
     gaussians = prune_gaussians(prune_gaussians(fused, model.config.prune_ratio), stage.prune_ratio)
     out = render_batch(gaussians, batch, backend=backend, views_per_chunk=views_per_chunk)
     total, parts = distillation_loss(
@@ -408,8 +410,7 @@ def gaussian_depth_loss(gaussians: Gaussians, batch: DistillBatch, config: Decod
     With ``input_stride``, the input head's Gaussians (first in the order) are scored against frame 0 of view 0
     (a dynamic sample: the query frame of view 0, the input video)."""
     gs = config.gaussian_stride
-    t_l = int(batch.latents.shape[2])
-    idx = torch.tensor(batch.output_frames or output_frames(config, t_l))
+    idx = torch.tensor(batch.output_frames(config))
     first = 0 if batch.frame is None else batch.frame  # the input frame the input head draws
     n_in = input_count(config, batch.height, batch.width)
     preds, targets = [], []

@@ -221,12 +221,14 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # Dynamic (issue 16; Lyra's stages 8-9 start from its static stage 6): the shipped static decoder plus the
     # zero-initialised time embedding, trained on a `dynamic` store with one query time per sample: the input video
     # and 1-3 of the six forward paths as inputs, 4 of the twelve paths (flipped twins included) as targets there.
+    # Gaussians of the query frame and of the other keyframes (what other times saw), so the time embedding has
+    # something to decide: which of those still hold at the query time.
     "dynamic": {
         "decoder": "small",
-        "decoder_overrides": {"time_embedding": True},
+        "decoder_overrides": {"time_embedding": True, "time_frames": "query+keyframes"},
         "init_weights": "shipped",
         "stages": [
-            {"name": "dynamic", "steps": 600, "input_views": 3, "random_views": True, "targets": 4,
+            {"name": "dynamic", "steps": 400, "input_views": 3, "random_views": True, "targets": 4,
              "dynamic": True},
         ],
         "optim": {"lr": 2e-4, "warmup_steps": 20, "schedule": "cosine"},
@@ -483,7 +485,7 @@ class TrainRun:
 # Decoder fields that only change how Gaussians are rendered or kept, not the weights' meaning: a run may start
 # from weights trained with other values of these.
 INIT_FREE_FIELDS = ("background", "prune_ratio", "gradient_checkpointing", "depth_input", "fuse", "fuse_covered",
-                    "input_stride", "input_scale_init", "input_opacity_init", "input_depth_fill", "time_embedding")
+                    "input_stride", "input_scale_init", "input_opacity_init", "input_depth_fill", "time_embedding", "time_frames")
 # Modules that weights from before depth_input / input_stride / time_embedding may lack (zero-initialised, or the
 # input head, which starts as the input's unprojection)
 NEW_MODULES = ("depth_embed.", "input_head.", "input_time_embed.", "target_time_embed.")
@@ -542,8 +544,9 @@ def plan_run(store: RunStore, config: TrainConfig) -> TrainRun:
         raise LyraConfigError(f"{store.url}: dynamic stages need a dynamic store (`lyra run --preset dynamic` or "
                               "--video); this store's scenes have no input video")
     decoder_key = dec.to_dict()
-    if not dec.time_embedding:  # fields added since runs were published join the key only when set
-        decoder_key.pop("time_embedding")
+    for key, default in (("time_embedding", False), ("time_frames", "query")):
+        if decoder_key[key] == default:  # fields added since runs were published join the key only when set
+            decoder_key.pop(key)
     inputs = {"dataset": index.fingerprint, "decoder": decoder_key,
               **({"init_weights": init_sha} if init_sha else {})}
     params = run_params(config, {"batch": 1, "precision": "fp32", "background": "decoder"})

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -287,3 +288,29 @@ def test_dynamic_training_resumes_exactly(dyn_store, tmp_path):
             train_until(store, run.name, stop)
         out[label] = RunStore(store, create=False).read_file(RunStore.checkpoint_rel(run.name, 4, "model.safetensors"))
     assert out["straight"] == out["resumed"]
+
+
+def test_query_frames_put_the_query_first_then_the_other_keyframes(dyn_store):
+    from lyra_ops.decoder import query_frames
+
+    cfg = DecoderConfig.preset("tiny")
+    assert query_frames(cfg, 4, 5) == [5]
+    wide = DecoderConfig.preset("tiny", time_frames="query+keyframes")
+    assert query_frames(wide, 4, 5) == [5, 0, 8, 16, 24] and query_frames(wide, 4, 8) == [8, 0, 16, 24]
+    # the decoder's whole output: the input head, then every view's Gaussians of those frames
+    st = RunStore(str(dyn_store), create=False)
+    views = ViewCache(st)
+    model = LatentGaussianDecoder(replace(wide, time_embedding=True), seed=0).eval()
+    from lyra_ops.distill import build_dynamic_batch
+    from lyra_ops.latents import PixelPatchifyEncoder
+
+    input_view, times = views.input_view(SCENE)
+    paths = [views.get(SCENE, n) for n in dynamic_inputs(st, SCENE)]
+    batch = build_dynamic_batch(input_view, paths, [], 4, times, PixelPatchifyEncoder())
+    with torch.no_grad():
+        whole = model(batch.latents, batch.plucker, list(batch.input_cameras), known_depth=batch.known_depth,
+                      times=batch.times, frame=4, prune=False)
+    h, w, g = 96, 160, wide.gaussian_stride
+    assert whole.num == h * w + (1 + len(paths)) * len(query_frames(wide, 2, 4)) * (h // g) * (w // g)
+    kept = model.fuse(whole, batch.known_depth, list(batch.input_cameras), batch.output_frames(model.config))
+    assert h * w < kept.num < whole.num
