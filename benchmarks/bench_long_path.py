@@ -4,8 +4,9 @@ The Lyra-2 example path (``../shared/data/lyra_examples/custom_trajectory_exampl
 8k+1) on one procedural smoke scene (96x160) with the shipped tiny teacher: ``trajectories.frames: all`` (clips
 of 9 frames sharing ``generator.clip_overlap`` frames, cross-faded, each conditioned on the cache of the input
 frame and the earlier clip's frame where it starts) against ``clip`` (its first 9 frames, one clip). Times every
-SDG stage in-process, one after the other in this one run, and reports seconds per path frame for the generation stage and for the whole SDG, plus
-the clip-boundary smoothness measure of ``tests/test_custom_paths.py`` on the long path. Writes
+SDG stage in-process, one after the other in this one run, and reports seconds per path frame for the
+generation stage and for the whole SDG, plus the clip-boundary smoothness measures of
+``tests/test_custom_paths.py`` on the long path. Writes
 ``benchmarks/results/long_path_cpu.json``; never asserts.
 """
 

@@ -116,7 +116,7 @@ def plan_keys(config: RunConfig, scene: SceneRecord) -> SceneKeys:
                    "custom_sha": _file_sha(config.trajectories.custom)}
     gen_params = {**section_dict(config, "generator"), "checkpoint": _checkpoint_fingerprint(config)}
     if config.trajectories.frames == "clip" or config.generator.backend in ("oracle", "warp_only"):
-        gen_params["generator"].pop("clip_overlap")  # one clip per path, or generated whole: the overlap changes nothing
+        gen_params["generator"].pop("clip_overlap")  # one clip per path, or generated whole: overlap changes nothing
     per_traj: dict[str, dict[str, str]] = {}
     for name in config.trajectory_names:
         k_cam = content_key("cameras", v["cameras"], {**traj_params, "name": name}, {"input": k_input})

@@ -485,7 +485,8 @@ class TrainRun:
 # Decoder fields that only change how Gaussians are rendered or kept, not the weights' meaning: a run may start
 # from weights trained with other values of these.
 INIT_FREE_FIELDS = ("background", "prune_ratio", "gradient_checkpointing", "depth_input", "fuse", "fuse_covered",
-                    "input_stride", "input_scale_init", "input_opacity_init", "input_depth_fill", "time_embedding", "time_frames")
+                    "input_stride", "input_scale_init", "input_opacity_init", "input_depth_fill", "time_embedding",
+                    "time_frames")
 # Modules that weights from before depth_input / input_stride / time_embedding may lack (zero-initialised, or the
 # input head, which starts as the input's unprojection)
 NEW_MODULES = ("depth_embed.", "input_head.", "input_time_embed.", "target_time_embed.")
