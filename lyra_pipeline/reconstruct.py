@@ -31,7 +31,7 @@ from lyra_ops.errors import LyraConfigError, LyraError, LyraInputError
 from lyra_ops.gaussians import PLY_LAYOUTS, Gaussians
 from lyra_ops.images import to_uint8
 from lyra_pipeline.inspect import evenly_spaced
-from lyra_pipeline.shipped import shipped_decoder
+from lyra_pipeline.shipped import shipped_decoder, shipped_dynamic_decoder_dir
 from lyra_pipeline.storage import RunStore
 from lyra_pipeline.training import (
     LATEST,
@@ -93,22 +93,28 @@ def finished_training(store: RunStore | str | None) -> RunStore | None:
     return store if store.read_file(LATEST) is not None else None
 
 
-def load_decoder(store: RunStore | str | None, checkpoint: str | Path | None) -> tuple[LatentGaussianDecoder, str]:
+def load_decoder(store: RunStore | str | None, checkpoint: str | Path | None,
+                 dynamic: bool = False) -> tuple[LatentGaussianDecoder, str]:
     """(decoder, description of where it came from). Resolution: ``checkpoint`` (a model.safetensors file or a
     store path/URL with a finished training) wins; else ``store``'s newest finished training; else the shipped
-    package decoder. A bad explicit checkpoint raises; it never falls back."""
+    package decoder. For a ``dynamic`` scene a time-conditioned decoder is preferred at each step after the
+    explicit checkpoint: the store's training if it is one, else the shipped dynamic decoder, else the static ones
+    (applied per frame). A bad explicit checkpoint raises; it never falls back."""
     if checkpoint is not None:
         return checkpoint_decoder(checkpoint)
     trained = finished_training(store)
-    if trained is not None:
-        return trained_decoder(trained)
-    return shipped_decoder()
+    found = trained_decoder(trained) if trained is not None else None
+    if dynamic and (found is None or not found[0].config.time_embedding):
+        root = shipped_dynamic_decoder_dir()
+        if root is not None:
+            return shipped_decoder(root)
+    return found if found is not None else shipped_decoder()
 
 
 def resolve_decoder(store: RunStore | str | None, checkpoint: str | Path | None,
-                    log: Log | None = None) -> tuple[LatentGaussianDecoder, str]:
+                    log: Log | None = None, dynamic: bool = False) -> tuple[LatentGaussianDecoder, str]:
     """:func:`load_decoder`, then ``log("decoder: <description>")``."""
-    model, source = load_decoder(store, checkpoint)
+    model, source = load_decoder(store, checkpoint, dynamic)
     if log is not None:
         log(f"decoder: {source}")
     return model, source
@@ -178,6 +184,9 @@ def export_scene(store_url: str, scene_id: str, out: str | Path, *, checkpoint: 
     out = _ply_path(out)
     store = RunStore(store_url, create=False)
     scene_trajectories(store, scene_id)  # an unknown scene is named before any decoder is looked for
+    if is_dynamic_scene(store, scene_id):
+        raise LyraInputError(f"scene {scene_id!r} is dynamic (a moving scene has no single PLY): export its Gaussian "
+                             "sequence with --times all, or one time step with e.g. --times 0")
     model, source = resolve_decoder(store, checkpoint, log)
     return write_scene(model, source, store, scene_id, out, html=html, strip=strip, options=options)
 
@@ -291,7 +300,7 @@ def export_sequence(store_url: str, scene_id: str, out: str | Path, *, times: st
     count = len(store.read_array(scene_id, "input/video/times"))
     frames = parse_frames(times, count)
     options = options or ExportOptions()
-    model, source = resolve_decoder(store, checkpoint, log)
+    model, source = resolve_decoder(store, checkpoint, log, dynamic=True)
     if log is not None and not model.config.time_embedding:
         log(f"decoder {source} has no time embedding: the static decoder is applied at each frame")
     sequence, views, _, stamps = decode_sequence(model, store, scene_id, frames)

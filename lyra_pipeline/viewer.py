@@ -179,7 +179,7 @@ def dynamic_sequence(st: RunStore, scene: str, checkpoint: str | Path | None,
     from lyra_pipeline.reconstruct import resolve_decoder
     from lyra_pipeline.training import ViewCache, dynamic_inputs, scene_gaussians_at
 
-    model, source = resolve_decoder(st, checkpoint, log)
+    model, source = resolve_decoder(st, checkpoint, log, dynamic=True)
     forward = dynamic_inputs(st, scene)
     views = ViewCache(st, size=len(forward) + 2)
     _, times = views.input_view(scene)

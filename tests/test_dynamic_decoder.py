@@ -181,7 +181,8 @@ def test_export_sequence_bad_input_one_line_nothing_written(dyn_store, smoke_sto
     for args, needle in (((SCENE, "--store", str(dyn_store), "--times", "0,99"), "--times"),
                          ((SCENE, "--store", str(dyn_store), "--times", "a,b"), "--times"),
                          (("proc-000000", "--store", str(smoke_store_template), "--times", "all"), "static"),
-                         ((SCENE, "--store", str(dyn_store), "--times", "all", "--html"), "--html")):
+                         ((SCENE, "--store", str(dyn_store), "--times", "all", "--html"), "--html"),
+                         ((SCENE, "--store", str(dyn_store)), "--times all")):
         res = lyra("export-ply", *args, "--out", str(out))
         assert res.returncode != 0 and needle in res.stderr + res.stdout
         assert "Traceback" not in res.stderr
