@@ -23,25 +23,17 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lyra_ops.decoder import LatentGaussianDecoder  # noqa: E402
+from lyra_ops.decoder import with_time_frames  # noqa: E402
 from lyra_pipeline.dynamic_quality import DynamicQualitySettings, scene_rows, store_moving, summarize  # noqa: E402
 from lyra_pipeline.shipped import MODEL_FILE, shipped_decoder_dir  # noqa: E402
 from lyra_pipeline.storage import RunStore  # noqa: E402
 from lyra_pipeline.training import ViewCache, final_checkpoint, load_decoder_bytes, load_run  # noqa: E402
-
-
-def with_time_frames(model: LatentGaussianDecoder, time_frames: str) -> LatentGaussianDecoder:
-    """The same weights decoding the frames ``time_frames`` names (a rendering-only field)."""
-    out = LatentGaussianDecoder(replace(model.config, time_frames=time_frames))
-    out.load_state_dict(model.state_dict())
-    return out.eval()
 
 
 def main() -> None:

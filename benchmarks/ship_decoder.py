@@ -1,12 +1,11 @@
-"""Package a training run's checkpoint as the shipped decoder (``lyra_pipeline/weights/decoder``, or with
-``--dest lyra_pipeline/weights/dynamic_decoder`` the time-conditioned one).
+"""Package a training run's checkpoint as the shipped decoder (``lyra_pipeline/weights/decoder``).
 
 Copies ``model.safetensors`` byte for byte and writes ``decoder.json`` beside it: the run's training config,
 the dataset fingerprint and split, the step shipped (of the run's total), the summed wall time of the training
 steps (``cpu_seconds``, with the torch threads used; for a run started from weights (``init_weights``) the
 description of those weights is kept under ``init`` when they are the decoder shipped now, and ``steps`` /
 ``cpu_seconds`` sum over both runs), and the held-out quality table of
-``benchmarks/bench_distill.py`` or ``bench_dynamic.py`` (``--quality``: its JSON, measured on that same checkpoint).
+``benchmarks/bench_distill.py`` (``--quality``: its JSON, measured on that same checkpoint).
 
     python benchmarks/ship_decoder.py --store /work/data/d40 --run decoder-b9565f132664 \\
         --quality benchmarks/results/decoder_quality.json
@@ -41,9 +40,8 @@ def main() -> None:
     data = store.read_file(RunStore.checkpoint_rel(run.name, step, "model.safetensors"))
     sha = hashlib.sha256(data).hexdigest()
     quality = json.loads(Path(args.quality).read_text())
-    measured = quality.get("model_sha256") or quality.get("dynamic_sha256")  # bench_distill / bench_dynamic JSON
-    if measured not in (None, sha):
-        raise SystemExit(f"{args.quality} was measured on checkpoint {measured[:12]}, not {sha[:12]}")
+    if quality.get("model_sha256") not in (None, sha):
+        raise SystemExit(f"{args.quality} was measured on checkpoint {quality['model_sha256'][:12]}, not {sha[:12]}")
     metrics = [r for r in read_metrics(store, run.name).to_pylist() if r["step"] <= step]
     dest = Path(args.dest)
     seconds = round(sum(r["seconds"] for r in metrics), 1)
@@ -56,13 +54,8 @@ def main() -> None:
         "cpu_seconds": seconds, "cpu_threads": run.config.torch_threads, "held_out": quality,
     }  # fmt: skip
     if run.init_sha256:  # the run started from weights: record where they came from, totals over the lineage
-        # (the weights shipped at --dest before, or the shipped static decoder a dynamic run starts from)
-        before = {}
-        for previous in (dest / INFO_FILE, SHIPPED_DECODER / INFO_FILE):
-            doc = json.loads(previous.read_text()) if previous.is_file() else {}
-            if doc.get("model_sha256") == run.init_sha256:
-                before = doc
-                break
+        previous = dest / INFO_FILE
+        before = json.loads(previous.read_text()) if previous.is_file() else {}
         if before.get("model_sha256") == run.init_sha256:
             before.pop("held_out", None)
             info["init"] = before

@@ -1040,6 +1040,13 @@ class LatentGaussianDecoder(nn.Module):
         return gaussians.index(fused_keep(self.config, known_depth, frames).to(gaussians.device))
 
 
+def with_time_frames(model: LatentGaussianDecoder, time_frames: str) -> LatentGaussianDecoder:
+    """The same weights (a copy, eval mode) decoding the frames ``time_frames`` names (a rendering-only field)."""
+    out = LatentGaussianDecoder(dataclasses.replace(model.config, time_frames=time_frames))
+    out.load_state_dict(model.state_dict())
+    return out.to(next(model.parameters()).device).eval()
+
+
 def load_decoder_state(model: LatentGaussianDecoder, state_dict: Mapping[str, torch.Tensor], *,
                        keep_missing: Sequence[str] = ()) -> None:
     """Strictly load ``state_dict`` into ``model`` after checking every key and shape.

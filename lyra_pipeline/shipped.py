@@ -23,8 +23,6 @@ if TYPE_CHECKING:
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 SHIPPED_DECODER = PACKAGE_ROOT / "weights" / "decoder"
-# The time-conditioned decoder for dynamic scenes (``lyra train --preset dynamic``), same layout.
-SHIPPED_DYNAMIC_DECODER = PACKAGE_ROOT / "weights" / "dynamic_decoder"
 MODEL_FILE = "model.safetensors"
 INFO_FILE = "decoder.json"
 INFO_KEYS = ("config", "data_fingerprint", "steps", "cpu_seconds", "held_out")
@@ -33,11 +31,6 @@ INFO_KEYS = ("config", "data_fingerprint", "steps", "cpu_seconds", "held_out")
 def shipped_decoder_dir() -> Path:
     """The shipped decoder's folder (read at call time, so tests can point ``SHIPPED_DECODER`` elsewhere)."""
     return SHIPPED_DECODER
-
-
-def shipped_dynamic_decoder_dir() -> Path | None:
-    """The shipped time-conditioned decoder's folder, or None when this install carries none."""
-    return SHIPPED_DYNAMIC_DECODER if (SHIPPED_DYNAMIC_DECODER / MODEL_FILE).is_file() else None
 
 
 def display_path(root: Path) -> str:
