@@ -581,8 +581,8 @@ def input_count(config: DecoderConfig, height: int, width: int) -> int:
 
 def fused_keep(config: DecoderConfig, known_depth: torch.Tensor, frames: Sequence[int] | None = None) -> torch.Tensor:
     """Which Gaussians of the decoder's whole output (``forward(prune=False)``) ``fuse: known`` keeps, in its
-    order: (input_count + V*T_out*h*w,) bool. ``frames``: the output frames (default :func:`output_frames`; the
-    dynamic layout: the one query frame, whose view-0 frame is then the input frame).
+    order: (input_count + V*T_out*h*w,) bool. ``frames``: the output frames (default :func:`output_frames`; a
+    time-conditioned decoding: :func:`query_frames`, the query frame first, whose view-0 frame is the input frame).
 
     ``known_depth`` (V,T,1,H,W): the input frames' known z-depth (0: unknown), as given to the decoder. The first
     output frame of the first view (the input frame) keeps every Gaussian (with ``input_stride``, the input

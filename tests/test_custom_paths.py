@@ -188,6 +188,14 @@ def test_long_path_with_the_tiny_teacher_is_generated_clip_by_clip_and_resumes_p
     boundary = steps[starts[1:]]  # frame s -> s + 1: into the first frame each new clip generates
     inside = steps[[i for i in range(24) if i not in starts[1:]]]
     assert float(boundary.max()) <= float(inside.max()), (boundary, inside)
+    # the frames the next clip fades from, kept as generated, as storage_layout.md documents them (K = 5 shared)
+    tail = st.scene_group(scene.scene_id)["trajectories/custom/teacher/tail"]
+    row = next(line for line in (Path(__file__).resolve().parents[1] / "storage_layout.md").read_text().splitlines()
+               if line.startswith("| `trajectories/<trajectory>/teacher/tail`"))
+    shape, dtype, chunks = (c.strip().strip("`") for c in row.strip("|").split("|")[1:4])
+    sym = {"K": 5, "H": 96, "W": 160}
+    assert tail.shape == eval(shape, {}, sym) and str(tail.dtype) == dtype  # noqa: S307
+    assert tail.chunks == eval(chunks, {}, sym)  # noqa: S307
     fade = sorted({i for s, e in zip(starts[1:], [a + 9 for a in starts[:-1]], strict=True) for i in range(s, e)})
     rest = [i for i in range(24) if i not in fade]
     if rest:

@@ -88,12 +88,16 @@ def test_gaussians_at_a_frame_start_as_that_frame_unprojected(dyn_store):
     assert not torch.equal(decode(model, dyn_store, 0).colors, decode(model, dyn_store, 8).colors)
 
 
-def test_a_dynamic_sample_targets_every_view_at_the_query_time(dyn_store):
-    st = RunStore(str(dyn_store), create=False)
+def tiny_dynamic_run(store: Path):
+    """(store, config, run, views) of a tiny dynamic run on ``store`` (one held-out scene)."""
+    st = RunStore(str(store), create=False)
     cfg = build_train_config("dynamic", {"decoder": "tiny", "init_weights": None, "val_scenes": 1,
                                          "stages": [STAGE]})
-    run = plan_run(st, cfg)
-    views = ViewCache(st)
+    return st, cfg, plan_run(st, cfg), ViewCache(st)
+
+
+def test_a_dynamic_sample_targets_every_view_at_the_query_time(dyn_store):
+    st, cfg, run, views = tiny_dynamic_run(dyn_store)
     names = scene_trajectories(st, SCENE)
     assert any(n.endswith(FLIP_SUFFIX) for n in names)
     seen_flip_target = False
@@ -119,11 +123,7 @@ def test_a_dynamic_sample_targets_every_view_at_the_query_time(dyn_store):
 
 
 def test_dynamic_training_overfits_one_sample_and_trains_the_time_embedding(dyn_store):
-    st = RunStore(str(dyn_store), create=False)
-    cfg = build_train_config("dynamic", {"decoder": "tiny", "init_weights": None, "val_scenes": 1,
-                                         "stages": [STAGE]})
-    run = plan_run(st, cfg)
-    views = ViewCache(st)
+    st, cfg, run, views = tiny_dynamic_run(dyn_store)
     names = scene_trajectories(st, run.train_scenes[0])
     batch = sample_dynamic(run, views, torch.Generator().manual_seed(0), cfg.stages[0], run.train_scenes[0], names)
     model = LatentGaussianDecoder(cfg.decoder_config(), seed=0)
