@@ -139,8 +139,8 @@ def test_dynamic_training_overfits_one_sample_and_trains_the_time_embedding(dyn_
     # the layout starts at its inputs (the input frame unprojected, colour skip), so twelve steps take a few
     # percent off (measured 0.00938 -> 0.00894); a step that ignored the time-conditioned path would not train it
     assert losses[-1] < 0.97 * losses[0], losses
-    assert float(model.target_time_embed.weight.abs().sum()) > 0
-    assert float(model.input_time_embed.weight.abs().sum()) > 0
+    assert float(model.target_time_embed.weight.detach().abs().sum()) > 0
+    assert float(model.input_time_embed.weight.detach().abs().sum()) > 0
 
 
 def test_dynamic_stages_need_a_dynamic_store(smoke_store):
