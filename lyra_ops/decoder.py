@@ -887,23 +887,20 @@ class LatentGaussianDecoder(nn.Module):
                                       f"{t_l}, {h}, {w}), found {found}")
             tokens = tokens + self.depth_embed(depth_tokens.to(tokens.device, dtype))
         if self.config.time_embedding and times is not None:
-            tokens = tokens + self.time_tokens(times, target_time, t_l, (h // ph) * (w // pw)).to(tokens.dtype)
+            tokens = tokens + self.time_tokens(times, target_time, (h // ph) * (w // pw)).to(tokens.dtype)
         x = tokens.reshape(1, -1, self.config.width)  # views concatenated view-major, then (t, h, w)
         for block in self.blocks:
             x = self._run(block, x)
         x = self.norm(x)
         return x.reshape(v, t_l, h // ph, w // pw, self.config.width).permute(0, 4, 1, 2, 3)
 
-    def time_tokens(self, times: torch.Tensor, target_time: float | torch.Tensor | None, t_l: int,
+    def time_tokens(self, times: torch.Tensor, target_time: float | torch.Tensor | None,
                     per_frame: int) -> torch.Tensor:
         """Additive time tokens (V, T_l * h/ph * w/pw, width): each latent frame's input-frame times and the
         target time, embedded as [t, cos t, sin t] (spec 4.4) by two zero-initialised linear maps. (Lyra
         encodes the broadcast time values with its frozen VAE and a patch embedding; on space-constant values
-        a patch embedding of patchify latents is this linear map of the per-slot features.)"""
-        v = int(times.shape[0])
-        if tuple(times.shape) != (v, self.config.temporal_factor * (t_l - 1) + 1):
-            raise LyraConfigError(f"times: expected the normalised time of every input frame (V, T) = ({v}, "
-                                  f"{self.config.temporal_factor * (t_l - 1) + 1}), found {tuple(times.shape)}")
+        a patch embedding of patchify latents is this linear map of the per-slot features.) ``times`` (V,T) is
+        checked by :meth:`forward_at`, the way in."""
         device = self.input_time_embed.weight.device
         emb = self.input_time_embed(latent_time_features(times.to(device), self.config.temporal_factor))  # (V,T_l,D)
         if target_time is not None:

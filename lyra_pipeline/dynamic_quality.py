@@ -46,7 +46,13 @@ from lyra_ops.seeding import derive_seed
 from lyra_pipeline.config import FLIP_SUFFIX, DynamicConfig
 from lyra_pipeline.quality import render_gaussians
 from lyra_pipeline.storage import RunStore
-from lyra_pipeline.training import ViewCache, scene_gaussians_at, scene_trajectories
+from lyra_pipeline.training import (
+    INPUT_TIMES,
+    ViewCache,
+    forward_paths,
+    scene_gaussians_at,
+    scene_trajectories,
+)
 
 log = logging.getLogger(__name__)
 SPLITS = ("held_out", "flip")
@@ -96,7 +102,7 @@ def dynamic_world(store: RunStore, scene_id: str, moving: int | None = None) -> 
     rgb = torch.from_numpy(store.read_array(scene_id, "input/video/rgb"))
     c2w = torch.from_numpy(store.read_array(scene_id, "input/video/c2w")).float()
     K = torch.from_numpy(store.read_array(scene_id, "input/video/K")).float()
-    times = torch.from_numpy(store.read_array(scene_id, "input/video/times"))
+    times = torch.from_numpy(store.read_array(scene_id, INPUT_TIMES))
     last = len(times) - 1
     check = world.render(c2w[[0, last]], K[[0, last]], int(rgb.shape[2]), int(rgb.shape[3]), times[[0, last]])
     diff = (to_uint8(check.rgb).int() - rgb[[0, last]].int()).abs().max()
@@ -106,12 +112,12 @@ def dynamic_world(store: RunStore, scene_id: str, moving: int | None = None) -> 
     return world
 
 
-def frame_targets(world: DynamicScene, store: RunStore, scene_id: str, views: ViewCache, frame: int,
+def frame_targets(world: DynamicScene, names: list[str], scene_id: str, views: ViewCache, frame: int,
                   settings: DynamicQualitySettings) -> list[FrameTargets]:
-    """The ``held_out`` and ``flip`` targets of one scene at input frame ``frame`` (exact renders)."""
+    """The ``held_out`` and ``flip`` targets of one scene (trajectories ``names``) at input frame ``frame``
+    (exact renders)."""
     input_view, times = views.input_view(scene_id)
     tau = float(times[frame])
-    names = scene_trajectories(store, scene_id)
     moving_ids = {m.obj_id for m in world.motions}
     first = input_view.cameras
     all_c2w = torch.cat([views.get(scene_id, n).cameras.c2w for n in names] + [first.c2w])
@@ -189,13 +195,14 @@ def scene_rows(store: RunStore, scene_id: str, models: dict[str, LatentGaussianD
     """One row per (query frame, split, method) of one held-out scene."""
     views = views or ViewCache(store)
     world = dynamic_world(store, scene_id, settings.moving)
-    forward = [n for n in scene_trajectories(store, scene_id) if not n.endswith(FLIP_SUFFIX)]
+    names = scene_trajectories(store, scene_id)
+    forward = forward_paths(names)
     input_view, times = views.input_view(scene_id)
     rows = []
     for frame in settings.frames:
         if not 0 <= frame < len(times):
             raise LyraInputError(f"query frame {frame}: the scene has {len(times)} frames")
-        targets = frame_targets(world, store, scene_id, views, frame, settings)
+        targets = frame_targets(world, names, scene_id, views, frame, settings)
         background = background_color(input_view.frames[frame], "input_mean")
         results: dict[str, tuple[Gaussians | None, float]] = {"flat": (None, 0.0)}
         t0 = time.perf_counter()

@@ -34,9 +34,11 @@ from lyra_pipeline.inspect import evenly_spaced
 from lyra_pipeline.shipped import shipped_decoder
 from lyra_pipeline.storage import RunStore
 from lyra_pipeline.training import (
+    INPUT_TIMES,
     LATEST,
     ViewCache,
     dynamic_inputs,
+    is_dynamic_scene,
     load_decoder_bytes,
     load_latest_decoder,
     render_view,
@@ -270,18 +272,14 @@ def parse_frames(text: str, count: int) -> list[int]:
     return sorted(frames)
 
 
-def is_dynamic_scene(store: RunStore, scene_id: str) -> bool:
-    return "input/video/times" in store.list_arrays(scene_id)
-
-
 def decode_sequence(model: LatentGaussianDecoder, store: RunStore, scene_id: str,
-                    frames: list[int]) -> tuple[list[Gaussians], ViewCache, list[str], torch.Tensor]:
-    """A dynamic scene's Gaussians at each input frame of ``frames`` (time-conditioned decoding), its views, its
-    forward paths and the input video's normalised times."""
+                    frames: list[int]) -> tuple[list[Gaussians], ViewCache, torch.Tensor]:
+    """A dynamic scene's Gaussians at each input frame of ``frames`` (time-conditioned decoding), its views and
+    the input video's normalised times."""
     forward = dynamic_inputs(store, scene_id)
     views = ViewCache(store, size=len(forward) + 2)
     _, times = views.input_view(scene_id)
-    return [scene_gaussians_at(model, views, scene_id, forward, f) for f in frames], views, forward, times
+    return [scene_gaussians_at(model, views, scene_id, forward, f) for f in frames], views, times
 
 
 def export_sequence(store_url: str, scene_id: str, out: str | Path, *, times: str = "all",
@@ -297,11 +295,11 @@ def export_sequence(store_url: str, scene_id: str, out: str | Path, *, times: st
     scene_trajectories(store, scene_id)
     if not is_dynamic_scene(store, scene_id):
         raise LyraInputError(f"scene {scene_id!r} is static (no input video): export it without --times")
-    count = len(store.read_array(scene_id, "input/video/times"))
+    count = len(store.read_array(scene_id, INPUT_TIMES))
     frames = parse_frames(times, count)
     options = options or ExportOptions()
     model, source = resolve_decoder(store, checkpoint, log, dynamic=True)
-    sequence, views, _, stamps = decode_sequence(model, store, scene_id, frames)
+    sequence, views, stamps = decode_sequence(model, store, scene_id, frames)
     input_view, _ = views.input_view(scene_id)
     out.parent.mkdir(parents=True, exist_ok=True)
     entries, plys, kept = [], [], []

@@ -68,6 +68,7 @@ from lyra_pipeline.storage import RunStore, content_key
 log = logging.getLogger(__name__)
 TRAIN_FORMAT_VERSION = 1
 LATEST = "train/latest.json"
+INPUT_TIMES = "input/video/times"  # the array only dynamic scenes (an input video) have
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -310,7 +311,7 @@ def index_dataset(store: RunStore) -> DatasetIndex:
     frames = store.scene_group(first)[f"trajectories/{traj}/teacher/rgb"]
     latents = store.scene_group(first)[f"trajectories/{traj}/latents"]
     t, _, h, w = frames.shape
-    dynamic = "input/video/times" in store.list_arrays(first)
+    dynamic = is_dynamic_scene(store, first)
     return DatasetIndex(scenes, hashlib.sha256(blob.encode()).hexdigest()[:16], int(h), int(w), int(t),
                         str(latents.attrs.get("encoder", "patchify")), dynamic)
 
@@ -345,7 +346,7 @@ class ViewCache:
 
     def __init__(self, store: RunStore, size: int = 32) -> None:
         self.store, self.size = store, size
-        self._cache: OrderedDict[tuple[str, str], ViewData] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._video_depth: set[tuple[str, str]] | None = None  # units whose stage video_depth is done
 
     def _has_video_depth(self, scene_id: str, trajectory: str) -> bool:
@@ -353,16 +354,18 @@ class ViewCache:
             self._video_depth = {(s, t) for (s, t, stage) in self.store.done_keys() if stage == "video_depth"}
         return (scene_id, trajectory) in self._video_depth
 
-    def get(self, scene_id: str, trajectory: str) -> ViewData:
-        key = (scene_id, trajectory)
+    def _cached(self, key: tuple[str, str], load: Callable[[], Any]) -> Any:
+        """``load()``'s value under ``key``, read once and kept among the ``size`` most recently used."""
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        view = self._read(scene_id, trajectory)
-        self._cache[key] = view
+        value = self._cache[key] = load()
         if len(self._cache) > self.size:
             self._cache.popitem(last=False)
-        return view
+        return value
+
+    def get(self, scene_id: str, trajectory: str) -> ViewData:
+        return self._cached((scene_id, trajectory), lambda: self._read(scene_id, trajectory))
 
     def _read(self, scene_id: str, trajectory: str) -> ViewData:
         base = f"trajectories/{trajectory}"
@@ -384,8 +387,7 @@ class ViewCache:
     def input_view(self, scene_id: str) -> tuple[ViewData, torch.Tensor]:
         """A dynamic scene's input video as a view (frames, cameras, its depth where reliable as both the known
         depth and the depth target; latents None: encoded when a batch is built) and its normalised times (T,)."""
-        key = (scene_id, "<input video>")
-        if key not in self._cache:
+        def load() -> tuple[ViewData, torch.Tensor]:
             def arr(name: str) -> torch.Tensor:
                 return torch.from_numpy(self.store.read_array(scene_id, name))
 
@@ -394,11 +396,9 @@ class ViewCache:
             cameras = Cameras(arr("input/video/c2w").float(), arr("input/video/K").float(), int(h), int(w))
             depth = torch.where(arr("depth/video/reliable").bool(), arr("depth/video/depth").float(), 0.0)
             view = ViewData(frames=frames, cameras=cameras, depth=depth, depth_valid=depth > 0, known_depth=depth)
-            self._cache[key] = (view, arr("input/video/times").float())  # type: ignore[assignment]
-            if len(self._cache) > self.size:
-                self._cache.popitem(last=False)
-        self._cache.move_to_end(key)
-        return self._cache[key]  # type: ignore[return-value]
+            return view, arr(INPUT_TIMES).float()
+
+        return self._cached((scene_id, "<input video>"), load)
 
 
 def scene_gaussians(model: LatentGaussianDecoder, views: ViewCache, scene_id: str, trajectories: list[str]):
@@ -411,9 +411,19 @@ def scene_gaussians(model: LatentGaussianDecoder, views: ViewCache, scene_id: st
         return decode_gaussians(model, batch)
 
 
+def forward_paths(names: list[str]) -> list[str]:
+    """The forward paths among a dynamic scene's trajectories (their flipped twins are targets only)."""
+    return [n for n in names if not n.endswith(FLIP_SUFFIX)]
+
+
 def dynamic_inputs(store: RunStore, scene_id: str) -> list[str]:
-    """The forward paths of a dynamic scene with finished latents (its flipped twins are targets only)."""
-    return [t for t in scene_trajectories(store, scene_id) if not t.endswith(FLIP_SUFFIX)]
+    """The forward paths of a dynamic scene with finished latents."""
+    return forward_paths(scene_trajectories(store, scene_id))
+
+
+def is_dynamic_scene(store: RunStore, scene_id: str) -> bool:
+    """True when the scene has an input video (a procedural dynamic scene or a user video)."""
+    return INPUT_TIMES in store.list_arrays(scene_id)
 
 
 def scene_gaussians_at(model: LatentGaussianDecoder, views: ViewCache, scene_id: str, trajectories: list[str],
@@ -643,8 +653,7 @@ def sample_dynamic(run: TrainRun, views: ViewCache, gen: torch.Generator, stage:
     video and V paths among the forward ones (Lyra's folders 0-5); targets: ``stage.targets`` distinct paths
     among all, flipped twins included (folders 0-11), at tau."""
     spec = stage.spec()
-    forward = [n for n in names if not n.endswith(FLIP_SUFFIX)]
-    chosen = sample_views(gen, forward, spec)
+    chosen = sample_views(gen, forward_paths(names), spec)
     frame = int(torch.randint(run.frames, (1,), generator=gen))
     order = torch.randperm(len(names), generator=gen)[: min(spec.targets, len(names))]
     input_view, times = views.input_view(scene)

@@ -16,6 +16,7 @@ from lyra_ops.cameras import Cameras
 from lyra_ops.errors import LyraConfigError, LyraError, LyraInputError
 from lyra_ops.gaussians import Gaussians
 from lyra_pipeline.storage import RunStore
+from lyra_pipeline.training import is_dynamic_scene
 
 TRAJECTORY_COLOURS = [(230, 80, 60), (60, 160, 230), (90, 200, 90), (230, 180, 40), (170, 90, 220), (40, 200, 200),
                       (220, 120, 180), (140, 140, 140)]
@@ -233,7 +234,7 @@ def start_viewer(
                 trajectories[parts[1]] = Cameras(c2w, k, h, w)
         if "input/rgb" in arrays:
             image = np.moveaxis(st.read_array(scene, "input/rgb"), 0, -1)
-        if "input/video/times" in arrays:  # a dynamic scene: the decoder's Gaussians at every input frame
+        if is_dynamic_scene(st, scene):  # a dynamic scene: the decoder's Gaussians at every input frame
             sequence, note = dynamic_sequence(st, scene, checkpoint, log)
         else:
             gaussians, points, note = scene_content(st, scene, arrays, checkpoint, log)

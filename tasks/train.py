@@ -21,7 +21,6 @@ from lyra_ops.errors import LyraInputError
 from lyra_ops.images import from_uint8, to_uint8
 from lyra_ops.losses import make_lpips
 from lyra_ops.metrics import psnr
-from lyra_pipeline.config import FLIP_SUFFIX
 from lyra_pipeline.quality import CHEAP_METHODS, QUALITY_SCHEMA, available_methods, scene_quality_rows
 from lyra_pipeline.retries import STAGE_TASK_OPTIONS
 from lyra_pipeline.storage import RunStore
@@ -29,7 +28,9 @@ from lyra_pipeline.training import (
     TrainConfig,
     TrainRun,
     ViewCache,
+    forward_paths,
     index_dataset,
+    is_dynamic_scene,
     load_decoder_bytes,
     load_run,
     plan_run,
@@ -83,7 +84,7 @@ def scene_decoder_rows(store: RunStore, scene_id: str, model, *, sha: str, run: 
         return []
     views = views or ViewCache(store, size=len(trajs))
     frames = int(views.get(scene_id, trajs[0]).frames.shape[0])
-    if "input/video/times" in store.list_arrays(scene_id):  # dynamic: Gaussians per time step
+    if is_dynamic_scene(store, scene_id):  # dynamic: Gaussians per time step
         return dynamic_decoder_rows(store, scene_id, model, trajs, frames, sha=sha, run=run, step=step,
                                     stride=stride, backend=backend, views=views, lp=lp)
     world = procedural_world(store, scene_id)
@@ -121,7 +122,7 @@ def dynamic_decoder_rows(store: RunStore, scene_id: str, model, trajs: list[str]
     twins included), against the teacher frame and, for procedural scenes, the exact render at that time."""
     from lyra_pipeline.dynamic_quality import dynamic_world
 
-    forward = [t for t in trajs if not t.endswith(FLIP_SUFFIX)]
+    forward = forward_paths(trajs)
     try:
         world = dynamic_world(store, scene_id)
     except LyraInputError:
