@@ -33,6 +33,11 @@ def test_bad_values_and_presets():
         build_config("smoke", {"trajectories": {"names": ["zoomin"]}})
     with pytest.raises(LyraConfigError, match=r"did you mean 'smoke'"):
         build_config("smoek")
+    with pytest.raises(LyraConfigError, match=r"generator\.clip_overlap 9: expected fewer frames than a clip "
+                                              r"\(video\.num_frames 9\)"):
+        build_config("smoke", {"generator": {"clip_overlap": 9}})
+    with pytest.raises(LyraConfigError, match=r"generator\.clip_overlap"):
+        build_config("smoke", {"generator": {"clip_overlap": 0}})
     with pytest.raises(LyraConfigError, match=r"'oracle' renders procedural scenes only"):
         build_config("smoke", {"scenes": {"source": "images", "images_dir": "/x"}, "depth": {"backend": "planar"}})
 

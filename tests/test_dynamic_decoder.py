@@ -315,3 +315,20 @@ def test_query_frames_put_the_query_first_then_the_other_keyframes(dyn_store):
     assert whole.num == h * w + (1 + len(paths)) * len(query_frames(wide, 2, 4)) * (h // g) * (w // g)
     kept = model.fuse(whole, batch.known_depth, list(batch.input_cameras), batch.output_frames(model.config))
     assert h * w < kept.num < whole.num
+
+
+def test_a_bad_sequence_index_is_named_in_one_line(tmp_path):
+    from lyra_ops.errors import LyraInputError
+    from lyra_pipeline.viewer import read_sequence
+
+    bad = tmp_path / "s.sequence.json"
+    bad.write_text("{not json")
+    with pytest.raises(LyraInputError, match=r"s\.sequence\.json: not a lyra sequence index \(expected JSON with "
+                                             r"'frames'"):
+        read_sequence(bad)
+    bad.write_text(json.dumps({"frames": [{"file": "s_0000.ply", "time": 0.0, "frame": 0}]}))
+    with pytest.raises(LyraInputError, match=r"s\.sequence\.json: missing PLY files \[.*s_0000\.ply"):
+        read_sequence(bad)
+    bad.write_text(json.dumps({"frames": []}))
+    with pytest.raises(LyraInputError, match=r"s\.sequence\.json: no frames"):
+        read_sequence(bad)
