@@ -9,6 +9,7 @@ against exact renders of the moving scene at that time:
 - static: the static decoder (default: the package's shipped one) applied at that frame, same inputs: Gaussians of
   the query frame only, and (``static_query+keyframes``) in the dynamic decoder's layout, with the other keyframes,
 - dynamic: the trained time-conditioned decoder (``--checkpoint`` or the run's last checkpoint),
+- ceiling: the dynamic decoder's output layout with exact data (its rays at exact depth, the frames' colours),
 - optimized_<N>: per-frame per-scene optimisation on the frames that exist at that time.
 
 Writes ``--out`` (JSON: table, per-(scene, frame, split, method) rows, settings, model hashes).
@@ -69,7 +70,8 @@ def main() -> None:
     models["dynamic"] = dynamic
     steps = tuple(int(s) for s in args.optimize_steps.split(",") if s.strip())
     settings = DynamicQualitySettings(frames=tuple(int(f) for f in args.frames.split(",")),
-                                      held_out_views=args.views, optimize_steps=steps, moving=store_moving(store))
+                                      held_out_views=args.views, optimize_steps=steps, moving=store_moving(store),
+                                      ceiling=dynamic.config)
     scenes = args.scenes.split(",") if args.scenes else run.val_scenes
     assert not set(scenes) & set(run.train_scenes), "scored scenes must be held out"
     views = ViewCache(store, size=16)

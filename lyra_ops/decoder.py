@@ -662,6 +662,7 @@ def ceiling_gaussians(
     opacity: float = 0.99,
     known_depth_per_view: Sequence[torch.Tensor] | None = None,
     whole: bool = False,
+    frame: int | None = None,
 ) -> Gaussians:
     """The best this decoder's output layout can do with exact data (the "ceiling" baseline).
 
@@ -673,21 +674,26 @@ def ceiling_gaussians(
     (T,1,H,W) exact z-depth, both over the whole trajectory of each view. With ``fuse: known``, the Gaussians
     the decoder drops (:func:`fused_keep` of ``known_depth_per_view``, each (T,1,H,W), the decoder's known-depth
     input; None: nothing known) are dropped here too, unless ``whole`` (then: the decoder's whole output,
-    ``forward(prune=False)``, in its order).
+    ``forward(prune=False)``, in its order). ``frame``: the layout of a time-conditioned decoding at that input
+    frame (:meth:`LatentGaussianDecoder.forward_at`: view 0's frame ``frame`` as the input frame, the frames of
+    :func:`query_frames`).
     """
     gs = config.gaussian_stride
+    t_l = (len(cameras_per_view[0]) - 1) // config.temporal_factor + 1
+    frames = output_frames(config, t_l) if frame is None else query_frames(config, t_l, frame)
+    first = 0 if frame is None else frame
     parts = []
     if config.input_stride:
         s = config.input_stride
         cams = cameras_per_view[0]
-        origins, dirs, footprint = input_rays(config, cams)
-        z = depth_per_view[0][:1, 0, s // 2 :: s, s // 2 :: s].float()
-        colors = F.avg_pool2d(frames_per_view[0][:1].float(), s).permute(0, 2, 3, 1).reshape(-1, 3)
-        forward = cams.c2w[:1][:, None, None, :3, 2].float()
+        origins, dirs, footprint = input_rays(config, cams, first)
+        z = depth_per_view[0][first : first + 1, 0, s // 2 :: s, s // 2 :: s].float()
+        colors = F.avg_pool2d(frames_per_view[0][first : first + 1].float(), s).permute(0, 2, 3, 1).reshape(-1, 3)
+        forward = cams.c2w[first : first + 1][:, None, None, :3, 2].float()
         parts.append(_exact_gaussians(config, origins, dirs, footprint, z, forward, colors, config.input_scale_init,
                                       opacity))
     for cams, rgb, depth in zip(cameras_per_view, frames_per_view, depth_per_view, strict=True):
-        idx, origins, dirs, footprint = output_rays(config, cams)  # (T,h,w,3), (T,h,w,1)
+        idx, origins, dirs, footprint = output_rays(config, cams, frames)  # (T,h,w,3), (T,h,w,1)
         z = depth[idx][:, 0, gs // 2 :: gs, gs // 2 :: gs].float()  # (T,h,w)
         forward = cams.c2w[idx][:, None, None, :3, 2].float()
         colors = F.avg_pool2d(rgb[idx].float(), gs).permute(0, 2, 3, 1).reshape(-1, 3)
@@ -697,7 +703,7 @@ def ceiling_gaussians(
     if config.fuse == "known" and not whole:
         known = (nothing_known(cameras_per_view) if known_depth_per_view is None
                  else torch.stack(list(known_depth_per_view)))
-        out = out.index(fused_keep(config, known))
+        out = out.index(fused_keep(config, known, frames))
     return out
 
 

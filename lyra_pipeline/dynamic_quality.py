@@ -34,8 +34,8 @@ import torch
 
 from lyra_ops.baselines import depth_absrel, flat_image, held_out_cameras, rgbd_gaussians
 from lyra_ops.cameras import Cameras
-from lyra_ops.decoder import LatentGaussianDecoder
-from lyra_ops.distill import background_color
+from lyra_ops.decoder import DecoderConfig, LatentGaussianDecoder, ceiling_gaussians, query_frames
+from lyra_ops.distill import ViewData, background_color
 from lyra_ops.dynamic import DynamicScene, make_dynamic_scene
 from lyra_ops.errors import LyraInputError
 from lyra_ops.gaussians import Gaussians
@@ -68,6 +68,7 @@ class DynamicQualitySettings:
     optimize_steps: tuple[int, ...] = (300,)
     optimize_max_gaussians: int = 60000
     moving: int | None = None  # moving objects per procedural scene (None: the store's dynamic.moving)
+    ceiling: DecoderConfig | None = None  # score this decoder layout's exact-data ceiling too (None: not)
     backend: str = "torch"
     seed: int = 0
 
@@ -161,6 +162,23 @@ def _scores(rgb: torch.Tensor, depth: torch.Tensor | None, alpha: torch.Tensor |
     return out
 
 
+def ceiling_at(config: DecoderConfig, world: DynamicScene, views: list[ViewData], times: torch.Tensor,
+               frame: int) -> Gaussians:
+    """The exact-data ceiling of the layout ``config`` decodes at input frame ``frame`` (view 0 the input video,
+    then the forward paths): Gaussians on its rays at the exact depth of each frame's own time, coloured by the
+    frames (exact: the input video and oracle teacher frames), dropped where the decoder would drop them."""
+    t_l = (len(views[0].cameras) - 1) // config.temporal_factor + 1
+    used = query_frames(config, t_l, frame)
+    depths = []
+    for view in views:
+        depth = torch.zeros(len(view.cameras), 1, view.cameras.height, view.cameras.width)
+        cams = view.cameras
+        depth[used] = world.render(cams.c2w[used], cams.K[used], cams.height, cams.width, times[used]).depth
+        depths.append(depth)
+    return ceiling_gaussians(config, [v.cameras for v in views], [from_uint8(v.frames) for v in views], depths,
+                             known_depth_per_view=[v.known_depth for v in views], frame=frame)
+
+
 def optimized_frame(views: ViewCache, scene_id: str, forward: Sequence[str], frame: int, steps: Sequence[int],
                     settings: DynamicQualitySettings, background: torch.Tensor) -> dict[int, tuple[Gaussians, float]]:
     """Per-frame per-scene optimisation at input frame ``frame`` on the frames that exist at that time: the input
@@ -198,6 +216,7 @@ def scene_rows(store: RunStore, scene_id: str, models: dict[str, LatentGaussianD
     names = scene_trajectories(store, scene_id)
     forward = forward_paths(names)
     input_view, times = views.input_view(scene_id)
+    paths = [views.get(scene_id, n) for n in forward]
     rows = []
     for frame in settings.frames:
         if not 0 <= frame < len(times):
@@ -212,6 +231,10 @@ def scene_rows(store: RunStore, scene_id: str, models: dict[str, LatentGaussianD
         for name, model in models.items():
             t0 = time.perf_counter()
             results[name] = (scene_gaussians_at(model, views, scene_id, forward, frame), time.perf_counter() - t0)
+        if settings.ceiling is not None:
+            t0 = time.perf_counter()
+            results["ceiling"] = (ceiling_at(settings.ceiling, world, [input_view, *paths], times, frame),
+                                  time.perf_counter() - t0)
         if settings.optimize_steps:
             for n, (g, seconds) in optimized_frame(views, scene_id, forward, frame, settings.optimize_steps, settings,
                                                    background).items():

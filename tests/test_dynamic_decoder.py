@@ -225,11 +225,14 @@ def test_dynamic_quality_rows_score_every_method_on_both_splits(dyn_store):
     from lyra_pipeline.dynamic_quality import DynamicQualitySettings, scene_rows, summarize
 
     st = RunStore(str(dyn_store), create=False)
-    settings = DynamicQualitySettings(frames=(4,), held_out_views=2, optimize_steps=(5,))
+    layout = DecoderConfig.preset("tiny", time_frames="query+keyframes")
+    settings = DynamicQualitySettings(frames=(4,), held_out_views=2, optimize_steps=(5,), ceiling=layout)
     rows = scene_rows(st, "dyn-000001", {"static": tiny()}, settings)
     table = summarize(rows)
     assert {(r["split"], r["method"]) for r in table} == {
-        (s, m) for s in ("held_out", "flip") for m in ("flat", "rgbd", "static", "optimized_5")}
+        (s, m) for s in ("held_out", "flip") for m in ("flat", "rgbd", "static", "ceiling", "optimized_5")}
+    ceiling = next(r for r in table if r["split"] == "held_out" and r["method"] == "ceiling")
+    assert ceiling["depth_absrel"] < 0.1  # exact depth on the layout's rays
     assert all(np.isfinite(r["psnr"]) for r in table)
     assert any(r["moving_views"] > 0 for r in rows)  # the moving objects are in view
     rgbd = next(r for r in table if r["split"] == "held_out" and r["method"] == "rgbd")
