@@ -571,7 +571,7 @@ def stage(
     console.print(f"stage {name}: computed {computed}, reused {skipped}")
 
 
-TrainPresetOpt = typer.Option("default", "--preset", help="training preset: smoke | default | paper")
+TrainPresetOpt = typer.Option("default", "--preset", help="training preset: smoke | default | dynamic | paper")
 
 
 NprocOpt = typer.Option(1, "--nproc", min=1, help="training processes per machine (torchrun, DDP; one per GPU)")
@@ -691,6 +691,11 @@ LayoutOpt = typer.Option("compact", "--layout", help="PLY vertex layout: compact
                          "inria (the original 3DGS layout, with zero normals and zero f_rest_0..44)")
 
 
+BackdropOpt = typer.Option("auto", "--backdrop", help="auto: bake the background the Gaussians were trained over "
+                           "into the PLY as an opaque sphere behind the scene, so every viewer shows the scene as "
+                           "training saw it (refinements need none); none: the scene's Gaussians only")
+
+
 @app.command("export-ply")
 def export_ply(
     scene: str = typer.Argument(..., help="scene id"),
@@ -703,6 +708,7 @@ def export_ply(
     min_opacity: float = MinOpacityOpt,
     layout: str = LayoutOpt,
     smoothing: float = SmoothingOpt,
+    backdrop: str = BackdropOpt,
     times: str = typer.Option(None, "--times", help="dynamic scenes: a Gaussian sequence at these input frames, "
                               "'all' or e.g. 0,12,24: <out stem>_<frame>.ply each (SuperSplat plays numbered PLYs "
                               "as an animation), <out stem>.sequence.json (`lyra view` plays it) and a PNG strip"),
@@ -712,7 +718,7 @@ def export_ply(
     from lyra_pipeline.reconstruct import ExportOptions, export_scene, export_sequence
 
     try:
-        options = ExportOptions(prune_ratio, min_opacity, layout, smoothing)
+        options = ExportOptions(prune_ratio, min_opacity, layout, smoothing, backdrop)
         if times is not None:
             if html:
                 raise LyraInputError("--html: not available with --times (the HTML viewer shows one PLY); open the "
@@ -749,6 +755,7 @@ def refine(
     min_opacity: float = MinOpacityOpt,
     layout: str = LayoutOpt,
     smoothing: float = SmoothingOpt,
+    backdrop: str = BackdropOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     """Optimise one stored scene's 3D Gaussians against its teacher frames (resumes; a finished one does
@@ -763,7 +770,7 @@ def refine(
         if steps < 1:
             raise LyraInputError(f"--steps: expected an integer >= 1, got {steps}")
         config = RefineConfig(steps=steps, init=init, background=background)
-        ExportOptions(prune_ratio, min_opacity, layout, smoothing)  # bad export options fail here
+        ExportOptions(prune_ratio, min_opacity, layout, smoothing, backdrop)  # bad export options fail here
         target = out or Path(f"{scene}-refined.ply")
         if target.suffix.lower() != ".ply":
             raise LyraInputError(f"{target}: --out must be a .ply path")
@@ -774,7 +781,7 @@ def refine(
         result = refine_scene(scene=scene, store=store, steps=steps, init=init, background=background,
                               checkpoint=str(checkpoint) if checkpoint else None, out=str(target), html=html,
                               export={"prune_ratio": prune_ratio, "min_opacity": min_opacity, "layout": layout,
-                                      "smoothing": smoothing})
+                                      "smoothing": smoothing, "backdrop": backdrop})
     except LyraError as exc:
         _fail(exc)
     _log(refine_summary(result) + f"; {result['steps_computed']} steps computed now")
@@ -805,6 +812,7 @@ def reconstruct(
     min_opacity: float = MinOpacityOpt,
     layout: str = LayoutOpt,
     smoothing: float = SmoothingOpt,
+    backdrop: str = BackdropOpt,
     refine_steps: int = typer.Option(None, "--refine", help="then refine the Gaussians against the generated "
                                      "frames for this many steps (like `lyra refine`; resumable in OUT/store)"),
 ) -> None:
@@ -815,7 +823,7 @@ def reconstruct(
     from lyra_pipeline.refine import RefineConfig
 
     try:
-        options = ExportOptions(prune_ratio, min_opacity, layout, smoothing)
+        options = ExportOptions(prune_ratio, min_opacity, layout, smoothing, backdrop)
         if refine_steps is not None and refine_steps < 1:
             raise LyraInputError(f"--refine: expected an integer >= 1 (optimiser steps), got {refine_steps}")
         refine_config = RefineConfig(steps=refine_steps) if refine_steps is not None else None

@@ -107,6 +107,9 @@ class OptimConfig(Section):
     grad_clip: float = Field(1.0, ge=0)
     schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = Field(0.05, ge=0, le=1)
+    # The time embedding's learning rate, as a multiple of ``lr`` (its zero-initialised maps start a fine-tune
+    # from static weights that already sit near a minimum; a larger step lets them move in a few hundred steps).
+    time_lr_scale: float = Field(1.0, gt=0)
 
 
 class LossConfig(Section):
@@ -561,6 +564,8 @@ def plan_run(store: RunStore, config: TrainConfig) -> TrainRun:
     inputs = {"dataset": index.fingerprint, "decoder": decoder_key,
               **({"init_weights": init_sha} if init_sha else {})}
     params = run_params(config, {"batch": 1, "precision": "fp32", "background": "decoder"})
+    if params["optim"].get("time_lr_scale") == 1.0:  # joins the key only when set (runs published before it)
+        params["optim"].pop("time_lr_scale")
     for stage in params["stages"]:
         if not stage.get("dynamic"):
             stage.pop("dynamic", None)
@@ -605,10 +610,25 @@ def new_trainer(config: TrainConfig, init: bytes | None = None, device: str | No
         load_decoder_state(model, st_load(init), keep_missing=NEW_MODULES)
     model = model.to(device)
     o = config.optim
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
+    optimizer = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay,
+                                  eps=o.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_lambda(o.warmup_steps, o.schedule, config.total_steps, o.min_lr_ratio))
     return TrainState(model, optimizer, scheduler, stream_generators(config.seed, "decoder-sampling", config.batch))
+
+
+TIME_MODULES = ("input_time_embed.", "target_time_embed.")
+
+
+def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
+    """AdamW parameter groups: every parameter at ``optim.lr``, the time embedding's (:data:`TIME_MODULES`) at
+    ``optim.time_lr_scale`` x ``optim.lr`` (one group when the scale is 1, as before it existed)."""
+    named = list(model.named_parameters())
+    if optim.time_lr_scale == 1.0:
+        return [{"params": [p for _, p in named]}]
+    timed = [p for n, p in named if n.startswith(TIME_MODULES)]
+    rest = [p for n, p in named if not n.startswith(TIME_MODULES)]
+    return [{"params": rest}, {"params": timed, "lr": optim.lr * optim.time_lr_scale}]
 
 
 def initial_weights(run: TrainRun) -> bytes | None:

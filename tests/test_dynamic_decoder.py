@@ -156,6 +156,26 @@ def test_static_run_names_do_not_change_with_the_new_fields(smoke_store):
     assert plan_run(st, build_train_config("smoke")).name == "decoder-9973e76e6f0f"
 
 
+def test_time_lr_scale_steps_only_the_time_embedding_faster(smoke_store):
+    from lyra_pipeline.training import TIME_MODULES, param_groups
+
+    model = tiny(time_embedding=True)
+    base = build_train_config("dynamic", {"decoder": "tiny", "init_weights": None, "stages": [STAGE]})
+    assert len(param_groups(model, base.optim)) == 1  # as before the field existed
+    scaled = build_train_config("dynamic", {"decoder": "tiny", "init_weights": None, "stages": [STAGE],
+                                            "optim": {"time_lr_scale": 10.0}})
+    rest, timed = param_groups(model, scaled.optim)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert timed["lr"] == 10.0 * scaled.optim.lr and "lr" not in rest
+    assert {names[id(p)].split(".")[0] + "." for p in timed["params"]} == set(TIME_MODULES)
+    assert len(rest["params"]) + len(timed["params"]) == len(list(model.parameters()))
+    # the scale names a run only when set: the smoke preset's name is unchanged (see the test above), a scaled
+    # run is another run
+    st = RunStore(str(smoke_store), create=False)
+    smoke = build_train_config("smoke", {"optim": {"time_lr_scale": 10.0}})
+    assert plan_run(st, smoke).name != "decoder-9973e76e6f0f"
+
+
 def lyra(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lyra_pipeline.cli", *args], capture_output=True, text=True,
                           cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)

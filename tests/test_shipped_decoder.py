@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 import lyra_pipeline.shipped as shipped_mod
 from lyra_ops.decoder import DecoderConfig, LatentGaussianDecoder
 from lyra_ops.errors import LyraConfigError
-from lyra_ops.gaussians import Gaussians
+from lyra_ops.gaussians import BACKDROP_COUNT, Gaussians
 from lyra_pipeline.cli import app
 from lyra_pipeline.reconstruct import decode_scene, export_scene, load_decoder
 from lyra_pipeline.shipped import INFO_KEYS, shipped_decoder, shipped_decoder_info
@@ -95,9 +95,11 @@ def scene_of(out: Path) -> tuple[RunStore, str]:
 
 
 def assert_ply_from(ply: Path, model, store: RunStore, scene: str) -> None:
-    """The PLY holds exactly ``model``'s Gaussians of ``scene``."""
+    """The PLY holds exactly ``model``'s Gaussians of ``scene`` (then the export's backdrop)."""
     expected, _, _ = decode_scene(model, store, scene)
-    torch.testing.assert_close(Gaussians.from_ply(ply).means, expected.means)
+    back = Gaussians.from_ply(ply)
+    assert back.num == expected.num + BACKDROP_COUNT
+    torch.testing.assert_close(back.means[: expected.num], expected.means)
 
 
 def test_shipped_decoder_loads_with_its_description(shipped):
@@ -133,7 +135,7 @@ def test_explicit_checkpoint_wins_over_the_shipped_decoder(reconstructed, tmp_pa
     model, _ = load_decoder(store, checkpoint)
     assert_ply_from(ply, model, store, scene)
     shipped_means = decode_scene(shipped_decoder()[0], store, scene)[0].means
-    assert not torch.allclose(Gaussians.from_ply(ply).means, shipped_means)
+    assert not torch.allclose(Gaussians.from_ply(ply).means[: len(shipped_means)], shipped_means)
 
 
 def test_store_training_wins_over_the_shipped_decoder(reconstructed, tmp_path):
