@@ -26,11 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from lyra_ops.distill import INFERENCE, build_batch, render_batch  # noqa: E402
+from lyra_ops.distill import (  # noqa: E402
+    INFERENCE,
+    background_color,  # noqa: E402
+    build_batch,
+    render_batch,
+)
 from lyra_ops.images import from_uint8, to_uint8  # noqa: E402
 from lyra_ops.latents import PixelPatchifyEncoder  # noqa: E402
 from lyra_ops.metrics import psnr  # noqa: E402
-from lyra_ops.distill import background_color  # noqa: E402
 from lyra_pipeline.reconstruct import EXPORT_SMOOTHING, with_backdrop  # noqa: E402
 from lyra_pipeline.shipped import shipped_decoder  # noqa: E402
 from lyra_pipeline.storage import RunStore  # noqa: E402

@@ -96,7 +96,8 @@ def test_export_ply_round_trips_and_renders_the_same(trained_store, tmp_path):
     store_path, summary = trained_store
     store = RunStore(store_path)
     scene_id = sorted(store.scene_ids())[0]
-    res = export_scene(str(store_path), scene_id, tmp_path / "scene.ply", options=ExportOptions(smoothing=0.0, backdrop="none"))
+    res = export_scene(str(store_path), scene_id, tmp_path / "scene.ply",
+                       options=ExportOptions(smoothing=0.0, backdrop="none"))
     assert res.gaussians > 0 and res.strip is not None and res.strip.stat().st_size > 0
     model, _ = load_decoder(store, None)
     gaussians, views, trajectories = decode_scene(model, store, scene_id)
