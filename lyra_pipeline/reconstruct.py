@@ -550,3 +550,42 @@ def splat_transform(src: Path, dst: Path, *extra: str, timeout: float = 600) -> 
         raise LyraError(f"splat-transform {src} -> {dst} failed ({proc.returncode}): "
                         f"{(proc.stderr or proc.stdout)[-2000:]}")
     return dst
+
+
+def chromium_path() -> str | None:
+    """A Chromium to screenshot HTML viewers with (needs the ``playwright`` package too), or None."""
+    import importlib.util
+
+    found = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    return found if found and importlib.util.find_spec("playwright") is not None else None
+
+
+def viewer_screenshot(html: Path, width: int, height: int, browser: str | None = None, timeout_s: float = 60.0,
+                      settle_ms: int = 2000):
+    """The HTML viewer at ``width`` x ``height`` in headless Chromium (software WebGL), started without its intro
+    flight (``?noanim``) and without UI: an (H,W,3) uint8 array, taken ``settle_ms`` after the canvas stops
+    being blank (for the sort and the last frames), or the last blank one at ``timeout_s``."""
+    import io
+    import time
+
+    import numpy as np
+    from playwright.sync_api import sync_playwright
+
+    browser = browser or chromium_path()
+    if browser is None:
+        raise LyraConfigError("a viewer screenshot needs Chromium and the playwright package")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=browser, args=["--no-sandbox", "--use-angle=swiftshader",
+                                                              "--enable-unsafe-swiftshader", "--ignore-gpu-blocklist"])
+        page = b.new_page(viewport={"width": width, "height": height})
+        page.goto(html.resolve().as_uri() + "?noanim&noui")
+        deadline, shot = time.monotonic() + timeout_s, None
+        while time.monotonic() < deadline:
+            page.wait_for_timeout(1000)
+            shot = np.asarray(Image.open(io.BytesIO(page.screenshot())).convert("RGB"))
+            if shot.std() > 10:  # drawn (a blank canvas is one flat colour)
+                page.wait_for_timeout(settle_ms)
+                shot = np.asarray(Image.open(io.BytesIO(page.screenshot())).convert("RGB"))
+                break
+        b.close()
+    return shot

@@ -21,11 +21,13 @@ from lyra_ops.latents import PixelPatchifyEncoder
 from lyra_ops.metrics import psnr
 from lyra_pipeline.reconstruct import (
     ExportOptions,
+    chromium_path,
     decode_scene,
     export_scene,
     load_decoder,
     splat_transform,
     splat_transform_command,
+    viewer_screenshot,
     viewer_settings,
 )
 from lyra_pipeline.storage import RunStore
@@ -207,42 +209,7 @@ def test_export_ply_html_viewer(trained_store, tmp_path):
     assert initial["fov"] == pytest.approx(math.degrees(2 * math.atan(w / (2 * K[0, 0]))), abs=1e-3)  # landscape
 
 
-def _chromium() -> str | None:
-    import importlib.util
-    import shutil
-
-    found = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    return found if found and importlib.util.find_spec("playwright") is not None else None
-
-
-def viewer_screenshot(html: Path, width: int, height: int, browser: str, timeout_s: float = 60.0):
-    """The HTML viewer at ``width`` x ``height`` in headless Chromium (software WebGL), started without its intro
-    flight (``?noanim``) and without UI: an (H,W,3) uint8 array, taken once the canvas stops being blank."""
-    import io
-    import time
-
-    import numpy as np
-    from PIL import Image
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=browser, args=["--no-sandbox", "--use-angle=swiftshader",
-                                                              "--enable-unsafe-swiftshader", "--ignore-gpu-blocklist"])
-        page = b.new_page(viewport={"width": width, "height": height})
-        page.goto(html.resolve().as_uri() + "?noanim&noui")
-        deadline, shot = time.monotonic() + timeout_s, None
-        while time.monotonic() < deadline:
-            page.wait_for_timeout(1000)
-            shot = np.asarray(Image.open(io.BytesIO(page.screenshot())).convert("RGB"))
-            if shot.std() > 10:  # drawn (a blank canvas is one flat colour)
-                page.wait_for_timeout(2000)  # let the sort and the last frames settle
-                shot = np.asarray(Image.open(io.BytesIO(page.screenshot())).convert("RGB"))
-                break
-        b.close()
-    return shot
-
-
-@pytest.mark.skipif(splat_transform_command() is None or _chromium() is None,
+@pytest.mark.skipif(splat_transform_command() is None or chromium_path() is None,
                     reason="needs node/npx, playwright and a Chromium")
 def test_html_viewer_opens_at_the_input_view(trained_store, tmp_path):
     """Headless Chromium screenshot of the exported viewer vs our own render of the input view (frame 0), both at
@@ -266,7 +233,7 @@ def test_html_viewer_opens_at_the_input_view(trained_store, tmp_path):
     ours = render_gaussians(gaussians, cams, background=background_color(view.frames[0], model.config.background))
     ours = ours.rgb[0]  # (3,H,W)
     h, w = ours.shape[1:]
-    shot = viewer_screenshot(res.html, w, h, _chromium())
+    shot = viewer_screenshot(res.html, w, h, chromium_path())
     assert shot is not None and shot.shape == (h, w, 3)
     shot_t = torch.from_numpy(shot.copy()).permute(2, 0, 1).float() / 255
     bg = torch.tensor(json.loads(res.ply.with_suffix(".viewer.json").read_text())["background"]["color"])
