@@ -86,7 +86,8 @@ def main() -> None:
         "store": args.store, "run": run.name, "train_scenes": len(run.train_scenes), "scenes": scenes,
         "dynamic_checkpoint": str(dyn_path), "dynamic_sha256": hashlib.sha256(dyn_bytes).hexdigest(),
         "static_checkpoint": str(static_path), "static_sha256": hashlib.sha256(static_bytes).hexdigest(),
-        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items()},
+        "settings": {k: (list(v) if isinstance(v, tuple) else v.to_dict() if hasattr(v, "to_dict") else v)
+                     for k, v in vars(settings).items()},
         "threads": args.threads, "seconds_per_scene": seconds, "table": table, "rows": rows,
     }
     Path(args.out).write_text(json.dumps(doc, indent=1))

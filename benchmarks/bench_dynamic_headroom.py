@@ -73,8 +73,41 @@ def decode_both(model, world, input_view, paths, times, frame: int) -> dict[str,
             if f != frame:
                 grid[v, i] &= ~moving_blocks(world, cams, f, float(times[f]), g, moving_ids)
     oracle = torch.cat([keep[:head], grid.reshape(-1)])
-    return {"decoded": whole.index(keep), "oracle": whole.index(oracle),
-            "dropped": int(keep.sum() - oracle.sum()), "kept": int(keep.sum())}
+    dedup = drawn_at_query(whole, keep, head, len(batch.input_cameras), len(frames), h, w, batch.input_cameras,
+                           frame)
+    return {"decoded": whole.index(keep), "oracle": whole.index(oracle), "dedup": whole.index(keep & ~dedup),
+            "dropped": int(keep.sum() - oracle.sum()), "deduped": int(dedup.sum()), "kept": int(keep.sum())}
+
+
+def drawn_at_query(whole, keep, head: int, views: int, frames: int, h: int, w: int, cameras, frame: int,
+                   tolerance: float = 0.05) -> torch.Tensor:
+    """Other-time Gaussians on a surface the query frame's own Gaussians already draw: rendered into any view's
+    camera at the query frame, they land where that view's query-time Gaussians (alpha > 0.5) lie within
+    ``tolerance`` of their depth. (whole,) bool."""
+    idx = torch.arange(keep.numel())
+    slot = torch.full((keep.numel(),), -1)
+    slot[head:] = torch.arange(frames).repeat_interleave(h * w).repeat(views)
+    own = keep & ((idx < head) | (slot == 0))  # the input head and every view's query frame
+    other = keep & (slot > 0)
+    query = whole.index(own)
+    out = torch.zeros_like(keep)
+    pts = whole.means[other]
+    hit = torch.zeros(len(pts), dtype=torch.bool)
+    for cams in cameras:
+        cam = cams[torch.tensor([frame])]
+        r = render_gaussians(query, cam)
+        w2c = cam.w2c[0].to(pts)
+        pc = pts @ w2c[:3, :3].T + w2c[:3, 3]
+        z = pc[:, 2]
+        k = cam.K[0].to(pts)
+        u = torch.round(k[0, 0] * pc[:, 0] / z.clamp(min=1e-6) + k[0, 2] - 0.5).long()
+        v = torch.round(k[1, 1] * pc[:, 1] / z.clamp(min=1e-6) + k[1, 2] - 0.5).long()
+        inside = (z > 0) & (u >= 0) & (u < cam.width) & (v >= 0) & (v < cam.height)
+        uu, vv = u.clamp(0, cam.width - 1), v.clamp(0, cam.height - 1)
+        d, a = r.depth[0, 0, vv, uu], r.alpha[0, 0, vv, uu]
+        hit |= inside & (a > 0.5) & ((z - d).abs() < tolerance * d)
+    out[other] = hit
+    return out
 
 
 def main() -> None:
@@ -104,18 +137,20 @@ def main() -> None:
             bg = background_color(input_view.frames[frame], "input_mean")
             for name, model in models.items():
                 out = decode_both(model, world, input_view, paths, times, frame)
-                for variant in ("decoded", "oracle"):
+                for variant in ("decoded", "oracle", "dedup"):
                     for t in targets:
                         r = render_gaussians(out[variant], t.cameras, background=bg)
                         rows.append({"scene": scene, "frame": frame, "split": t.split, "method": name,
-                                     "variant": variant, "dropped": out["dropped"], "kept": out["kept"],
+                                     "variant": variant, "dropped": out["dropped"], "deduped": out["deduped"],
+                                     "kept": out["kept"],
                                      **_scores(r.rgb, r.depth, r.alpha, t)})
-                print(scene, frame, name, [f"{r['split']} {r['variant']} {r['psnr']:.3f}" for r in rows[-4:]],
+                print(scene, frame, name, out["deduped"],
+                      [f"{r['split']} {r['variant']} {r['psnr']:.3f}" for r in rows[-6:]],
                       flush=True)
     table = []
     for split in ("held_out", "flip"):
         for name in models:
-            for variant in ("decoded", "oracle"):
+            for variant in ("decoded", "oracle", "dedup"):
                 sel = [r for r in rows if r["split"] == split and r["method"] == name and r["variant"] == variant]
                 table.append({"split": split, "method": name, "variant": variant,
                               "psnr": statistics.mean(r["psnr"] for r in sel),
