@@ -696,6 +696,11 @@ BackdropOpt = typer.Option("auto", "--backdrop", help="auto: bake the background
                            "training saw it (refinements need none); none: the scene's Gaussians only")
 
 
+def _count(res) -> str:
+    """'N Gaussians' of an export, saying how many of them are the backdrop."""
+    return f"{res.gaussians} Gaussians" + (f", {res.backdrop} of them the backdrop" if res.backdrop else "")
+
+
 @app.command("export-ply")
 def export_ply(
     scene: str = typer.Argument(..., help="scene id"),
@@ -733,7 +738,7 @@ def export_ply(
                            options=options)
     except LyraError as exc:
         _fail(exc)
-    console.print(f"wrote {res.ply} ({res.gaussians} Gaussians, decoder {res.decoder})"
+    console.print(f"wrote {res.ply} ({_count(res)}, decoder {res.decoder})"
                   + (f", {res.strip}" if res.strip else "") + (f", {res.html}" if res.html else ""))
 
 
@@ -840,7 +845,7 @@ def reconstruct(
             raise LyraInputError("reconstruct needs --image IMAGE or --prompt TEXT")
     except LyraError as exc:
         _fail(exc)
-    console.print(f"wrote {res.ply} ({res.gaussians} Gaussians, decoder {res.decoder}), {res.strip}"
+    console.print(f"wrote {res.ply} ({_count(res)}, decoder {res.decoder}), {res.strip}"
                   + (f", {res.html}" if res.html else ""))
 
 

@@ -63,6 +63,7 @@ class ExportResult:
     gaussians: int
     decoder: str
     html: Path | None = None
+    backdrop: int = 0  # how many of ``gaussians`` form the backdrop (ExportOptions.backdrop)
 
 
 def trained_decoder(store: RunStore) -> tuple[LatentGaussianDecoder, str]:
@@ -238,6 +239,7 @@ def write_gaussians(gaussians: Gaussians, source: str, views: ViewCache, scene_i
     first = views.get(scene_id, trajectories[0])
     centre = first.cameras.c2w[0, :3, 3]
     gaussians = gaussians.smoothed(centre, float(first.cameras.K[0, 0, 0]), options.smoothing)
+    scene_count = gaussians.num
     if options.backdrop == "auto" and trained_over is not None:
         gaussians = with_backdrop(gaussians, centre, background_color(first.frames[0], trained_over))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -255,7 +257,7 @@ def write_gaussians(gaussians: Gaussians, source: str, views: ViewCache, scene_i
         settings_path = out.with_suffix(".viewer.json")
         settings_path.write_text(json.dumps(settings, indent=1))
         html_path = splat_transform(out, out.with_suffix(".html"), "-E", str(settings_path))
-    return ExportResult(out, strip_path, gaussians.num, source, html_path)
+    return ExportResult(out, strip_path, gaussians.num, source, html_path, gaussians.num - scene_count)
 
 
 def export_refined(store: RunStore, scene_id: str, name: str, out: str | Path, *, html: bool = False,
