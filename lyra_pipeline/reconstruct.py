@@ -227,6 +227,21 @@ def with_backdrop(gaussians: Gaussians, centre: torch.Tensor, colour: torch.Tens
     return Gaussians.cat([gaussians, backdrop_gaussians(centre, radius, colour).to(gaussians.device)])
 
 
+def export_ready(gaussians: Gaussians, options: ExportOptions, cameras, frame: int, rgb: torch.Tensor,
+                 trained_over: str | None) -> tuple[Gaussians, int]:
+    """What an export writes of ``gaussians``: those ``options`` keep, smoothed for camera ``frame`` of ``cameras``
+    (the input camera), then, with ``options.backdrop`` ``auto`` and a ``trained_over`` background, the backdrop
+    of that background's colour (``rgb``: the input frame (3,H,W) it is taken from) around that camera; and how
+    many of the result form the backdrop."""
+    g = gaussians.select_for_export(options.prune_ratio, options.min_opacity)
+    centre = cameras.c2w[frame, :3, 3]
+    g = g.smoothed(centre, float(cameras.K[frame, 0, 0]), options.smoothing)
+    if options.backdrop != "auto" or trained_over is None:
+        return g, 0
+    with_bd = with_backdrop(g, centre, background_color(rgb, trained_over))
+    return with_bd, with_bd.num - g.num
+
+
 def write_gaussians(gaussians: Gaussians, source: str, views: ViewCache, scene_id: str, trajectories: list[str],
                     out: Path, *, background: str = "input_mean", trained_over: str | None = None,
                     html: bool = False, strip: bool = True, options: ExportOptions | None = None) -> ExportResult:
@@ -235,13 +250,8 @@ def write_gaussians(gaussians: Gaussians, source: str, views: ViewCache, scene_i
     the background the Gaussians were fitted over (:data:`lyra_ops.decoder.BACKGROUNDS`), baked in as a backdrop
     when ``options.backdrop`` is ``auto``; None (random backgrounds): no backdrop."""
     options = options or ExportOptions()
-    gaussians = gaussians.select_for_export(options.prune_ratio, options.min_opacity)
     first = views.get(scene_id, trajectories[0])
-    centre = first.cameras.c2w[0, :3, 3]
-    gaussians = gaussians.smoothed(centre, float(first.cameras.K[0, 0, 0]), options.smoothing)
-    scene_count = gaussians.num
-    if options.backdrop == "auto" and trained_over is not None:
-        gaussians = with_backdrop(gaussians, centre, background_color(first.frames[0], trained_over))
+    gaussians, backdrop = export_ready(gaussians, options, first.cameras, 0, first.frames[0], trained_over)
     out.parent.mkdir(parents=True, exist_ok=True)
     gaussians.to_ply(out, layout=options.layout)
     strip_path = None
@@ -257,7 +267,7 @@ def write_gaussians(gaussians: Gaussians, source: str, views: ViewCache, scene_i
         settings_path = out.with_suffix(".viewer.json")
         settings_path.write_text(json.dumps(settings, indent=1))
         html_path = splat_transform(out, out.with_suffix(".html"), "-E", str(settings_path))
-    return ExportResult(out, strip_path, gaussians.num, source, html_path, gaussians.num - scene_count)
+    return ExportResult(out, strip_path, gaussians.num, source, html_path, backdrop)
 
 
 def export_refined(store: RunStore, scene_id: str, name: str, out: str | Path, *, html: bool = False,
@@ -330,12 +340,8 @@ def export_sequence(store_url: str, scene_id: str, out: str | Path, *, times: st
     out.parent.mkdir(parents=True, exist_ok=True)
     entries, plys, kept = [], [], []
     for frame, gaussians in zip(frames, sequence, strict=True):
-        g = gaussians.select_for_export(options.prune_ratio, options.min_opacity)
-        cams = input_view.cameras
-        g = g.smoothed(cams.c2w[frame, :3, 3], float(cams.K[frame, 0, 0]), options.smoothing)
-        if options.backdrop == "auto":
-            bg = background_color(input_view.frames[frame], model.config.background)
-            g = with_backdrop(g, cams.c2w[frame, :3, 3], bg)
+        g, _ = export_ready(gaussians, options, input_view.cameras, frame, input_view.frames[frame],
+                            model.config.background)
         path = out.with_name(f"{out.stem}_{frame:04d}.ply")
         g.to_ply(path, layout=options.layout)
         plys.append(path)

@@ -168,6 +168,8 @@ def test_export_options_keep_what_they_say_and_bad_ones_write_nothing(trained_st
                 {"backdrop": "black"}):
         with pytest.raises(LyraInputError, match="--"):
             ExportOptions(**bad)
+    with pytest.raises(LyraInputError, match="--backdrop: expected one of auto, none, got 'black'"):
+        ExportOptions(backdrop="black")
     # through the CLI: one line, exit 2, nothing written
     out = tmp_path / "bad" / "scene.ply"
     proc = subprocess.run([sys.executable, "-m", "lyra_pipeline.cli", "export-ply", scene_id, "--store",

@@ -171,6 +171,8 @@ def test_time_lr_scale_steps_only_the_time_embedding_faster(smoke_store):
     assert len(rest["params"]) + len(timed["params"]) == len(list(model.parameters()))
     # the scale names a run only when set: the smoke preset's name is unchanged (see the test above), a scaled
     # run is another run
+    with pytest.raises(LyraConfigError, match="optim.time_lr_scale: Input should be greater than 0"):
+        build_train_config("dynamic", {"optim": {"time_lr_scale": 0}})
     st = RunStore(str(smoke_store), create=False)
     smoke = build_train_config("smoke", {"optim": {"time_lr_scale": 10.0}})
     assert plan_run(st, smoke).name != "decoder-9973e76e6f0f"
