@@ -23,11 +23,12 @@ from prefect.artifacts import (
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.generate_dataset import DEFAULT_STORE, PipelineFailed
-from lyra_pipeline.config import build_config
+from lyra_ops.errors import LyraInputError
 from lyra_pipeline.quality import CHEAP_METHODS, OPTIMIZED_METHODS, quality_table
-from lyra_pipeline.storage import RunStore
+from lyra_pipeline.stages import plan_keys
+from lyra_pipeline.store.dataset import bind
+from lyra_pipeline.store.runstore import RunStore
 from tasks.evaluate import evaluate_scene, summarize_frames
-from tasks.sdg import sample_prompts
 from tasks.train import evaluate_checkpoint_scene, evaluate_quality_scene, summarize_decoder
 
 
@@ -48,10 +49,15 @@ def evaluate_dataset(
     quality table beside the flat / RGB-D / ceiling baselines on procedural scenes (``optimize``: plus the
     per-scene optimisation baselines ``optimized_300`` / ``optimized_1000``, minutes per scene on a CPU)."""
     logger = get_run_logger()
-    config = build_config(preset, overrides)
+    # 1. The scenes of the dataset: the store's own (dataset.json + these options; never rewritten here), those
+    #    whose teacher frames are done (a failed scene is named, not evaluated).
+    binding = bind(RunStore(store, create=False), preset, overrides or {}, command="evaluate")
+    config = binding.config
     run_id = run_id or "eval-" + uuid.uuid4().hex[:8]
-    # 1. The scenes of the dataset (the same seeded list generate-dataset recorded).
-    scenes = sample_prompts(store, config)
+    scenes, missing = evaluable_scenes(RunStore(store, create=False), config, binding.records)
+    if missing:
+        logger.warning("%d scene(s) without finished teacher frames are not evaluated: %s", len(missing),
+                       ", ".join(missing[:20]))
     progress = create_progress_artifact(progress=0.0, description=f"evaluating {len(scenes)} scenes of {store}")
     # 2. Per-scene metrics against ground truth (skipped where already computed for these inputs).
     futures = [evaluate_scene.submit(store, config, s, run_id) for s in scenes]
@@ -93,6 +99,22 @@ def evaluate_dataset(
     if failed:
         raise PipelineFailed(f"evaluation failed for {failed}; see `lyra status --store {store} --failed`")
     return summary
+
+
+def evaluable_scenes(store: RunStore, config, records: list) -> tuple[list, list[str]]:
+    """The scenes whose every trajectory's ``generate`` unit is done under this config, and the ids of the
+    others. None at all is one clear error (there is nothing to evaluate), before anything is written."""
+    done = store.done_keys()
+    ready, missing = [], []
+    for scene in records:
+        keys = plan_keys(config, scene)
+        ok = all(done.get((scene.scene_id, t, "generate")) == keys.key("generate", t) for t in config.trajectory_names)
+        (ready if ok else missing).append(scene if ok else scene.scene_id)
+    if not ready:
+        raise LyraInputError(f"{store.url}: no scene has finished teacher frames under the store's config "
+                             f"({len(missing)} scene(s) pending or failed: `lyra status --store {store.url} "
+                             "--failed`); nothing to evaluate")
+    return ready, missing
 
 
 def contact_sheet_markdown(store: RunStore, scene_id: str) -> str:

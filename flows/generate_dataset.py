@@ -22,10 +22,10 @@ from prefect.futures import PrefectFuture, as_completed, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from lyra_pipeline.cluster import GPU_RESOURCE
-from lyra_pipeline.config import build_config
 from lyra_pipeline.planning import preflight
 from lyra_pipeline.stages import StageReport, finished_scenes, scene_units
-from lyra_pipeline.storage import RunStore
+from lyra_pipeline.store.dataset import bind
+from lyra_pipeline.store.runstore import RunStore, store_exists
 from tasks.sdg import (
     encode_latents,
     estimate_depth,
@@ -67,7 +67,11 @@ def generate_dataset(
     whole scene tasks do.
     """
     logger = get_run_logger()
-    config = build_config(preset, overrides)
+    # The store's own dataset (dataset.json) is the base of the config; options that change its scene list are
+    # refused here, before anything is written (lyra_pipeline.store.dataset).
+    binding = bind(RunStore(store, create=False) if store_exists(store) else None, preset, overrides or {},
+                   command="run")
+    config, preset, overrides = binding.config, binding.preset, binding.overrides
     preflight(config)
     run_id = run_id or new_run_id()
     started = time.time()
@@ -84,7 +88,7 @@ def generate_dataset(
                     for s, w in zip(scenes, waits, strict=True)]
 
     # 1. Sample prompts: the scene list, reproducible from the run seed, recorded in prompts.parquet.
-    scenes = sample_prompts(store, config)
+    scenes = sample_prompts(store, config, preset, overrides)
     if scene_ids is not None:
         scenes = [s for s in scenes if s.scene_id in set(scene_ids)]
     # Scenes whose every unit is done under the current keys need no task at all (a finished batch resumes in
@@ -138,6 +142,7 @@ def generate_dataset(
     RunStore(store).compact_manifest()  # one index file: `lyra status` stays fast at 100k+ scenes
     summary = summarize(run_id, preset, config.model_dump(mode="json"), store, outcome, started)
     summary["skipped"] += reused
+    summary["overrides"] = overrides  # with ``preset``: the run's inputs (``lyra retry`` re-runs failures with them)
     summary["scenes_already_done"] = len(finished)
     RunStore(store).write_run_summary(run_id, summary)
     logger.info("run %s: computed %d, reused %d, failed scenes %d", run_id, summary["computed"],

@@ -45,3 +45,21 @@ def gpu_cluster_spec(gpus: int, cpu_workers: int) -> dict[str, Any]:
         workers[f"cpu-{i}"] = {"cls": "distributed.Nanny", "options": {
             "nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": ""}}}
     return {"workers": workers, "scheduler": {"cls": "distributed.Scheduler", "options": {"dashboard_address": None}}}
+
+
+def check_scheduler(address: str, timeout_s: float = 3.0) -> None:
+    """A Dask scheduler address that answers a TCP connect within ``timeout_s`` (before anything is written;
+    ``distributed`` itself retries for over a minute and then fails with a traceback)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    if parts.scheme not in ("tcp", "tls") or not parts.hostname or parts.port is None:
+        raise LyraConfigError(f"--dask-address {address!r}: expected tcp://HOST:PORT of a running Dask scheduler")
+    try:
+        with socket.create_connection((parts.hostname, parts.port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise LyraConfigError(f"--dask-address {address}: no Dask scheduler answers there within {timeout_s:.0f} s "
+                              f"({exc.strerror or type(exc).__name__}); start one (`dask scheduler`) or drop the "
+                              "option") from None

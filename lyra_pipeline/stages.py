@@ -193,11 +193,29 @@ class StageRun:
 def require_done(store: RunStore, scene_id: str, stage: str, key: str, trajectory: str = "") -> None:
     """Refuse to read an upstream stage that is not done under the expected key (stale or missing data)."""
     if not store.is_done(scene_id, trajectory, stage, key):
-        where = f"{scene_id}/{trajectory}" if trajectory else scene_id
-        raise LyraStorageError(
-            f"{store.url}: stage {stage!r} of {where} is not done for the current config "
-            f"(expected key {key}); run it first, e.g. `lyra stage {stage}`"
-        )
+        raise _not_done(store.url, scene_id, stage, key, trajectory)
+
+
+def _not_done(url: str, scene_id: str, stage: str, key: str, trajectory: str) -> LyraStorageError:
+    where = f"{scene_id}/{trajectory}" if trajectory else scene_id
+    return LyraStorageError(f"{url}: stage {stage!r} of {where} is not done for the current config (expected key "
+                            f"{key}); run it first, e.g. `lyra stage {stage}`")
+
+
+def check_upstream(url: str, store: RunStore | None, config: RunConfig, scene: SceneRecord, stage: str) -> None:
+    """Every unit of ``stage`` of ``scene`` that is not done yet must find its upstream units done under the
+    current keys (``store`` None: no store yet, nothing is done). Reads only: a stage that cannot run fails
+    before it writes anything (no ``running`` or ``failed`` row over a done unit)."""
+    keys = plan_keys(config, scene)
+    names = [""] if stage in SCENE_STAGES else list(config.trajectory_names)
+    for name in names:
+        if store is not None and store.is_done(scene.scene_id, name, stage, keys.key(stage, name)):
+            continue
+        for up in UPSTREAM[stage]:
+            up_name = "" if up in SCENE_STAGES else name
+            key = keys.key(up, up_name)
+            if store is None or not store.is_done(scene.scene_id, up_name, up, key):
+                raise _not_done(url, scene.scene_id, up, key, up_name)
 
 
 LEASE_TTL_S = 600.0  # a lease not renewed for this long is stale (its run died) and may be taken over
@@ -304,6 +322,7 @@ def run_units(store_url: str, config: RunConfig, scene: SceneRecord, stage: str,
     lease = SceneLease(store, scene.scene_id, lease_owner(run_id))
     lease.acquire()
     try:
+        check_upstream(store.url, store, config, scene, stage)  # before any row is written
         # One manifest write marks every pending unit running (then one per finished unit).
         store.record([ManifestRow(scene.scene_id, n, stage, "running", keys.key(stage, n), run_id=run_id)
                       for n in names if not store.is_done(scene.scene_id, n, stage, keys.key(stage, n))],

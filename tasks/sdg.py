@@ -31,7 +31,8 @@ from lyra_pipeline.long_paths import generate_long_path
 from lyra_pipeline.planning import input_intrinsics, scene_records, trajectory_cameras
 from lyra_pipeline.retries import STAGE_TASK_OPTIONS
 from lyra_pipeline.stages import StageReport, plan_keys, run_units
-from lyra_pipeline.storage import RunStore
+from lyra_pipeline.store.dataset import bind, record_dataset
+from lyra_pipeline.store.runstore import RunStore, store_exists
 
 log = logging.getLogger(__name__)
 IDENTITY = torch.eye(4)
@@ -41,11 +42,19 @@ IDENTITY = torch.eye(4)
 
 
 @task(name="sample-prompts", **STAGE_TASK_OPTIONS)
-def sample_prompts(store_url: str, config: RunConfig) -> list[SceneRecord]:
-    """The scene list, recorded as ``prompts.parquet`` (rewritten only if it changed)."""
-    records = scene_records(config)
-    RunStore(store_url).write_prompts([r.as_row() for r in records])
-    return records
+def sample_prompts(store_url: str, config: RunConfig, preset: str | None = None,
+                   overrides: dict | None = None) -> list[SceneRecord]:
+    """The scene list, recorded as ``prompts.parquet`` (rewritten only if it changed). With ``preset``: the
+    dataset ``preset`` + ``overrides`` must give the store's scene list (or append to it), checked before
+    anything is written, and is recorded beside it (``dataset.json``; :mod:`lyra_pipeline.store.dataset`)."""
+    if preset is None:  # a store of its own (``reconstruct``'s): its one scene is whatever the config says
+        records = scene_records(config)
+        RunStore(store_url).write_prompts([r.as_row() for r in records])
+        return records
+    existing = RunStore(store_url) if store_exists(store_url) else None
+    binding = bind(existing, preset, overrides or {}, command="run")
+    record_dataset(existing or RunStore(store_url), binding.preset, binding.overrides, binding.records)
+    return binding.records
 
 
 # 2. First frame -----------------------------------------------------------------------------------------------
