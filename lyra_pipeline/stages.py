@@ -19,6 +19,7 @@ from pathlib import Path
 from lyra_ops.errors import LyraStorageError
 from lyra_ops.prompts import SceneRecord
 from lyra_pipeline.config import RunConfig, section_dict
+from lyra_pipeline.store import interrupt
 from lyra_pipeline.storage import SCENE_STAGES, TRAJECTORY_STAGES, ManifestRow, RunStore, content_key
 
 # Bump a stage's version when its code changes what it writes: finished work is then redone.
@@ -181,6 +182,11 @@ class StageRun:
             return False
         duration = time.perf_counter() - self._t0
         if exc is not None:
+            if isinstance(exc, interrupt.Interrupted | KeyboardInterrupt) or interrupt.stopping():
+                # stopped by Ctrl-C / SIGTERM (whatever the error it caused): pending, never failed
+                self.store.record([self._row("interrupted", duration, "interrupted (Ctrl-C / SIGTERM): redone by "
+                                             "the next run")])
+                return False
             summary = "".join(traceback.format_exception_only(exc_type, exc)).strip()
             self.store.record([self._row("failed", duration, summary[:2000])])
             return False
@@ -315,10 +321,11 @@ def run_units(store_url: str, config: RunConfig, scene: SceneRecord, stage: str,
     if all(store.is_done(scene.scene_id, n, stage, keys.key(stage, n)) for n in names):
         report.skipped = len(names)  # finished work: no lease, no write
         return report
-    if config.compute.torch_threads:
-        import torch
+    from lyra_pipeline.threads import pin_torch_threads
 
-        torch.set_num_threads(config.compute.torch_threads)  # workers must not oversubscribe the cores
+    pin_torch_threads(config.compute.torch_threads)  # workers must not oversubscribe the cores
+    interrupt.check()  # after Ctrl-C no unit starts
+    interrupt.register(store.url, run_id)
     lease = SceneLease(store, scene.scene_id, lease_owner(run_id))
     lease.acquire()
     try:
@@ -328,6 +335,7 @@ def run_units(store_url: str, config: RunConfig, scene: SceneRecord, stage: str,
                       for n in names if not store.is_done(scene.scene_id, n, stage, keys.key(stage, n))],
                      durable=False)
         for name in names:
+            interrupt.check()
             with StageRun(store, scene.scene_id, name, stage, keys.key(stage, name), run_id, report,
                           mark_running=False) as run:
                 if run.skip:

@@ -49,8 +49,9 @@ def make_smoke_store(path: Path, num_scenes: int = 3, preset: str = "smoke") -> 
     from lyra_pipeline.config import build_config
     from tasks.sdg import SCENE_TASKS, sample_prompts
 
-    config = build_config(preset, {"scenes": {"num_scenes": num_scenes}})
-    for scene in sample_prompts.fn(str(path), config):
+    overrides = {"scenes": {"num_scenes": num_scenes}}
+    config = build_config(preset, overrides)
+    for scene in sample_prompts.fn(str(path), config, preset, overrides):  # records the dataset as `lyra run` does
         for task in SCENE_TASKS.values():
             task.fn(str(path), config, scene, "fixture")
     return path

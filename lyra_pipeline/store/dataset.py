@@ -102,7 +102,8 @@ def bind(store: RunStore | None, preset: str | None, overrides: dict[str, Any], 
     """The config of ``command`` on ``store`` (None: no store there yet) given the user's ``preset`` (None: not
     given; a new store then gets ``default_preset``) and ``overrides``. On an existing store the recorded dataset
     is the base; the scene list the result gives (``plan(config)``, default ``scene_records``) must be the
-    store's (``run`` may also append scenes). Raises ``LyraConfigError`` (nothing written)."""
+    store's, except that ``run`` given ``scenes.num_scenes`` (``--num-scenes``) may append scenes after the
+    store's. Raises ``LyraConfigError`` (nothing written)."""
     from lyra_pipeline.planning import scene_records
 
     stored = read_dataset(store) if store is not None else None
@@ -121,8 +122,8 @@ def bind(store: RunStore | None, preset: str | None, overrides: dict[str, Any], 
     want = [tuple(getattr(r, f) for f in SCENE_FIELDS) for r in records]
     if want == have:
         return Binding(name, over, config, records, stored)
-    if command == "run" and want[:len(have)] == have:
-        return Binding(name, over, config, records, stored, grows=True)
+    if command == "run" and "num_scenes" in (overrides.get("scenes") or {}) and want[:len(have)] == have:
+        return Binding(name, over, config, records, stored, grows=True)  # asked for: more scenes, the same ones first
     store_desc = describe(stored.preset, stored.config(), len(rows)) if stored is not None else \
         f"{len(rows)} {rows[0]['source']} scenes ({rows[0]['scene_id']} ...)"
     differ = next((i for i, (a, b) in enumerate(zip(have, want, strict=False)) if a != b), min(len(have), len(want)))

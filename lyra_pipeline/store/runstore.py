@@ -37,6 +37,7 @@ from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from lyra_ops.errors import LyraInputError, LyraStorageError
+from lyra_pipeline.store import interrupt
 
 STORE_FORMAT = "lyra-store"
 MANIFEST_INDEX = "manifest_index.parquet"
@@ -317,10 +318,15 @@ class RunStore:
         row = self.scene_manifest(scene_id).get((trajectory, stage))
         return row is not None and row.status == "done" and row.key == key
 
-    def record(self, rows: Iterable[ManifestRow], *, durable: bool = True) -> None:
+    def record(self, rows: Iterable[ManifestRow], *, durable: bool = True, force: bool = False) -> None:
         """Upsert manifest rows (all of one scene) and write that scene's manifest file atomically (fsync'd
-        unless ``durable`` is False: a ``running`` row only informs, a lost one changes nothing)."""
-        rows = list(rows)
+        unless ``durable`` is False: a ``running`` row only informs, a lost one changes nothing). Once an
+        interrupt froze this process's writes (:mod:`.interrupt`) nothing is written unless ``force``."""
+        with interrupt.LOCK:
+            if force or interrupt.writes_allowed():
+                self._record(list(rows), durable)
+
+    def _record(self, rows: list[ManifestRow], durable: bool) -> None:
         if not rows:
             return
         scene_id = rows[0].scene_id
@@ -334,6 +340,41 @@ class RunStore:
         table = pa.table({f.name: [getattr(r, f.name) for r in ordered] for f in MANIFEST_SCHEMA},
                          schema=MANIFEST_SCHEMA)
         self._write_parquet(self._manifest_rel(scene_id), table, durable=durable)
+
+    def mark_interrupted(self, run_ids: set[str], since: float) -> tuple[int, int]:
+        """Rows of runs ``run_ids`` (manifest files changed after unix time ``since``): ``running`` ones become
+        ``interrupted``. Returns (their done units, units now interrupted)."""
+        path = self._path("manifest")
+        if not self.fs.exists(path):
+            return 0, 0
+        done = interrupted = 0
+        for name, mtime in sorted(self._listing_mtimes(path).items()):
+            if mtime < since or name == MANIFEST_INDEX:
+                continue
+            scene_id = name.removesuffix(".parquet")
+            self.forget_manifest(scene_id)
+            rows = self.scene_manifest(scene_id)
+            changed = []
+            for row in rows.values():
+                if row.run_id not in run_ids:
+                    continue
+                done += row.status == "done"
+                if row.status == "running":
+                    changed.append(ManifestRow(row.scene_id, row.trajectory, row.stage, "interrupted", row.key,
+                                               row.duration_s, "interrupted (Ctrl-C / SIGTERM): redone by the next "
+                                               "run", row.run_id))
+            interrupted += len(changed)
+            self.record(changed, force=True)
+        return done, interrupted
+
+    def release_leases_of(self, run_ids: set[str]) -> None:
+        """Remove the scene leases held by runs ``run_ids`` (lease owners are ``<run_id>:<host>:<pid>:<thread>``)."""
+        for name in self.list_names("leases"):
+            if not name.endswith(".json"):
+                continue
+            lease = self.read_lease(name.removesuffix(".json"))
+            if lease is not None and str(lease.get("owner", "")).split(":", 1)[0] in run_ids:
+                self.fs.rm_file(self._path("leases", name))
 
     def read_manifest(self, columns: list[str] | None = None) -> pa.Table:
         """All scenes' manifest rows as one table (empty table if nothing was recorded yet).
