@@ -43,10 +43,11 @@ def distill_decoder(
     # 2. Progressive stages, one task per checkpoint interval (each resumes from the newest checkpoint).
     ends = chunk_ends(config)
     progress = create_progress_artifact(progress=0.0, description=f"training {run_name} ({ends[-1]} steps)")
+    interrupted: list[str] = []
     if world > 1:
         job = train_distributed(store, "decoder", run_name, nproc=nproc, nnodes=nnodes,
                                 rdzv_endpoint=rdzv_endpoint, total_steps=ends[-1], progress_id=progress)
-        computed = job["computed"]
+        computed, interrupted = job["computed"], job.get("interrupted", [])
     else:
         computed = 0
         for end in ends:
@@ -63,7 +64,7 @@ def distill_decoder(
     create_table_artifact(key="decoder-validation", table=[summary],
                           description=f"Decoder {run_name} on the held-out scenes of {store}")
     logger.info("decoder %s: %s", run_name, summary)
-    return summary
+    return {**summary, "interrupted": interrupted}  # killed ranks the job's retries resumed from (lines)
 
 
 @flow(name="retrain-decoder")

@@ -125,6 +125,54 @@ def _known_keys(obj: dict, allowed: tuple[str, ...], source: str, where: str) ->
             raise LyraInputError(f"{source}: {where}unknown key {key!r}{hint}; valid keys: {', '.join(allowed)}")
 
 
+NPZ_FORM = "numeric arrays w2c (N,4,4), intrinsics (N,3,3) and optional image_height, image_width (integers)"
+
+
+def _npz_numeric(data, key: str, src: str) -> np.ndarray:
+    """Field ``key`` of an open .npz as a float64 array; one ``LyraInputError`` naming the file and field when it
+    holds objects (pickles are never loaded), text or a damaged member."""
+    try:
+        arr = data[key]
+    except Exception:  # noqa: BLE001 - object arrays (pickles), damaged zip members
+        raise LyraInputError(f"{src}: field '{key}' is not a numeric array (object arrays are not read); "
+                             f"expected {NPZ_FORM}") from None
+    if arr.dtype.kind not in "iuf":
+        raise LyraInputError(f"{src}: field '{key}' has dtype {arr.dtype}, expected a numeric array ({NPZ_FORM})")
+    return np.asarray(arr, dtype=np.float64)
+
+
+def _image_size(value, src: str, field: str) -> int:
+    """``image_height`` / ``image_width`` of a trajectory file as a positive integer (one error line else)."""
+    arr = np.asarray(value) if not isinstance(value, bool) else np.asarray(None, dtype=object)
+    if arr.ndim and arr.size == 1:  # [720] or a (1,) array: one number
+        arr = arr.reshape(())
+    ok = arr.shape == () and arr.dtype.kind in "iuf" and np.isfinite(arr) and float(arr) >= 1 \
+        and float(arr) == int(arr)
+    if not ok:
+        shown = value.tolist() if isinstance(value, np.ndarray) else value
+        raise LyraInputError(f"{src}: field '{field}' must be a positive integer (pixels), got {shown!r}")
+    return int(arr)
+
+
+def _number_array(value, src: str, where: str, shape: tuple[int, ...], form: str) -> np.ndarray:
+    """A JSON number, list or nested list as a float64 array of ``shape`` (one error line naming ``where`` else:
+    text such as "abc", booleans, null or ragged lists are refused)."""
+    try:
+        arr = np.asarray(value, dtype=object)
+    except ValueError:
+        arr = None
+    if arr is None or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in arr.flat):
+        raise LyraInputError(f"{src}: {where} must be {form}, got {_short(value)}")
+    if arr.shape != shape:
+        raise LyraInputError(f"{src}: {where} must be {form}, got shape {arr.shape}")
+    return arr.astype(np.float64)
+
+
+def _short(value) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def load_trajectory_npz(
     path: str | Path, *, height: int, width: int, num_frames: int | None = None, pose_scale: float = 1.0
 ) -> Cameras:
@@ -135,18 +183,24 @@ def load_trajectory_npz(
     by ``pose_scale``; poses are re-expressed relative to frame 0 only if frame 0 is not the identity.
     """
     src = str(path)
+    if not Path(path).is_file():
+        raise LyraInputError(f"{src}: trajectory file not found (expected a .npz file: {NPZ_FORM})")
     try:
         data = np.load(path, allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001 - any failure to parse is an input error
-        raise LyraInputError(f"{src}: cannot read as a .npz archive without pickles ({exc})") from exc
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("a single .npy array")
+    except Exception:  # noqa: BLE001 - any failure to parse is an input error (numpy's text may suggest pickles)
+        raise LyraInputError(f"{src}: not a valid .npz archive of numeric arrays; expected {NPZ_FORM}") from None
     with data:
         for key in ("w2c", "intrinsics"):
             _require(key in data.files, src, f"missing key '{key}' (found {sorted(data.files)}); expected "
                      "w2c (N,4,4), intrinsics (N,3,3), image_height, image_width")
-        w2c = np.asarray(data["w2c"], dtype=np.float64)
-        intr = np.asarray(data["intrinsics"], dtype=np.float64)
-        src_h = int(data["image_height"]) if "image_height" in data.files else height
-        src_w = int(data["image_width"]) if "image_width" in data.files else width
+        w2c = _npz_numeric(data, "w2c", src)
+        intr = _npz_numeric(data, "intrinsics", src)
+        src_h = _image_size(_npz_numeric(data, "image_height", src), src, "image_height") \
+            if "image_height" in data.files else height
+        src_w = _image_size(_npz_numeric(data, "image_width", src), src, "image_width") \
+            if "image_width" in data.files else width
     _require(w2c.ndim == 3 and w2c.shape[1:] == (4, 4), src, f"field 'w2c' must have shape (N, 4, 4), got {w2c.shape}")
     _require(intr.shape == (w2c.shape[0], 3, 3), src,
              f"field 'intrinsics' must have shape ({w2c.shape[0]}, 3, 3) to match w2c, got {intr.shape}")
@@ -163,6 +217,8 @@ def load_trajectory_json(
     {"c2w": 4x4 | "w2c": 4x4, "K": 3x3 | "fx", "fy", "cx", "cy"}, ...]}``.
     """
     src = str(path)
+    if not Path(path).is_file():
+        raise LyraInputError(f"{src}: trajectory file not found (expected a JSON object with a list 'frames')")
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except Exception as exc:  # noqa: BLE001
@@ -174,8 +230,8 @@ def load_trajectory_json(
     convention = doc.get("convention", "opencv")
     _require(convention in ("opencv", "opengl"), src,
              f"field 'convention' must be 'opencv' or 'opengl', got {convention!r}")
-    src_h = int(doc.get("image_height", height))
-    src_w = int(doc.get("image_width", width))
+    src_h = _image_size(doc["image_height"], src, "image_height") if "image_height" in doc else height
+    src_w = _image_size(doc["image_width"], src, "image_width") if "image_width" in doc else width
     w2cs, ks = [], []
     for i, frame in enumerate(doc["frames"]):
         where = f"frames[{i}]"
@@ -183,8 +239,7 @@ def load_trajectory_json(
         _known_keys(frame, JSON_FRAME_KEYS, src, f"{where}: ")
         key = "c2w" if "c2w" in frame else "w2c" if "w2c" in frame else None
         _require(key is not None, src, f"{where} needs a 'c2w' or 'w2c' 4x4 matrix")
-        m = np.asarray(frame[key], dtype=np.float64)
-        _require(m.shape == (4, 4), src, f"{where}.{key} must be a 4x4 matrix, got shape {m.shape}")
+        m = _number_array(frame[key], src, f"{where}.{key}", (4, 4), "a 4x4 matrix of numbers")
         pose = torch.from_numpy(m)[None]
         check_se3(pose, name=f"{where}.{key}", source=src)
         c2w = pose if key == "c2w" else invert_se3(pose)
@@ -192,14 +247,12 @@ def load_trajectory_json(
             c2w = c2w @ OPENCV_TO_OPENGL
         pose = invert_se3(c2w)[0]
         if "K" in frame:
-            k = np.asarray(frame["K"], dtype=np.float64)
-            _require(k.shape == (3, 3), src, f"{where}.K must be a 3x3 matrix, got shape {k.shape}")
-            k = torch.from_numpy(k)
+            k = torch.from_numpy(_number_array(frame["K"], src, f"{where}.K", (3, 3), "a 3x3 matrix of numbers"))
         else:
             missing = [f for f in ("fx", "fy", "cx", "cy") if f not in frame]
             _require(not missing, src, f"{where} needs 'K' or all of fx, fy, cx, cy (missing {missing})")
-            k = intrinsics_matrix(*(torch.tensor(float(frame[f]), dtype=torch.float64)
-                                    for f in ("fx", "fy", "cx", "cy")))
+            k = intrinsics_matrix(*(torch.tensor(float(_number_array(frame[f], src, f"{where}.{f}", (), "a number")),
+                                                 dtype=torch.float64) for f in ("fx", "fy", "cx", "cy")))
         w2cs.append(pose)
         ks.append(k)
     return _finish_custom(torch.stack(w2cs), torch.stack(ks), src, src_h, src_w, height, width, num_frames,

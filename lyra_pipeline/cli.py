@@ -53,6 +53,26 @@ def check_out_path(path: Path, suffixes: tuple[str, ...]) -> Path:
     return path
 
 
+def check_new_file(path: Path, what: str, example: str, siblings: tuple[str, ...] = ()) -> Path:
+    """An output file that may be created or replaced: not an existing folder, and (with ``siblings``, suffixes of
+    files written beside it) neither are those; its folder may be missing (it is created) but not be a file. One
+    ``LyraInputError`` line naming the path else (``example``: a file name to suggest inside a folder), checked
+    before any work."""
+    if path.is_dir():
+        raise LyraInputError(f"{path}: is an existing folder; {what} expects a file path, e.g. {path / example}")
+    for p in (path.with_suffix(s) for s in siblings):
+        if p.is_dir():
+            raise LyraInputError(f"{p}: is an existing folder, where the export writes a file beside {path.name}; "
+                                 f"rename it or choose another {what}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise LyraInputError(f"{path}: {parent} is a file, not a folder; {what} expects a file path in a "
+                                     "folder")
+            break
+    return path
+
+
 def _setup_env(verbose: bool = False) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -79,6 +99,10 @@ class ConsoleFailureFilter(logging.Filter):
     keep the full records."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        from lyra_pipeline.store import interrupt
+
+        if interrupt.stopping() and record.name.startswith(("prefect", "distributed", "asyncio")):
+            return False  # after Ctrl-C the command says one line; what stopping stirs up is not news
         if record.name.startswith("prefect.flow_runs") and record.exc_info:
             return False
         if record.name.startswith("prefect.task_runs") and record.exc_info:
@@ -116,12 +140,21 @@ def _overrides(config_file: Path | None, num_scenes: int | None, images: Path | 
     return preset, over
 
 
-def _resolve(preset: str | None, config_file: Path | None, num_scenes: int | None, images: Path | None,
-             trajectory: Path | None, seed: int | None, video: Path | None = None,
-             poses: Path | None = None) -> tuple[str, dict[str, Any], RunConfig]:
+def _bind(store: str, command: str, preset: str | None, config_file: Path | None, num_scenes: int | None,
+          images: Path | None, trajectory: Path | None, seed: int | None, video: Path | None = None,
+          poses: Path | None = None, *, plan=None, must_exist: bool = False):
+    """The config of ``command`` on ``store``: the store's recorded dataset (when it exists) with the user's
+    options on top; options that change the store's scene list are refused (``lyra_pipeline.store.dataset``).
+    Reads only; ``must_exist``: a missing store is one error line (nothing is created)."""
+    from lyra_pipeline.store.dataset import bind
+    from lyra_pipeline.store.runstore import store_exists
+
     file_preset, over = _overrides(config_file, num_scenes, images, trajectory, seed, video, poses)
-    name = preset or file_preset or ("dynamic" if video is not None else "default")
-    return name, over, build_config(name, over, source=str(config_file or "command line"))
+    existing = RunStore(store, create=False) if store_exists(store) else None
+    if existing is None and must_exist:
+        raise LyraInputError(f"{store}: no lyra store there (no store.json); `lyra run --store {store}` makes one")
+    return bind(existing, preset or file_preset, over, command=command,
+                default_preset="dynamic" if video is not None else "default", plan=plan)
 
 
 def planned_units(cfg: RunConfig, only_scenes: list[str] | None,
@@ -192,23 +225,20 @@ def run(
 ) -> None:
     """Generate (or complete) a dataset: every stage of every scene, skipping finished work."""
     _setup_env(verbose)
-    try:
-        name, over, cfg = _resolve(preset, config, num_scenes, images, trajectory, seed, video, poses)
+    try:  # every input is checked before the store is created or written
+        binding = _bind(store, "run", preset, config, num_scenes, images, trajectory, seed, video, poses,
+                        plan=_plan_scenes)
+        name, over, cfg, records = binding.preset, binding.overrides, binding.config, binding.records
         if gpus:
             over, cfg = _gpu_overrides(name, over, cfg, gpus, dask_address, config)
-        from lyra_pipeline.planning import preflight
+        check_scene_ids(only_scenes, records)
+        if dask_address:
+            from lyra_pipeline.cluster import check_scheduler
 
-        bank = preflight(cfg)  # bad custom trajectory / image folder: fail before any work
-        records = None
-        if bank is not None:
-            from lyra_ops.prompts import sample_records
-
-            records = sample_records(bank, cfg.scenes.num_scenes, cfg.seed)
-            used = [r.scene_id for r in records]
-            _log(f"images: {len(used)} of {len(bank)} in {cfg.scenes.images_dir}: {', '.join(used)}")
+            check_scheduler(dask_address)
         st = RunStore(store)  # fail fast on an unusable store
         st.check_writable()
-        if _nothing_to_do(st, cfg, only_scenes):
+        if _nothing_to_do(st, name, over, cfg, records, only_scenes):
             return
     except LyraError as exc:
         _fail(exc)
@@ -222,20 +252,33 @@ def run(
     except LyraError as exc:
         _fail(exc)
     result: dict[str, Any] = {}
+    from flows.generate_dataset import new_run_id
+    from lyra_pipeline.store import interrupt
+
+    run_id = new_run_id()
+    interrupt.register(st.url, run_id)  # Ctrl-C: this run's running rows become interrupted (Dask workers' too)
 
     def target() -> None:
         try:
-            result["summary"] = flow(store=store, preset=name, overrides=over, scene_ids=only_scenes,
+            result["summary"] = flow(store=store, preset=name, overrides=over, run_id=run_id, scene_ids=only_scenes,
                                      gpu_stages=bool(gpus))
         except BaseException as exc:  # noqa: BLE001 - reported below
             result["error"] = exc
 
     units = planned_units(cfg, only_scenes, records)  # this run's scenes and units, not the store's other content
     scenes = len({scene for scene, _, _ in units})
+
+    def interrupted() -> str:
+        done = _done_units(RunStore(store, create=False), units)
+        return (f"{done} of {len(units)} units done, {len(units) - done} will resume on the next run "
+                f"(`lyra run --store {store}`)")
+
     thread = threading.Thread(target=target, daemon=True)
-    with Progress(TextColumn("[bold]lyra run[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=False) as progress:
+    with interrupt.handling(interrupted) as work_thread, \
+            Progress(TextColumn("[bold]lyra run[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                     TimeElapsedColumn(), console=console, transient=False) as progress:
         bar = progress.add_task(f"{name}: {scenes} scene{'s' if scenes != 1 else ''}", total=len(units))
+        work_thread(thread)
         thread.start()
         while thread.is_alive():
             thread.join(0.5)
@@ -254,18 +297,45 @@ def run(
                   f"in {s['finished_at'] - s['started_at']:.1f} s -> {store}")
 
 
-def _nothing_to_do(store: RunStore, cfg: RunConfig, only_scenes: list[str] | None) -> bool:
+def _plan_scenes(cfg: RunConfig) -> list:
+    """``lyra run``'s scene list: the run-wide checks first (a bad custom trajectory, image folder, video or
+    checkpoint fails before any work), then the seeded list (an image folder's is logged)."""
+    from lyra_pipeline.planning import preflight, scene_records
+
+    bank = preflight(cfg)
+    if bank is None:
+        return scene_records(cfg)
+    from lyra_ops.prompts import sample_records
+
+    records = sample_records(bank, cfg.scenes.num_scenes, cfg.seed)
+    used = [r.scene_id for r in records]
+    _log(f"images: {len(used)} of {len(bank)} in {cfg.scenes.images_dir}: {', '.join(used)}")
+    return records
+
+
+def check_scene_ids(only_scenes: list[str] | None, records: list) -> None:
+    """``--scene`` ids must be scenes of the dataset (one line naming the unknown ones and some known ones)."""
+    if not only_scenes:
+        return
+    known = [r.scene_id for r in records]
+    unknown = sorted(set(only_scenes) - set(known))
+    if unknown:
+        raise LyraInputError(f"--scene: unknown scene id(s) {unknown} for this config; its scenes: "
+                             f"{', '.join(known[:12])}{' ...' if len(known) > 12 else ''}")
+
+
+def _nothing_to_do(store: RunStore, name: str, over: dict[str, Any], cfg: RunConfig, records: list,
+                   only_scenes: list[str] | None) -> bool:
     """True (and says so) when every scene of the run is done under the current config: a finished batch
     resumes without starting a Prefect server or flow run."""
-    from lyra_pipeline.planning import scene_records
     from lyra_pipeline.stages import finished_scenes
+    from lyra_pipeline.store.dataset import record_dataset
 
-    records = scene_records(cfg)
     wanted = set(only_scenes or ())
     scenes = [r for r in records if not wanted or r.scene_id in wanted]
     if not scenes or finished_scenes(store, cfg, scenes) != {s.scene_id for s in scenes}:
         return False
-    store.write_prompts([r.as_row() for r in records])  # what the flow records (rewritten only if it changed)
+    record_dataset(store, name, over, records)  # what the flow records (each file rewritten only if it changed)
     console.print(f"nothing to do: all {len(scenes)} scenes are done under the current config -> {store.url}")
     return True
 
@@ -324,8 +394,10 @@ def retry(
     dask: bool = typer.Option(False, "--dask", help="run scene tasks on a local Dask cluster (--workers processes)"),
     dask_address: str = typer.Option(None, "--dask-address", help="run scene tasks on an existing Dask scheduler"),
 ) -> None:
-    """Re-run only the scenes that have failed units in the manifest (same config options as `run`)."""
+    """Re-run only the scenes that have failed units in the manifest, with the store's dataset (the inputs of the
+    run that failed them; options as for `run`, and like there they may not change the scene list)."""
     try:
+        _bind(store, "retry", preset, config, num_scenes, images, trajectory, seed, must_exist=True)
         failed = sorted({r["scene_id"] for r in RunStore(store, create=False).read_manifest().to_pylist()
                          if r["status"] == "failed"})
     except LyraError as exc:
@@ -364,8 +436,11 @@ def evaluate(
     """Dataset quality against exact ground truth: teacher/warp PSNR and SSIM, mask leakage and false holes."""
     _setup_env(verbose)
     try:
-        name, over, _ = _resolve(preset, config, num_scenes, images, trajectory, seed)
-        RunStore(store, create=False)
+        binding = _bind(store, "evaluate", preset, config, num_scenes, images, trajectory, seed, must_exist=True)
+        name, over = binding.preset, binding.overrides
+        from flows.evaluate_dataset import evaluable_scenes
+
+        evaluable_scenes(RunStore(store, create=False), binding.config, binding.records)  # none: one line, now
     except LyraError as exc:
         _fail(exc)
     from flows.evaluate_dataset import evaluate_dataset
@@ -437,17 +512,21 @@ def quality_rich_table(rows: list[dict[str, Any]]) -> Table:
 @app.command()
 def status(store: str = StoreOpt, failed: bool = typer.Option(False, "--failed", help="list failures")) -> None:
     """Per-stage counts (done / running / failed) from the manifest, and what the last run did."""
-    try:
-        st = RunStore(store, create=False)
-    except LyraError as exc:
-        _fail(exc)
     import pyarrow.compute as pc
 
-    table = st.read_manifest(columns=["scene_id", "trajectory", "stage", "status", "error"])
-    n_scenes = st.prompt_count()
+    try:
+        st = RunStore(store, create=False)
+        table = st.read_manifest(columns=["scene_id", "trajectory", "stage", "status", "error"])
+        n_scenes = st.prompt_count()
+    except LyraError as exc:
+        _fail(exc)
     out_table = Table(title=f"{store}: {n_scenes} scenes")
     out_table.add_column("stage")
-    for col in ("done", "running", "failed", "units"):
+    statuses = ["done", "running"]
+    present_statuses = set(pc.unique(table["status"]).to_pylist()) if table.num_rows else set()
+    statuses += [s for s in ("interrupted", "damaged") if s in present_statuses]  # both pending: the next run redoes
+    statuses.append("failed")
+    for col in (*statuses, "units"):
         out_table.add_column(col, justify="right")
     n_traj = len(set(pc.unique(table["trajectory"]).to_pylist()) - {""})  # trajectories recorded in the store
     counts = Counter()
@@ -459,21 +538,72 @@ def status(store: str = StoreOpt, failed: bool = typer.Option(False, "--failed",
     stages = [*STAGES, *(s for s in EVAL_STAGES if s in present)]
     for stage in stages:
         units = n_scenes * (1 if stage in SCENE_STAGES else n_traj)
-        out_table.add_row(stage, str(counts[(stage, "done")]), str(counts[(stage, "running")]),
-                          str(counts[(stage, "failed")]), str(units))
+        out_table.add_row(stage, *(str(counts[(stage, status)]) for status in statuses), str(units))
     out.print(out_table)
     runs = st.run_summaries()
     if runs:
         last = runs[-1]
-        out.print(f"last run {last['run_id']} ({last['preset']}): computed {last['computed']}, "
-                        f"reused {last['skipped']}, failed scenes {len(last['failed_scenes'])}, "
-                        f"{last['finished_at'] - last['started_at']:.1f} s")
+        if "finished_at" in last:
+            out.print(f"last run {last['run_id']} ({last['preset']}): computed {last['computed']}, "
+                      f"reused {last['skipped']}, failed scenes {len(last['failed_scenes'])}, "
+                      f"{last['finished_at'] - last['started_at']:.1f} s")
+        else:
+            out.print(f"last run {last['run_id']} ({last.get('preset')}): {last.get('status', 'did not finish')}")
     if failed:
         bad = table.filter(pc.equal(table["status"], "failed")).to_pylist() if table.num_rows else []
         for r in bad:
             out.print(f"[red]FAILED[/] {r['scene_id']} {r['trajectory'] or '-'} {r['stage']}: {r['error']}")
         if not bad:
             out.print("no failures")
+
+
+@app.command()
+def verify(
+    store: str = StoreOpt,
+    scene: list[str] = typer.Option(None, "--scene", help="only these scene ids (default: every scene and the "
+                                    "store-level tables)"),
+    repair: bool = typer.Option(False, "--repair", help="mark damaged units for recompute (the next `lyra run` "
+                                "recomputes exactly those), drop unreadable indexes and derived tables, rebuild an "
+                                "unreadable scene list from the dataset record"),
+    json_out: Path = typer.Option(None, "--json", help="also write the report as JSON here"),
+) -> None:
+    """Check every chunk (presence, crc32c) and table of every finished unit; exit 1 when damage is found
+    (0 after --repair made it recomputable)."""
+    import json
+
+    from lyra_pipeline.store.verify import verify_store
+
+    try:
+        st = RunStore(store, create=False)
+        if scene:
+            known = set(st.scene_ids()) | {n.removesuffix(".parquet") for n in st.list_names("manifest")}
+            unknown = sorted(set(scene) - known)
+            if unknown:
+                raise LyraInputError(f"--scene: {store} has no scene(s) {unknown}")
+        report = verify_store(st, scene or None, repair=repair, log=lambda line: _log(f"DAMAGED {line}"))
+    except LyraError as exc:
+        _fail(exc)
+    if json_out is not None:
+        json_out.write_text(json.dumps(report.as_dict(), indent=2))
+    what = (f"{report.scenes} scenes, {report.units} finished units, {report.arrays} arrays, {report.chunks} chunks, "
+            f"{report.tables} tables: {report.bytes / 1e6:.1f} MB in {report.seconds:.2f} s "
+            f"({report.mb_per_s:.0f} MB/s)")
+    if report.unchecksummed_arrays:
+        what += f"; {report.unchecksummed_arrays} arrays predate checksums (decoded instead)"
+    units = report.damaged_units
+    if not report.damage:
+        out.print(f"verified {what}: no damage")
+        return
+    out.print(f"verified {what}: {len(report.damage)} damaged ({len(units)} unit(s))", markup=False)
+    if not repair:
+        console.print(f"repair: `lyra verify --store {store} --repair`, then `lyra run --store {store}`", markup=False)
+        raise typer.Exit(1)
+    for line in report.repaired:
+        out.print(f"repaired: {line}", markup=False)
+    if report.skipped_leased:
+        console.print(f"not repaired (a live run holds them): {', '.join(report.skipped_leased)}", markup=False)
+        raise typer.Exit(1)
+    console.print(f"next: `lyra run --store {store}` recomputes them", markup=False)
 
 
 @app.command()
@@ -492,6 +622,7 @@ def inspect(
 
     try:
         if out is not None:
+            check_new_file(out, "--out", f"{scene}{'' if array else '_sheet'}{out.suffix or '.png'}")
             check_out_path(out, (".png", ".gif", ".webp", ".mp4") if array else (".png", ".jpg", ".jpeg", ".webp"))
         st = RunStore(store, create=False)
         if scene not in st.scene_ids():
@@ -507,6 +638,8 @@ def inspect(
             return
         if array:
             info = array_info(st, scene, array)
+            # an array without an image form is refused (one line) before its stats are printed or a file written
+            images = array_frames(st.read_array(scene, array), array) if out is not None else None
             for key, value in info.items():
                 console.print(f"{key:>10}: {value}")
             if out is None and st.list_arrays(scene)[array].size <= 4096:
@@ -514,13 +647,13 @@ def inspect(
 
                 print(np.array2string(st.read_array(scene, array), precision=5, suppress_small=True))
             if out is not None:
-                export_frames(array_frames(st.read_array(scene, array), array), out)
+                export_frames(images, out)
                 console.print(f"wrote {out}")
             return
+        path = check_new_file(out or Path(f"{scene}_sheet.png"), "--out", f"{scene}_sheet.png")  # default too
         sheet = contact_sheet(st, scene, trajectory or None, frames)
     except (LyraError, ValueError, RuntimeError) as exc:
         _fail(exc)
-    path = out or Path(f"{scene}_sheet.png")
     sheet.save(path)
     console.print(f"wrote {path} ({sheet.width}x{sheet.height})")
 
@@ -539,25 +672,27 @@ def stage(
 ) -> None:
     """Run one stage locally, in this process, without Prefect (for debugging)."""
     _setup_env()
-    from tasks.sdg import SCENE_TASKS, sample_prompts
+    from tasks.sdg import SCENE_TASKS
 
     if name != "prompts" and name not in SCENE_TASKS:
         _fail(LyraError(f"unknown stage {name!r}; expected one of: prompts, {', '.join(SCENE_TASKS)}"))
-    try:
-        _, _, cfg = _resolve(preset, config, num_scenes, images, trajectory, seed)
-        if scene:  # checked against the config's scene list before the store is created or written
-            from lyra_pipeline.planning import scene_records
+    try:  # the store's own dataset; every check before the store is created or written
+        from lyra_pipeline.stages import check_upstream
+        from lyra_pipeline.store.dataset import record_dataset
+        from lyra_pipeline.store.runstore import store_exists
 
-            known = [s.scene_id for s in scene_records(cfg)]
-            unknown = sorted(set(scene) - set(known))
-            if unknown:
-                raise LyraInputError(f"--scene: unknown scene id(s) {unknown} for this config; its scenes: "
-                                     f"{', '.join(known[:12])}{' ...' if len(known) > 12 else ''}")
-        scenes = sample_prompts.fn(store, cfg)
-        if scene:
-            scenes = [s for s in scenes if s.scene_id in scene]
+        binding = _bind(store, "stage", preset, config, num_scenes, images, trajectory, seed)
+        cfg = binding.config
+        check_scene_ids(scene, binding.records)
+        scenes = [s for s in binding.records if not scene or s.scene_id in scene]
+        if name != "prompts":
+            existing = RunStore(store, create=False) if store_exists(store) else None
+            for s in scenes:  # an upstream stage that is not done: one line, nothing written
+                check_upstream(store, existing, cfg, s, name)
+        if binding.grows:  # a new store: this is its dataset (an existing one keeps its scene list)
+            record_dataset(RunStore(store), binding.preset, binding.overrides, binding.records)
         if name == "prompts":
-            console.print(f"{len(scenes)} scenes recorded in {store}/prompts.parquet")
+            console.print(f"{len(scenes)} scenes in {store}/prompts.parquet")
             return
         fn = SCENE_TASKS[name].fn
         computed = skipped = 0
@@ -623,6 +758,8 @@ def train(
                                   rdzv_endpoint=rdzv_endpoint)
     except (LyraError, FloatingPointError) as exc:
         _fail(exc)
+    for line in summary.get("interrupted", []):  # a killed rank Prefect's retry resumed: say so
+        _log(line)
     console.print(f"decoder {summary['run']}: {summary['step']} steps ({summary['steps_computed']} computed now"
                   + (f" on {summary['world_size']} processes" if summary.get("world_size", 1) > 1 else "") + ")")
     if "psnr_gt" in summary:
@@ -723,6 +860,10 @@ def export_ply(
     from lyra_pipeline.reconstruct import ExportOptions, export_scene, export_sequence
 
     try:
+        target = check_new_file(out or Path(f"{scene}.ply"), "--out", f"{scene}.ply",
+                                () if times is not None else (".png", ".html"))
+        if target.suffix.lower() != ".ply":
+            raise LyraInputError(f"{target}: --out must be a .ply path")
         options = ExportOptions(prune_ratio, min_opacity, layout, smoothing, backdrop)
         if times is not None:
             if html:
@@ -880,10 +1021,11 @@ def view(
     """Interactive 3D view in the browser (viser): Gaussians, camera trajectories as frustums, the input image; a
     time slider and play toggle for dynamic scenes and Gaussian sequences."""
     _setup_env()
-    from lyra_pipeline.viewer import start_viewer
+    from lyra_pipeline.viewer import check_address, start_viewer
 
     try:
-        if target.lower().endswith((".ply", ".sequence.json")):
+        check_address(host, port)  # before any decoding: a bad port killed viser's thread and the process hung
+        if _view_target(target, store) == "file":
             server = start_viewer(ply=target, host=host, port=port)
         else:
             server = start_viewer(store=store, scene=target, checkpoint=checkpoint, host=host, port=port, log=_log)
@@ -894,6 +1036,34 @@ def view(
         server.sleep_forever()
     except KeyboardInterrupt:
         server.stop()
+
+
+VIEW_TARGETS = "a .ply file, a <stem>.sequence.json from `lyra export-ply --times`, or a scene id in --store"
+
+
+def _view_target(target: str, store: str) -> str:
+    """``lyra view TARGET``: "file" (an existing .ply / .sequence.json) or "scene" (a scene of ``store``); one
+    ``LyraInputError`` line naming TARGET and the accepted forms else."""
+    path = Path(target)
+    if target.lower().endswith((".ply", ".sequence.json")):
+        if path.is_dir():
+            raise LyraInputError(f"{target}: is a folder; expected {VIEW_TARGETS}")
+        if not path.is_file():
+            raise LyraInputError(f"{target}: file not found; expected {VIEW_TARGETS}")
+        return "file"
+    try:
+        scenes, why = RunStore(store, create=False).scene_ids(), None
+    except LyraError as exc:
+        scenes, why = [], str(exc)
+    if target in scenes:
+        return "scene"
+    what = ("a folder, " if path.is_dir() else "") + "not a .ply or .sequence.json file"
+    if why is None:
+        shown = ", ".join(scenes[:12]) + (" ..." if len(scenes) > 12 else "")
+        where = f"nor a scene of {store} (its scenes: {shown or 'none'})"
+    else:
+        where = f"nor a scene id ({why})"
+    raise LyraInputError(f"{target}: {what}, {where}; expected {VIEW_TARGETS}")
 
 
 server_app = typer.Typer(help="A Prefect server on PostgreSQL (production-like; `lyra run` needs none).")

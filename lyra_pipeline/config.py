@@ -349,8 +349,15 @@ def load_config_file(path: str | Path) -> tuple[str | None, dict[str, Any]]:
         doc = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise LyraConfigError(f"{p}: config file not found") from None
+    except IsADirectoryError:
+        raise LyraConfigError(f"{p}: is a folder; --config expects a YAML file of config sections") from None
+    except UnicodeDecodeError:
+        raise LyraConfigError(f"{p}: not UTF-8 text; --config expects a YAML file of config sections") from None
+    except OSError as exc:
+        raise LyraConfigError(f"{p}: cannot read the config file ({exc.strerror or exc}); expected a readable "
+                              "YAML file") from None
     except yaml.YAMLError as exc:
-        raise LyraConfigError(f"{p}: not valid YAML ({exc})") from None
+        raise LyraConfigError(f"{p}: not valid YAML ({' '.join(str(exc).split())})") from None
     if not isinstance(doc, dict):
         raise LyraConfigError(f"{p}: top level must be a mapping of config sections, got {type(doc).__name__}")
     preset = doc.pop("preset", None)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -235,6 +236,23 @@ def killed(reason: str) -> bool:
     """True when the failing rank was ended by a signal (preemption, the OOM killer, a lost node), not by an error
     it raised: a relaunch that resumes from the last checkpoint may then succeed."""
     return bool(re.search(r"Signal \d+|SIG[A-Z]+|exit code -\d+", reason))
+
+
+def killed_rank(reason: str) -> str | None:
+    """One line for a job that failed because a rank was ended by a signal (:func:`killed`): ``rank 1 was killed
+    (SIGKILL)``; None for any other failure."""
+    if not killed(reason):
+        return None
+    rank = re.search(r"rank (\d+) failed", reason)
+    name = re.search(r"\b(SIG[A-Z]+)\b", reason)
+    label = name.group(1) if name else None
+    if label is None and (num := re.search(r"Signal (\d+)|exit code -(\d+)", reason)):
+        number = int(num.group(1) or num.group(2))
+        try:
+            label = signal.Signals(number).name
+        except ValueError:
+            label = f"signal {number}"
+    return f"{f'rank {rank.group(1)}' if rank else 'a rank'} was killed ({label or 'a signal'})"
 
 
 def report_rank_error(exc: BaseException) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lyra_ops.depth import check_user_depth
 from lyra_ops.errors import LyraInputError
-from lyra_ops.images import cover_crop, cover_crop_resize
+from lyra_ops.images import cover_crop, cover_crop_geometry, cover_crop_resize
 from lyra_ops.prompts import SceneRecord
 from lyra_ops.seeding import derive_seed
 from lyra_pipeline.storage import validate_scene_id
@@ -103,17 +104,59 @@ def load_image(path: str | Path, height: int, width: int, *, expected_sha: str |
         raise LyraInputError(f"{p}: cannot decode image ({exc}); expected a PNG/JPEG/WebP file") from exc
     if rgb.shape[0] < 8 or rgb.shape[1] < 8:
         raise LyraInputError(f"{p}: image is {rgb.shape[1]}x{rgb.shape[0]} pixels; expected at least 8x8")
+    _warn_small_crop(p, hashlib.sha256(data).hexdigest(), rgb.shape[0], rgb.shape[1], height, width)
     image = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255.0
     return cover_crop_resize(image, height, width)
+
+
+MIN_CROP_KEPT = 0.25  # below this share of the image kept by the cover crop, a load warns
+_WARNED_CROP: set[tuple[str, int, int]] = set()
+
+
+def crop_kept_fraction(src_h: int, src_w: int, height: int, width: int) -> float:
+    """The share of a src_h x src_w image that the cover crop to height x width keeps (1 at the same aspect)."""
+    new_h, new_w, _, _ = cover_crop_geometry(src_h, src_w, height, width)
+    return (height * width) / (new_h * new_w)
+
+
+def _warn_small_crop(path: Path, sha: str, src_h: int, src_w: int, height: int, width: int) -> None:
+    """One warning line naming ``path`` when the cover crop keeps less than :data:`MIN_CROP_KEPT` of the image
+    (e.g. a 4000x8 strip became 13 of its columns scaled 12x); once per image content and size per process."""
+    kept = crop_kept_fraction(src_h, src_w, height, width)
+    if kept >= MIN_CROP_KEPT or (sha, height, width) in _WARNED_CROP:
+        return
+    _WARNED_CROP.add((sha, height, width))
+    new_h, new_w, _, _ = cover_crop_geometry(src_h, src_w, height, width)
+    g = math.gcd(width, height)
+    log.warning("%s: the %dx%d image is cover-cropped to the %dx%d video frame, which keeps only %.1f%% of it "
+                "(%.0fx%.0f source pixels scaled %.1fx); crop or pad it to about %d:%d first", path, src_w, src_h,
+                width, height, 100 * kept, width * src_w / new_w, height * src_h / new_h, new_w / src_w,
+                width // g, height // g)
+
+
+def check_images(records: list[SceneRecord], height: int, width: int) -> None:
+    """Decode every image of ``records`` (size >= 8x8, unchanged since scanned) before any work: one
+    ``LyraInputError`` naming the first file that fails; a crop that keeps little of an image is warned."""
+    for record in records:
+        if record.image_path:
+            load_image(record.image_path, height, width, expected_sha=record.content_sha)
 
 
 def load_depth_file(path: str | Path, height: int, width: int) -> torch.Tensor:
     """A user depth map ``NAME.depth.npy`` (H,W) float metric z-depth, resized (nearest) to the video size."""
     p = Path(path)
+    if not p.is_file():
+        raise LyraInputError(f"{p}: depth file not found (depth.backend file: a NAME.depth.npy (H,W) float array of "
+                             "metric z-depth beside each image)")
     try:
         arr = np.load(p, allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001
-        raise LyraInputError(f"{p}: cannot read depth as a .npy array ({exc})") from exc
+        if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "biuf":
+            if isinstance(arr, np.lib.npyio.NpzFile):
+                arr.close()
+            raise ValueError("not a numeric array")
+    except Exception:  # noqa: BLE001 - numpy's own text may suggest a pickle load: never offered
+        raise LyraInputError(f"{p}: cannot read depth: not a valid .npy file of numbers; expected an (H,W) float "
+                             "array of metric z-depth (numpy.save)") from None
     depth = torch.from_numpy(np.asarray(arr, dtype=np.float32))
     check_user_depth(depth, source=str(p))
     return cover_crop(depth[None], height, width, mode="nearest")[0].contiguous()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from lyra_ops.errors import LyraInputError
 from lyra_pipeline.storage import RunStore
 
 LABEL_H = 14
@@ -73,6 +74,11 @@ def contact_sheet(store: RunStore, scene_id: str, trajectories: list[str] | None
     the camera path (:func:`spread_frames`)."""
     rows: list[list[Image.Image]] = []
     have = store.list_arrays(scene_id)
+    stored = sorted({p.split("/")[1] for p in have if p.startswith("trajectories/")})
+    unknown = [t for t in trajectories or () if t not in stored]
+    if unknown:
+        raise LyraInputError(f"--trajectory: scene {scene_id!r} has no trajectory {', '.join(map(repr, unknown))}; "
+                             f"its trajectories: {', '.join(stored) or 'none'}")
     head = []
     if "input/rgb" in have:
         head.append(_tile(_chw(store.read_array(scene_id, "input/rgb")), f"{scene_id} input"))
@@ -81,7 +87,7 @@ def contact_sheet(store: RunStore, scene_id: str, trajectories: list[str] | None
     if "depth/reliable" in have:
         head.append(_tile(~store.read_array(scene_id, "depth/reliable"), "depth edges (seams)"))
     rows.append(head)
-    names = trajectories or sorted({p.split("/")[1] for p in have if p.startswith("trajectories/")})
+    names = trajectories or stored
     for name in names:
         base = f"trajectories/{name}"
         if f"{base}/warp/rgb" not in have:
@@ -129,7 +135,7 @@ def array_info(store: RunStore, scene_id: str, name: str) -> dict:
         raise LyraStorageError(f"{store.url}: scene {scene_id!r} has no array {name!r}; arrays: "
                                f"{', '.join(sorted(arrays))}")
     arr = arrays[name]
-    data = np.asarray(arr[...])
+    data = store.read_array(scene_id, name)  # checked: a damaged chunk is named, never decoded as garbage
     values = data.astype(np.float64) if data.dtype != bool else data.astype(np.float64)
     finite = np.isfinite(values)
     stats = {"min": float(values[finite].min()), "max": float(values[finite].max()),
@@ -138,13 +144,22 @@ def array_info(store: RunStore, scene_id: str, name: str) -> dict:
             "attrs": dict(arr.attrs), "nonfinite": int((~finite).sum()), **stats}
 
 
+CAMERA_ARRAYS = ("/K", "/c2w", "/w2c")
+IMAGE_FORMS = ("frames of a video (T,3,H,W) uint8, masks or depth (T,1,H,W), an image (3,H,W), a depth map or mask "
+               "(H,W), or latents (C,T,h,w)")
+
+
 def array_frames(data: np.ndarray, name: str = "") -> list[np.ndarray]:
     """Viewable uint8 (H,W,3) frames of a stored array, by its layout:
 
     video (T,3,H,W) uint8 -> frames; masks (T,1,H,W) bool -> white = True; depth-like (T,1,H,W) / (H,W) float ->
     inverse-depth colours; an image (3,H,W); patchify latents (1536,T_l,h,w) -> decoded back to frames; other
-    latents (C,T_l,h,w) -> their first three channels, normalised.
+    latents (C,T_l,h,w) -> their first three channels, normalised. Anything else (camera matrices, vectors, tables)
+    raises ``LyraInputError`` naming the array and the image forms, before any file is written.
     """
+    if data.ndim in (2, 3) and data.shape[-2:] in ((3, 3), (4, 4)) or name.endswith(CAMERA_ARRAYS):
+        raise LyraInputError(f"{name}: camera matrices {data.shape} have no image form (run without --out to print "
+                             f"them); --out exports {IMAGE_FORMS}")
     if data.ndim == 4 and data.shape[1] == 3 and data.dtype == np.uint8:
         return [_chw(f) for f in data]
     if data.ndim == 4 and data.shape[1] == 1:
@@ -169,40 +184,60 @@ def array_frames(data: np.ndarray, name: str = "") -> list[np.ndarray]:
         lo, hi = np.percentile(first, [1, 99])
         norm = ((first - lo) / max(hi - lo, 1e-12)).clip(0, 1)
         return [(np.moveaxis(norm[:, t], 0, -1) * 255).round().astype(np.uint8) for t in range(norm.shape[1])]
-    if data.ndim == 3 and data.shape[-2:] == (4, 4) or data.ndim == 2 and data.shape == (3, 3):
-        raise ValueError(f"{name}: camera matrices have no image form (run without --out to print them)")
-    raise ValueError(f"{name}: no image form for an array of shape {data.shape} and dtype {data.dtype}")
+    raise LyraInputError(f"{name}: no image form for an array of shape {data.shape} and dtype {data.dtype}; --out "
+                         f"exports {IMAGE_FORMS}")
 
 
 def export_frames(frames: list[np.ndarray], path, fps: int = 12) -> None:
     """``.png``: a grid (up to 8 per row); ``.gif`` / ``.webp``: an animation (Pillow); ``.mp4``: H.264 through
-    imageio-ffmpeg's bundled ffmpeg (``pip install lyra-pipeline[video]``)."""
+    imageio-ffmpeg's bundled ffmpeg (``pip install lyra-pipeline[video]``; odd sizes padded by one pixel, as
+    yuv420p needs even ones). Written to a temporary file beside ``path``, then renamed: a failed encoder leaves
+    neither a partial file nor a changed old one (``RuntimeError`` naming the file and ffmpeg's error)."""
+    import os
     from pathlib import Path
 
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix == ".png":
-        cols = min(8, len(frames))
-        h, w = frames[0].shape[:2]
-        rows = (len(frames) + cols - 1) // cols
-        grid = Image.new("RGB", (cols * w, rows * h))
-        for i, f in enumerate(frames):
-            grid.paste(Image.fromarray(f), ((i % cols) * w, (i // cols) * h))
-        grid.save(path)
-    elif suffix in (".gif", ".webp"):
-        images = [Image.fromarray(f) for f in frames]
-        images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-    elif suffix == ".mp4":
-        try:
-            import imageio_ffmpeg
-        except ImportError as exc:
-            raise RuntimeError("mp4 export needs imageio-ffmpeg: pip install 'lyra-pipeline[video]'") from exc
-        h, w = frames[0].shape[:2]
-        writer = imageio_ffmpeg.write_frames(str(path), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
-                                             macro_block_size=1, quality=8)
-        writer.send(None)
-        for f in frames:
-            writer.send(np.ascontiguousarray(f))
-        writer.close()
-    else:
+    if suffix not in (".png", ".gif", ".webp", ".mp4"):
         raise ValueError(f"{path}: unsupported export format (use .png, .gif, .webp or .mp4)")
+    if not frames:
+        raise LyraInputError(f"{path}: no frames to export")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial{path.suffix}")
+    try:
+        if suffix == ".png":
+            cols = min(8, len(frames))
+            h, w = frames[0].shape[:2]
+            rows = (len(frames) + cols - 1) // cols
+            grid = Image.new("RGB", (cols * w, rows * h))
+            for i, f in enumerate(frames):
+                grid.paste(Image.fromarray(f), ((i % cols) * w, (i // cols) * h))
+            grid.save(tmp)
+        elif suffix in (".gif", ".webp"):
+            images = [Image.fromarray(f) for f in frames]
+            images[0].save(tmp, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+        else:
+            _encode_mp4(frames, tmp, path, fps)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _encode_mp4(frames: list[np.ndarray], tmp, path, fps: int) -> None:
+    """H.264 (yuv420p, crf 10) of ``frames`` into ``tmp``; ``RuntimeError`` naming ``path`` when ffmpeg fails."""
+    import subprocess
+
+    try:
+        import imageio_ffmpeg
+    except ImportError as exc:
+        raise RuntimeError("mp4 export needs imageio-ffmpeg: pip install 'lyra-pipeline[video]'") from exc
+    h, w = frames[0].shape[:2]
+    pad = ((0, h % 2), (0, w % 2), (0, 0))
+    data = b"".join(np.ascontiguousarray(np.pad(f, pad, mode="edge"), dtype=np.uint8).tobytes() for f in frames)
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-vcodec", "rawvideo",
+           "-s", f"{w + w % 2}x{h + h % 2}", "-pix_fmt", "rgb24", "-r", str(fps), "-i", "-", "-an",
+           "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-crf", "10", "-f", "mp4", str(tmp)]
+    proc = subprocess.run(cmd, input=data, capture_output=True, check=False)
+    if proc.returncode != 0 or not tmp.is_file() or tmp.stat().st_size == 0:
+        lines = [ln.strip() for ln in proc.stderr.decode(errors="replace").splitlines() if ln.strip()]
+        raise RuntimeError(f"{path}: ffmpeg could not encode {len(frames)} frames of {w}x{h} "
+                           f"({lines[-1] if lines else f'exit code {proc.returncode}'}); nothing written")

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 def preflight(config: RunConfig) -> list[SceneRecord] | None:
     """Check run-wide inputs before any work starts (a bad custom trajectory would fail every scene, a bad
-    checkpoint folder every generation). Returns the image folder's records (source ``images``), else None."""
+    checkpoint folder every generation, a broken image its scene ~45 s in). Returns the image folder's records
+    (source ``images``), else None."""
     if config.scenes.source == "text":
         from lyra_pipeline.backends.diffusers_image import inspect_t2i_checkpoint
 
@@ -61,9 +62,13 @@ def preflight(config: RunConfig) -> list[SceneRecord] | None:
         load_input_video(config.scenes.video_path, config.scenes.poses_path, height=v.height, width=v.width,
                          num_frames=v.num_frames)
     if config.scenes.source == "images":
-        from lyra_pipeline.inputs import scan_image_folder
+        from lyra_pipeline.inputs import check_images, scan_image_folder
 
-        return scan_image_folder(config.scenes.images_dir, config.seed, warn=False)  # the run's own scan warns
+        bank = scan_image_folder(config.scenes.images_dir, config.seed, warn=False)  # the run's own scan warns
+        # every selected image decoded (>= 8x8) now: a broken file is named before a store or Prefect starts
+        check_images(sample_records(bank, config.scenes.num_scenes, config.seed), config.video.height,
+                     config.video.width)
+        return bank
     return None
 
 
@@ -194,6 +199,9 @@ def trajectory_cameras(config: RunConfig, scene: SceneRecord | None, name: str,
         from lyra_ops.trajectories import select_frames
 
         whole = load_trajectory(t.custom, height=v.height, width=v.width, pose_scale=t.pose_scale)
+        if len(whole) < 2:  # as the built-in paths: a camera path moves (one pose would be a still "trajectory")
+            raise LyraInputError(f"{t.custom}: the path has {len(whole)} frame; trajectories.custom expects a camera "
+                                 "path of at least 2 frames (one pose per frame)")
         try:
             picks, held = select_frames(len(whole), t.frames, v.num_frames)
         except LyraInputError as exc:

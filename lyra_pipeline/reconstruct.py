@@ -18,7 +18,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -274,9 +274,11 @@ def export_refined(store: RunStore, scene_id: str, name: str, out: str | Path, *
                    strip: bool = True, options: ExportOptions | None = None) -> ExportResult:
     """The refined Gaussians of refinement ``name`` (``lyra refine``) written like :func:`export_scene`."""
     from lyra_pipeline.refine import load_plan, refined_gaussians
+    from lyra_pipeline.threads import pin_torch_threads
 
     out = _ply_path(out)
     plan, _ = load_plan(store, scene_id, name)
+    pin_torch_threads(plan.config.torch_threads)  # the refinement's own count, however this process got here
     gaussians = refined_gaussians(store, scene_id, name)
     views = ViewCache(store, size=len(plan.trajectories))
     source = f"refined {plan.config.steps} steps from {plan.init} ({name})"
@@ -424,12 +426,28 @@ def reconstruct_image(image: str | Path, out_dir: str | Path, *, prompt: str | N
     image = Path(image)
     if not image.is_file():
         raise LyraInputError(f"{image}: image not found")
-    load_image(image, 8, 8)  # an unreadable image is named (the user's path) before anything is written
-    model, source = resolve_decoder(store, checkpoint, log)
     out_dir = Path(out_dir)
+    check_out_dir(out_dir)
     config = _scene_config(out_dir / "input", preset)  # a bad preset fails here, before anything is written
+    # an unreadable or tiny image is named (the user's path) before anything is written; a crop that keeps
+    # little of it is warned here, at the video size
+    load_image(image, config.video.height, config.video.width)
+    model, source = resolve_decoder(store, checkpoint, log)
     _copy_input(image, out_dir / "input", prompt)
     return _reconstruct(config, out_dir, model, source, html=html, log=log, options=options, refine=refine)
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """``reconstruct --out``: a folder (created when missing) whose nearest existing ancestor is a folder; one
+    ``LyraInputError`` line naming the path else (checked before anything is written)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LyraInputError(f"{out_dir}: --out is an existing file; expected an output folder (new or existing)")
+    for parent in out_dir.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise LyraInputError(f"{out_dir}: --out is inside {parent}, which is a file; expected an output "
+                                     "folder (new or existing)")
+            break
 
 
 TEXT_TO_IMAGE_HELP = ("pass --text-to-image DIR (a local diffusers text-to-image pipeline folder: PixArt, SD3, FLUX, "
@@ -452,8 +470,9 @@ def reconstruct_text(prompt: str, out_dir: str | Path, *, text_to_image: dict | 
     if not settings.get("model_path"):
         raise LyraConfigError(f"reconstruct --prompt needs a text-to-image pipeline: {TEXT_TO_IMAGE_HELP}")
     inspect_t2i_checkpoint(settings["model_path"])
-    model, source = resolve_decoder(store, checkpoint, log)
     out_dir = Path(out_dir)
+    check_out_dir(out_dir)
+    model, source = resolve_decoder(store, checkpoint, log)
     prompts = out_dir / "input" / "prompt.txt"
     config = _scene_config(out_dir / "input", preset, text={"prompts_file": str(prompts.resolve()),
                                                            "text_to_image": settings})
@@ -477,6 +496,8 @@ def _reconstruct(config: RunConfig, out_dir: Path, model: LatentGaussianDecoder,
     out = out_dir / f"{scene_id}.ply"
     if refine is None:
         return write_scene(model, source, run_store, scene_id, out, html=html, options=options)
+    if refine.torch_threads is None:  # the scene's compute threads, whether or not its stages had work now
+        refine = replace(refine, torch_threads=config.compute.torch_threads)
     plan, result = refine_scene_inprocess(run_store, scene_id, refine, model, source, log=log)
     if log is not None:
         log(refine_summary(result))

@@ -27,7 +27,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -42,6 +42,7 @@ from lyra_ops.images import from_uint8
 from lyra_ops.metrics import psnr
 from lyra_ops.optimize import OptimizeConfig, SceneOptimizer, init_gaussians_from_rgbd, render_views
 from lyra_pipeline.storage import RunStore
+from lyra_pipeline.threads import exact_cpu, pin_torch_threads, resolve_threads
 from lyra_pipeline.training import ViewCache, scene_gaussians, scene_trajectories
 
 REFINE_VERSION = 1
@@ -64,8 +65,15 @@ class RefineConfig:
     3DGS's ``--random_background``: what the frames show becomes opaque, so the scene looks the same over any
     viewer's background) or ``white`` (Lyra's); ``checkpoint_every`` steps between checkpoints;
     ``max_gaussians`` cap of the densification; ``min_init_opacity`` drops initial Gaussians less opaque than
-    this (the decoder emits many that no view needs). The remaining optimiser settings are
-    :class:`lyra_ops.optimize.OptimizeConfig`'s defaults with densification on."""
+    this (the decoder emits many that no view needs); ``torch_threads``: torch's intra-op threads for every
+    chunk (``None``: torch's default in the process that plans it). On CPU the count is part of the result (it
+    changes the order floats are summed in), so :func:`plan_refine` resolves it and records it in ``plan.json``,
+    and every chunk pins the recorded count, whatever process resumes it and whatever ran in it before, and
+    runs on torch's deterministic kernels (:func:`lyra_pipeline.threads.exact_cpu`: above one thread, atomic
+    adds would make even the same count differ). Like ``checkpoint_every`` it is not part of the name: a resume
+    continues the refinement at its recorded count.
+    The remaining optimiser settings are :class:`lyra_ops.optimize.OptimizeConfig`'s defaults with densification
+    on."""
 
     steps: int = 300
     init: str = "auto"
@@ -75,6 +83,7 @@ class RefineConfig:
     max_gaussians: int = 200_000
     min_init_opacity: float = 0.005
     seed: int = 0
+    torch_threads: int | None = None
 
     def __post_init__(self) -> None:
         for name, lo in (("steps", 1), ("frame_stride", 1), ("checkpoint_every", 1), ("max_gaussians", 1),
@@ -89,6 +98,9 @@ class RefineConfig:
         value = self.min_init_opacity
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
             raise LyraInputError(f"refine min_init_opacity: expected a number in [0, 1), got {value!r}")
+        value = self.torch_threads
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise LyraInputError(f"refine torch_threads: expected an integer >= 1 or None, got {value!r}")
 
     def optimize_config(self) -> OptimizeConfig:
         return OptimizeConfig(
@@ -219,7 +231,10 @@ class RefinePlan:
 def plan_refine(store: RunStore, scene_id: str, config: RefineConfig, decoder=None,
                 decoder_source: str = "") -> RefinePlan:
     """Create (or find) the refinement of ``scene_id`` for ``config``: its initial Gaussians and ``plan.json``.
-    ``decoder`` is needed for ``init`` ``decoder`` / ``auto``. Validates everything before writing."""
+    ``decoder`` is needed for ``init`` ``decoder`` / ``auto``. Validates everything before writing. The thread
+    count is resolved here (``config.torch_threads``, else torch's default) and the decoder runs at it."""
+    config = replace(config, torch_threads=resolve_threads(config.torch_threads))
+    pin_torch_threads(config.torch_threads)
     trajectories = scene_trajectories(store, scene_id)
     views = ViewCache(store, size=len(trajectories))
     init = initial_gaussians(views, scene_id, trajectories, config, decoder)
@@ -229,7 +244,8 @@ def plan_refine(store: RunStore, scene_id: str, config: RefineConfig, decoder=No
     inputs = {t: [done.get((scene_id, t, stage), "") for stage in ("cameras", "generate", "video_depth")]
               for t in trajectories}
     content = {"version": REFINE_VERSION, "scene": scene_id, "inputs": inputs, "init_sha256": sha256_hex(init_bytes),
-               "config": {k: v for k, v in asdict(config).items() if k != "checkpoint_every"}}  # chunking: same bytes
+               "config": {k: v for k, v in asdict(config).items()
+                          if k not in ("checkpoint_every", "torch_threads")}}  # how it runs: recorded, not named
     name = "refine-" + sha256_hex(json.dumps(content, sort_keys=True).encode())[:12]
     plan = RefinePlan(scene_id, name, config, described, trajectories)
     if store.read_file(refine_rel(scene_id, name, "plan.json")) is None:
@@ -289,6 +305,7 @@ def refine_until(store: RunStore, scene_id: str, name: str, until: int) -> dict[
     if steps and steps[-1] >= until:  # already there (or beyond: only the newest checkpoint is kept)
         return {"step": steps[-1], "computed": 0, "seconds": 0.0}
     start = steps[-1] if steps else 0
+    pin_torch_threads(plan.config.torch_threads)  # the count recorded when planned, not this process's
     views = ViewCache(store, size=len(plan.trajectories))
     targets = scene_targets(views, scene_id, plan.trajectories, plan.config.frame_stride)
     opt = _optimizer(store, plan, targets)
@@ -297,7 +314,8 @@ def refine_until(store: RunStore, scene_id: str, name: str, until: int) -> dict[
         opt.load_state_tensors(_load_checkpoint(store, plan, start))
         previous = json.loads(store.read_file(checkpoint_rel(scene_id, name, start, ".json")))["total_seconds"]
     t0 = time.perf_counter()
-    losses = opt.run(until)
+    with exact_cpu(plan.config.torch_threads):  # > 1 thread: the rasterizer's backward adds with atomics else
+        losses = opt.run(until)
     seconds = time.perf_counter() - t0
     data = st_save(opt.state_tensors())
     store.write_file(checkpoint_rel(scene_id, name, until, ".safetensors"), data)
@@ -337,6 +355,7 @@ def finish_refine(store: RunStore, scene_id: str, name: str) -> dict[str, Any]:
     if not steps or steps[-1] != plan.config.steps:
         raise LyraStorageError(f"{store.url}: refinement {scene_id}/{name} has not reached step "
                                f"{plan.config.steps} (checkpoints: {steps}); run it to the end first")
+    pin_torch_threads(plan.config.torch_threads)
     views = ViewCache(store, size=len(plan.trajectories))
     targets = scene_targets(views, scene_id, plan.trajectories, plan.config.frame_stride)
     opt = _optimizer(store, plan, targets)

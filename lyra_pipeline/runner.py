@@ -40,6 +40,7 @@ from lyra_ops.errors import LyraConfigError, LyraStorageError
 from lyra_ops.seeding import derive_seed
 from lyra_pipeline.distributed import DistContext, report_progress
 from lyra_pipeline.storage import RunStore
+from lyra_pipeline.threads import exact_cpu, pin_torch_threads
 
 log = logging.getLogger(__name__)
 RNG_PREFIX = "rng/sampler"
@@ -370,8 +371,7 @@ def train_until(recipe: Recipe, until_step: int, ctx: DistContext | None = None,
     streams = rank_streams(recipe.batch, ctx)
     if ctx.main:
         remove_uncommitted(store, run, start)
-    if recipe.torch_threads:
-        torch.set_num_threads(recipe.torch_threads)
+    pin_torch_threads(recipe.torch_threads)
     recipe.prepare()
     state = load_state(recipe, start) if start else recipe.new_state()
     sharded = ctx.distributed and recipe.parallel == "fsdp"
@@ -380,15 +380,16 @@ def train_until(recipe: Recipe, until_step: int, ctx: DistContext | None = None,
     net = state.model if sharded else ctx.wrap(state.model, recipe.device)
     rows: list[dict[str, Any]] = []
     first = state.step
-    while state.step < until_step:
-        t0 = time.perf_counter()
-        try:
-            metrics = train_step(recipe, state, net, streams, ctx)
-        except FloatingPointError as exc:
-            raise recipe.step_error(state.step + 1, first, exc) from exc
-        state.step += 1
-        rows.append(recipe.row(state.step, metrics, time.perf_counter() - t0))
-        recipe.log_step(state.step, rows[-1])
+    with exact_cpu(recipe.torch_threads, recipe.device):  # on CPU: the same weights however threads are scheduled
+        while state.step < until_step:
+            t0 = time.perf_counter()
+            try:
+                metrics = train_step(recipe, state, net, streams, ctx)
+            except FloatingPointError as exc:
+                raise recipe.step_error(state.step + 1, first, exc) from exc
+            state.step += 1
+            rows.append(recipe.row(state.step, metrics, time.perf_counter() - t0))
+            recipe.log_step(state.step, rows[-1])
     ctx.share_streams(state.generators, streams)  # rank 0 checkpoints the streams the others advanced
     sha = None
     files = checkpoint_files(recipe, state) if sharded else None  # gathering the shards takes every rank

@@ -19,8 +19,8 @@ from pathlib import Path
 from lyra_ops.errors import LyraStorageError
 from lyra_ops.prompts import SceneRecord
 from lyra_pipeline.config import RunConfig, section_dict
-from lyra_pipeline.store import interrupt
 from lyra_pipeline.storage import SCENE_STAGES, TRAJECTORY_STAGES, ManifestRow, RunStore, content_key
+from lyra_pipeline.store import interrupt
 
 # Bump a stage's version when its code changes what it writes: finished work is then redone.
 STAGE_VERSIONS = {"input": 1, "depth": 1, "cameras": 1, "warp": 1, "refine": 1, "generate": 1, "latents": 1,

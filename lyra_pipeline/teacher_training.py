@@ -70,6 +70,7 @@ from lyra_pipeline.runner import (
     stream_generators,
 )
 from lyra_pipeline.storage import RunStore, content_key
+from lyra_pipeline.threads import pin_torch_threads
 from lyra_pipeline.training import load_or_create_run, read_run_json, split_scenes
 
 log = logging.getLogger(__name__)
@@ -593,8 +594,7 @@ def evaluate_teacher(store_url: str, run_name: str, step: int) -> dict[str, Any]
     trainer, sha = trained_model(store, run, step)
     existing = store.read_table(rel)
     if existing is None or set(existing.column("model_sha256").to_pylist()) != {sha}:
-        if cfg.torch_threads:
-            torch.set_num_threads(cfg.torch_threads)
+        pin_torch_threads(cfg.torch_threads)
         index, pairs, rows = index_pairs(store).scenes, PairCache(store, size=8), []
         for scene in run.val_scenes:
             for traj in index.get(scene, []):

@@ -190,6 +190,27 @@ def dynamic_sequence(st: RunStore, scene: str, checkpoint: str | Path | None,
         f"{scene}: {len(labels)} time steps from {kind} decoder {source}")
 
 
+def check_address(host: str, port: int) -> None:
+    """``--host`` / ``--port`` checked before the server starts (viser's server thread dies on a port outside
+    0-65535 and retries 1000 ports on an address it cannot bind, while the caller waits for it forever): a port
+    1-65535, or 0 for any free port; a host this machine can listen on."""
+    import socket
+
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise LyraInputError(f"--port {port}: expected a TCP port 1-65535, or 0 for any free port")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0]
+    except (OSError, UnicodeError) as exc:
+        raise LyraInputError(f"--host {host!r}: cannot resolve it ({getattr(exc, 'strerror', None) or exc}); "
+                             "expected an address of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+    with socket.socket(family, kind, proto) as sock:
+        try:
+            sock.bind((addr[0], 0, *addr[2:]))
+        except OSError as exc:
+            raise LyraInputError(f"--host {host!r}: cannot listen on it ({exc.strerror or exc}); expected an "
+                                 "address of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+
+
 def start_viewer(
     *,
     store: str | None = None,
@@ -206,6 +227,7 @@ def start_viewer(
     The decoder: ``checkpoint``, else the store's newest finished training, else the shipped package decoder;
     ``log`` gets one line saying which (or that the point cloud is shown)."""
     viser = _viser()
+    check_address(host, port)
     if ply is None and (store is None or scene is None):
         raise LyraInputError("lyra view: give a PLY path, a .sequence.json, or --store and a scene id")
     gaussians, trajectories, image, points = None, {}, None, None

@@ -24,6 +24,7 @@ from lyra_ops.metrics import psnr
 from lyra_pipeline.quality import CHEAP_METHODS, QUALITY_SCHEMA, available_methods, scene_quality_rows
 from lyra_pipeline.retries import STAGE_TASK_OPTIONS
 from lyra_pipeline.storage import RunStore
+from lyra_pipeline.threads import pin_torch_threads
 from lyra_pipeline.training import (
     TrainConfig,
     TrainRun,
@@ -227,6 +228,7 @@ def evaluate_decoder(store_url: str, run_name: str, step: int) -> dict[str, Any]
     old = store.read_table(rel)
     if old is not None and old.num_rows and set(old.column("model_sha256").to_pylist()) == {sha}:
         return summarize_decoder(old.to_pylist()) | {"computed": False}
+    pin_torch_threads(run.config.torch_threads)  # as when it follows training in-process, also after a resume
     t0 = time.perf_counter()
     model_rel = RunStore.checkpoint_rel(run.name, step, "model.safetensors")
     model = load_decoder_bytes(store.read_file(model_rel), f"{store.url}/{model_rel}").to(run.config.device)

@@ -57,6 +57,24 @@ def make_smoke_store(path: Path, num_scenes: int = 3, preset: str = "smoke") -> 
     return path
 
 
+SMALL = {"video": {"height": 48, "width": 80, "num_frames": 9},
+         "trajectories": {"names": ["left", "zoom_in", "clockwise"]}}
+
+
+@pytest.fixture(scope="session")
+def finished_store(tmp_path_factory, prefect_harness) -> Path:
+    """A finished 2-scene smoke store with SMALL frames, made by the generate-dataset flow (it records its dataset
+    as `lyra run` does). Shared by the session: tests that write copy it first (the evaluate flow's tables are
+    the only thing a test adds to it)."""
+    from flows.generate_dataset import generate_dataset
+
+    root = tmp_path_factory.mktemp("flow") / "store"
+    summary = generate_dataset(store=str(root), preset="smoke", overrides=SMALL)
+    assert summary["failed_scenes"] == []
+    assert summary["computed"] == 2 * (2 + 6 * 3) and summary["skipped"] == 0
+    return root
+
+
 @pytest.fixture(scope="session")
 def smoke_store_template(tmp_path_factory) -> Path:
     """A 3-scene smoke store shared by the session; copy it (``smoke_store``) before writing."""

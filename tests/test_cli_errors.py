@@ -44,22 +44,40 @@ def test_console_filter_keeps_one_line_per_failure():
 
 @pytest.mark.slow
 def test_run_with_a_failing_scene_prints_no_traceback(tmp_path, examples_dir):
-    """A truncated image fails its scene: the console shows one line for the failed unit and the error line, no
-    Prefect traceback (before: ~15 lines of it)."""
+    """A truncated image is refused before any work: one line naming it, no store, no Prefect (it used to fail its
+    scene ~45 s into the run). A scene that fails mid-run (here its NAME.depth.npy, read by the depth stage, is
+    not an array) shows one line for the failed unit and the error line, no Prefect traceback (before: ~15 lines
+    of it)."""
     import subprocess
+
+    import numpy as np
 
     images = tmp_path / "images"
     images.mkdir()
     good = sorted((examples_dir / "samples").glob("*.png"))[0]
     shutil.copy(good, images / "good.png")
     (images / "bad.png").write_bytes(good.read_bytes()[:20000])
-    proc = subprocess.run([sys.executable, "-m", "lyra_pipeline.cli", "run", "--preset", "smoke", "--images",
-                           str(images), "--num-scenes", "2", "--store", str(tmp_path / "store")],
-                          capture_output=True, text=True, timeout=600)
+    run = [sys.executable, "-m", "lyra_pipeline.cli", "run", "--preset", "smoke", "--images", str(images),
+           "--num-scenes", "2"]
+    proc = subprocess.run([*run, "--store", str(tmp_path / "store")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
     err = proc.stderr
     assert "Traceback" not in err, err[-3000:]
     assert err.count("bad.png: cannot decode image") == 1, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith(f"error: {images / 'bad.png'}: cannot decode image"), err
+    assert not (tmp_path / "store").exists()
+
+    shutil.copy(good, images / "bad.png")  # both images decode now; bad's depth file fails its scene mid-run
+    np.save(images / "good.depth.npy", np.full((90, 160), 2.0, dtype=np.float32))
+    (images / "bad.depth.npy").write_bytes(b"not an array")
+    config = tmp_path / "depth_file.yaml"
+    config.write_text("depth:\n  backend: file\n")
+    proc = subprocess.run([*run, "--config", str(config), "--store", str(tmp_path / "store2")], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = proc.stderr
+    assert "Traceback" not in err, err[-3000:]
+    assert err.count("bad.depth.npy: cannot read depth") == 1, err[-3000:]
     assert err.count("no prompt file good.txt") == 1, err[-3000:]
     assert err.strip().splitlines()[-1].startswith("error: 1 scene(s) failed: ['bad']")
 

@@ -14,7 +14,13 @@ import torch
 from safetensors.torch import load as st_load
 
 from lyra_ops.errors import LyraConfigError
-from lyra_pipeline.distributed import DistributedJobError, failure_from_output, run_torchrun, torchrun_command
+from lyra_pipeline.distributed import (
+    DistributedJobError,
+    failure_from_output,
+    killed_rank,
+    run_torchrun,
+    torchrun_command,
+)
 from lyra_pipeline.runner import check_world_size, checkpoint_steps
 from lyra_pipeline.storage import RunStore
 from lyra_pipeline.teacher_training import build_teacher_config, plan_teacher_run, train_teacher_until
@@ -92,6 +98,7 @@ def test_killed_rank_fails_the_job_and_another_world_size_resumes(smoke_store, t
     with pytest.raises(DistributedJobError, match=r"rank 1 failed: .*(SIGKILL|Signal 9)") as err:
         launch(url, run.name, 2, env={"LYRA_TEST_FAULT": "1:8:kill"})
     assert err.value.retriable
+    assert killed_rank(str(err.value)) == "rank 1 was killed (SIGKILL)"  # the line `lyra train` prints
     assert checkpoint_steps(RunStore(url, create=False), run.name) == [5]
     # relaunched with one process, it resumes from step 5 and ends where the uninterrupted run did
     launch(url, run.name, 1, harness=False)
@@ -104,6 +111,44 @@ def test_killed_rank_fails_the_job_and_another_world_size_resumes(smoke_store, t
     with pytest.raises(DistributedJobError, match="rank 0 failed: injected failure before step 2") as err:
         launch(raised, run.name, 2, env={"LYRA_TEST_FAULT": "0:2:raise"})
     assert not err.value.retriable
+    assert killed_rank(str(err.value)) is None
+
+
+def test_cli_train_says_which_rank_was_killed_and_where_the_retry_resumed(smoke_store, tmp_path, monkeypatch,
+                                                                           prefect_harness):
+    """`lyra train --nproc 2` whose job loses rank 1 to SIGKILL after the step-2 checkpoint: Prefect retries the
+    task, the retry resumes from step 2, and the command says so in one line (exit 0). The job is played in this
+    process (torchrun's failure as the test above gets it from a real kill); the retry is Prefect's."""
+    import yaml
+    from typer.testing import CliRunner
+
+    import tasks.distributed
+    from lyra_pipeline.cli import app
+
+    over = overrides(4, 2)
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(yaml.safe_dump({"preset": "smoke", **over}))
+    run = plan_run(RunStore(smoke_store, create=False), build_train_config("smoke", over))
+    launches = []
+
+    def job(cmd, *, on_line=lambda line: None, env=None):
+        launches.append(cmd)
+        url, name = cmd[-5], cmd[-4]  # ... lyra_pipeline.train_worker decoder STORE RUN --parallel ddp
+        assert name == run.name
+        if len(launches) == 1:
+            train_until(url, name, 2)
+            raise DistributedJobError("distributed training failed: rank 1 failed: Signal 9 (SIGKILL) received by "
+                                      "PID 4242", retriable=True)
+        train_until(url, name, 4)
+        return []
+
+    monkeypatch.setattr(tasks.distributed, "run_torchrun", job)
+    res = CliRunner().invoke(app, ["train", "--store", str(smoke_store), "--config", str(cfg), "--nproc", "2"])
+    assert res.exit_code == 0, res.output
+    assert len(launches) == 2  # Prefect retried the job once
+    lines = [ln for ln in res.output.splitlines() if "was killed" in ln]
+    assert lines == ["rank 1 was killed (SIGKILL); resumed from step 2"], res.output
+    assert "4 steps (4 computed now on 2 processes)" in res.output  # both attempts' steps
 
 
 @pytest.mark.slow

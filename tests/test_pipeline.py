@@ -18,13 +18,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from flows.generate_dataset import PipelineFailed, generate_dataset
+from lyra_ops.errors import LyraInputError
 from lyra_pipeline.cli import app
 from lyra_pipeline.config import build_config
 from lyra_pipeline.storage import RunStore
 from tasks.sdg import SCENE_TASKS, sample_prompts
-
-SMALL = {"video": {"height": 48, "width": 80, "num_frames": 9},
-         "trajectories": {"names": ["left", "zoom_in", "clockwise"]}}
+from tests.conftest import SMALL  # the session fixture finished_store is made with it
 
 
 def store_snapshot(root: Path) -> dict[str, int]:
@@ -43,15 +42,6 @@ def assert_same_arrays(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> No
     assert sorted(a) == sorted(b)
     for k in a:
         assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), f"array {k} differs"
-
-
-@pytest.fixture(scope="module")
-def finished_store(tmp_path_factory, prefect_harness) -> Path:
-    root = tmp_path_factory.mktemp("flow") / "store"
-    summary = generate_dataset(store=str(root), preset="smoke", overrides=SMALL)
-    assert summary["failed_scenes"] == []
-    assert summary["computed"] == 2 * (2 + 6 * 3) and summary["skipped"] == 0
-    return root
 
 
 def test_flow_completes_every_stage(finished_store):
@@ -206,7 +196,7 @@ def test_storage_layout_document_matches_store(finished_store):
         assert f"| `{col}` |" in doc, f"column {col} not documented"
 
 
-def test_bad_image_fails_alone_and_is_recorded(tmp_path, examples_dir, prefect_harness):
+def test_bad_image_fails_alone_and_is_recorded(tmp_path, examples_dir, prefect_harness, monkeypatch):
     images = tmp_path / "images"
     images.mkdir()
     Image.open(examples_dir / "samples" / "02.png").resize((160, 90)).save(images / "good.png")
@@ -216,8 +206,25 @@ def test_bad_image_fails_alone_and_is_recorded(tmp_path, examples_dir, prefect_h
     url = str(tmp_path / "store")
     over = {**SMALL, "scenes": {"source": "images", "images_dir": str(images), "num_scenes": 2},
             "depth": {"backend": "planar"}, "generator": {"backend": "warp_only"}}
+    # an undecodable image is refused before anything is written (every image is decoded up front)
+    with pytest.raises(LyraInputError, match="corrupt.png: cannot decode image"):
+        generate_dataset(store=url, preset="smoke", overrides=over)
+    assert not Path(url).exists()
+    # one that breaks later (here: its read in the input stage fails) fails its scene alone, recorded
+    Image.open(examples_dir / "samples" / "04.png").convert("RGB").resize((160, 90)).save(images / "corrupt.png")
+    import tasks.sdg
+
+    real = tasks.sdg.load_image
+
+    def flaky(path, *args, **kwargs):
+        if Path(path).name == "corrupt.png":
+            raise LyraInputError(f"{path}: cannot decode image (truncated while the run read it)")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(tasks.sdg, "load_image", flaky)
     with pytest.raises(PipelineFailed, match="corrupt"):
         generate_dataset(store=url, preset="smoke", overrides=over)
+    monkeypatch.setattr(tasks.sdg, "load_image", real)
     store = RunStore(url, create=False)
     rows = store.read_manifest().to_pylist()
     failed = [r for r in rows if r["status"] == "failed"]
@@ -227,17 +234,17 @@ def test_bad_image_fails_alone_and_is_recorded(tmp_path, examples_dir, prefect_h
     assert len(good) == 2 + 6 * 3 and all(r["status"] == "done" for r in good)
     result = CliRunner().invoke(app, ["status", "--store", url, "--failed"])
     assert "corrupt.png: cannot decode image" in " ".join(result.output.split())
-    # the user fixes the file; `lyra retry` re-runs only the failed scene
-    Image.open(examples_dir / "samples" / "04.png").convert("RGB").resize((160, 90)).save(images / "corrupt.png")
-    cfg = tmp_path / "images.yaml"
-    cfg.write_text(yaml.safe_dump({"preset": "smoke", **over}))
+    # `lyra retry` without any option re-runs only the failed scene, with the store's own dataset (before: it
+    # used the default preset, computed nothing, reported 0 failures and rewrote the scene list)
+    prompts = (Path(url) / "prompts.parquet").read_bytes()
     good_before = {p: m for p, m in store_snapshot(Path(url)).items() if "good" in p}
-    result = CliRunner().invoke(app, ["retry", "--config", str(cfg), "--store", url])
+    result = CliRunner().invoke(app, ["retry", "--store", url])
     assert result.exit_code == 0, result.output
     assert "retrying 1 scene(s): corrupt" in result.output
     rows = RunStore(url, create=False).read_manifest().to_pylist()
     assert len(rows) == 2 * (2 + 6 * 3) and all(r["status"] == "done" for r in rows)
     assert {p: m for p, m in store_snapshot(Path(url)).items() if "good" in p} == good_before
+    assert (Path(url) / "prompts.parquet").read_bytes() == prompts
 
 
 def test_cli_errors_are_clear(tmp_path):
