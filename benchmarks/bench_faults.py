@@ -12,8 +12,8 @@ Per backend (a local folder, and S3 on a moto server), against a reference store
 * ``mismatch``   a command run with a config that changes the store's scene list: refused (exit 2), the store
                  byte-identical.
 
-After each fault: `lyra verify` (detected = exit 1 naming the damaged chunk / file; kills and interrupts leave no
-damage, only pending units), `lyra verify --repair`, `lyra run`; then the store is compared with the reference:
+After each fault: `lyra verify --repair` (detected = it names the damaged chunk / file; kills and interrupts
+leave no damage, only pending units), `lyra run`, `lyra verify`; then the store is compared with the reference:
 arrays (every file under scenes.zarr) bit-identical, tables equal less run ids and timestamps (manifest rows
 scene/trajectory/stage/status/key, prompts.parquet and dataset.json bytes). Any "Traceback" or "Logging error" in
 any command's output is counted. Results: benchmarks/results/faults.json.
@@ -162,10 +162,12 @@ def campaign(backend: Backend, counts: dict[str, int], rng: random.Random, cfg: 
     log(f"[{backend.kind}] reference store: {len(reference)} files, {len(chunks)} chunks, run {full_s:.1f} s")
 
     def repair_and_run(trial: dict, expect_damage: bool, name: str = "") -> None:
-        v = lyra(["verify", "--store", work], env)
-        trial["detected"] = (v.returncode == 1 and (not name or name in v.stdout + v.stderr)) if expect_damage \
-            else v.returncode == 0
+        """`lyra verify --repair` (it reports what it finds first: detected = the damaged chunk / file named, or
+        for kills and interrupts no damage at all), `lyra run`, then `lyra verify` again and the comparison."""
         r = lyra(["verify", "--store", work, "--repair"], env)
+        said = r.stdout + r.stderr
+        trial["detected"] = ("DAMAGED" in said and (not name or name in said)) if expect_damage \
+            else "no damage" in said
         trial["repair_rc"] = r.returncode
         runs = lyra(["run", "--store", work], env)
         trial["run_rc"] = runs.returncode
@@ -173,7 +175,7 @@ def campaign(backend: Backend, counts: dict[str, int], rng: random.Random, cfg: 
         trial["clean_after"] = after.returncode == 0
         trial["repaired"] = r.returncode == 0 and runs.returncode == 0 and after.returncode == 0
         trial.update(compare(backend, work, reference))
-        trial["traceback"] = noisy(v.stdout, v.stderr, r.stdout, r.stderr, runs.stdout, runs.stderr)
+        trial["traceback"] = noisy(r.stdout, r.stderr, runs.stdout, runs.stderr, after.stdout, after.stderr)
 
     for kind, sig in (("kill9", signal.SIGKILL), ("sigint", signal.SIGINT)):
         for i in range(counts[kind]):
@@ -280,35 +282,49 @@ def main() -> None:
     args = ap.parse_args()
     counts = {"kill9": args.kills, "sigint": args.sigints, "corrupt": args.corrupt, "delete": args.delete,
               "parquet": args.parquet, "mismatch": args.mismatch}
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
+    from lyra_pipeline.server import drop_database, start_server
 
     out: dict = {"counts": counts, "seed": args.seed, "config": SMALL, "backends": {}}
-    with tempfile.TemporaryDirectory() as tmp, prefect_test_harness(server_startup_timeout=120):
-        cfg = Path(tmp) / "small.yaml"
-        cfg.write_text(yaml.safe_dump(SMALL))
-        base_env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "HF_HUB_OFFLINE": "1",
-                    "PYTHONUNBUFFERED": "1"}
-        for kind in args.backends:
-            server = None
-            env = dict(base_env)
-            if kind == "s3":
-                server, extra = start_moto()
-                env.update(extra)
-                os.environ.update(extra)
-            t0 = time.time()
-            try:
-                backend = Backend(kind, Path(tmp), env)
-                res = campaign(backend, counts, random.Random(args.seed), cfg, lambda m: print(m, flush=True))
-            finally:
-                if server is not None:
-                    server.stop()
-            res["seconds"] = time.time() - t0
-            out["backends"][kind] = res
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(out, indent=1, default=str))
-            print(json.dumps({kind: res["summary"]}, indent=1), flush=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    db_url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/lyra_faults_{os.getpid()}"
+    # a Prefect server on PostgreSQL (SQLite's "database is locked" stalls of ~30 s would dominate the campaign)
+    server = start_server(db_url, "127.0.0.1", port, env_overrides={"PREFECT_UI_ENABLED": "false"},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            run_campaigns(args, counts, out, Path(tmp), f"http://127.0.0.1:{port}/api")
+    finally:
+        server.terminate()
+        server.wait(30)
+        drop_database(db_url)
     print(f"wrote {args.out}")
+
+
+def run_campaigns(args, counts: dict[str, int], out: dict, tmp: Path, api_url: str) -> None:
+    cfg = tmp / "small.yaml"
+    cfg.write_text(yaml.safe_dump(SMALL))
+    base_env = {**os.environ, "PREFECT_API_URL": api_url, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    for kind in args.backends:
+        server = None
+        env = dict(base_env)
+        if kind == "s3":
+            server, extra = start_moto()
+            env.update(extra)
+            os.environ.update(extra)
+        t0 = time.time()
+        try:
+            backend = Backend(kind, tmp, env)
+            res = campaign(backend, counts, random.Random(args.seed), cfg, lambda m: print(m, flush=True))
+        finally:
+            if server is not None:
+                server.stop()
+        res["seconds"] = time.time() - t0
+        out["backends"][kind] = res
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=1, default=str))
+        print(json.dumps({kind: res["summary"]}, indent=1), flush=True)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from tasks.train import evaluate_checkpoint_scene, evaluate_quality_scene, summa
 @flow(name="evaluate-dataset", task_runner=ThreadPoolTaskRunner(max_workers=2))
 def evaluate_dataset(
     store: str = DEFAULT_STORE,
-    preset: str = "smoke",
+    preset: str | None = None,
     overrides: dict[str, Any] | None = None,
     run_id: str | None = None,
     checkpoint: str | None = None,

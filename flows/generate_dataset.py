@@ -53,7 +53,7 @@ def new_run_id() -> str:
 @flow(name="generate-dataset", task_runner=ThreadPoolTaskRunner(max_workers=2))
 def generate_dataset(
     store: str = DEFAULT_STORE,
-    preset: str = "smoke",
+    preset: str | None = None,
     overrides: dict[str, Any] | None = None,
     run_id: str | None = None,
     scene_ids: list[str] | None = None,

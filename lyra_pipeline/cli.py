@@ -187,6 +187,14 @@ def _log(message: str) -> None:
     console.print(message, markup=False, highlight=False)
 
 
+def _interruptible(line: str):
+    """Ctrl-C / SIGTERM during a command that runs in this thread: its units in flight recorded as interrupted,
+    children stopped, ``interrupted: <line>`` and exit 130 (``lyra_pipeline.store.interrupt``)."""
+    from lyra_pipeline.store import interrupt
+
+    return interrupt.handling(lambda: line)
+
+
 def _fail(exc: BaseException) -> None:
     console.print(f"[bold red]error:[/] {exc}")
     raise typer.Exit(2)
@@ -449,11 +457,12 @@ def evaluate(
     try:
         if checkpoint is not None and not checkpoint.is_file():
             raise LyraError(f"{checkpoint}: decoder checkpoint not found")
-        summary = evaluate_dataset(store=store, preset=name, overrides=over,
-                                   checkpoint=str(checkpoint.resolve()) if checkpoint else None,
-                                   lpips_weights=str(lpips_weights) if lpips_weights else None,
-                                   lpips_backbone=str(lpips_backbone) if lpips_backbone else None,
-                                   baselines=baselines, optimize=optimize)
+        with _interruptible("evaluation: units done stay done; the next `lyra evaluate` computes the rest"):
+            summary = evaluate_dataset(store=store, preset=name, overrides=over,
+                                       checkpoint=str(checkpoint.resolve()) if checkpoint else None,
+                                       lpips_weights=str(lpips_weights) if lpips_weights else None,
+                                       lpips_backbone=str(lpips_backbone) if lpips_backbone else None,
+                                       baselines=baselines, optimize=optimize)
     except (PipelineFailed, LyraError) as exc:
         _fail(exc)
     table = Table(title=f"dataset quality: {store}", caption="PSNR in dB vs ground truth (warp: over refined-mask "
@@ -754,8 +763,10 @@ def train(
         check_world_size(nproc, nnodes, cfg.batch, "train.batch")
         torchrun_command([], nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint)  # validates the endpoint
         RunStore(store, create=False)
-        summary = distill_decoder(store=store, preset=name, overrides=over, nproc=nproc, nnodes=nnodes,
-                                  rdzv_endpoint=rdzv_endpoint)
+        with _interruptible("training stopped; the next `lyra train` resumes from its last checkpoint (the same "
+                            "bytes as an uninterrupted run)"):
+            summary = distill_decoder(store=store, preset=name, overrides=over, nproc=nproc, nnodes=nnodes,
+                                      rdzv_endpoint=rdzv_endpoint)
     except (LyraError, FloatingPointError) as exc:
         _fail(exc)
     for line in summary.get("interrupted", []):  # a killed rank Prefect's retry resumed: say so
@@ -805,8 +816,11 @@ def train_teacher_cmd(
         check_world_size(nproc, nnodes, cfg.streams, "teacher streams")
         torchrun_command([], nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint)  # validates the endpoint
         RunStore(store, create=False)
-        summary = train_teacher(store=store, preset=preset, overrides=over, export_to=str(export) if export else None,
-                                nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint, parallel=parallel)
+        with _interruptible("teacher training stopped; the next `lyra train-teacher` resumes from its last "
+                            "checkpoint"):
+            summary = train_teacher(store=store, preset=preset, overrides=over,
+                                    export_to=str(export) if export else None, nproc=nproc, nnodes=nnodes,
+                                    rdzv_endpoint=rdzv_endpoint, parallel=parallel)
     except (LyraError, FloatingPointError) as exc:
         _fail(exc)
     console.print(f"teacher {summary['run']}: {summary['step']} steps ({summary['steps_computed']} computed now); "
@@ -924,10 +938,12 @@ def refine(
         scene_trajectories(st, scene)
         if config.init != "rgbd":
             resolve_decoder(st, checkpoint, _log)
-        result = refine_scene(scene=scene, store=store, steps=steps, init=init, background=background,
-                              checkpoint=str(checkpoint) if checkpoint else None, out=str(target), html=html,
-                              export={"prune_ratio": prune_ratio, "min_opacity": min_opacity, "layout": layout,
-                                      "smoothing": smoothing, "backdrop": backdrop})
+        with _interruptible("refinement stopped; the next `lyra refine` resumes from its last checkpoint (the "
+                            "same bytes as an uninterrupted run)"):
+            result = refine_scene(scene=scene, store=store, steps=steps, init=init, background=background,
+                                  checkpoint=str(checkpoint) if checkpoint else None, out=str(target), html=html,
+                                  export={"prune_ratio": prune_ratio, "min_opacity": min_opacity, "layout": layout,
+                                          "smoothing": smoothing, "backdrop": backdrop})
     except LyraError as exc:
         _fail(exc)
     _log(refine_summary(result) + f"; {result['steps_computed']} steps computed now")
@@ -975,13 +991,17 @@ def reconstruct(
         refine_config = RefineConfig(steps=refine_steps) if refine_steps is not None else None
         common = {"checkpoint": checkpoint, "store": store, "preset": preset, "html": html, "log": _log,
                   "options": options, "refine": refine_config}
+        stop = _interruptible("reconstruction stopped; run the same command again: finished stages and refinement "
+                              "checkpoints are reused (the same bytes as an uninterrupted run)")
         if image is not None:
-            res = reconstruct_image(image, out, prompt=prompt, **common)
+            with stop:
+                res = reconstruct_image(image, out, prompt=prompt, **common)
         elif prompt is not None:
             settings = dict(load_config_file(config)[1].get("text_to_image", {})) if config else {}
             if text_to_image is not None:
                 settings["model_path"] = str(text_to_image)
-            res = reconstruct_text(prompt, out, text_to_image=settings, **common)
+            with stop:
+                res = reconstruct_text(prompt, out, text_to_image=settings, **common)
         else:
             raise LyraInputError("reconstruct needs --image IMAGE or --prompt TEXT")
     except LyraError as exc:

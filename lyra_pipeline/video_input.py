@@ -107,7 +107,7 @@ def load_input_video(video: str | Path, poses: str | Path, *, height: int, width
     """A video and its poses file as one clip of ``num_frames`` frames in the video format (see the module)."""
     raw, fps = read_video(video)
     n, src_h, src_w, _ = raw.shape
-    if _poses_size(poses) is not None:  # intrinsics for the size the file names: mapped by load_trajectory
+    if _names_size(poses):  # intrinsics for the size the file names: mapped by load_trajectory
         cams = load_trajectory(poses, height=height, width=width)
     else:  # intrinsics for the video's own frames: the cover crop that maps the frames maps them
         cams = _load_for_size(poses, src_h, src_w, height, width)
@@ -127,17 +127,18 @@ def load_input_video(video: str | Path, poses: str | Path, *, height: int, width
     return InputVideo(frames, clip, tau, fps, n)
 
 
-def _poses_size(path: str | Path) -> tuple[int, int] | None:
+def _names_size(path: str | Path) -> bool:
+    """Whether the poses file names the image size its intrinsics are for. The values are
+    checked by ``load_trajectory``, which also names a file that does not parse (True sends it there)."""
     path = Path(path)
-    if path.suffix.lower() == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            if "image_height" in data.files and "image_width" in data.files:
-                return int(data["image_height"]), int(data["image_width"])
-        return None
-    doc = json.loads(path.read_text(encoding="utf-8"))
-    if "image_height" in doc and "image_width" in doc:
-        return int(doc["image_height"]), int(doc["image_width"])
-    return None
+    try:
+        if path.suffix.lower() == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                return "image_height" in data.files and "image_width" in data.files
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001 - unreadable: load_trajectory says what is wrong, in one line
+        return True
+    return isinstance(doc, dict) and "image_height" in doc and "image_width" in doc
 
 
 def _load_for_size(path: str | Path, src_h: int, src_w: int, height: int, width: int) -> Cameras:

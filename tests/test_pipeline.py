@@ -188,8 +188,13 @@ def test_storage_layout_document_matches_store(finished_store):
             assert dims is not None and len(dims) == arr.ndim, f"{name}: dimension_names {dims} (xarray needs them)"
             seen.add(key)
     assert seen == set(documented), f"documented but not written: {set(documented) - seen}"
-    for f in ("store.json", "prompts.parquet", "manifest/proc-000000.parquet"):
+    for f in ("store.json", "dataset.json", "prompts.parquet", "manifest/proc-000000.parquet"):
         assert (finished_store / f).exists() and f.split("/")[0] in doc
+    from lyra_pipeline.store.runstore import STORE_VERSION, is_checksummed
+
+    assert f'"version": {STORE_VERSION}' in doc and '"version": STORE_VERSION' not in doc
+    assert all(is_checksummed(arr) for sid in store.scene_ids() for arr in store.list_arrays(sid).values())
+    assert "`crc32c`" in doc and "`interrupted`" in doc and "`damaged`" in doc
     from lyra_pipeline.storage import MANIFEST_SCHEMA, PROMPT_SCHEMA
 
     for col in MANIFEST_SCHEMA.names + PROMPT_SCHEMA.names:

@@ -306,3 +306,41 @@ def test_done_units_never_become_failed_when_upstream_is_missing(store):
     res = invoke("stage", "warp", "--store", str(store), "--scene", "proc-000000")
     assert res.exit_code == 2 and "stage 'depth' of proc-000000 is not done" in one_line(res)
     assert snapshot(store) == before
+
+
+def test_verify_flow_publishes_and_fails_on_damage(store, prefect_harness):
+    """The scheduled scrub (deployment verify-store): a clean store passes, damage fails the flow run."""
+    from flows.verify_store import StoreDamaged, verify_store
+
+    assert verify_store(store=str(store))["damage"] == []
+    (store / "scenes.zarr" / "proc-000000" / "depth" / "depth" / "c" / "0" / "0").unlink()
+    with pytest.raises(StoreDamaged, match="1 damaged"):
+        verify_store(store=str(store))
+    report = verify_store(store=str(store), repair=True)
+    assert report["repaired"] == ["marked proc-000000 - depth for recompute"]
+
+
+def test_evaluate_without_preset_keeps_the_scene_list(store, prefect_harness):
+    """Before: `lyra evaluate --store S` without --preset rewrote prompts.parquet to the default preset's 6 scenes
+    and wrote manifests for scenes that do not exist."""
+    from flows.evaluate_dataset import evaluate_dataset
+
+    prompts, manifests = (store / "prompts.parquet").read_bytes(), sorted((store / "manifest").iterdir())
+    evaluate_dataset(store=str(store))  # preset None: the store's own (smoke, SMALL)
+    assert (store / "prompts.parquet").read_bytes() == prompts
+    assert sorted((store / "manifest").iterdir()) == manifests
+    assert sorted(p.stem for p in (store / "eval" / "frames").iterdir()) == ["proc-000000", "proc-000001"]
+
+
+def test_evaluate_with_no_finished_scene_is_one_line(store):
+    """Before: `lyra evaluate` on a store whose only scene failed: `max() arg is an empty sequence` traceback,
+    prompts rewritten, evaluate units left running."""
+    st = RunStore(store, create=False)
+    for sid in ("proc-000000", "proc-000001"):
+        rows = st.scene_manifest(sid)
+        st.record([ManifestRow(sid, t, "generate", "failed", rows[(t, "generate")].key, error="boom")
+                   for t in ("left", "zoom_in", "clockwise")])
+    before = snapshot(store)
+    res = invoke("evaluate", "--store", str(store))
+    assert res.exit_code == 2 and "no scene has finished teacher frames" in one_line(res), res.output
+    assert snapshot(store) == before

@@ -76,6 +76,12 @@ def test_bad_inputs_give_one_clear_line(clip, tmp_path):
     partial = tmp_path / "partial.json"
     partial.write_text(json.dumps(doc))
     cases.append((video, partial, "'time' is given for some frames but not all"))
+    # a size field that is not a number (before: ValueError traceback from int("tall"))
+    doc = {"image_height": "tall", "image_width": W, "frames": [{"c2w": np.eye(4).tolist(), "fx": 30, "fy": 30,
+                                                                  "cx": 24, "cy": 16} for _ in range(T)]}
+    tall = tmp_path / "tall.json"
+    tall.write_text(json.dumps(doc))
+    cases.append((video, tall, "image_height"))
     cases.append((tmp_path / "missing.mp4", poses, "no such video file"))
     cases.append((poses, poses, "unsupported video type"))
     for v, p, message in cases:
