@@ -238,6 +238,11 @@ def killed(reason: str) -> bool:
     return bool(re.search(r"Signal \d+|SIG[A-Z]+|exit code -\d+", reason))
 
 
+def collateral(error: str) -> bool:
+    """True for the error a rank gets when a peer died under it (a broken connection): a symptom, not a cause."""
+    return bool(_COLLATERAL.search(error))
+
+
 def killed_rank(reason: str) -> str | None:
     """One line for a job that failed because a rank was ended by a signal (:func:`killed`): ``rank 1 was killed
     (SIGKILL)``; None for any other failure."""

@@ -42,7 +42,7 @@ from lyra_ops.images import from_uint8
 from lyra_ops.metrics import psnr
 from lyra_ops.optimize import OptimizeConfig, SceneOptimizer, init_gaussians_from_rgbd, render_views
 from lyra_pipeline.storage import RunStore
-from lyra_pipeline.threads import exact_cpu, pin_torch_threads, resolve_threads
+from lyra_pipeline.threads import exact_cpu, pin_torch_threads
 from lyra_pipeline.training import ViewCache, scene_gaussians, scene_trajectories
 
 REFINE_VERSION = 1
@@ -66,14 +66,13 @@ class RefineConfig:
     viewer's background) or ``white`` (Lyra's); ``checkpoint_every`` steps between checkpoints;
     ``max_gaussians`` cap of the densification; ``min_init_opacity`` drops initial Gaussians less opaque than
     this (the decoder emits many that no view needs); ``torch_threads``: torch's intra-op threads for every
-    chunk (``None``: torch's default in the process that plans it). On CPU the count is part of the result (it
-    changes the order floats are summed in), so :func:`plan_refine` resolves it and records it in ``plan.json``,
-    and every chunk pins the recorded count, whatever process resumes it and whatever ran in it before, and
-    runs on torch's deterministic kernels (:func:`lyra_pipeline.threads.exact_cpu`: above one thread, atomic
-    adds would make even the same count differ). Like ``checkpoint_every`` it is not part of the name: a resume
-    continues the refinement at its recorded count.
-    The remaining optimiser settings are :class:`lyra_ops.optimize.OptimizeConfig`'s defaults with densification
-    on."""
+    chunk (``None``: the count torch runs at where it is planned, its default in a fresh process). On CPU the
+    count is part of the result (it changes the order floats are summed in), so :func:`plan_refine` resolves it
+    and records it in ``plan.json``, and every chunk pins the recorded count, whatever process resumes it and
+    whatever ran in it before, and runs on torch's deterministic kernels (:func:`lyra_pipeline.threads.exact_cpu`:
+    above one thread, atomic adds would make even the same count differ). Like ``checkpoint_every`` it is not
+    part of the name: a resume continues the refinement at its recorded count. The remaining optimiser settings
+    are :class:`lyra_ops.optimize.OptimizeConfig`'s defaults with densification on."""
 
     steps: int = 300
     init: str = "auto"
@@ -232,8 +231,9 @@ def plan_refine(store: RunStore, scene_id: str, config: RefineConfig, decoder=No
                 decoder_source: str = "") -> RefinePlan:
     """Create (or find) the refinement of ``scene_id`` for ``config``: its initial Gaussians and ``plan.json``.
     ``decoder`` is needed for ``init`` ``decoder`` / ``auto``. Validates everything before writing. The thread
-    count is resolved here (``config.torch_threads``, else torch's default) and the decoder runs at it."""
-    config = replace(config, torch_threads=resolve_threads(config.torch_threads))
+    count is resolved here (``config.torch_threads``, else the count torch runs at now) and the decoder runs at
+    it."""
+    config = replace(config, torch_threads=config.torch_threads or torch.get_num_threads())
     pin_torch_threads(config.torch_threads)
     trajectories = scene_trajectories(store, scene_id)
     views = ViewCache(store, size=len(trajectories))

@@ -12,8 +12,8 @@ On CPU a result can depend on the threads that computed it, two ways:
 ``torch.set_num_threads`` is process-wide state, so a computation must not inherit it from whatever ran before
 it in the process (e.g. an SDG stage that had work pins it, one that was already done does not): each one pins
 its own count right before it computes, in the thread that computes (OpenMP keeps the count per thread once
-that thread has run a parallel op). A computation that must resume to the same bytes at any count (per-scene
-refinement, on CPU) also runs inside :func:`exact_cpu`.
+that thread has run a parallel op). A computation that must resume to the same bytes (per-scene refinement,
+decoder and teacher training on CPU) also runs inside :func:`exact_cpu`.
 """
 
 from __future__ import annotations

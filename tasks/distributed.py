@@ -14,7 +14,14 @@ from uuid import UUID
 from prefect import get_run_logger, task
 from prefect.artifacts import update_progress_artifact
 
-from lyra_pipeline.distributed import DistributedJobError, killed_rank, parse_progress, run_torchrun, torchrun_command
+from lyra_pipeline.distributed import (
+    DistributedJobError,
+    collateral,
+    killed_rank,
+    parse_progress,
+    run_torchrun,
+    torchrun_command,
+)
 from lyra_pipeline.retries import transient_only
 from lyra_pipeline.runner import checkpoint_steps
 from lyra_pipeline.storage import RunStore
@@ -71,7 +78,9 @@ def train_distributed(store_url: str, kind: str, run_name: str, *, nproc: int, n
         progress = parse_progress(line)
         if progress is None:
             if line.strip() and "find_unused_parameters=True was specified" not in line:
-                logger.log(logging.WARNING if "LYRA_RANK_ERROR" in line else logging.INFO, "%s", line)
+                # a rank's own error warns; one that lost its peer (killed: the retry says so) is only logged
+                own = "LYRA_RANK_ERROR" in line and not collateral(line)
+                logger.log(logging.WARNING if own else logging.INFO, "%s", line)
         elif progress_id is not None:
             update_progress_artifact(progress_id, progress=100.0 * progress["step"] / max(total_steps, 1))
 

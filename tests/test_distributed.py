@@ -122,6 +122,7 @@ def test_cli_train_says_which_rank_was_killed_and_where_the_retry_resumed(smoke_
     import yaml
     from typer.testing import CliRunner
 
+    import flows.distill_decoder
     import tasks.distributed
     from lyra_pipeline.cli import app
 
@@ -133,7 +134,7 @@ def test_cli_train_says_which_rank_was_killed_and_where_the_retry_resumed(smoke_
 
     def job(cmd, *, on_line=lambda line: None, env=None):
         launches.append(cmd)
-        url, name = cmd[-5], cmd[-4]  # ... lyra_pipeline.train_worker decoder STORE RUN --parallel ddp
+        url, name = cmd[-4], cmd[-3]  # ... lyra_pipeline.train_worker decoder STORE RUN --parallel ddp
         assert name == run.name
         if len(launches) == 1:
             train_until(url, name, 2)
@@ -143,6 +144,8 @@ def test_cli_train_says_which_rank_was_killed_and_where_the_retry_resumed(smoke_
         return []
 
     monkeypatch.setattr(tasks.distributed, "run_torchrun", job)
+    monkeypatch.setattr(flows.distill_decoder, "train_distributed",  # its retries, without the 5 s wait
+                        tasks.distributed.train_distributed.with_options(retry_delay_seconds=0))
     res = CliRunner().invoke(app, ["train", "--store", str(smoke_store), "--config", str(cfg), "--nproc", "2"])
     assert res.exit_code == 0, res.output
     assert len(launches) == 2  # Prefect retried the job once

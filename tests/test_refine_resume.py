@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lyra_pipeline.refine import RefineConfig, checkpoint_steps, finish_refine, load_plan, plan_refine, refine_until
+from lyra_pipeline.refine import RefineConfig, checkpoint_rel, checkpoint_steps, load_plan, plan_refine, refine_until
 from lyra_pipeline.storage import RunStore
 
 STEPS = 120  # > the checkpoint interval (100): the kill lands between step 100 and the end
@@ -145,20 +145,39 @@ def test_two_thread_refinement_resumes_exactly_at_its_recorded_count(uninterrupt
         shutil.copytree(source_store, dst, ignore=lambda d, names: ["refine"] if Path(d) == source_store else [])
         return RunStore(dst, create=False)
 
-    config = RefineConfig(steps=4, checkpoint_every=2, init="rgbd", torch_threads=2)
+    config = RefineConfig(steps=2, checkpoint_every=1, init="rgbd", torch_threads=2)
     previous = torch.get_num_threads()
     try:
-        results = {}
+        states = {}
         for label, between in (("whole", 2), ("resumed", 1)):
             st = fresh(label)
             plan = plan_refine(st, SCENE, config)
-            for end in (2, 4):
+            for end in (1, 2):
                 torch.set_num_threads(between)  # what the (resuming) process happens to run at
                 refine_until(st, SCENE, plan.name, end)
                 assert torch.get_num_threads() == 2
-            results[label] = finish_refine(st, SCENE, plan.name)["sha256"]
             assert load_plan(st, SCENE, plan.name)[0].config.torch_threads == 2
-        assert plan_refine(st, SCENE, RefineConfig(steps=4, init="rgbd", torch_threads=1)).name == plan.name
+            # the complete optimiser state (parameters, Adam moments, RNG, view queue, densifier) after step 2
+            states[label] = st.read_file(checkpoint_rel(SCENE, plan.name, 2, ".safetensors"))
+        assert plan_refine(st, SCENE, RefineConfig(steps=2, init="rgbd", torch_threads=1)).name == plan.name
     finally:
         torch.set_num_threads(previous)
-    assert results["resumed"] == results["whole"]
+    assert states["resumed"] == states["whole"]
+
+
+def test_thread_helpers_pin_and_restore():
+    """``pin_torch_threads``: the count (None: torch's default of this process, restored after another pin);
+    ``exact_cpu``: that plus deterministic kernels on CPU only while its block runs."""
+    from lyra_pipeline.threads import default_threads, exact_cpu, pin_torch_threads
+
+    previous = torch.get_num_threads()
+    try:
+        assert pin_torch_threads(1) == 1 == torch.get_num_threads()
+        assert pin_torch_threads(None) == default_threads() == torch.get_num_threads()
+        with exact_cpu(1) as count:
+            assert count == 1 == torch.get_num_threads() and torch.are_deterministic_algorithms_enabled()
+        assert not torch.are_deterministic_algorithms_enabled() and torch.get_num_threads() == 1
+        with exact_cpu(None, "cuda:0"):  # GPU kernels are left alone
+            assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.set_num_threads(previous)
