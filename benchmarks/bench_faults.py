@@ -88,7 +88,7 @@ class Backend:
 
 
 def lyra(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lyra_pipeline.cli", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "lyra_pipeline", *args], env=env, capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT)
 
 
@@ -125,12 +125,20 @@ def done_units(url: str) -> int:
         return 0
 
 
+def _terminal_signals() -> None:
+    """The child gets SIGINT / SIGTERM as from a terminal (a campaign started in the background, e.g. under
+    `nohup ... &`, would otherwise pass on an ignored SIGINT)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def run_until(args: list[str], env: dict[str, str], url: str, units: int, extra_s: float,
               sig: int) -> tuple[int, str, float, int]:
     """Start `lyra ARGS`; once ``units`` units are done in ``url``, wait ``extra_s`` and send ``sig`` to its
     process group. Returns (exit code, output, seconds to exit after the signal, units done at the signal)."""
-    proc = subprocess.Popen([sys.executable, "-m", "lyra_pipeline.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "lyra_pipeline", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
+                            preexec_fn=_terminal_signals)
     done = 0
     while proc.poll() is None:
         done = done_units(url)

@@ -1119,7 +1119,10 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         app()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C before a command's own handling began (while checking its inputs)
+        from lyra_pipeline.__main__ import INTERRUPTED_EARLY
+
+        sys.stderr.write(INTERRUPTED_EARLY)
         sys.exit(130)
 
 
