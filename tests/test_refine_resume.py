@@ -96,10 +96,12 @@ def uninterrupted(image, tmp_path_factory):
         proc.wait()
 
 
-# Forced to 1 it also passed before the fix (nothing but the thread count differed): slow, the default one is the
-# regression test of the resumed run refining at another count.
+# Forced to 1 it also passed before the fix (nothing but the thread count differed); the default one is the
+# regression test of the resumed run refining at another count. Both are slow (~75 s each: two 120-step
+# refinements); the default suite keeps test_two_thread_refinement_resumes_exactly_at_its_recorded_count (the
+# same mechanism in-process).
 @pytest.mark.parametrize("threads", [pytest.param(1, id="threads1", marks=pytest.mark.slow),
-                                     pytest.param(None, id="default_threads")])
+                                     pytest.param(None, id="default_threads", marks=pytest.mark.slow)])
 def test_reconstruct_refine_killed_mid_refinement_resumes_to_the_same_bytes(image, uninterrupted, tmp_path,
                                                                              threads):
     out = tmp_path / "R"
