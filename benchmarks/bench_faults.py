@@ -169,15 +169,19 @@ def campaign(backend: Backend, counts: dict[str, int], rng: random.Random, cfg: 
     work = backend.url("work")
     log(f"[{backend.kind}] reference store: {len(reference)} files, {len(chunks)} chunks, run {full_s:.1f} s")
 
-    def repair_and_run(trial: dict, expect_damage: bool, name: str = "") -> None:
+    def repair_and_run(trial: dict, expect_damage: bool, name: str = "", again: list[str] | None = None) -> None:
         """`lyra verify --repair` (it reports what it finds first: detected = the damaged chunk / file named, or
-        for kills and interrupts no damage at all), `lyra run`, then `lyra verify` again and the comparison."""
-        r = lyra(["verify", "--store", work, "--repair"], env)
+        for kills and interrupts no damage at all), `lyra run` (``again``: the interrupted command itself, as its
+        user re-runs it), then `lyra verify` again and the comparison."""
+        if backend.fs.exists(f"{backend.path(work)}/store.json"):
+            r = lyra(["verify", "--store", work, "--repair"], env)
+        else:  # stopped before the store existed: nothing to verify
+            r = subprocess.CompletedProcess([], 0, "no store yet: no damage", "")
         said = r.stdout + r.stderr
         trial["detected"] = ("DAMAGED" in said and (not name or name in said)) if expect_damage \
             else "no damage" in said
         trial["repair_rc"] = r.returncode
-        runs = lyra(["run", "--store", work], env)
+        runs = lyra(again or ["run", "--store", work], env)
         trial["run_rc"] = runs.returncode
         after = lyra(["verify", "--store", work], env)
         trial["clean_after"] = after.returncode == 0
@@ -199,7 +203,7 @@ def campaign(backend: Backend, counts: dict[str, int], rng: random.Random, cfg: 
                 statuses = Counter(u[3] for u in manifest_units(files))
                 trial["failed_or_running_after"] = statuses["failed"] + statuses["running"]
             trial["traceback_at_signal"] = kind == "sigint" and noisy(output)
-            repair_and_run(trial, expect_damage=False)
+            repair_and_run(trial, expect_damage=False, again=["run", "--config", str(cfg), "--store", work])
             results[kind].append(trial)
             log(f"[{backend.kind}] {kind} {i}: {trial}")
     for kind in ("corrupt", "delete"):

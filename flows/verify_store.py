@@ -34,7 +34,7 @@ def verify_store(store: str = DEFAULT_STORE, scenes: list[str] | None = None, re
     lines += [f"- damaged: `{d.line()}`" for d in report.damage] or ["no damage"]
     lines += [f"- repaired: {r}" for r in report.repaired]
     create_markdown_artifact(key="store-verify", markdown="\n".join(lines), description=f"verify {store}")
-    if report.damage and (not repair or report.skipped_leased):
+    if report.damage and (not repair or report.skipped_leased or report.unrepaired):
         raise StoreDamaged(f"{store}: {len(report.damage)} damaged ({len(report.damaged_units)} units); "
                            f"`lyra verify --store {store} --repair`")
     return report.as_dict()

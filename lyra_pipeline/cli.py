@@ -609,6 +609,10 @@ def verify(
         raise typer.Exit(1)
     for line in report.repaired:
         out.print(f"repaired: {line}", markup=False)
+    for line in report.unrepaired:
+        console.print(f"NOT REPAIRED: {line}", markup=False)
+    if report.unrepaired:
+        raise typer.Exit(1)
     if report.skipped_leased:
         console.print(f"not repaired (a live run holds them): {', '.join(report.skipped_leased)}", markup=False)
         raise typer.Exit(1)

@@ -186,6 +186,7 @@ def test_corrupted_chunk_is_named_verified_and_repaired(store, flow_store, prefe
     assert res.exit_code == 0 and "marked proc-000000 left generate for recompute" in one_line(res), res.output
     res = invoke("status", "--store", str(store))
     assert "damaged" in res.output
+    assert not (store / "scenes.zarr" / "proc-000000" / "trajectories" / "left" / "teacher").exists()  # starts clean
     proc = lyra_run("--store", str(store))
     assert proc.returncode == 0 and "computed 1 stage units" in proc.stderr, proc.stderr[-3000:]
     assert arrays(store) == arrays(flow_store)
@@ -345,3 +346,22 @@ def test_evaluate_with_no_finished_scene_is_one_line(store):
     res = invoke("evaluate", "--store", str(store))
     assert res.exit_code == 2 and "no scene has finished teacher frames" in one_line(res), res.output
     assert snapshot(store) == before
+
+
+def test_a_deleted_scene_group_and_scene_list_are_damage_not_created(store, flow_store, prefect_harness):
+    """verify opens, never creates: a scene whose Zarr group is gone is damage (every finished unit of it), a
+    missing scene list too; --repair + run rebuild both."""
+    import shutil
+
+    shutil.rmtree(store / "scenes.zarr" / "proc-000001")
+    (store / "prompts.parquet").unlink()
+    before = snapshot(store)
+    res = invoke("verify", "--store", str(store))
+    assert res.exit_code == 1 and snapshot(store) == before, res.output
+    assert "scenes.zarr/proc-000001: expected the scene's Zarr group, found nothing" in one_line(res)
+    assert "prompts.parquet: expected the file, found nothing" in one_line(res)
+    res = invoke("verify", "--store", str(store), "--repair")
+    assert res.exit_code == 0, res.output
+    assert lyra_run("--store", str(store)).returncode == 0
+    assert arrays(store) == arrays(flow_store)
+    assert (store / "prompts.parquet").read_bytes() == (flow_store / "prompts.parquet").read_bytes()

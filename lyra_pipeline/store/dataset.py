@@ -28,6 +28,7 @@ MAX_SCENES = 1_000_000  # planning lists every scene (ids, seeds, content hashes
 # sections that say how to compute, not what: never recorded (a --gpus run must not pin later runs to CUDA)
 UNRECORDED = ("compute",)
 SCENE_FIELDS = ("scene_id", "content_sha", "seed", "source")
+PROMPT_FIELDS = ("scene_id", "text", "image_path", "content_sha", "seed", "source")
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,10 @@ def bind(store: RunStore | None, preset: str | None, overrides: dict[str, Any], 
     """The config of ``command`` on ``store`` (None: no store there yet) given the user's ``preset`` (None: not
     given; a new store then gets ``default_preset``) and ``overrides``. On an existing store the recorded dataset
     is the base; the scene list the result gives (``plan(config)``, default ``scene_records``) must be the
-    store's, except that ``run`` given ``scenes.num_scenes`` (``--num-scenes``) may append scenes after the
-    store's. Raises ``LyraConfigError`` (nothing written)."""
+    store's, except that ``run`` given ``scenes.num_scenes`` (``--num-scenes``) may add scenes (every recorded
+    one kept as it is). Other commands that change nothing about the scenes take the list as recorded in
+    ``prompts.parquet`` (inputs outside the store are not re-read). Raises ``LyraConfigError`` (nothing
+    written)."""
     from lyra_pipeline.planning import scene_records
 
     stored = read_dataset(store) if store is not None else None
@@ -114,16 +117,26 @@ def bind(store: RunStore | None, preset: str | None, overrides: dict[str, Any], 
         name, over = preset or default_preset, overrides
     config = build_config(name, over, source="command line" if stored is None else f"{DATASET_FILE} + options")
     check_scene_count(config)
-    records = (plan or scene_records)(config)
     rows = store.read_prompts() if store is not None else []
+    same_scenes = stored is not None and "scenes" not in overrides and "seed" not in overrides \
+        and name == stored.preset
+    if rows and same_scenes and command != "run":
+        # the store's own scene list, as recorded: no image folder re-scanned, no prompts file or video re-read (a
+        # store moved to another machine, or whose inputs moved, still works)
+        from lyra_ops.prompts import SceneRecord
+
+        return Binding(name, over, config, [SceneRecord(**{k: r[k] for k in PROMPT_FIELDS}) for r in rows], stored)
+    records = (plan or scene_records)(config)
+    if not rows and stored is not None:  # the scene list is missing but the dataset is not: compare with it
+        rows = [r.as_row() for r in scene_records(stored.config())]
     if not rows:  # a new store (or one without a scene list yet): this command's list is the dataset
         return Binding(name, over, config, records, stored, grows=True)
     have = [tuple(r[f] for f in SCENE_FIELDS) for r in rows]
     want = [tuple(getattr(r, f) for f in SCENE_FIELDS) for r in records]
     if want == have:
         return Binding(name, over, config, records, stored)
-    if command == "run" and "num_scenes" in (overrides.get("scenes") or {}) and want[:len(have)] == have:
-        return Binding(name, over, config, records, stored, grows=True)  # asked for: more scenes, the same ones first
+    if command == "run" and "num_scenes" in (overrides.get("scenes") or {}) and set(have) <= set(want):
+        return Binding(name, over, config, records, stored, grows=True)  # asked for: more scenes, the old ones kept
     store_desc = describe(stored.preset, stored.config(), len(rows)) if stored is not None else \
         f"{len(rows)} {rows[0]['source']} scenes ({rows[0]['scene_id']} ...)"
     differ = next((i for i, (a, b) in enumerate(zip(have, want, strict=False)) if a != b), min(len(have), len(want)))

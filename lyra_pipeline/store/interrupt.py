@@ -89,8 +89,8 @@ def _handle(signum: int, frame) -> None:  # noqa: ARG001 - signal handler signat
         work.join(GRACE_S)
     with LOCK:
         _frozen = True
-    _stop_children()
-    done, resumed = _mark_interrupted()
+    stopped = _stop_children()
+    done, resumed = _mark_interrupted(stopped | {os.getpid()})
     summary = _state.get("summary")
     try:
         line = summary() if summary is not None else f"{done} units done, {resumed} will resume on the next run"
@@ -102,16 +102,17 @@ def _handle(signum: int, frame) -> None:  # noqa: ARG001 - signal handler signat
     os._exit(130)
 
 
-def _stop_children(timeout_s: float = 3.0) -> None:
-    """Terminate this process's children (Dask workers, torchrun ranks, the ephemeral Prefect server)."""
+def _stop_children(timeout_s: float = 3.0) -> set[int]:
+    """Terminate this process's children (Dask workers, torchrun ranks, the ephemeral Prefect server); their
+    pids."""
     try:
         import psutil
     except ImportError:  # pragma: no cover - psutil is a dependency
-        return
+        return set()
     try:
         children = psutil.Process().children(recursive=True)
     except psutil.Error:
-        return
+        return set()
     for child in children:
         try:
             child.terminate()
@@ -123,9 +124,10 @@ def _stop_children(timeout_s: float = 3.0) -> None:
             child.kill()
         except psutil.Error:
             pass
+    return {c.pid for c in children}
 
 
-def _mark_interrupted() -> tuple[int, int]:
+def _mark_interrupted(pids: set[int]) -> tuple[int, int]:
     """Rewrite this process's runs' ``running`` rows as ``interrupted`` and release their leases; returns (units
     those runs finished, units now interrupted)."""
     from lyra_pipeline.store.runstore import RunStore
@@ -137,7 +139,7 @@ def _mark_interrupted() -> tuple[int, int]:
             store = RunStore(url, create=False)
             n_done, n_int = store.mark_interrupted(RUN_IDS, since)
             done, interrupted = done + n_done, interrupted + n_int
-            store.release_leases_of(RUN_IDS)
+            store.release_leases_of(RUN_IDS, pids)
         except Exception:  # noqa: BLE001 - the next run treats leftover running rows and stale leases anyway
             continue
     return done, interrupted

@@ -367,13 +367,16 @@ class RunStore:
             self.record(changed, force=True)
         return done, interrupted
 
-    def release_leases_of(self, run_ids: set[str]) -> None:
-        """Remove the scene leases held by runs ``run_ids`` (lease owners are ``<run_id>:<host>:<pid>:<thread>``)."""
+    def release_leases_of(self, run_ids: set[str], pids: set[int]) -> None:
+        """Remove the scene leases held by runs ``run_ids`` from this host in processes ``pids`` (this one and the
+        children it stopped; lease owners are ``<run_id>:<host>:<pid>:<thread>``). Leases of workers elsewhere (a
+        Dask cluster's) stay: those workers may still be writing, and their leases expire when they stop."""
         for name in self.list_names("leases"):
             if not name.endswith(".json"):
                 continue
             lease = self.read_lease(name.removesuffix(".json"))
-            if lease is not None and str(lease.get("owner", "")).split(":", 1)[0] in run_ids:
+            if lease is not None and str(lease.get("owner", "")).split(":", 1)[0] in run_ids \
+                    and lease.get("host") == os.uname().nodename and lease.get("pid") in pids:
                 self.fs.rm_file(self._path("leases", name))
 
     def read_manifest(self, columns: list[str] | None = None) -> pa.Table:
@@ -426,6 +429,7 @@ class RunStore:
         if self.is_local:
             with os.scandir(path) as it:
                 return {e.name: e.stat().st_mtime for e in it if e.name.endswith(".parquet")}
+        self.fs.invalidate_cache(path)  # s3fs caches listings per thread: other writers' files must show
         return {info["name"].rstrip("/").rsplit("/", 1)[-1]: _mtime(info)
                 for info in self.fs.ls(path, detail=True) if info["name"].endswith(".parquet")}
 
@@ -532,6 +536,13 @@ class RunStore:
         else:
             return None
         return dims if len(dims) == ndim else None
+
+    def existing_scene_group(self, scene_id: str) -> zarr.Group:
+        """The scene's Zarr group, opened without creating anything (KeyError when it does not exist)."""
+        node = self._zroot[validate_scene_id(scene_id)]
+        if not isinstance(node, zarr.Group):
+            raise KeyError(scene_id)
+        return node
 
     def scene_group(self, scene_id: str) -> zarr.Group:
         """The scene's Zarr group, created if missing (opened once per store object)."""
@@ -666,6 +677,8 @@ class RunStore:
     def list_names(self, rel: str) -> list[str]:
         """Sorted names directly under a folder relative to the store ([] if it does not exist)."""
         path = self._path(rel)
+        if not self.is_local:
+            self.fs.invalidate_cache(path)
         if not self.fs.exists(path):
             return []
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))

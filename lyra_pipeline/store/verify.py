@@ -86,6 +86,8 @@ class VerifyReport:
     seconds: float = 0.0
     damage: list[Damage] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)  # what --repair did, one line each
+    unrepaired: list[str] = field(default_factory=list)  # damage --repair could not fix, one line each
+    keys: dict[tuple[str, str, str], str] = field(default_factory=dict)  # each checked unit's content key
     skipped_leased: list[str] = field(default_factory=list)  # scenes a live run holds (not repaired)
 
     @property
@@ -101,7 +103,7 @@ class VerifyReport:
                 "unchecksummed_arrays": self.unchecksummed_arrays, "chunks": self.chunks, "bytes": self.bytes,
                 "tables": self.tables, "seconds": self.seconds, "mb_per_s": self.mb_per_s,
                 "damage": [d.line() for d in self.damage], "damaged_units": sorted(map(list, self.damaged_units)),
-                "repaired": self.repaired, "skipped_leased": self.skipped_leased}
+                "repaired": self.repaired, "unrepaired": self.unrepaired, "skipped_leased": self.skipped_leased}
 
 
 def crc_ok(data: bytes) -> tuple[bool, str, str]:
@@ -150,10 +152,12 @@ class Verifier:
         self.log(d.line())
 
     # --- tables and files -------------------------------------------------------------------------------------
-    def check_parquet(self, rel: str, unit: tuple[str, str, str] | None = None) -> bool:
+    def check_parquet(self, rel: str, unit: tuple[str, str, str] | None = None, required: bool = False) -> bool:
         data = self.store.read_file(rel)
         if data is None:
-            return True
+            if required:
+                self._damage(Damage(rel, "", "the file", "nothing", unit))
+            return not required
         self.report.tables += 1
         self.report.bytes += len(data)
         try:
@@ -179,8 +183,9 @@ class Verifier:
     def check_store_files(self) -> None:
         for rel in ("dataset.json",):
             self.check_json(rel)
-        for rel in ("prompts.parquet", MANIFEST_INDEX):
-            self.check_parquet(rel)
+        has_data = self.store.read_file("dataset.json") is not None or bool(self.store.list_names("manifest"))
+        self.check_parquet("prompts.parquet", required=has_data)  # a store with data has a scene list
+        self.check_parquet(MANIFEST_INDEX)
         for name in self.store.list_names("runs"):
             if name.endswith(".json"):
                 self.check_json(f"runs/{name}")
@@ -207,10 +212,19 @@ class Verifier:
     def unit_arrays(self, scene_id: str, trajectory: str, stage: str,
                     unit: tuple[str, str, str]) -> dict[str, zarr.Array]:
         """The arrays a finished unit wrote (required ones that are missing are recorded as damage)."""
-        group = self.store.scene_group(scene_id)
         arrays: dict[str, zarr.Array] = {}
         unreadable: list[str] = []
-        for prefix in _unit_paths(UNIT_GROUPS[stage], trajectory):
+        try:  # opened, never created: verify writes nothing
+            group = self.store.existing_scene_group(scene_id)
+        except KeyError:
+            group = None
+            unreadable.append("")
+            self._damage(Damage(f"scenes.zarr/{scene_id}", "", "the scene's Zarr group", "nothing", unit))
+        except Exception as exc:  # noqa: BLE001 - unreadable zarr.json of the scene group
+            group = None
+            unreadable.append("")
+            self._damage(Damage(f"scenes.zarr/{scene_id}", "", "readable Zarr metadata", _short(exc), unit))
+        for prefix in _unit_paths(UNIT_GROUPS[stage], trajectory) if group is not None else []:
             try:
                 node = group[prefix]
                 members = [(prefix, node)] if isinstance(node, zarr.Array) else \
@@ -287,8 +301,9 @@ class Verifier:
                 continue
             unit = (scene_id, trajectory, stage)
             self.report.units += 1
+            self.report.keys[unit] = row.key
             if stage == "evaluate":
-                self.check_parquet(f"eval/frames/{scene_id}.parquet", unit)
+                self.check_parquet(f"eval/frames/{scene_id}.parquet", unit, required=True)
                 continue
             if stage not in UNIT_GROUPS:
                 continue
@@ -365,19 +380,25 @@ def repair_store(store: RunStore, report: VerifyReport) -> None:
             rows = []
             for unit in sorted({d.unit for d in damage}):
                 old = current.get((unit[1], unit[2]))
-                if old is None or old.status != "done":
-                    continue
+                if old is None or old.status != "done" or old.key != report.keys.get(unit):
+                    continue  # rewritten since it was checked (a live run): not this damage any more
                 why = "; ".join(d.line() for d in damage if d.unit == unit)[:2000]
                 rows.append(ManifestRow(scene_id, unit[1], unit[2], DAMAGED, old.key, old.duration_s,
                                         f"verify: {why}", old.run_id))
                 if unit[2] == "evaluate":
                     store.remove_tree(f"eval/frames/{scene_id}.parquet")
+                else:  # the unit's groups go: its recompute starts clean (no resume state such as a long path's
+                    # clips_done, no damaged group metadata that Zarr would keep)
+                    for prefix in _unit_paths(UNIT_GROUPS[unit[2]], unit[1]):
+                        store.remove_tree(f"scenes.zarr/{scene_id}/{prefix}")
             store.record(rows)
             report.repaired += [f"marked {r.scene_id} {r.trajectory or '-'} {r.stage} for recompute" for r in rows]
         finally:
             lease.release()
-    for d in files:
-        report.repaired.append(_repair_file(store, d))
+    order = {"prompts.parquet": 0, "dataset.json": 1}  # the scene list first: the dataset record counts it
+    for d in sorted(files, key=lambda d: order.get(d.path, 2)):
+        line = _repair_file(store, d)
+        (report.unrepaired if "not repairable" in line else report.repaired).append(line)
     if any(d.path.startswith("manifest/") or d.unit for d in report.damage) and \
             not any(d.path == MANIFEST_INDEX for d in files):
         store.compact_manifest()  # the index reflects the new rows at once
