@@ -386,6 +386,9 @@ class RunStore:
         a finished store of 100k scenes answers from one file (see :meth:`compact_manifest`)."""
         path = self._path("manifest")
         schema = MANIFEST_SCHEMA if columns is None else pa.schema([MANIFEST_SCHEMA.field(c) for c in columns])
+        if not self.is_local:  # s3fs caches listings (per thread, indefinitely): other writers' files must show
+            self.fs.invalidate_cache(self.root)
+            self.fs.invalidate_cache(path)
         if not self.fs.exists(path):
             return schema.empty_table()
         cols = None if columns is None else sorted(set(columns) | {"scene_id"})
