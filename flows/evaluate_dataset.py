@@ -51,10 +51,11 @@ def evaluate_dataset(
     logger = get_run_logger()
     # 1. The scenes of the dataset: the store's own (dataset.json + these options; never rewritten here), those
     #    whose teacher frames are done (a failed scene is named, not evaluated).
-    binding = bind(RunStore(store, create=False), preset, overrides or {}, command="evaluate")
+    st = RunStore(store, create=False)
+    binding = bind(st, preset, overrides or {}, command="evaluate")
     config = binding.config
     run_id = run_id or "eval-" + uuid.uuid4().hex[:8]
-    scenes, missing = evaluable_scenes(RunStore(store, create=False), config, binding.records)
+    scenes, missing = evaluable_scenes(st, config, binding.records)
     if missing:
         logger.warning("%d scene(s) without finished teacher frames are not evaluated: %s", len(missing),
                        ", ".join(missing[:20]))

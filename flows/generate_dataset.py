@@ -22,7 +22,7 @@ from prefect.futures import PrefectFuture, as_completed, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from lyra_pipeline.cluster import GPU_RESOURCE
-from lyra_pipeline.planning import preflight
+from lyra_pipeline.planning import plan_scenes
 from lyra_pipeline.stages import StageReport, finished_scenes, scene_units
 from lyra_pipeline.store.dataset import bind
 from lyra_pipeline.store.runstore import RunStore, store_exists
@@ -69,10 +69,10 @@ def generate_dataset(
     logger = get_run_logger()
     # The store's own dataset (dataset.json) is the base of the config; options that change its scene list are
     # refused here, before anything is written (lyra_pipeline.store.dataset).
+    # plan_scenes runs the run-wide checks (preflight) and gives the scene list in one pass over the inputs.
     binding = bind(RunStore(store, create=False) if store_exists(store) else None, preset, overrides or {},
-                   command="run")
+                   command="run", plan=plan_scenes)
     config, preset, overrides = binding.config, binding.preset, binding.overrides
-    preflight(config)
     run_id = run_id or new_run_id()
     started = time.time()
     RunStore(store).check_writable()  # a read-only store fails here, before any work
@@ -88,7 +88,7 @@ def generate_dataset(
                     for s, w in zip(scenes, waits, strict=True)]
 
     # 1. Sample prompts: the scene list, reproducible from the run seed, recorded in prompts.parquet.
-    scenes = sample_prompts(store, config, preset, overrides)
+    scenes = sample_prompts(store, config, preset, overrides, binding.records)
     if scene_ids is not None:
         scenes = [s for s in scenes if s.scene_id in set(scene_ids)]
     # Scenes whose every unit is done under the current keys need no task at all (a finished batch resumes in

@@ -234,8 +234,10 @@ def run(
     """Generate (or complete) a dataset: every stage of every scene, skipping finished work."""
     _setup_env(verbose)
     try:  # every input is checked before the store is created or written
+        from lyra_pipeline.planning import plan_scenes
+
         binding = _bind(store, "run", preset, config, num_scenes, images, trajectory, seed, video, poses,
-                        plan=_plan_scenes)
+                        plan=lambda cfg: plan_scenes(cfg, _log))
         name, over, cfg, records = binding.preset, binding.overrides, binding.config, binding.records
         if gpus:
             over, cfg = _gpu_overrides(name, over, cfg, gpus, dask_address, config)
@@ -303,22 +305,6 @@ def run(
     s = result["summary"]
     console.print(f"run {s['run_id']}: computed {s['computed']} stage units, reused {s['skipped']} "
                   f"in {s['finished_at'] - s['started_at']:.1f} s -> {store}")
-
-
-def _plan_scenes(cfg: RunConfig) -> list:
-    """``lyra run``'s scene list: the run-wide checks first (a bad custom trajectory, image folder, video or
-    checkpoint fails before any work), then the seeded list (an image folder's is logged)."""
-    from lyra_pipeline.planning import preflight, scene_records
-
-    bank = preflight(cfg)
-    if bank is None:
-        return scene_records(cfg)
-    from lyra_ops.prompts import sample_records
-
-    records = sample_records(bank, cfg.scenes.num_scenes, cfg.seed)
-    used = [r.scene_id for r in records]
-    _log(f"images: {len(used)} of {len(bank)} in {cfg.scenes.images_dir}: {', '.join(used)}")
-    return records
 
 
 def check_scene_ids(only_scenes: list[str] | None, records: list) -> None:

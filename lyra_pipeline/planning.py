@@ -72,6 +72,20 @@ def preflight(config: RunConfig) -> list[SceneRecord] | None:
     return None
 
 
+def plan_scenes(config: RunConfig, log=None) -> list[SceneRecord]:
+    """A run's scene list after its run-wide checks (:func:`preflight`: a bad custom trajectory, image folder,
+    video or checkpoint fails before any work); an image folder is scanned once, and ``log`` gets one line
+    naming the images used."""
+    bank = preflight(config)
+    if bank is None:
+        return scene_records(config)
+    records = sample_records(bank, config.scenes.num_scenes, config.seed)
+    if log is not None:
+        used = [r.scene_id for r in records]
+        log(f"images: {len(used)} of {len(bank)} in {config.scenes.images_dir}: {', '.join(used)}")
+    return records
+
+
 def procedural_records(config: RunConfig) -> list[SceneRecord]:
     records = []
     for i in range(config.scenes.num_scenes):

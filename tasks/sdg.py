@@ -42,19 +42,22 @@ IDENTITY = torch.eye(4)
 
 
 @task(name="sample-prompts", **STAGE_TASK_OPTIONS)
-def sample_prompts(store_url: str, config: RunConfig, preset: str | None = None,
-                   overrides: dict | None = None) -> list[SceneRecord]:
+def sample_prompts(store_url: str, config: RunConfig, preset: str | None = None, overrides: dict | None = None,
+                   records: list[SceneRecord] | None = None) -> list[SceneRecord]:
     """The scene list, recorded as ``prompts.parquet`` (rewritten only if it changed). With ``preset``: the
-    dataset ``preset`` + ``overrides`` must give the store's scene list (or append to it), checked before
-    anything is written, and is recorded beside it (``dataset.json``; :mod:`lyra_pipeline.store.dataset`)."""
+    dataset ``preset`` + ``overrides`` must give the store's scene list (or add to it), checked before anything
+    is written, and is recorded beside it (``dataset.json``; :mod:`lyra_pipeline.store.dataset`); ``records``:
+    that list when the caller already bound it (the flow), so the inputs are not read again."""
     if preset is None:  # a store of its own (``reconstruct``'s): its one scene is whatever the config says
         records = scene_records(config)
         RunStore(store_url).write_prompts([r.as_row() for r in records])
         return records
-    existing = RunStore(store_url) if store_exists(store_url) else None
-    binding = bind(existing, preset, overrides or {}, command="run")
-    record_dataset(existing or RunStore(store_url), binding.preset, binding.overrides, binding.records)
-    return binding.records
+    if records is None:
+        existing = RunStore(store_url) if store_exists(store_url) else None
+        binding = bind(existing, preset, overrides or {}, command="run")
+        preset, overrides, records = binding.preset, binding.overrides, binding.records
+    record_dataset(RunStore(store_url), preset, overrides or {}, records)
+    return records
 
 
 # 2. First frame -----------------------------------------------------------------------------------------------

@@ -42,6 +42,18 @@ def _png(path: Path, height: int, width: int, seed: int = 0) -> Path:
     return path
 
 
+def _broken_image(path: Path, case: str, seed: int) -> tuple[Path, str]:
+    """An image file that is ``undecodable``, ``truncated`` (half of a PNG) or ``1x1``, and what its error says."""
+    if case == "undecodable":
+        path.write_bytes(b"not an image at all")
+    elif case == "truncated":
+        data = _png(path.with_name("whole.png"), 64, 64, seed=seed).read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        _png(path, 1, 1)
+    return path, "expected at least 8x8" if case == "1x1" else "cannot decode image"
+
+
 @pytest.fixture(scope="module")
 def one_scene_store(tmp_path_factory) -> Path:
     """A finished 1-scene smoke store (read only here: every command below fails before writing)."""
@@ -141,32 +153,20 @@ def test_images_folder_with_a_broken_image_fails_before_any_work(tmp_path, case)
     images = tmp_path / "images"
     images.mkdir()
     _png(images / "good.png", 32, 48)
-    bad = images / "bad.png"
-    if case == "undecodable":
-        bad.write_bytes(b"not an image at all")
-    elif case == "truncated":
-        data = _png(tmp_path / "whole.png", 64, 64, seed=3).read_bytes()
-        bad.write_bytes(data[: len(data) // 2])
-    else:
-        _png(bad, 1, 1)
+    bad, says = _broken_image(images / "bad.png", case, seed=3)
     store = tmp_path / "store"
     res = runner.invoke(app, ["run", "--preset", "smoke", "--images", str(images), "--store", str(store)])
-    one_error(res, str(bad), "expected at least 8x8" if case == "1x1" else "cannot decode image")
+    one_error(res, str(bad), says)
     assert not store.exists()
 
 
 @pytest.mark.parametrize("case", ["truncated", "1x1"])
 def test_reconstruct_with_a_broken_image_writes_nothing(tmp_path, case):
-    image = tmp_path / "photo.png"
-    if case == "truncated":
-        data = _png(tmp_path / "whole.png", 64, 64, seed=4).read_bytes()
-        image.write_bytes(data[: len(data) // 2])
-    else:
-        _png(image, 1, 1)
+    image, says = _broken_image(tmp_path / "photo.png", case, seed=4)
     out = tmp_path / "recon"
     res = runner.invoke(app, ["reconstruct", "--image", str(image), "--out", str(out), "--preset", "smoke",
                               "--store", str(tmp_path / "no_store")])
-    one_error(res, str(image), "expected at least 8x8" if case == "1x1" else "cannot decode image")
+    one_error(res, str(image), says)
     assert not out.exists()
 
 

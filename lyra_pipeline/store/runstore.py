@@ -610,18 +610,30 @@ class RunStore:
         encode = arr.metadata.chunk_key_encoding.encode_chunk_key
         return [encode(coords) for coords in np.ndindex(*arr.cdata_shape)]
 
-    def present_chunk_keys(self, scene_id: str, name: str) -> set[str]:
-        """Chunk keys whose files exist (one listing of the array's folder)."""
-        base = self.array_path(scene_id, name)
+    def chunk_files(self, scene_id: str, name: str = "") -> dict[str, set[str]]:
+        """Chunk keys whose files exist, by array path, for every array at or under ``name`` of a scene (the whole
+        scene when empty): one listing (``os.walk`` locally, one ``find`` on object stores)."""
+        scene_dir = self._path("scenes.zarr", validate_scene_id(scene_id))
+        base = f"{scene_dir}/{name}" if name else scene_dir
         if self.is_local:
-            root = Path(base)
-            return {p.relative_to(root).as_posix() for p in (root / "c").rglob("*")
-                    if p.is_file() and not p.name.endswith((".partial", ".tmp"))}
-        try:
-            found = self.fs.find(base + "/c")
-        except FileNotFoundError:
-            return set()
-        return {f[len(base) + 1:] if f.startswith(base) else f.split(f"/{name}/", 1)[-1] for f in found}
+            files = [f"{folder}/{n}" for folder, _, names in os.walk(base) for n in names]
+        else:
+            try:
+                files = self.fs.find(base)
+            except FileNotFoundError:
+                files = []
+            scene_dir = scene_dir.split("://", 1)[-1]
+        found: dict[str, set[str]] = {}
+        for f in files:
+            rel = f.split("://", 1)[-1][len(scene_dir) + 1:].replace(os.sep, "/")
+            array, sep, key = rel.rpartition("/c/")
+            if sep and not key.endswith((".partial", ".tmp")):
+                found.setdefault(array, set()).add(f"c/{key}")
+        return found
+
+    def present_chunk_keys(self, scene_id: str, name: str) -> set[str]:
+        """Chunk keys of array ``name`` whose files exist (one listing of the array's folder)."""
+        return self.chunk_files(scene_id, name).get(name, set())
 
     def missing_chunks(self, scene_id: str, name: str, arr: zarr.Array | None = None) -> list[str]:
         """Chunk keys of ``name`` whose files are absent."""

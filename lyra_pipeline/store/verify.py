@@ -126,26 +126,7 @@ class Verifier:
     def __init__(self, store: RunStore, log: Callable[[str], None] | None = None) -> None:
         self.store, self.log = store, log or (lambda _: None)
         self.report = VerifyReport(store.url)
-        self._present: dict[str, set[str]] | None = None  # local stores: chunk files of the scene, one walk
-
-    def _walk_scene(self, scene_id: str) -> None:
-        """Local stores: every chunk file of the scene by array (one ``os.walk`` instead of one listing per
-        array); elsewhere each array is listed on its own."""
-        if not self.store.is_local:
-            return
-        import os
-
-        base = self.store.array_path(scene_id, "")[:-1]
-        found: dict[str, set[str]] = {}
-        for folder, _, names in os.walk(base):
-            rel = os.path.relpath(folder, base).replace(os.sep, "/")
-            if "/c/" not in f"/{rel}/" and not rel.endswith("/c") and rel != "c":
-                continue
-            array, _, key = f"/{rel}".rpartition("/c")
-            for n in names:
-                if not n.endswith((".partial", ".tmp")):
-                    found.setdefault(array.lstrip("/"), set()).add(f"c{key}/{n}")
-        self._present = found
+        self._present: dict[str, set[str]] = {}  # chunk files of the scene being checked (one listing)
 
     def _damage(self, d: Damage) -> None:
         self.report.damage.append(d)
@@ -258,8 +239,7 @@ class Verifier:
                 key, why = RunStore.find_bad_chunk(arr, exc)
                 self._damage(Damage(rel, key, "a decodable chunk", why, unit))
                 return False
-        present = self._present.get(name, set()) if self._present is not None else \
-            self.store.present_chunk_keys(scene_id, name)
+        present = self._present.get(name, set())
         ok = True
         for key in keys:
             if key not in present:
@@ -295,7 +275,7 @@ class Verifier:
             return  # units unknown: the repair recomputes the scene
         self.store.forget_manifest(scene_id)
         rows = self.store.scene_manifest(scene_id)
-        self._walk_scene(scene_id)
+        self._present = self.store.chunk_files(scene_id)
         for (trajectory, stage), row in sorted(rows.items()):
             if row.status != "done":
                 continue
