@@ -23,7 +23,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from lyra_pipeline.cluster import GPU_RESOURCE
 from lyra_pipeline.planning import plan_scenes
-from lyra_pipeline.stages import StageReport, finished_scenes, scene_units
+from lyra_pipeline.stages import StageReport, finished_scenes, plan_fingerprint, scene_units
 from lyra_pipeline.store.dataset import bind
 from lyra_pipeline.store.runstore import RunStore, store_exists
 from tasks.sdg import (
@@ -139,7 +139,12 @@ def generate_dataset(
             futs = [stage[j] for stage in by_stage]
             done = all(f.state.is_completed() for f in futs)
             outcome[scene.scene_id] = [f.state.result() for f in futs] if done else None
-    RunStore(store).compact_manifest()  # one index file: `lyra status` stays fast at 100k+ scenes
+    # one index file: `lyra status` stays fast at 1M scenes; a run that finished every scene of the store's list
+    # stamps it complete under this plan, so the next `lyra run` of the same config answers from the index footer
+    complete = None
+    if scene_ids is None and all(v is not None for v in outcome.values()):
+        complete = {"plan": plan_fingerprint(config), "since": started, "run_id": run_id}
+    RunStore(store).compact_manifest(complete=complete)
     summary = summarize(run_id, preset, config.model_dump(mode="json"), store, outcome, started)
     summary["skipped"] += reused
     summary["overrides"] = overrides  # with ``preset``: the run's inputs (``lyra retry`` re-runs failures with them)

@@ -35,6 +35,7 @@ MAMBA2 = "mamba2"
 BLOCK_TYPES = (ATTENTION, MAMBA2)
 HEAD_CHANNELS = 12  # [distance (1), rgb (3), scale (3), quat (4), opacity (1)]
 HEAD_SPLIT = (1, 3, 3, 4, 1)
+HEAD_PARTS = ("distance", "rgb", "scale", "quat", "opacity")  # the head's channel groups, in HEAD_SPLIT order
 GAUSSIAN_FRAMES = ("all", "keyframes")  # Gaussians for every frame (Lyra) or for one frame per latent frame
 DISTANCE_PARAMS = ("linear", "log")  # distance linear in sigmoid between near and far (Lyra), or log-linear
 BACKGROUNDS = ("white", "input_mean")  # composited behind the Gaussians: Lyra's white, or the input's mean colour
@@ -102,6 +103,7 @@ class DecoderConfig:
     input_scale_init: float = 0.2
     input_opacity_init: float = 0.95
     input_depth_fill: int = 0
+    input_gate: tuple[str, ...] = ()
     time_embedding: bool = False
     time_frames: str = "query"
     qkv_bias: bool = True
@@ -178,6 +180,13 @@ class DecoderConfig:
         fill = self.input_depth_fill
         if isinstance(fill, bool) or not isinstance(fill, int) or fill < 0:
             raise bad("input_depth_fill", "an int >= 0 (pixels)")
+        gate = tuple(self.input_gate)
+        if any(part not in HEAD_PARTS for part in gate) or len(set(gate)) != len(gate):
+            raise bad("input_gate", f"distinct names from {HEAD_PARTS}")
+        if gate and not (self.input_stride and self.depth_input):
+            raise bad("input_gate", "() unless input_stride > 0 and depth_input is true (the gate is the input "
+                      "frame's known depth)")
+        object.__setattr__(self, "input_gate", gate)
         if not isinstance(self.time_embedding, bool):
             raise bad("time_embedding", "true or false")
         if not 0.0 < self.input_opacity_init < 1.0:
@@ -208,6 +217,7 @@ class DecoderConfig:
         out = dataclasses.asdict(self)
         out["block_types"] = list(self.block_types)
         out["patch_size"] = list(self.patch_size)
+        out["input_gate"] = list(self.input_gate)
         return out
 
     @classmethod
@@ -220,7 +230,7 @@ class DecoderConfig:
                 hint = f" (did you mean {near[0]!r}?)" if near else ""
                 raise LyraConfigError(f"decoder.{key}: unknown key{hint}; valid keys: {names}")
         kwargs = dict(values)
-        for key in ("block_types", "patch_size"):
+        for key in ("block_types", "patch_size", "input_gate"):
             if kwargs.get(key) is not None:
                 kwargs[key] = tuple(kwargs[key])
         return cls(**kwargs)
@@ -577,6 +587,40 @@ def input_count(config: DecoderConfig, height: int, width: int) -> int:
     """Gaussians of the input head (``input_stride`` s > 0): one per s x s pixel block of the input frame."""
     s = config.input_stride
     return (height // s) * (width // s) if s else 0
+
+
+def known_blocks(known_depth: torch.Tensor, stride: int) -> torch.Tensor:
+    """(..., H/stride, W/stride) bool: the ``stride`` x ``stride`` pixel blocks of a known-depth map (..., H, W)
+    (0: unknown, e.g. a depth edge the reliability filter left out) whose every pixel has a known depth."""
+    d = known_depth.reshape(-1, 1, *known_depth.shape[-2:])
+    unknown = F.max_pool2d((d <= 0).to(torch.float32), stride) if stride > 1 else (d <= 0).to(torch.float32)
+    return (unknown == 0).reshape(*known_depth.shape[:-2], *unknown.shape[-2:])
+
+
+def input_zero_point(config: DecoderConfig) -> torch.Tensor:
+    """(HEAD_CHANNELS,) raw input-head channels of the RGB-D unprojection: distance and colour residuals 0 (the
+    known distance, the input pixel's colour), scale 0 (``input_scale_init`` of the footprint, isotropic),
+    identity rotation, opacity ``input_opacity_init``."""
+    zero = torch.zeros(HEAD_CHANNELS)
+    zero[7] = 1.0  # quaternion (w, x, y, z) = identity
+    p = config.input_opacity_init
+    zero[-1] = math.log(p / (1.0 - p)) - config.opacity_shift
+    return zero
+
+
+def gate_known(raw: torch.Tensor, known: torch.Tensor, config: DecoderConfig) -> torch.Tensor:
+    """The input head's raw channels (M, HEAD_CHANNELS) with the groups ``config.input_gate`` (names of
+    :data:`HEAD_PARTS`) replaced by :func:`input_zero_point` where ``known`` (M,) bool: there the Gaussian keeps
+    what the RGB-D unprojection of the input gives (what the input shows exactly is not re-learned)."""
+    gated = torch.zeros(HEAD_CHANNELS, dtype=torch.bool)
+    start = 0
+    for name, width in zip(HEAD_PARTS, HEAD_SPLIT, strict=True):
+        gated[start : start + width] = name in config.input_gate
+        start += width
+    gated = gated.to(raw.device)
+    zero = input_zero_point(config).to(raw)
+    mask = known.reshape(-1, 1).to(raw.device) & gated
+    return torch.where(mask, zero, raw)
 
 
 def fused_keep(config: DecoderConfig, known_depth: torch.Tensor, frames: Sequence[int] | None = None) -> torch.Tensor:
@@ -1021,8 +1065,11 @@ class LatentGaussianDecoder(nn.Module):
         origins, dirs, footprint = (t.to(raw.device) for t in input_rays(cfg, cams, frame))
         base_distance = None
         if known_depth is not None:  # unknown pixels (depth edges) start on the surface behind them
-            depth = fill_from_neighbours(known_depth[0, frame : frame + 1, 0].to(dirs.device), cfg.input_depth_fill)
+            known = known_depth[0, frame : frame + 1, 0].to(dirs.device)
+            depth = fill_from_neighbours(known, cfg.input_depth_fill)
             base_distance = known_distance(depth, cams.c2w[frame : frame + 1], dirs, cfg.input_stride).reshape(-1, 1)
+            if cfg.input_gate:
+                raw = gate_known(raw, known_blocks(known, cfg.input_stride).reshape(-1), cfg)
         base = None
         if cfg.color_skip:
             base = input_colors(latents, cfg, frame).to(raw.device).permute(1, 2, 0).reshape(-1, 3)

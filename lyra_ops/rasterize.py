@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lyra_ops import raster_kernel
 from lyra_ops.errors import LyraInputError
 from lyra_ops.gaussians import Gaussians
 
@@ -519,10 +520,21 @@ def _rasterize_torch(
     depth_chunk: int | None = None,
     step_elements: int | None = None,
     save_bytes: int = SAVE_BYTES,
+    kernel: bool | None = None,
 ) -> RasterOutput:
+    """``kernel``: composite with the C kernel of :mod:`lyra_ops.raster_kernel` (float32 on CPU only); None:
+    whenever it applies and is available, False: the pure torch compositor (``depth_chunk``, ``step_elements``
+    and ``save_bytes`` are its work split)."""
     cams = viewmats.shape[0]
     dtype, device = g.dtype, g.device
     on_cuda = device.type == "cuda"
+    applies = device.type == "cpu" and dtype == torch.float32
+    if kernel and not applies:
+        raise LyraInputError(f"the C rasterizer kernel needs float32 CPU tensors, got {dtype} on {device}")
+    if kernel is None:
+        kernel = applies and raster_kernel.kernel() is not None
+    if kernel:
+        return _rasterize_kernel(g, viewmats, Ks, width, height, background, near, far, tile_size, eps2d)
     if depth_chunk is None:
         depth_chunk = DEPTH_CHUNK_CUDA if on_cuda else DEPTH_CHUNK_CPU
     if step_elements is None:
@@ -575,6 +587,44 @@ def _rasterize_torch(
     alpha = 1.0 - trans_img
     rgb = acc_img[:, :3] + trans_img * background[:, :, None, None]
     depth = acc_img[:, 3:4] / alpha.clamp(min=EXPECTED_DEPTH_EPS)
+    return RasterOutput(rgb=rgb, depth=depth, alpha=alpha)
+
+
+def _rasterize_kernel(
+    g: Gaussians,
+    viewmats: torch.Tensor,
+    Ks: torch.Tensor,
+    width: int,
+    height: int,
+    background: torch.Tensor,
+    near: float,
+    far: float,
+    tile_size: int,
+    eps2d: float,
+) -> RasterOutput:
+    """The torch backend on CPU in float32: projection and tile binning in torch, compositing in C."""
+    cams = viewmats.shape[0]
+    tiles_x, tiles_y = math.ceil(width / tile_size), math.ceil(height / tile_size)
+    n_tiles = cams * tiles_x * tiles_y
+    if viewmats.requires_grad or Ks.requires_grad:  # the C projection has no camera gradients
+        proj = project_gaussians(g, viewmats, Ks, width, height, near=near, far=far, eps2d=eps2d)
+    else:
+        settings = (width, height, near, far, eps2d)
+        proj = Projection(*raster_kernel.CpuProjection.apply(g.means, g.quats, g.scales, g.opacities, viewmats, Ks,
+                                                             settings))
+    pair_gid, pair_tile = _intersect_tiles(proj, tile_size, tiles_x, tiles_y)
+    counts = torch.bincount(pair_tile, minlength=n_tiles)
+    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    order = torch.argsort(counts, descending=True, stable=True)  # longest tiles first: threads end together
+    geometry = (g.num, tiles_x, tiles_y, tile_size, width, height, cams)
+    acc, trans = raster_kernel.CpuCompositor.apply(
+        proj.means2d.reshape(-1, 2), proj.conics.reshape(-1, 3), g.opacities, g.colors, proj.depths.reshape(-1),
+        proj.radii.reshape(-1, 2).contiguous(), pair_gid.contiguous(), offsets, order, geometry,
+    )  # fmt: skip
+    trans_img = trans[:, None]
+    alpha = 1.0 - trans_img
+    rgb = acc[:, :3] + trans_img * background[:, :, None, None]
+    depth = acc[:, 3:4] / alpha.clamp(min=EXPECTED_DEPTH_EPS)
     return RasterOutput(rgb=rgb, depth=depth, alpha=alpha)
 
 

@@ -273,105 +273,99 @@ def depth_reliability_mask(depth: Tensor, window: int = 5, threshold: float = 0.
 
 
 def _project_frame(points: Tensor, proj: Tensor, height: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Target z' and splat coordinates (x, y) = (u' - 0.5, v' - 0.5) of points (3,N) float64.
+    """Target z' (N,), splat coordinates (x, y) = (u' - 0.5, v' - 0.5) (2,N) and the in-front flag (N,) (1.0
+    where z' > 0, else 0.0) of points (3,N), all float64.
 
-    Written as explicit elementwise float64 operations in the same order as the reference, so both produce
-    bit-identical coordinates (hence identical floor cells and identical zero/non-zero bilinear weights).
-    Points with z' <= 0 get coordinates -2 (off-image); the rest are clamped to [-2, size + 1].
+    The same float64 operations, in the same order, as the reference (``x_h = ((P00 X + P01 Y) + P02 Z) +
+    P03``, then ``x_h / z' - 0.5``, snapped), so both produce bit-identical coordinates (hence identical floor
+    cells and identical zero/non-zero bilinear weights) for the points in front; broadcast over the three rows
+    to keep the number of tensor operations small. Coordinates are clamped to [-2, size + 1] (NaN, from
+    0 / 0, becomes -2); those of points behind the camera are meaningless: callers use the flag.
     """
-    p = proj.tolist()
-    xs, ys, zs = points[0], points[1], points[2]
-    x_h = xs * p[0][0] + ys * p[0][1] + zs * p[0][2] + p[0][3]
-    y_h = xs * p[1][0] + ys * p[1][1] + zs * p[1][2] + p[1][3]
-    z = xs * p[2][0] + ys * p[2][1] + zs * p[2][2] + p[2][3]
-    front = z > 0
-    x = torch.where(front, _snap(x_h / z - 0.5), -2.0).clamp_(-2.0, width + 1.0)
-    y = torch.where(front, _snap(y_h / z - 0.5), -2.0).clamp_(-2.0, height + 1.0)
-    return z, x, y
+    terms = points[None] * proj[:, :3, None]  # (3,3,N): P[r, c] X_c
+    hom = terms[:, 0] + terms[:, 1]
+    hom += terms[:, 2]
+    hom += proj[:, 3:]
+    z = hom[2]
+    front = torch.sign(z).clamp_(min=0.0)
+    xy = hom[:2].div_(z).sub_(0.5)
+    # Snap: xy - (xy - round(xy)) is exactly round(xy) (the difference is exact), arithmetic instead of where.
+    off = xy - torch.round(xy)
+    xy -= off.mul_(off.abs() <= SNAP_TOLERANCE)
+    xy = torch.nan_to_num_(xy, nan=-2.0)
+    xy[0].clamp_(-2.0, width + 1.0)
+    xy[1].clamp_(-2.0, height + 1.0)
+    return z, xy, front
 
 
-def _snap(coord: Tensor) -> Tensor:
-    """Snap coordinates within SNAP_TOLERANCE of an integer onto it (see SNAP_TOLERANCE)."""
-    nearest = torch.round(coord)
-    return torch.where((coord - nearest).abs() <= SNAP_TOLERANCE, nearest, coord)
-
-
-def _frame_geometry(
-    points: Tensor, proj: Tensor, height: int, width: int, dtype: torch.dtype, out: dict[str, Tensor]
-) -> Tensor:
-    """Pass 1 of a frame: floor cells, bilinear corner weights, z' and the splatted flag of every point,
-    written into the buffers of ``out`` block by block. Returns max z' over the splatted points."""
-    n = points.shape[1]
-    z_max = torch.zeros((), dtype=dtype)
-    for s in range(0, n, _BLOCK):
-        e = min(n, s + _BLOCK)
-        z, x, y = _project_frame(points[:, s:e], proj, height, width)
-        x0, y0 = torch.floor(x), torch.floor(y)
-        fx, fy = x - x0, y - y0
-        # (1 - f) is formed in float64 before rounding so that tiny weights keep their relative accuracy.
-        gx, gy = (1.0 - fx).to(dtype), (1.0 - fy).to(dtype)
-        fx, fy = fx.to(dtype), fy.to(dtype)
-        splat = (z > 0) & (x0 >= -1) & (x0 <= width - 1) & (y0 >= -1) & (y0 <= height - 1)
-        wts = out["corner_w"][:, s:e]  # corners (dy, dx) = (0,0), (0,1), (1,0), (1,1)
-        torch.mul(gx, gy, out=wts[0])
-        torch.mul(fx, gy, out=wts[1])
-        torch.mul(gx, fy, out=wts[2])
-        torch.mul(fx, fy, out=wts[3])
-        cell = (y0.clamp_(-1, height - 1) + 1) * (width + 2) + (x0.clamp_(-1, width - 1) + 1)
-        out["cell"][s:e] = cell
-        zb = torch.where(splat, z, 0.0).to(dtype)
-        out["z"][s:e] = zb
-        out["splat"][s:e] = splat
-        if e > s:
-            z_max = torch.maximum(z_max, zb.max())
-    return z_max
-
-
-def _splat_frame(
-    points: Tensor,
-    values: Tensor,
-    proj: Tensor,
-    height: int,
-    width: int,
-    scale: float,
-    work: dict[str, Tensor],
-) -> Tensor:
+def _splat_frame(points: Tensor, values: Tensor, proj: Tensor, height: int, width: int, scale: float,
+                 work: dict[str, Tensor]) -> Tensor:
     """Accumulate the planar sums [sum w c..., sum w z, sum w] (C+2,H,W) of one target frame.
 
     ``points`` is (3,N) float64 world points, ``values`` (C,N) colours, both channel-major.
+
+    The canvas is the image padded by two pixels on the top and left and three on the bottom and right,
+    channel-major (C+2, (H+5)(W+5)). Splat coordinates are clamped to [-2, size + 1], so every floor cell and
+    its three other corners (+1, +W+5, +W+6) lie on the canvas; a point that is not splatted (behind the
+    camera, or floor outside [-1, size - 1]) gets zero bilinear weights. Boolean masks and ``where`` are
+    avoided (several times slower than float arithmetic on the CPU): flags are 0.0 / 1.0 factors.
     """
     c, n = values.shape
     dtype = values.dtype
-    z_max = _frame_geometry(points, proj, height, width, dtype, work)
-    norm = torch.log1p(z_max) + 1e-7  # max_l + 1e-7 (log1p is monotonic)
-    # The canvas is the image padded by one pixel on each side, channel-major (C+2, (H+2)(W+2)): the four
-    # corners of a point are at its floor cell + (0, 1, W+2, W+3), corners outside the image land in the
-    # padding (cropped below), and one index_add_ per block adds all channels of all four corners.
-    canvas = work["canvas"].zero_()
-    offsets = torch.tensor([0, 1, width + 2, width + 3])[:, None]  # (dy, dx) = (0,0), (0,1), (1,0), (1,1)
+    row = width + 5
+    cell, corner_w, z_out, l_out, canvas = (work[k] for k in ("cell", "corner_w", "z", "l", "canvas"))
+    # Pass 1: floor cells, bilinear corner weights, z' and l = log(1 + z') (all 0 where not splatted).
+    l_max = torch.zeros((), dtype=torch.float64)
     for s in range(0, n, _BLOCK):
         e = min(n, s + _BLOCK)
-        z = work["z"][s:e]
-        eta = (scale * torch.log1p(z) / norm).clamp_(max=ETA_CAP)
-        depth_w = torch.exp(_WEIGHT_SHIFT - eta).mul_(work["splat"][s:e])
+        z, xy, front = _project_frame(points[:, s:e], proj, height, width)
+        cell0 = torch.floor(xy)
+        frac = xy.sub_(cell0)
+        # Integer-valued float64 arithmetic is exact in any order: cell = (y0 + 2) (W + 5) + x0 + 2.
+        cell[s:e] = torch.add(cell0[0], cell0[1], alpha=row).add_(2 * row + 2)
+        splat = work["inside"].index_select(0, cell[s:e]).mul_(front)  # 1.0: splatted into this frame
+        # G[axis] = (1 - f, f), (1 - f) formed in float64 before rounding so that tiny weights keep their
+        # relative accuracy; corner (dy, dx) = (0,0), (0,1), (1,0), (1,1) gets G[y, dy] G[x, dx].
+        bil = torch.empty(2, 2, e - s, dtype=dtype)
+        torch.sub(1.0, frac, out=bil[:, 0])
+        bil[:, 1] = frac
+        bil[1] *= splat.to(dtype)
+        torch.mul(bil[1, :, None], bil[0, None], out=corner_w[:, s:e].view(2, 2, e - s))
+        z = z.mul_(splat)
+        z_out[s:e] = z
+        log_z = torch.log(z.add_(1.0))  # l = log(1 + z')
+        l_out[s:e] = log_z
+        if e > s:
+            l_max = torch.maximum(l_max, log_z.max())
+    # Pass 2: depth weights exp(_WEIGHT_SHIFT - eta), eta = min(scale l / (max_l + 1e-7), ETA_CAP), and one
+    # index_add_ per block of all C+2 channels of all four corners.
+    factor = scale / (float(l_max) + 1e-7)
+    canvas.zero_()
+    offsets = torch.tensor([0, 1, row, row + 1], dtype=cell.dtype)[:, None]
+    for s in range(0, n, _BLOCK):
+        e = min(n, s + _BLOCK)
+        depth_w = torch.mul(l_out[s:e], -factor).add_(_WEIGHT_SHIFT).clamp_(min=_WEIGHT_SHIFT - ETA_CAP).exp_()
         base = torch.empty(c + 2, 1, e - s, dtype=dtype)
         torch.mul(values[:, s:e], depth_w, out=base[:c, 0])
-        torch.mul(z, depth_w, out=base[c, 0])
+        torch.mul(z_out[s:e], depth_w, out=base[c, 0])
         base[c + 1, 0] = depth_w
-        vals = base * work["corner_w"][None, :, s:e]  # (C+2, 4, B)
-        cells = (work["cell"][s:e] + offsets).view(-1)  # (4 B,) corner-major, like vals
+        vals = base * corner_w[None, :, s:e]  # (C+2, 4, B)
+        cells = (cell[s:e] + offsets).view(-1)  # (4 B,) corner-major, like vals
         canvas.index_add_(1, cells, vals.view(c + 2, -1))
-    return canvas.view(c + 2, height + 2, width + 2)[:, 1:-1, 1:-1]
+    return canvas.view(c + 2, height + 5, row)[:, 2 : height + 2, 2 : width + 2]
 
 
 def _work_buffers(n: int, c: int, height: int, width: int, dtype: torch.dtype) -> dict[str, Tensor]:
     """Per-call scratch reused by every frame: per-point pass-1 results and the padded canvas."""
+    inside = torch.zeros(height + 5, width + 5, dtype=torch.float64)
+    inside[1 : height + 2, 1 : width + 2] = 1.0  # floor cells (-1..size-1) + 2: the splatted points
     return {
         "cell": torch.empty(n, dtype=torch.long),
         "corner_w": torch.empty(4, n, dtype=dtype),
         "z": torch.empty(n, dtype=dtype),
-        "splat": torch.empty(n, dtype=torch.bool),
-        "canvas": torch.empty(c + 2, (height + 2) * (width + 2), dtype=dtype),
+        "l": torch.empty(n, dtype=dtype),
+        "inside": inside.view(-1),
+        "canvas": torch.empty(c + 2, (height + 5) * (width + 5), dtype=dtype),
     }
 
 
@@ -461,11 +455,26 @@ def forward_warp_sources(
 
 
 def _source_points(inp: _WarpInputs) -> tuple[Tensor, Tensor]:
-    """World points (3,N) float64 and colours (C,N) of a source's splatted pixels."""
-    c = inp.image.shape[0]
-    flat_valid = inp.valid.reshape(-1)
-    points = _unproject64(inp.depth, inp.K_src, inp.c2w_src).reshape(-1, 3)[flat_valid].T.contiguous()
-    return points, inp.image.reshape(c, -1)[:, flat_valid].contiguous()
+    """World points (3,N) float64 and colours (C,N) of a source's splatted pixels.
+
+    The points are those of ``_unproject64`` (the same float64 operations in the same order, element by
+    element), computed for the splatted pixels only."""
+    c, _, w = inp.image.shape
+    idx = inp.valid.reshape(-1).nonzero()[:, 0]
+    d = inp.depth.reshape(-1).index_select(0, idx).to(torch.float64)
+    u = torch.remainder(idx, w).to(torch.float64).add_(0.5)
+    v = torch.div(idx, w, rounding_mode="floor").to(torch.float64).add_(0.5)
+    k_inv = torch.linalg.inv(inp.K_src)
+    world = torch.empty(3, idx.shape[0], dtype=torch.float64)
+    for s in range(0, idx.shape[0], _BLOCK):  # blocks: the (3,3,B) temporaries stay in cache
+        e = s + _BLOCK
+        cam = k_inv[:, 0:1] * u[s:e] + k_inv[:, 1:2] * v[s:e]
+        cam = (cam + k_inv[:, 2:3]).mul_(d[s:e])  # (3,B): d (k_r0 u + k_r1 v + k_r2)
+        terms = inp.c2w_src[:3, :3, None] * cam[None]  # (3,3,B): c2w[r, k] cam_k
+        block = torch.add(terms[:, 0], terms[:, 1], out=world[:, s:e])
+        block += terms[:, 2]
+        block += inp.c2w_src[:3, 3:]
+    return world, inp.image.reshape(c, -1).index_select(1, idx)
 
 
 def _splat_frames(points: Tensor, values: Tensor, proj: Tensor, size: tuple[int, int], dtype: torch.dtype,
@@ -480,12 +489,12 @@ def _splat_frames(points: Tensor, values: Tensor, proj: Tensor, size: tuple[int,
     work = _work_buffers(values.shape[1], c, h, w, dtype)
     for f in range(n_frames):
         acc = _splat_frame(points, values, proj[f], h, w, float(depth_weight_scale), work)
-        weight = acc[c + 1]
-        hit = weight > 0
-        safe = torch.where(hit, weight, 1.0)
-        rgb[f] = torch.where(hit, acc[:c] / safe, hole_value)
-        out_depth[f, 0] = torch.where(hit, acc[c] / safe, 0.0)
-        mask[f, 0] = hit
+        hit = torch.gt(acc[c + 1], 0, out=mask[f, 0])
+        torch.div(acc[:c], acc[c + 1], out=rgb[f])  # 0 / 0 in holes: filled below
+        torch.div(acc[c], acc[c + 1], out=out_depth[f, 0])
+        miss = ~hit
+        rgb[f].masked_fill_(miss, hole_value)
+        out_depth[f, 0].masked_fill_(miss, 0.0)
     return WarpResult(rgb, out_depth, mask)
 
 

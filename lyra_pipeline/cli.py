@@ -1,4 +1,10 @@
-"""The ``lyra`` command line: run the pipeline, inspect and debug a store."""
+"""The ``lyra`` command line: run the pipeline, inspect and debug a store.
+
+Importing this module loads typer, rich, pydantic and PyYAML only: torch, Prefect, Zarr, Arrow and the model
+libraries are imported inside the commands, after their arguments and input files are checked, so a mistake
+is answered in about a second (``tests/test_cli_latency.py`` guards it, ``benchmarks/bench_cli_latency.py``
+times it).
+"""
 
 from __future__ import annotations
 
@@ -16,8 +22,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from lyra_ops.errors import LyraConfigError, LyraError, LyraInputError
-from lyra_pipeline.config import RunConfig, build_config, load_config_file
-from lyra_pipeline.storage import EVAL_STAGES, SCENE_STAGES, STAGES, RunStore
+from lyra_pipeline.config import TEXT_TO_IMAGE_HELP, RunConfig, build_config, load_config_file
+from lyra_pipeline.store.names import EVAL_STAGES, SCENE_STAGES, STAGES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="lyra-pipeline: Lyra-style 3D scene data generation, resumable on any store.")
@@ -25,6 +31,14 @@ console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 DEFAULT_STORE = "./lyra_store"
 VERBOSE_HELP = "show Prefect's task logs"
+
+
+def RunStore(url, *, create: bool = True):
+    """:class:`lyra_pipeline.store.runstore.RunStore`, imported on first use (Zarr, Arrow and fsspec load only
+    when a command opens a store)."""
+    from lyra_pipeline.store.runstore import RunStore as _RunStore
+
+    return _RunStore(url, create=create)
 
 
 def _version(value: bool) -> None:
@@ -71,6 +85,15 @@ def check_new_file(path: Path, what: str, example: str, siblings: tuple[str, ...
                                      "folder")
             break
     return path
+
+
+def _stored_scene(store: str, scene: str) -> None:
+    """``export-ply`` / ``refine``: a missing store or an unknown scene id is one line before torch loads (the
+    scene's finished trajectories are checked where they are read)."""
+    scenes = RunStore(store, create=False).scene_ids()
+    if scene not in scenes:
+        shown = ", ".join(scenes[:20]) + (" ..." if len(scenes) > 20 else "")
+        raise LyraInputError(f"{store}: no scene {scene!r}; scenes: {shown or 'none'}")
 
 
 def _setup_env(verbose: bool = False) -> None:
@@ -232,10 +255,16 @@ def run(
                                "times) or .json (frames with c2w/w2c, K, optional time)"),
 ) -> None:
     """Generate (or complete) a dataset: every stage of every scene, skipping finished work."""
+    import time
+
+    command_started = time.time()  # the summary says where the wall time went, not only the flow's own part
     _setup_env(verbose)
     try:  # every input is checked before the store is created or written
         from lyra_pipeline.planning import plan_scenes
 
+        if not (gpus or dask_address or only_scenes) and _finished_from_index(
+                store, preset, config, num_scenes, images, trajectory, seed, video, poses):
+            return
         binding = _bind(store, "run", preset, config, num_scenes, images, trajectory, seed, video, poses,
                         plan=lambda cfg: plan_scenes(cfg, _log))
         name, over, cfg, records = binding.preset, binding.overrides, binding.config, binding.records
@@ -289,6 +318,7 @@ def run(
                      TimeElapsedColumn(), console=console, transient=False) as progress:
         bar = progress.add_task(f"{name}: {scenes} scene{'s' if scenes != 1 else ''}", total=len(units))
         work_thread(thread)
+        flow_called = time.time()
         thread.start()
         while thread.is_alive():
             thread.join(0.5)
@@ -305,6 +335,36 @@ def run(
     s = result["summary"]
     console.print(f"run {s['run_id']}: computed {s['computed']} stage units, reused {s['skipped']} "
                   f"in {s['finished_at'] - s['started_at']:.1f} s -> {store}")
+    console.print(run_time_line(command_started, flow_called, s["started_at"], s["finished_at"], time.time(),
+                                process_started()))
+
+
+def process_started() -> float | None:
+    """When this process started (epoch seconds, to about 1 s: /proc's boot time is whole seconds), or None."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration, AttributeError):
+        return None
+
+
+def run_time_line(command: float, flow_called: float, work_started: float, work_finished: float,
+                  ended: float, process: float | None = None) -> str:
+    """Where a `lyra run`'s wall time went (the flow's own scene work is only part of it): Python's start and the
+    CLI's import (from ``process``, the process start, when it is recent), input checks and imports before the
+    flow was called, Prefect's start (its local server, the flow's own checks and scene planning) before the
+    scene work, the scene work, Prefect's wrap-up (run records) after it."""
+    parts = [(flow_called - command, "checks and imports"),
+             (work_started - flow_called, "starting Prefect and the flow (its local server, input checks)"),
+             (work_finished - work_started, "scene work"), (ended - work_finished, "Prefect's wrap-up")]
+    first = command
+    if process is not None and 0 <= command - process < 300:  # not an embedded call in a long-lived process
+        parts.insert(0, (command - process, "starting Python and the CLI"))
+        first = process
+    return (f"{ended - first:.1f} s in all: "
+            + ", ".join(f"{max(seconds, 0.0):.1f} s {what}" for seconds, what in parts))
 
 
 def check_scene_ids(only_scenes: list[str] | None, records: list) -> None:
@@ -316,6 +376,44 @@ def check_scene_ids(only_scenes: list[str] | None, records: list) -> None:
     if unknown:
         raise LyraInputError(f"--scene: unknown scene id(s) {unknown} for this config; its scenes: "
                              f"{', '.join(known[:12])}{' ...' if len(known) > 12 else ''}")
+
+
+def _finished_from_index(store: str, preset: str | None, config_file: Path | None, num_scenes: int | None,
+                         images: Path | None, trajectory: Path | None, seed: int | None, video: Path | None,
+                         poses: Path | None) -> bool:
+    """``lyra run`` on a store whose manifest index stamps every scene of its list done under the plan this
+    config gives (``RunStore.index_completion``: nothing written to the manifest since): says "nothing to do"
+    from the index footer, without planning every scene's keys (1M scenes in about a second). Only for scene
+    lists that follow from the config alone (procedural, dynamic) and when the run would write nothing; anything
+    else (or any doubt) takes the planned way, which says the same or does the work."""
+    import hashlib
+
+    from lyra_pipeline.config import merge
+    from lyra_pipeline.stages import plan_fingerprint
+    from lyra_pipeline.store.dataset import DATASET_FILE, dataset_doc, read_dataset
+    from lyra_pipeline.store.runstore import store_exists
+
+    if not store_exists(store):
+        return False
+    file_preset, user = _overrides(config_file, num_scenes, images, trajectory, seed, video, poses)
+    st = RunStore(store, create=False)
+    stored = read_dataset(st)
+    if stored is None:
+        return False
+    name, over = preset or file_preset or stored.preset, merge(stored.overrides, user)
+    cfg, was = build_config(name, over, source=f"{DATASET_FILE} + options"), stored.config()
+    if cfg.scenes.source not in ("procedural", "dynamic") or (cfg.scenes, cfg.seed) != (was.scenes, was.seed):
+        return False
+    stamp = st.index_completion()
+    if stamp is None or stamp.get("scenes") != cfg.scenes.num_scenes or stamp.get("plan") != plan_fingerprint(cfg):
+        return False
+    prompts = st.read_file("prompts.parquet")
+    if prompts is None or hashlib.sha256(prompts).hexdigest() != stamp.get("prompts"):
+        return False
+    if st.read_file(DATASET_FILE) != dataset_doc(name, over, cfg.scenes.num_scenes):
+        return False  # the run would record another dataset: the planned way writes it
+    console.print(f"nothing to do: all {cfg.scenes.num_scenes} scenes are done under the current config -> {st.url}")
+    return True
 
 
 def _nothing_to_do(store: RunStore, name: str, over: dict[str, Any], cfg: RunConfig, records: list,
@@ -432,6 +530,8 @@ def evaluate(
     try:
         binding = _bind(store, "evaluate", preset, config, num_scenes, images, trajectory, seed, must_exist=True)
         name, over = binding.preset, binding.overrides
+        if checkpoint is not None and not checkpoint.is_file():
+            raise LyraError(f"{checkpoint}: decoder checkpoint not found")
         from flows.evaluate_dataset import evaluable_scenes
 
         evaluable_scenes(RunStore(store, create=False), binding.config, binding.records)  # none: one line, now
@@ -441,8 +541,6 @@ def evaluate(
     from flows.generate_dataset import PipelineFailed
 
     try:
-        if checkpoint is not None and not checkpoint.is_file():
-            raise LyraError(f"{checkpoint}: decoder checkpoint not found")
         with _interruptible("evaluation: units done stay done; the next `lyra evaluate` computes the rest"):
             summary = evaluate_dataset(store=store, preset=name, overrides=over,
                                        checkpoint=str(checkpoint.resolve()) if checkpoint else None,
@@ -507,28 +605,26 @@ def quality_rich_table(rows: list[dict[str, Any]]) -> Table:
 @app.command()
 def status(store: str = StoreOpt, failed: bool = typer.Option(False, "--failed", help="list failures")) -> None:
     """Per-stage counts (done / running / failed) from the manifest, and what the last run did."""
-    import pyarrow.compute as pc
-
     try:
         st = RunStore(store, create=False)
-        table = st.read_manifest(columns=["scene_id", "trajectory", "stage", "status", "error"])
+        summary = st.manifest_summary()  # from the index footer when the manifest is unchanged since it
         n_scenes = st.prompt_count()
+        bad = st.read_manifest(columns=["scene_id", "trajectory", "stage", "status", "error"],
+                               status="failed").to_pylist() if failed else []
     except LyraError as exc:
         _fail(exc)
     out_table = Table(title=f"{store}: {n_scenes} scenes")
     out_table.add_column("stage")
     statuses = ["done", "running"]
-    present_statuses = set(pc.unique(table["status"]).to_pylist()) if table.num_rows else set()
+    present_statuses = {status for _, _, status in summary}
     statuses += [s for s in ("interrupted", "damaged") if s in present_statuses]  # both pending: the next run redoes
     statuses.append("failed")
     for col in (*statuses, "units"):
         out_table.add_column(col, justify="right")
-    n_traj = len(set(pc.unique(table["trajectory"]).to_pylist()) - {""})  # trajectories recorded in the store
+    n_traj = len({t for t, _, _ in summary} - {""})  # trajectories recorded in the store
     counts = Counter()
-    if table.num_rows:
-        agg = table.group_by(["stage", "status"]).aggregate([("scene_id", "count")])
-        counts.update(dict(zip(zip(agg["stage"].to_pylist(), agg["status"].to_pylist(), strict=True),
-                               agg["scene_id_count"].to_pylist(), strict=True)))
+    for (_, stage, status), n in summary.items():
+        counts[(stage, status)] += n
     present = {stage for stage, _ in counts}
     stages = [*STAGES, *(s for s in EVAL_STAGES if s in present)]
     for stage in stages:
@@ -545,7 +641,6 @@ def status(store: str = StoreOpt, failed: bool = typer.Option(False, "--failed",
         else:
             out.print(f"last run {last['run_id']} ({last.get('preset')}): {last.get('status', 'did not finish')}")
     if failed:
-        bad = table.filter(pc.equal(table["status"], "failed")).to_pylist() if table.num_rows else []
         for r in bad:
             out.print(f"[red]FAILED[/] {r['scene_id']} {r['trajectory'] or '-'} {r['stage']}: {r['error']}")
         if not bad:
@@ -671,10 +766,8 @@ def stage(
 ) -> None:
     """Run one stage locally, in this process, without Prefect (for debugging)."""
     _setup_env()
-    from tasks.sdg import SCENE_TASKS
-
-    if name != "prompts" and name not in SCENE_TASKS:
-        _fail(LyraError(f"unknown stage {name!r}; expected one of: prompts, {', '.join(SCENE_TASKS)}"))
+    if name != "prompts" and name not in STAGES:  # tasks.sdg's SCENE_TASKS (Prefect, torch) loads once it is valid
+        _fail(LyraError(f"unknown stage {name!r}; expected one of: prompts, {', '.join(STAGES)}"))
     try:  # the store's own dataset; every check before the store is created or written
         from lyra_pipeline.stages import check_upstream
         from lyra_pipeline.store.dataset import record_dataset
@@ -693,6 +786,8 @@ def stage(
         if name == "prompts":
             console.print(f"{len(scenes)} scenes in {store}/prompts.parquet")
             return
+        from tasks.sdg import SCENE_TASKS
+
         fn = SCENE_TASKS[name].fn
         computed = skipped = 0
         with Progress(TextColumn(f"[bold]{name}[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -728,12 +823,12 @@ def train(
 ) -> None:
     """Distill the 3DGS decoder from the store's teacher videos (resumes; a finished run does nothing)."""
     _setup_env(verbose)
-    from flows.distill_decoder import distill_decoder
     from lyra_pipeline.distributed import torchrun_command
-    from lyra_pipeline.runner import check_world_size
-    from lyra_pipeline.training import build_train_config
+    from lyra_pipeline.train_config import build_train_config  # pydantic only: torch and Prefect load once it passed
 
     try:
+        RunStore(store, create=False)
+        torchrun_command([], nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint)  # validates the endpoint
         file_preset, over = load_config_file(config) if config else (None, {})
         name = file_preset or preset
         source = str(config or "command line")
@@ -750,9 +845,11 @@ def train(
         if batch is not None:
             over = {**over, "batch": batch}
         cfg = build_train_config(name, over, source=source)
+        from lyra_pipeline.runner import check_world_size
+
         check_world_size(nproc, nnodes, cfg.batch, "train.batch")
-        torchrun_command([], nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint)  # validates the endpoint
-        RunStore(store, create=False)
+        from flows.distill_decoder import distill_decoder
+
         with _interruptible("training stopped; the next `lyra train` resumes from its last checkpoint (the same "
                             "bytes as an uninterrupted run)"):
             summary = distill_decoder(store=store, preset=name, overrides=over, nproc=nproc, nnodes=nnodes,
@@ -787,12 +884,12 @@ def train_teacher_cmd(
     """Fine-tune the camera-conditioned teacher on an oracle store's exact pairs (resumes; a finished run does
     nothing); report it against the warp-only baseline on held-out scenes."""
     _setup_env(verbose)
-    from flows.train_teacher import train_teacher
     from lyra_pipeline.distributed import torchrun_command
-    from lyra_pipeline.runner import check_world_size
-    from lyra_pipeline.teacher_training import build_teacher_config
+    from lyra_pipeline.train_config import build_teacher_config  # pydantic only: torch and Prefect load once it passed
 
     try:
+        RunStore(store, create=False)
+        torchrun_command([], nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint)  # validates the endpoint
         file_preset, over = load_config_file(config) if config else (None, {})
         preset = file_preset or preset
         if steps is not None:
@@ -803,9 +900,11 @@ def train_teacher_cmd(
         if nproc * nnodes > cfg.streams and "streams" not in over:
             over = {**over, "streams": nproc * nnodes}  # one sampling stream per rank (names a run of its own)
             cfg = build_teacher_config(preset, over)
+        from lyra_pipeline.runner import check_world_size
+
         check_world_size(nproc, nnodes, cfg.streams, "teacher streams")
-        torchrun_command([], nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint)  # validates the endpoint
-        RunStore(store, create=False)
+        from flows.train_teacher import train_teacher
+
         with _interruptible("teacher training stopped; the next `lyra train-teacher` resumes from its last "
                             "checkpoint"):
             summary = train_teacher(store=store, preset=preset, overrides=over,
@@ -837,16 +936,12 @@ BackdropOpt = typer.Option("auto", "--backdrop", help="auto: bake the background
                            "training saw it (refinements need none); none: the scene's Gaussians only")
 
 
-def _count(res) -> str:
-    """'N Gaussians' of an export, saying how many of them are the backdrop."""
-    return f"{res.gaussians} Gaussians" + (f", {res.backdrop} of them the backdrop" if res.backdrop else "")
-
-
 @app.command("export-ply")
 def export_ply(
     scene: str = typer.Argument(..., help="scene id"),
     store: str = StoreOpt,
-    out: Path = typer.Option(None, "--out", help="PLY path (default: <scene>.ply)"),
+    out: Path = typer.Option(None, "--out", help="output path (default: <scene>.ply; --format usd: <scene>.usd, "
+                             ".usda or .usdc; usdz: <scene>.usdz; nurec: <scene>.nurec.usdz)"),
     checkpoint: Path = typer.Option(None, "--checkpoint", help="decoder model.safetensors (default: the store's "
                                     "newest finished training, else the decoder shipped with the package)"),
     html: bool = typer.Option(False, "--html", help="also write a self-contained HTML viewer (needs node/npx)"),
@@ -857,13 +952,58 @@ def export_ply(
     backdrop: str = BackdropOpt,
     times: str = typer.Option(None, "--times", help="dynamic scenes: a Gaussian sequence at these input frames, "
                               "'all' or e.g. 0,12,24: <out stem>_<frame>.ply each (SuperSplat plays numbered PLYs "
-                              "as an animation), <out stem>.sequence.json (`lyra view` plays it) and a PNG strip"),
+                              "as an animation), <out stem>.sequence.json (`lyra view` plays it) and a PNG strip; "
+                              "with --format usd/usdz one stage with a time sample per frame"),
+    fmt: str = typer.Option("ply", "--format", help="ply (3DGS PLY + PNG strip), usd or usdz (OpenUSD "
+                            "ParticleField3DGaussianSplat, Y-up metres; needs pip install 'lyra-pipeline\\[usd]'), "
+                            "nurec (the USDZ NVIDIA 3DGRUT writes for Isaac Sim 5.x)"),
 ) -> None:
-    """Decode a stored scene into 3D Gaussians: standard 3DGS PLY + a PNG strip (teacher above, render below)."""
+    """Decode a stored scene into 3D Gaussians: standard 3DGS PLY + a PNG strip (teacher above, render below), or
+    an OpenUSD stage (--format)."""
     _setup_env()
-    from lyra_pipeline.reconstruct import ExportOptions, export_scene, export_sequence
+    try:
+        _stored_scene(store, scene)
+    except LyraError as exc:
+        _fail(exc)
+    from lyra_pipeline.outputs import scene_export_key, up_to_date, up_to_date_lines
+
+    export_options = {"prune_ratio": prune_ratio, "min_opacity": min_opacity, "layout": layout,
+                      "smoothing": smoothing, "backdrop": backdrop}
+    # content-addressed: the same stored scene, decoder and options as the sidecar beside the PLY -> nothing to do
+    key, inputs = scene_export_key("export-ply", store, scene, checkpoint, export_options, html, times=times) \
+        if fmt == "ply" else (None, None)
+    done = up_to_date(out or Path(f"{scene}.ply"), key)
+    if done is not None:
+        for line in up_to_date_lines(out or Path(f"{scene}.ply"), done):
+            _log(line)
+        return
+    from lyra_pipeline.outputs import write_sidecar
+    from lyra_pipeline.reconstruct import ExportOptions, export_scene, export_sequence, export_summary, record_export
 
     try:
+        if fmt != "ply":
+            from rich.markup import escape
+
+            from lyra_pipeline.usd_export import export_scene_usd, usd_target
+
+            try:
+                if html:
+                    raise LyraInputError(f"--html: not available with --format {fmt} (the HTML viewer shows a PLY)")
+                target = check_new_file(usd_target(out, scene, fmt), "--out", usd_target(None, scene, fmt).name)
+                usd = export_scene_usd(store, scene, target, fmt, times=times, checkpoint=checkpoint, log=_log,
+                                       options=ExportOptions(prune_ratio, min_opacity, layout, smoothing, backdrop))
+            except LyraError as exc:  # escaped: rich would take the install hint's "[usd]" for markup
+                _fail(LyraError(escape(str(exc))))
+            for line in usd.fallbacks:
+                _log(line)
+            steps = (f"{len(usd.frames)} time samples (frames {usd.frames[0]}..{usd.frames[-1]}), "
+                     if usd.frames and len(usd.gaussians) > 1 else "")
+            counts = sorted(set(usd.gaussians))
+            console.print(f"wrote {usd.path} ({steps}{counts[0]}" + (f"-{counts[-1]}" if len(counts) > 1 else "")
+                          + " Gaussians"
+                          + (f", {usd.backdrop} of them the backdrop" if usd.backdrop else "")
+                          + f", decoder {usd.decoder})")
+            return
         target = check_new_file(out or Path(f"{scene}.ply"), "--out", f"{scene}.ply",
                                 () if times is not None else (".png", ".html"))
         if target.suffix.lower() != ".ply":
@@ -875,16 +1015,23 @@ def export_ply(
                                      "sequence with `lyra view <stem>.sequence.json` or drop the PLYs on SuperSplat")
             seq = export_sequence(store, scene, out or Path(f"{scene}.ply"), times=times, checkpoint=checkpoint,
                                   log=_log, options=options)
-            console.print(f"wrote {len(seq.plys)} PLYs ({seq.plys[0].name} .. {seq.plys[-1].name}, "
-                          f"{min(seq.gaussians)}-{max(seq.gaussians)} Gaussians each, decoder {seq.decoder}), "
-                          f"{seq.index}" + (f", {seq.strip}" if seq.strip else ""))
+            for line in seq.fallbacks:
+                _log(line)
+            summary = (f"wrote {len(seq.plys)} PLYs ({seq.plys[0].name} .. {seq.plys[-1].name}, "
+                       f"{min(seq.gaussians)}-{max(seq.gaussians)} Gaussians each"
+                       + (f", {seq.backdrop} of them the backdrop" if seq.backdrop else "") + f"), {seq.index}"
+                       + (f", {seq.strip}" if seq.strip else ""))
+            write_sidecar(out or Path(f"{scene}.ply"), key, inputs or {}, seq.files, list(seq.fallbacks), summary)
+            console.print(summary)
             return
         res = export_scene(store, scene, out or Path(f"{scene}.ply"), checkpoint=checkpoint, html=html, log=_log,
                            options=options)
+        record_export(res, key, inputs)
     except LyraError as exc:
         _fail(exc)
-    console.print(f"wrote {res.ply} ({_count(res)}, decoder {res.decoder})"
-                  + (f", {res.strip}" if res.strip else "") + (f", {res.html}" if res.html else ""))
+    for line in res.fallbacks:
+        _log(line)
+    console.print(export_summary(res))
 
 
 @app.command()
@@ -911,23 +1058,51 @@ def refine(
     """Optimise one stored scene's 3D Gaussians against its teacher frames (resumes; a finished one does
     nothing), then write the PLY (+ strip, + HTML) like export-ply."""
     _setup_env(verbose)
-    from flows.refine_scene import refine_scene
-    from lyra_pipeline.reconstruct import ExportOptions, refine_summary, resolve_decoder
+    try:  # the checks that need no torch, before it loads
+        if steps < 1:
+            raise LyraInputError(f"--steps: expected an integer >= 1, got {steps}")
+        if (out or Path(f"{scene}-refined.ply")).suffix.lower() != ".ply":
+            raise LyraInputError(f"{out}: --out must be a .ply path")
+        _stored_scene(store, scene)
+    except LyraError as exc:
+        _fail(exc)
+    from lyra_pipeline.outputs import scene_export_key, up_to_date, up_to_date_lines, write_sidecar
+
+    export_options = {"prune_ratio": prune_ratio, "min_opacity": min_opacity, "layout": layout,
+                      "smoothing": smoothing, "backdrop": backdrop}
+    # content-addressed: the same stored scene, decoder, refinement and export options -> nothing to do
+    key, inputs = scene_export_key("refine", store, scene, checkpoint, export_options, html,
+                                   decoder_needed=init != "rgbd",
+                                   refine={"steps": steps, "init": init, "background": background})
+    done = up_to_date(out or Path(f"{scene}-refined.ply"), key)
+    if done is not None:
+        for line in up_to_date_lines(out or Path(f"{scene}-refined.ply"), done):
+            _log(line)
+        return
+    from lyra_pipeline.reconstruct import (
+        ExportOptions,
+        fallback_summary,
+        refine_summary,
+        resolve_decoder,
+        scene_fallbacks,
+        scene_teacher,
+    )
     from lyra_pipeline.refine import RefineConfig
     from lyra_pipeline.training import scene_trajectories
 
     try:  # everything is checked before anything is written
-        if steps < 1:
-            raise LyraInputError(f"--steps: expected an integer >= 1, got {steps}")
         config = RefineConfig(steps=steps, init=init, background=background)
         ExportOptions(prune_ratio, min_opacity, layout, smoothing, backdrop)  # bad export options fail here
         target = out or Path(f"{scene}-refined.ply")
-        if target.suffix.lower() != ".ply":
-            raise LyraInputError(f"{target}: --out must be a .ply path")
         st = RunStore(store, create=False)
-        scene_trajectories(st, scene)
+        trajectories = scene_trajectories(st, scene)
         if config.init != "rgbd":
             resolve_decoder(st, checkpoint, _log)
+        fallbacks, teacher = scene_fallbacks(st, scene, trajectories), scene_teacher(st, scene, trajectories)
+        for line in fallbacks:  # what the teacher frames it fits were made with
+            _log(line)
+        from flows.refine_scene import refine_scene  # Prefect: once every input passed
+
         with _interruptible("refinement stopped; the next `lyra refine` resumes from its last checkpoint (the "
                             "same bytes as an uninterrupted run)"):
             result = refine_scene(scene=scene, store=store, steps=steps, init=init, background=background,
@@ -936,10 +1111,16 @@ def refine(
                                           "smoothing": smoothing, "backdrop": backdrop})
     except LyraError as exc:
         _fail(exc)
-    _log(refine_summary(result) + f"; {result['steps_computed']} steps computed now")
+    _log(refine_summary(result, teacher) + f"; {result['steps_computed']} steps computed now")
     ex = result["export"]
-    console.print(f"wrote {ex['ply']} ({ex['gaussians']} Gaussians)" + (f", {ex['strip']}" if ex["strip"] else "")
-                  + (f", {ex['html']}" if ex["html"] else ""))
+    summary = (f"wrote {ex['ply']} ({ex['gaussians']} Gaussians)" + (f", {ex['strip']}" if ex["strip"] else "")
+               + (f", {ex['html']}" if ex["html"] else "")
+               + (f"; fallbacks: {fallback_summary(fallbacks)}" if fallbacks else ""))
+    files = [Path(ex["ply"]), *(Path(ex[k]) for k in ("strip", "html") if ex[k])]
+    write_sidecar(ex["ply"], key, inputs or {}, files + ([Path(ex["ply"]).with_suffix(".viewer.json")] if ex["html"]
+                                                         else []), fallbacks, summary,
+                  refinement={"name": result["name"], "sha256": result["sha256"]})
+    console.print(summary)
 
 
 @app.command()
@@ -950,8 +1131,13 @@ def reconstruct(
                                "--text-to-image or --config's text_to_image)"),
     text_to_image: Path = typer.Option(None, "--text-to-image", help="local diffusers text-to-image pipeline folder "
                                        "for --prompt without --image (PixArt, SD3, FLUX, SDXL, Sana)"),
-    config: Path = typer.Option(None, "--config", help="YAML whose text_to_image section configures text to 3D "
-                                "(steps, guidance, device, dtype, model_path; e.g. configs/text_prompts.yaml)"),
+    config: Path = typer.Option(None, "--config", help="YAML whose depth and generator sections set the depth "
+                                "model and the video model (e.g. depth: {backend: transformers, model_path: DIR}; "
+                                "default: the planar depth prior and the warp_only teacher) and whose text_to_image "
+                                "section configures text to 3D (`lyra example-config text_prompts` prints one)"),
+    depth: Path = typer.Option(None, "--depth", help="depth map of --image: an (H,W) .npy of z-depth in metres or a "
+                               "16-bit PNG in millimetres, at the image's size or aspect ratio (default: "
+                               "IMAGE.depth.npy beside it, else --config's depth section, else the planar prior)"),
     checkpoint: str = typer.Option(None, "--checkpoint", help="decoder model.safetensors, or a store whose newest "
                                    "finished `lyra train` is used (default: --store's newest finished training, "
                                    "else the decoder shipped with the package)"),
@@ -969,9 +1155,39 @@ def reconstruct(
                                      "frames for this many steps (like `lyra refine`; resumable in OUT/store)"),
 ) -> None:
     """One image (or a text prompt) -> camera trajectories -> teacher videos -> decoder -> Gaussians (PLY) + a
-    rendered strip (+ an HTML viewer)."""
+    rendered strip (+ an HTML viewer). Content-addressed: with the same inputs and options as the finished run
+    that wrote OUT/<image>.ply (its OUT/<image>.export.json), nothing is computed or written."""
     _setup_env()
-    from lyra_pipeline.reconstruct import ExportOptions, reconstruct_image, reconstruct_text
+    from lyra_pipeline.config import load_config_file as _load_config
+    from lyra_pipeline.outputs import output_key, reconstruct_inputs, reconstruct_sections, up_to_date, up_to_date_lines
+
+    try:
+        tree = _load_config(config)[1] if config else {}
+        if depth is not None and image is None:
+            raise LyraInputError("--depth: a depth map goes with --image (text to 3D makes its own first frame)")
+        if image is None and prompt is None:
+            raise LyraInputError("reconstruct needs --image IMAGE or --prompt TEXT")
+        if image is not None and not image.is_file():  # the input and the text-to-image model: before torch loads
+            raise LyraInputError(f"{image}: image not found")
+        t2i = tree.get("text_to_image")
+        if image is None and prompt.strip() and text_to_image is None and (t2i is None or isinstance(t2i, dict)
+                                                                          and not t2i.get("model_path")):
+            raise LyraConfigError(f"reconstruct --prompt needs a text-to-image pipeline: {TEXT_TO_IMAGE_HELP}")
+    except LyraError as exc:
+        _fail(exc)
+    sections = reconstruct_sections(tree)
+    if image is not None and (refine_steps is None or refine_steps >= 1):  # checked before any heavy import
+        inputs = reconstruct_inputs(image, prompt=prompt, depth=depth, preset=preset, sections=sections,
+                                    checkpoint=checkpoint, store=store,
+                                    options={"prune_ratio": prune_ratio, "min_opacity": min_opacity, "layout": layout,
+                                             "smoothing": smoothing, "backdrop": backdrop},
+                                    refine={"steps": refine_steps} if refine_steps is not None else None, html=html)
+        done = up_to_date(out / f"{image.stem}.ply", output_key(inputs) if inputs is not None else None)
+        if done is not None:
+            for line in up_to_date_lines(out / f"{image.stem}.ply", done):
+                _log(line)
+            return
+    from lyra_pipeline.reconstruct import ExportOptions, export_summary, reconstruct_image, reconstruct_text
     from lyra_pipeline.refine import RefineConfig
 
     try:
@@ -980,14 +1196,14 @@ def reconstruct(
             raise LyraInputError(f"--refine: expected an integer >= 1 (optimiser steps), got {refine_steps}")
         refine_config = RefineConfig(steps=refine_steps) if refine_steps is not None else None
         common = {"checkpoint": checkpoint, "store": store, "preset": preset, "html": html, "log": _log,
-                  "options": options, "refine": refine_config}
+                  "options": options, "refine": refine_config, "sections": sections}
         stop = _interruptible("reconstruction stopped; run the same command again: finished stages and refinement "
                               "checkpoints are reused (the same bytes as an uninterrupted run)")
         if image is not None:
             with stop:
-                res = reconstruct_image(image, out, prompt=prompt, **common)
+                res = reconstruct_image(image, out, prompt=prompt, depth=depth, **common)
         elif prompt is not None:
-            settings = dict(load_config_file(config)[1].get("text_to_image", {})) if config else {}
+            settings = dict(tree.get("text_to_image", {}))
             if text_to_image is not None:
                 settings["model_path"] = str(text_to_image)
             with stop:
@@ -996,8 +1212,11 @@ def reconstruct(
             raise LyraInputError("reconstruct needs --image IMAGE or --prompt TEXT")
     except LyraError as exc:
         _fail(exc)
-    console.print(f"wrote {res.ply} ({_count(res)}, decoder {res.decoder}), {res.strip}"
-                  + (f", {res.html}" if res.html else ""))
+    if "up to date" in res.notes:
+        for line in up_to_date_lines(res.ply, {"made_with": res.fallbacks, "outputs": {p.name: "" for p in res.files}}):
+            _log(line)
+        return
+    console.print(export_summary(res))
 
 
 @app.command()
@@ -1008,9 +1227,12 @@ def report(
 ) -> None:
     """Self-contained HTML report: dataset metrics and plots, decoder training and validation, contact sheets."""
     _setup_env()
-    from lyra_pipeline.report import build_report
-
     try:
+        RunStore(store, create=False)  # checked before matplotlib and torch load
+        if out.exists() and not out.is_dir():
+            raise LyraInputError(f"{out}: --out is an existing file; expected an output folder (new or existing)")
+        from lyra_pipeline.report import build_report
+
         path = build_report(store, out, scenes=scenes)
     except LyraError as exc:
         _fail(exc)
@@ -1031,11 +1253,12 @@ def view(
     """Interactive 3D view in the browser (viser): Gaussians, camera trajectories as frustums, the input image; a
     time slider and play toggle for dynamic scenes and Gaussian sequences."""
     _setup_env()
-    from lyra_pipeline.viewer import check_address, start_viewer
-
     try:
+        kind = _view_target(target, store)  # before torch and viser load
+        from lyra_pipeline.viewer import check_address, start_viewer
+
         check_address(host, port)  # before any decoding: a bad port killed viser's thread and the process hung
-        if _view_target(target, store) == "file":
+        if kind == "file":
             server = start_viewer(ply=target, host=host, port=port)
         else:
             server = start_viewer(store=store, scene=target, checkpoint=checkpoint, host=host, port=port, log=_log)
@@ -1074,6 +1297,37 @@ def _view_target(target: str, store: str) -> str:
     else:
         where = f"nor a scene id ({why})"
     raise LyraInputError(f"{target}: {what}, {where}; expected {VIEW_TARGETS}")
+
+
+@app.command("example-config")
+def example_config(
+    name: str = typer.Argument(None, help="an example, e.g. text_prompts, wan_local, lyra_compat, train/fuse "
+                               "(without it: the list)"),
+    out: Path = typer.Option(None, "--out", help="write it to this new .yaml file instead of printing it"),
+) -> None:
+    """The example config files shipped with the package: list them, print one, or write it (--out) to edit and
+    pass as --config."""
+    from lyra_pipeline.example_configs import example_names, example_summary, example_text
+
+    try:
+        if name is None:
+            for example in example_names():
+                sys.stdout.write(f"{example:<18} {example_summary(example)}\n")  # (``out`` is the path here)
+            return
+        text = example_text(name)
+        if out is not None:
+            check_new_file(out, "--out", f"{name.rsplit('/', 1)[-1].removesuffix('.yaml')}.yaml")
+            if out.suffix.lower() not in (".yaml", ".yml"):
+                raise LyraInputError(f"{out}: --out must end in .yaml or .yml")
+            if out.exists():
+                raise LyraInputError(f"{out}: exists; choose another --out (nothing is overwritten)")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text, encoding="utf-8")
+            console.print(f"wrote {out}; pass it as --config {out}", markup=False, highlight=False)
+            return
+    except LyraError as exc:
+        _fail(exc)
+    sys.stdout.write(text)
 
 
 server_app = typer.Typer(help="A Prefect server on PostgreSQL (production-like; `lyra run` needs none).")

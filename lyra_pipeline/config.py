@@ -43,6 +43,12 @@ class TextToImageConfig(Section):
     max_text_tokens: int = Field(300, ge=1)
 
 
+# What text to 3D needs, named in `lyra reconstruct --prompt`'s error (before torch loads) and its help
+TEXT_TO_IMAGE_HELP = ("pass --text-to-image DIR (a local diffusers text-to-image pipeline folder: PixArt, SD3, FLUX, "
+                      "SDXL or Sana) or --config FILE with a text_to_image section (`lyra example-config "
+                      "text_prompts --out FILE` writes one to edit)")
+
+
 class VideoConfig(Section):
     """Video format. Frames and size follow the latent grid: T = 8k+1 frames (8x temporal compression, causal
     first frame) and H, W multiples of 16 (8x spatial compression, then the decoder's 2x2 patches)."""
@@ -80,9 +86,10 @@ class TrajectoryConfig(Section):
     lookat: Literal["textbook", "lyra"] = "textbook"
     custom: str | None = None  # .npz/.json path; replaces `names` with a single trajectory named "custom"
     pose_scale: float = Field(1.0, gt=0)
-    # Which frames of a custom path are kept: "clip" (its first video.num_frames), "all", N (N evenly spaced
-    # frames) or "stride K" (every K-th); a count that is not 8k+1 holds the last pose to the next 8k+1.
-    frames: str | int = "clip"
+    # Which frames of a custom path are kept: "all" (the path as given, the default), "clip" (its first
+    # video.num_frames), N (N evenly spaced frames) or "stride K" (every K-th); a count that is not 8k+1 holds the
+    # last pose to the next 8k+1. Lyra's named paths have video.num_frames frames whatever this says.
+    frames: str | int = "all"
 
     @field_validator("frames")
     @classmethod

@@ -1,4 +1,7 @@
-"""Reading user inputs (image folders, images, depth maps) with errors that name the file and the problem."""
+"""Reading user inputs (image folders, images, depth maps) with errors that name the file and the problem.
+
+torch loads only once an image has decoded (a missing folder or a broken file is named without it: `lyra run`
+checks its inputs before the heavy imports)."""
 
 from __future__ import annotations
 
@@ -6,17 +9,18 @@ import hashlib
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from lyra_ops.depth import check_user_depth
 from lyra_ops.errors import LyraInputError
-from lyra_ops.images import cover_crop, cover_crop_geometry, cover_crop_resize
 from lyra_ops.prompts import SceneRecord
 from lyra_ops.seeding import derive_seed
 from lyra_pipeline.storage import validate_scene_id
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -105,6 +109,10 @@ def load_image(path: str | Path, height: int, width: int, *, expected_sha: str |
     if rgb.shape[0] < 8 or rgb.shape[1] < 8:
         raise LyraInputError(f"{p}: image is {rgb.shape[1]}x{rgb.shape[0]} pixels; expected at least 8x8")
     _warn_small_crop(p, hashlib.sha256(data).hexdigest(), rgb.shape[0], rgb.shape[1], height, width)
+    import torch
+
+    from lyra_ops.images import cover_crop_resize
+
     image = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255.0
     return cover_crop_resize(image, height, width)
 
@@ -115,6 +123,8 @@ _WARNED_CROP: set[tuple[str, int, int]] = set()
 
 def crop_kept_fraction(src_h: int, src_w: int, height: int, width: int) -> float:
     """The share of a src_h x src_w image that the cover crop to height x width keeps (1 at the same aspect)."""
+    from lyra_ops.images import cover_crop_geometry
+
     new_h, new_w, _, _ = cover_crop_geometry(src_h, src_w, height, width)
     return (height * width) / (new_h * new_w)
 
@@ -126,6 +136,8 @@ def _warn_small_crop(path: Path, sha: str, src_h: int, src_w: int, height: int, 
     if kept >= MIN_CROP_KEPT or (sha, height, width) in _WARNED_CROP:
         return
     _WARNED_CROP.add((sha, height, width))
+    from lyra_ops.images import cover_crop_geometry
+
     new_h, new_w, _, _ = cover_crop_geometry(src_h, src_w, height, width)
     g = math.gcd(width, height)
     log.warning("%s: the %dx%d image is cover-cropped to the %dx%d video frame, which keeps only %.1f%% of it "
@@ -157,6 +169,11 @@ def load_depth_file(path: str | Path, height: int, width: int) -> torch.Tensor:
     except Exception:  # noqa: BLE001 - numpy's own text may suggest a pickle load: never offered
         raise LyraInputError(f"{p}: cannot read depth: not a valid .npy file of numbers; expected an (H,W) float "
                              "array of metric z-depth (numpy.save)") from None
+    import torch
+
+    from lyra_ops.depth import check_user_depth
+    from lyra_ops.images import cover_crop
+
     depth = torch.from_numpy(np.asarray(arr, dtype=np.float32))
     check_user_depth(depth, source=str(p))
     return cover_crop(depth[None], height, width, mode="nearest")[0].contiguous()

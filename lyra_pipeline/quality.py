@@ -60,22 +60,24 @@ from lyra_pipeline.training import ViewCache, index_dataset, procedural_world, s
 
 log = logging.getLogger(__name__)
 
-PATH, HELD_OUT = "path", "held_out"
-SPLITS = (PATH, HELD_OUT)
+PATH, HELD_OUT, INPUT = "path", "held_out", "input"
+SPLITS = (PATH, HELD_OUT, INPUT)
 CHEAP_METHODS = ("flat", "rgbd", "ceiling", "decoder")
 OPTIMIZED_METHODS = ("optimized_300", "optimized_1000")
 METHODS = ("flat", "rgbd", "ceiling", *OPTIMIZED_METHODS, "decoder")
 _OPTIMIZED = re.compile(r"^optimized_([1-9][0-9]*)$")
-# Per-row metrics (NaN where they do not apply: teacher scores on held-out cameras, seen-pixel PSNR on paths,
-# LPIPS without a local LPIPS module). Summaries leave out a metric that is NaN everywhere.
-METRICS = ("psnr", "ssim", "lpips", "psnr_seen", "psnr_teacher", "ssim_teacher", "lpips_teacher", "depth_absrel")
+# Per-row metrics (NaN where they do not apply: teacher scores off the paths, seen / unseen PSNR of a view with
+# no such pixel, LPIPS without a local LPIPS module). Summaries leave out a metric that is NaN everywhere.
+METRICS = ("psnr", "ssim", "lpips", "psnr_seen", "psnr_unseen", "psnr_teacher", "ssim_teacher", "lpips_teacher",
+           "depth_absrel")
 TIMINGS = ("build_seconds", "render_seconds")
 
 QUALITY_SCHEMA = pa.schema([
     ("model_sha256", pa.string()), ("scene_id", pa.string()), ("split", pa.string()), ("trajectory", pa.string()),
     ("frame", pa.int32()), ("method", pa.string()),
     ("psnr", pa.float64()), ("ssim", pa.float64()), ("lpips", pa.float64()), ("psnr_seen", pa.float64()),
-    ("seen_fraction", pa.float64()), ("psnr_teacher", pa.float64()), ("ssim_teacher", pa.float64()),
+    ("psnr_unseen", pa.float64()), ("seen_fraction", pa.float64()), ("psnr_teacher", pa.float64()),
+    ("ssim_teacher", pa.float64()),
     ("lpips_teacher", pa.float64()), ("depth_absrel", pa.float64()), ("plane_depth_absrel", pa.float64()),
     ("gaussians", pa.int64()), ("build_seconds", pa.float64()), ("render_seconds", pa.float64()),
 ])  # fmt: skip
@@ -89,8 +91,10 @@ class QualitySettings:
     ``derive_seed(seed, "held-out-cameras", scene_id)``, within ``max_angle_deg`` yaw/pitch of the input
     camera, their centres inside the trajectories' box widened by ``held_out_margin`` of its size, kept
     ``room_margin`` world units inside the room's walls and reachable from the input camera in a straight line
-    (never inside an object). ``seen_tol``: relative depth agreement of :func:`seen_mask`, over every
-    ``seen_frame_stride``-th frame of every trajectory (1: all input frames). Optimisation (``optimized_<N>``
+    (never inside an object). ``seen_tol``: relative depth agreement of :func:`seen_mask`: a target pixel is
+    *seen* when its surface projects into the input frame (the image the scene is built from) within that
+    fraction of the input's exact depth there; every split scores seen and unseen pixels apart (what the input
+    shows exactly against what any method must invent). Optimisation (``optimized_<N>``
     methods): one run of max(N) steps on the teacher frames of every ``optimize_frame_stride``-th frame of each
     trajectory (frame 0 once) with the exact depths as SSI depth targets (weight 0.2), snapshots after each N
     (so ``optimized_300`` is step 300 of the longer run's schedule, not a separately scheduled 300-step run);
@@ -108,7 +112,6 @@ class QualitySettings:
     held_out_margin: float = 0.25
     room_margin: float = 0.3
     seen_tol: float = 0.02
-    seen_frame_stride: int = 1
     optimize_frame_stride: int = 2
     optimize_init_points: int = 20_000
     optimize_max_gaussians: int = 60_000
@@ -121,7 +124,7 @@ class QualitySettings:
         if self.background not in BACKGROUNDS:
             raise LyraConfigError(f"QualitySettings.background must be one of {', '.join(BACKGROUNDS)}, "
                                   f"got {self.background!r}")
-        for name in ("path_stride", "held_out_views", "seen_frame_stride", "optimize_frame_stride",
+        for name in ("path_stride", "held_out_views", "optimize_frame_stride",
                      "optimize_init_points", "optimize_max_gaussians", "views_per_chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "held_out_views" else 1):
@@ -134,7 +137,7 @@ class QualitySettings:
 @dataclass(frozen=True)
 class Targets:
     """The views one split scores: cameras, exact 8-bit ground truth and depth, teacher frames (path split) and
-    seen-pixel masks (held-out split)."""
+    the masks of the pixels the input frame saw (:func:`seen_by_input`)."""
 
     split: str
     trajectory: list[str]
@@ -353,7 +356,7 @@ def load_scene_inputs(store: RunStore, scene_id: str, trajectories: Sequence[str
                        first.K[0], first.c2w[0], world)
 
 
-def path_targets(inputs: SceneInputs, stride: int) -> Targets:
+def path_targets(inputs: SceneInputs, stride: int, tol: float = 0.02) -> Targets:
     """Every ``stride``-th frame of each trajectory with its exact render (quantised) and its teacher frame."""
     traj, frame, c2w, ks, gt, depth, teacher = [], [], [], [], [], [], []
     for name, view, rgb, dep in zip(inputs.trajectories, inputs.views, inputs.exact_rgb, inputs.exact_depth,
@@ -368,11 +371,31 @@ def path_targets(inputs: SceneInputs, stride: int) -> Targets:
         teacher.append(from_uint8(view.frames[picks]))
     first = inputs.views[0].cameras
     cams = Cameras(torch.cat(c2w), torch.cat(ks), first.height, first.width)
-    return Targets(PATH, traj, frame, cams, torch.cat(gt), torch.cat(depth), teacher=torch.cat(teacher))
+    depth = torch.cat(depth)
+    return Targets(PATH, traj, frame, cams, torch.cat(gt), depth, teacher=torch.cat(teacher),
+                   seen=seen_by_input(inputs, cams, depth, tol))
+
+
+def input_targets(inputs: SceneInputs, tol: float) -> Targets:
+    """The input camera itself (frame 0 of the first trajectory): what the input shows, re-rendered."""
+    view = inputs.views[0]
+    cams = view.cameras[0]
+    depth = inputs.exact_depth[0][:1]
+    gt = from_uint8(to_uint8(inputs.exact_rgb[0][:1]))
+    return Targets(INPUT, [inputs.trajectories[0]], [0], cams, gt, depth, teacher=from_uint8(view.frames[:1]),
+                   seen=seen_by_input(inputs, cams, depth, tol))
+
+
+def seen_by_input(inputs: SceneInputs, cams: Cameras, depth: torch.Tensor, tol: float) -> torch.Tensor:
+    """(N,1,H,W) bool: the target pixels (exact z-depth ``depth`` (N,1,H,W) at ``cams``) whose surface the input
+    frame saw (:func:`lyra_ops.baselines.seen_mask` against the input's exact depth, relative tolerance ``tol``)."""
+    in_depth, in_k, in_c2w = inputs.input_depth[None], inputs.input_K[None], inputs.input_c2w[None]
+    return torch.stack([seen_mask(depth[i, 0], cams.K[i], cams.c2w[i], in_depth, in_k, in_c2w, tol)
+                        for i in range(len(cams))])[:, None]
 
 
 def held_out_targets(inputs: SceneInputs, settings: QualitySettings) -> Targets:
-    """:func:`held_out_cameras` for the scene, rendered exactly, with their seen-pixel masks."""
+    """:func:`held_out_cameras` for the scene, rendered exactly, with the masks of what the input saw."""
     world = inputs.world
     first = inputs.views[0].cameras
     all_c2w = torch.cat([v.cameras.c2w for v in inputs.views])
@@ -389,16 +412,7 @@ def held_out_targets(inputs: SceneInputs, settings: QualitySettings) -> Targets:
                             settings.held_out_views, gen, margin=settings.held_out_margin,
                             max_angle_deg=settings.max_angle_deg, bounds=(lo, hi), accept=reachable)
     render = world.render(cams.c2w, cams.K, cams.height, cams.width)
-    # Input frames: every seen_frame_stride-th frame of each trajectory, frame 0 (shared by all paths) once.
-    picks = [list(range(0 if i == 0 else 1, int(v.frames.shape[0]), settings.seen_frame_stride))
-             for i, v in enumerate(inputs.views)]
-    in_depth = torch.cat([d[p] for d, p in zip(inputs.exact_depth, picks, strict=True)])
-    in_c2w = torch.cat([v.cameras.c2w[p] for v, p in zip(inputs.views, picks, strict=True)])
-    in_k = torch.cat([v.cameras.K[p] for v, p in zip(inputs.views, picks, strict=True)])
-    seen = torch.stack([
-        seen_mask(render.depth[i, 0], cams.K[i], cams.c2w[i], in_depth, in_k, in_c2w, settings.seen_tol)
-        for i in range(len(cams))
-    ])[:, None]  # fmt: skip
+    seen = seen_by_input(inputs, cams, render.depth, settings.seen_tol)
     n = len(cams)
     return Targets(HELD_OUT, [HELD_OUT] * n, list(range(n)), cams, from_uint8(to_uint8(render.rgb)), render.depth,
                    seen=seen)
@@ -433,15 +447,18 @@ def score_rows(scene_id: str, method: str, targets: Targets, result: MethodResul
         p_t = psnr(out.rgb, targets.teacher).tolist()
         s_t = _chunked(_ssim, out.rgb, targets.teacher)
         l_t = _chunked(lpips, out.rgb, targets.teacher) if lpips is not None else nan
-    p_seen, frac = nan, nan
+    p_seen, p_unseen, frac = nan, nan, nan
     if targets.seen is not None:
-        p_seen = psnr(out.rgb, targets.gt, targets.seen).tolist()
-        frac = targets.seen.flatten(1).float().mean(dim=1).tolist()
+        seen = targets.seen.flatten(1)
+        frac = seen.float().mean(dim=1).tolist()
+        p_seen = psnr(out.rgb, targets.gt, targets.seen).tolist()  # NaN for a view with no such pixel
+        p_unseen = psnr(out.rgb, targets.gt, ~targets.seen).tolist()
     d = depth_absrel(out.depth, targets.depth, out.alpha).tolist()
     return [{
         "model_sha256": sha, "scene_id": scene_id, "split": targets.split, "trajectory": targets.trajectory[i],
         "frame": targets.frame[i], "method": method, "psnr": p[i], "ssim": s[i], "lpips": lp[i],
-        "psnr_seen": p_seen[i], "seen_fraction": frac[i], "psnr_teacher": p_t[i], "ssim_teacher": s_t[i],
+        "psnr_seen": p_seen[i], "psnr_unseen": p_unseen[i], "seen_fraction": frac[i], "psnr_teacher": p_t[i],
+        "ssim_teacher": s_t[i],
         "lpips_teacher": l_t[i], "depth_absrel": d[i], "plane_depth_absrel": float(plane[i]),
         "gaussians": result.gaussians, "build_seconds": result.build_seconds, "render_seconds": result.render_seconds,
     } for i in range(n)]  # fmt: skip
@@ -478,9 +495,10 @@ def scene_quality_rows(
     views = views or ViewCache(store, size=len(trajs))
     t0 = time.perf_counter()
     inputs = load_scene_inputs(store, scene_id, trajs, views, world)
-    targets = [path_targets(inputs, settings.path_stride)]
+    targets = [path_targets(inputs, settings.path_stride, settings.seen_tol)]
     if settings.held_out_views:
         targets.append(held_out_targets(inputs, settings))
+    targets.append(input_targets(inputs, settings.seen_tol))
     log.info("quality %s: exact renders and targets in %.1f s", scene_id, time.perf_counter() - t0)
     planes = {t.split: plane_depth(t.depth, inputs.input_depth) for t in targets}
     builders = gaussian_builders(inputs, model, views)
@@ -569,7 +587,7 @@ def summarize_quality(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-TABLE_METRICS = ("psnr", "ssim", "lpips", "depth_absrel", "psnr_seen", "psnr_teacher")
+TABLE_METRICS = ("psnr", "ssim", "lpips", "depth_absrel", "psnr_seen", "psnr_unseen", "psnr_teacher")
 
 
 def quality_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -12,13 +12,17 @@ Which decoder (:func:`load_decoder`): an explicit checkpoint wins; else the stor
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import html as html_text
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -64,6 +68,94 @@ class ExportResult:
     decoder: str
     html: Path | None = None
     backdrop: int = 0  # how many of ``gaussians`` form the backdrop (ExportOptions.backdrop)
+    fallbacks: tuple[str, ...] = ()  # one line per stand-in that made the scene (:func:`scene_fallbacks`)
+    settings: Path | None = None  # the HTML viewer's settings (<stem>.viewer.json)
+    notes: tuple[str, ...] = field(default_factory=tuple)  # what was reused (reconstruct)
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file the export wrote."""
+        return [p for p in (self.ply, self.strip, self.settings, self.html) if p is not None]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Stand-ins: what made a scene when no depth or video model did (said where it happens, in the summary, in the
+# export's sidecar JSON and the HTML viewer's title)
+# ------------------------------------------------------------------------------------------------------------
+
+DEPTH_ADVICE = ("set depth.backend: transformers with a local model folder, or put NAME.depth.npy beside the image, "
+                "or pass --depth FILE")
+GENERATOR_ADVICE = ("configure a local video model (generator.backend: diffusers or tiny in --config FILE; README "
+                    "\"Real checkpoints\")")
+DEPTH_PRIORS = {"planar": "planar prior", "constant": "constant plane"}
+# the labels the depth stage stores (lyra_ops.depth) -> backend
+DEPTH_PRIOR_LABELS = {"ground-plane prior": "planar", "constant plane": "constant"}
+
+
+def depth_fallback(backend: str) -> str | None:
+    """One line when ``backend`` is a depth prior (no depth model), else None."""
+    if backend not in DEPTH_PRIORS:
+        return None
+    return f"depth: {DEPTH_PRIORS[backend]}: the same geometry for every image; {DEPTH_ADVICE}"
+
+
+def generator_fallback(backend: str) -> str | None:
+    """One line when ``backend`` is the ``warp_only`` baseline (no video model), else None."""
+    if backend != "warp_only":
+        return None
+    return ("generator: warp_only: what the image does not show is filled by push-pull, not generated; "
+            f"{GENERATOR_ADVICE}")
+
+
+def config_fallbacks(config: RunConfig) -> list[str]:
+    """The stand-in lines of a scene config (one per fallback: depth prior, warp_only teacher)."""
+    return [line for line in (depth_fallback(config.depth.backend), generator_fallback(config.generator.backend))
+            if line is not None]
+
+
+def scene_teacher(store: RunStore, scene_id: str, trajectories: list[str]) -> str | None:
+    """The generator that made a stored scene's teacher frames (the ``generator`` attribute the generate stage
+    records), None when unrecorded; several: joined with '+'."""
+    names = set()
+    for name in trajectories:
+        try:
+            names.add(str(store.scene_group(scene_id)[f"trajectories/{name}/teacher/rgb"].attrs["generator"]))
+        except Exception:  # noqa: BLE001 - an older store or another layout: unknown, never an error
+            continue
+    return "+".join(sorted(names)) or None
+
+
+def scene_fallbacks(store: RunStore, scene_id: str, trajectories: list[str]) -> list[str]:
+    """The stand-in lines of a stored scene, from what its stages recorded (the depth's label, the teacher's
+    generator)."""
+    lines = []
+    try:
+        label = str(store.scene_group(scene_id)["depth/depth"].attrs.get("label", ""))
+    except Exception:  # noqa: BLE001 - no first-frame depth array (e.g. a dynamic scene): nothing to say
+        label = ""
+    for prefix, backend in DEPTH_PRIOR_LABELS.items():
+        if label.startswith(prefix):
+            lines.append(depth_fallback(backend))
+    teacher = scene_teacher(store, scene_id, trajectories) or ""
+    if "warp_only" in teacher.split("+"):
+        lines.append(generator_fallback("warp_only"))
+    return lines
+
+
+def fallback_summary(lines: list[str] | tuple[str, ...]) -> str:
+    """'depth planar prior, generator warp_only' from the stand-in lines ('' for none)."""
+    return ", ".join(" ".join(part.strip() for part in line.split(":")[:2]) for line in lines)
+
+
+def teacher_phrase(teacher: str | None) -> str:
+    """What refinement PSNR is measured against, for the summary line."""
+    if teacher == "warp_only":
+        return "the warp_only re-projections (not ground truth)"
+    if teacher == "oracle":
+        return "the oracle's exact renders"
+    if teacher:
+        return f"the {teacher} teacher frames (generated, not ground truth)"
+    return "the teacher frames (not ground truth)"
 
 
 def trained_decoder(store: RunStore) -> tuple[LatentGaussianDecoder, str]:
@@ -216,7 +308,8 @@ def write_scene(model: LatentGaussianDecoder, source: str, store: RunStore, scen
     """Decode ``scene_id`` with ``model`` and write the PLY (+ strip, + HTML) of the Gaussians ``options`` keep."""
     gaussians, views, trajectories = decode_scene(model, store, scene_id)
     return write_gaussians(gaussians, source, views, scene_id, trajectories, out, background=model.config.background,
-                           trained_over=model.config.background, html=html, strip=strip, options=options)
+                           trained_over=model.config.background, html=html, strip=strip, options=options,
+                           fallbacks=scene_fallbacks(store, scene_id, trajectories))
 
 
 def with_backdrop(gaussians: Gaussians, centre: torch.Tensor, colour: torch.Tensor | None) -> Gaussians:
@@ -244,11 +337,13 @@ def export_ready(gaussians: Gaussians, options: ExportOptions, cameras, frame: i
 
 def write_gaussians(gaussians: Gaussians, source: str, views: ViewCache, scene_id: str, trajectories: list[str],
                     out: Path, *, background: str = "input_mean", trained_over: str | None = None,
-                    html: bool = False, strip: bool = True, options: ExportOptions | None = None) -> ExportResult:
+                    html: bool = False, strip: bool = True, options: ExportOptions | None = None,
+                    fallbacks: list[str] | tuple[str, ...] = ()) -> ExportResult:
     """Write the Gaussians ``options`` keep as a PLY at ``out`` (+ the strip along the scene's trajectories, + the
     HTML viewer opening at the input camera over ``background``: ``white`` or ``input_mean``). ``trained_over``:
     the background the Gaussians were fitted over (:data:`lyra_ops.decoder.BACKGROUNDS`), baked in as a backdrop
-    when ``options.backdrop`` is ``auto``; None (random backgrounds): no backdrop."""
+    when ``options.backdrop`` is ``auto``; None (random backgrounds): no backdrop. ``fallbacks``: the scene's
+    stand-in lines (:func:`scene_fallbacks`), named in the HTML viewer's title."""
     options = options or ExportOptions()
     first = views.get(scene_id, trajectories[0])
     gaussians, backdrop = export_ready(gaussians, options, first.cameras, 0, first.frames[0], trained_over)
@@ -266,8 +361,10 @@ def write_gaussians(gaussians: Gaussians, source: str, views: ViewCache, scene_i
                                    tuple(colour.tolist()) if colour is not None else (1.0, 1.0, 1.0))
         settings_path = out.with_suffix(".viewer.json")
         settings_path.write_text(json.dumps(settings, indent=1))
-        html_path = splat_transform(out, out.with_suffix(".html"), "-E", str(settings_path))
-    return ExportResult(out, strip_path, gaussians.num, source, html_path, backdrop)
+        html_path = write_viewer_html(out, out.with_suffix(".html"), settings_path,
+                                      viewer_title(scene_id, out, fallbacks))
+    return ExportResult(out, strip_path, gaussians.num, source, html_path, backdrop, tuple(fallbacks),
+                        out.with_suffix(".viewer.json") if html else None)
 
 
 def export_refined(store: RunStore, scene_id: str, name: str, out: str | Path, *, html: bool = False,
@@ -284,7 +381,8 @@ def export_refined(store: RunStore, scene_id: str, name: str, out: str | Path, *
     source = f"refined {plan.config.steps} steps from {plan.init} ({name})"
     trained_over = None if plan.config.background == "random" else plan.config.background
     return write_gaussians(gaussians, source, views, scene_id, plan.trajectories, out, trained_over=trained_over,
-                           html=html, strip=strip, options=options)
+                           html=html, strip=strip, options=options,
+                           fallbacks=scene_fallbacks(store, scene_id, plan.trajectories))
 
 
 @dataclass(frozen=True)
@@ -294,6 +392,12 @@ class SequenceResult:
     strip: Path | None
     gaussians: list[int]
     decoder: str
+    backdrop: int = 0  # how many of each step's Gaussians form the backdrop (ExportOptions.backdrop)
+    fallbacks: tuple[str, ...] = ()
+
+    @property
+    def files(self) -> list[Path]:
+        return [*self.plys, self.index, *([self.strip] if self.strip else [])]
 
 
 def parse_frames(text: str, count: int) -> list[int]:
@@ -340,23 +444,26 @@ def export_sequence(store_url: str, scene_id: str, out: str | Path, *, times: st
     sequence, views, stamps = decode_sequence(model, store, scene_id, frames)
     input_view, _ = views.input_view(scene_id)
     out.parent.mkdir(parents=True, exist_ok=True)
-    entries, plys, kept = [], [], []
+    entries, plys, kept, backdrop = [], [], [], 0
     for frame, gaussians in zip(frames, sequence, strict=True):
-        g, _ = export_ready(gaussians, options, input_view.cameras, frame, input_view.frames[frame],
-                            model.config.background)
+        g, backdrop = export_ready(gaussians, options, input_view.cameras, frame, input_view.frames[frame],
+                                   model.config.background)
         path = out.with_name(f"{out.stem}_{frame:04d}.ply")
         g.to_ply(path, layout=options.layout)
         plys.append(path)
         kept.append(g)
-        entries.append({"frame": frame, "time": float(stamps[frame]), "file": path.name, "gaussians": g.num})
+        entries.append({"frame": frame, "time": float(stamps[frame]), "file": path.name, "gaussians": g.num,
+                        "backdrop": backdrop})
+    fallbacks = scene_fallbacks(store, scene_id, scene_trajectories(store, scene_id))
     index = out.with_name(f"{out.stem}.sequence.json")
     index.write_text(json.dumps({"scene": scene_id, "decoder": source, "fps": fps, "layout": options.layout,
-                                 "frames": entries}, indent=1))
+                                 "made_with": fallbacks, "frames": entries}, indent=1))
     strip_path = None
     if strip:
         strip_path = out.with_name(f"{out.stem}_sequence.png")
         sequence_strip(kept, frames, input_view, model.config.background).save(strip_path)
-    return SequenceResult(index, plys, strip_path, [e["gaussians"] for e in entries], source)
+    return SequenceResult(index, plys, strip_path, [e["gaussians"] for e in entries], source, backdrop,
+                          tuple(fallbacks))
 
 
 def sequence_strip(sequence: list[Gaussians], frames: list[int], input_view, background: str = "input_mean",
@@ -410,31 +517,164 @@ def viewer_settings(c2w: torch.Tensor, K: torch.Tensor, height: int, width: int,
 def reconstruct_image(image: str | Path, out_dir: str | Path, *, prompt: str | None = None,
                       checkpoint: str | Path | None = None, store: str | None = None, preset: str = "default",
                       html: bool = False, log: Log | None = None, options: ExportOptions | None = None,
-                      refine: RefineConfig | None = None) -> ExportResult:
+                      refine: RefineConfig | None = None, depth: str | Path | None = None,
+                      sections: dict | None = None) -> ExportResult:
     """One image -> trajectories -> teacher videos -> latents (SDG stages in-process) -> decoder -> PLY + strip.
 
     The image and its prompt are copied into ``<out_dir>/input/``; the generated scene goes to
     ``<out_dir>/store``. The decoder: ``checkpoint`` (a model.safetensors file or a store with a finished
     training), else ``store``'s newest finished training (skipped when it is not a store or has none), else the
     shipped package decoder; it is loaded before anything is written, and ``log`` gets one ``decoder: ...`` line.
-    Depth is the ``planar`` prior and the teacher the ``warp_only`` baseline (no video or depth model is needed).
-    ``refine``: also optimise the scene's Gaussians against its teacher frames (:mod:`lyra_pipeline.refine`,
-    resumable in ``<out_dir>/store``) and export the refined ones instead of the decoder's.
+    Depth: ``depth`` (a depth map file, :func:`read_depth_file`), else ``NAME.depth.npy`` beside the image, else
+    ``sections["depth"]`` (a --config file's ``depth`` section, e.g. a transformers model), else the ``planar``
+    prior; the teacher: ``sections["generator"]``, else the ``warp_only`` baseline. Each stand-in (prior,
+    baseline) is logged in one line before the scene is generated and named in the summary, the sidecar and the
+    HTML title. ``refine``: also optimise the scene's Gaussians against its teacher frames
+    (:mod:`lyra_pipeline.refine`, resumable in ``<out_dir>/store``) and export the refined ones instead of the
+    decoder's. Content-addressed (:mod:`lyra_pipeline.outputs`): when ``<scene>.export.json`` records the same
+    inputs and its files are unchanged, nothing is computed or written (``notes``: ``up to date``).
     """
     from lyra_pipeline.inputs import load_image
+    from lyra_pipeline.outputs import depth_beside, output_key, reconstruct_inputs, up_to_date
 
     image = Path(image)
     if not image.is_file():
         raise LyraInputError(f"{image}: image not found")
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
-    config = _scene_config(out_dir / "input", preset)  # a bad preset fails here, before anything is written
+    options = options or ExportOptions()
+    depth_path = Path(depth) if depth is not None else depth_beside(image)
+    # a bad preset or config section fails here, before anything is written
+    config = _scene_config(out_dir / "input", preset, sections=sections, depth_file=depth_path is not None)
     # an unreadable or tiny image is named (the user's path) before anything is written; a crop that keeps
     # little of it is warned here, at the video size
     load_image(image, config.video.height, config.video.width)
+    depth_map = read_depth_file(depth_path, *image_size(image)) if depth_path is not None else None
+    check_models(config)
+    inputs = reconstruct_inputs(image, prompt=prompt, depth=depth, preset=preset, sections=sections,
+                                checkpoint=checkpoint, store=store, options=asdict(options),
+                                refine=refine_key(refine), html=html)
+    key = output_key(inputs) if inputs is not None else None
+    done = up_to_date(out_dir / f"{image.stem}.ply", key)
+    if done is not None:
+        return result_from_sidecar(done, out_dir / f"{image.stem}.ply")
     model, source = resolve_decoder(store, checkpoint, log)
-    _copy_input(image, out_dir / "input", prompt)
-    return _reconstruct(config, out_dir, model, source, html=html, log=log, options=options, refine=refine)
+    if log is not None and depth_map is not None:
+        log(f"depth: {depth_path} ({depth_map.shape[1]}x{depth_map.shape[0]}, {float(depth_map.min()):.3g} to "
+            f"{float(depth_map.max()):.3g} m; cropped and resized to the video frame like the image)")
+    _copy_input(image, out_dir / "input", prompt, depth_map)
+    return _reconstruct(config, out_dir, model, source, html=html, log=log, options=options, refine=refine,
+                        key=key, inputs=inputs)
+
+
+def refine_key(refine: RefineConfig | None) -> dict | None:
+    """A refinement's part of a reconstruct key: ``{"steps": N}`` for ``RefineConfig(steps=N)`` (what
+    ``reconstruct --refine N`` asks for; ``torch_threads`` and ``checkpoint_every`` change no result), else every
+    field that names a refinement."""
+    if refine is None:
+        return None
+    from lyra_pipeline.refine import RefineConfig
+
+    plain = RefineConfig(steps=refine.steps)
+    if replace(refine, torch_threads=None, checkpoint_every=plain.checkpoint_every) == plain:
+        return {"steps": refine.steps}
+    return {k: v for k, v in asdict(refine).items() if k not in ("torch_threads", "checkpoint_every")}
+
+
+def export_summary(res: ExportResult) -> str:
+    """The export's summary line: what it wrote (the backdrop counted), and the stand-ins that made the scene."""
+    files = ", ".join(str(p) for p in (res.strip, res.html) if p is not None)
+    count = f"{res.gaussians} Gaussians" + (f", {res.backdrop} of them the backdrop" if res.backdrop else "")
+    line = f"wrote {res.ply} ({count})" + (f", {files}" if files else "")
+    return line + (f"; fallbacks: {fallback_summary(res.fallbacks)}" if res.fallbacks else "")
+
+
+def result_from_sidecar(doc: dict, ply: Path) -> ExportResult:
+    """The :class:`ExportResult` an up-to-date sidecar records (``notes``: ``up to date``)."""
+    r = doc.get("result", {})
+    folder = ply.parent
+
+    def path(key: str) -> Path | None:
+        return folder / r[key] if r.get(key) else None
+
+    return ExportResult(ply, path("strip"), int(r.get("gaussians", 0)), str(r.get("decoder", "")), path("html"),
+                        int(r.get("backdrop", 0)), tuple(doc.get("made_with", ())), path("settings"),
+                        ("up to date",))
+
+
+def record_export(res: ExportResult, key: str | None, inputs: dict | None, **extra) -> None:
+    """Write ``res``'s sidecar (:func:`lyra_pipeline.outputs.write_sidecar`) with what rebuilds ``res``."""
+    from lyra_pipeline.outputs import write_sidecar
+
+    result = {"gaussians": res.gaussians, "backdrop": res.backdrop, "decoder": res.decoder,
+              **{k: p.name for k, p in (("strip", res.strip), ("html", res.html), ("settings", res.settings)) if p}}
+    write_sidecar(res.ply, key, inputs or {}, res.files, list(res.fallbacks), export_summary(res), result=result,
+                  **extra)
+
+
+# 16-bit PNG depth maps (Kinect, ScanNet, TUM...) hold millimetres; 0 there means "no measurement".
+DEPTH_FORMS = ("an (H,W) .npy of metric z-depth in metres (numpy.save) or a 16-bit greyscale PNG of depth in "
+               "millimetres")
+ASPECT_TOLERANCE = 0.01  # a depth map of another size must have the image's aspect ratio within 1%
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) of an image as it is read (EXIF orientation applied)."""
+    with Image.open(path) as im:
+        w, h = im.size
+        if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
+            w, h = h, w
+    return h, w
+
+
+def read_depth_file(path: Path, height: int, width: int) -> torch.Tensor:
+    """``reconstruct --depth FILE``: a metric z-depth map (H,W) float32 in metres, checked against the image
+    (``height`` x ``width``) before anything is written. ``.npy``: metres; ``.png``: a 16-bit greyscale PNG in
+    millimetres (divided by 1000). Every pixel must be finite and > 0. Size: the image's, or another size of the
+    image's aspect ratio (within 1%); it is then cover-cropped and resized (nearest) to the video frame exactly
+    as the image is. EXR is refused (no EXR reader is a dependency). One ``LyraInputError`` line otherwise."""
+    import numpy as np
+
+    from lyra_ops.depth import check_user_depth
+
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise LyraInputError(f"{path}: --depth file not found; expected {DEPTH_FORMS}")
+    if suffix == ".exr":
+        raise LyraInputError(f"{path}: --depth EXR is not read (no EXR reader is installed); convert it to "
+                             f"{DEPTH_FORMS}")
+    if suffix == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+            if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "biuf":
+                raise ValueError("not a numeric array")
+        except Exception:  # noqa: BLE001 - numpy's own text may suggest a pickle load: never offered
+            raise LyraInputError(f"{path}: --depth is not a valid .npy file of numbers; expected "
+                                 f"{DEPTH_FORMS}") from None
+        depth = np.asarray(arr, dtype=np.float32)
+    elif suffix == ".png":
+        try:
+            with Image.open(path) as im:
+                im.load()
+                mode = im.mode
+                values = np.asarray(im)
+        except Exception:  # noqa: BLE001 - any decoding failure is one line
+            raise LyraInputError(f"{path}: --depth cannot be decoded as a PNG; expected {DEPTH_FORMS}") from None
+        if mode not in ("I;16", "I;16B", "I;16L", "I;16N", "I") or values.ndim != 2 or values.max(initial=0) > 65535:
+            raise LyraInputError(f"{path}: --depth PNG is {mode} with shape {values.shape}; expected a 16-bit "
+                                 "greyscale PNG of depth in millimetres (or an .npy in metres)")
+        if bool((values == 0).any()):
+            raise LyraInputError(f"{path}: --depth PNG has {int((values == 0).sum())} pixels of 0 mm (no "
+                                 "measurement); fill them (every pixel must hold a depth) or pass an .npy in metres")
+        depth = values.astype(np.float32) / np.float32(1000.0)
+    else:
+        raise LyraInputError(f"{path}: --depth must end in .npy or .png; expected {DEPTH_FORMS}")
+    check_user_depth(torch.from_numpy(np.ascontiguousarray(depth)), source=str(path))
+    h, w = depth.shape
+    if (h, w) != (height, width) and abs((w / h) / (width / height) - 1.0) > ASPECT_TOLERANCE:
+        raise LyraInputError(f"{path}: --depth is {w}x{h} but the image is {width}x{height}; expected the image's "
+                             f"size or the same aspect ratio (within {ASPECT_TOLERANCE:.0%}), resized with the image")
+    return torch.from_numpy(np.ascontiguousarray(depth))
 
 
 def check_out_dir(out_dir: Path) -> None:
@@ -450,18 +690,17 @@ def check_out_dir(out_dir: Path) -> None:
             break
 
 
-TEXT_TO_IMAGE_HELP = ("pass --text-to-image DIR (a local diffusers text-to-image pipeline folder: PixArt, SD3, FLUX, "
-                      "SDXL or Sana) or --config FILE with a text_to_image section (see configs/text_prompts.yaml)")
+from lyra_pipeline.config import TEXT_TO_IMAGE_HELP  # noqa: E402 - one text for here and the CLI's early check
 
 
 def reconstruct_text(prompt: str, out_dir: str | Path, *, text_to_image: dict | None,
                      checkpoint: str | Path | None = None, store: str | None = None, preset: str = "default",
                      html: bool = False, log: Log | None = None, options: ExportOptions | None = None,
-                     refine: RefineConfig | None = None) -> ExportResult:
+                     refine: RefineConfig | None = None, sections: dict | None = None) -> ExportResult:
     """Text to 3D: ``prompt`` -> the configured text-to-image pipeline's first frame (``text_to_image``: the
     ``TextToImageConfig`` fields, ``model_path`` required) -> the same path as :func:`reconstruct_image`. The
     pipeline folder and the decoder are checked before anything is written; the first frame is also saved as
-    ``<out_dir>/input/<scene>.png``."""
+    ``<out_dir>/input/<scene>.png``. (Not content-addressed: it always runs; finished stages are reused.)"""
     from lyra_pipeline.backends.diffusers_image import inspect_t2i_checkpoint
 
     if not prompt or not prompt.strip():
@@ -472,82 +711,136 @@ def reconstruct_text(prompt: str, out_dir: str | Path, *, text_to_image: dict | 
     inspect_t2i_checkpoint(settings["model_path"])
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
-    model, source = resolve_decoder(store, checkpoint, log)
     prompts = out_dir / "input" / "prompt.txt"
     config = _scene_config(out_dir / "input", preset, text={"prompts_file": str(prompts.resolve()),
-                                                           "text_to_image": settings})
+                                                           "text_to_image": settings}, sections=sections)
+    check_models(config)
+    model, source = resolve_decoder(store, checkpoint, log)
     prompts.parent.mkdir(parents=True, exist_ok=True)
     prompts.write_text(prompt.strip() + "\n", encoding="utf-8")
     return _reconstruct(config, out_dir, model, source, html=html, log=log, options=options, refine=refine)
 
 
 def _reconstruct(config: RunConfig, out_dir: Path, model: LatentGaussianDecoder, source: str, *, html: bool,
-                 log: Log | None, options: ExportOptions | None, refine: RefineConfig | None) -> ExportResult:
+                 log: Log | None, options: ExportOptions | None, refine: RefineConfig | None,
+                 key: str | None = None, inputs: dict | None = None) -> ExportResult:
     """The scene of ``config`` (one image or prompt) generated into ``<out_dir>/store``, decoded (and refined),
-    written as ``<out_dir>/<scene>.ply``."""
-    from lyra_pipeline.refine import refine_scene_inprocess
+    written as ``<out_dir>/<scene>.ply`` with its sidecar (``key``, ``inputs``; none without a key)."""
+    from lyra_pipeline.refine import refine_rel, refine_scene_inprocess
 
+    for line in config_fallbacks(config):  # said where it happens: before the scene is made with it
+        if log is not None:
+            log(line)
     scene_store = str(out_dir / "store")
-    scene_id = _generate_scene(config, scene_store)
+    scene_id, computed, reused = _generate_scene(config, scene_store)
+    if log is not None and computed == 0:
+        log(f"scene {scene_id}: all {reused} stage units reused from {scene_store} (made earlier with the same "
+            "inputs)")
     run_store = RunStore(scene_store, create=False)
     if config.scenes.source == "text":  # the generated first frame, for the user
         frame = torch.from_numpy(run_store.read_array(scene_id, "input/rgb")).permute(1, 2, 0).numpy()
         Image.fromarray(frame).save(out_dir / "input" / f"{scene_id}.png")
     out = out_dir / f"{scene_id}.ply"
+    extra = {}
     if refine is None:
-        return write_scene(model, source, run_store, scene_id, out, html=html, options=options)
-    if refine.torch_threads is None:  # the scene's compute threads, whether or not its stages had work now
-        refine = replace(refine, torch_threads=config.compute.torch_threads)
-    plan, result = refine_scene_inprocess(run_store, scene_id, refine, model, source, log=log)
-    if log is not None:
-        log(refine_summary(result))
-    return export_refined(run_store, scene_id, plan.name, out, html=html, options=options)
+        res = write_scene(model, source, run_store, scene_id, out, html=html, options=options)
+    else:
+        if refine.torch_threads is None:  # the scene's compute threads, whether or not its stages had work now
+            refine = replace(refine, torch_threads=config.compute.torch_threads)
+        plan, result = refine_scene_inprocess(run_store, scene_id, refine, model, source, log=log)
+        if log is not None:
+            log(refine_summary(result, scene_teacher(run_store, scene_id, plan.trajectories)))
+        res = export_refined(run_store, scene_id, plan.name, out, html=html, options=options)
+        data = run_store.read_file(refine_rel(scene_id, plan.name, "result.json")) or b""
+        extra["refinement"] = {"name": plan.name, "result_sha256": hashlib.sha256(data).hexdigest()}
+    record_export(res, key, inputs, **extra)
+    return res
 
 
-def refine_summary(result: dict) -> str:
-    """One line: PSNR on the held-out teacher frames before and after a refinement."""
+def refine_summary(result: dict, teacher: str | None = None) -> str:
+    """One line: PSNR on the held-out teacher frames before and after a refinement, saying what it is measured
+    against (``teacher``: the generator that made the frames, :func:`scene_teacher`)."""
     b, a = result["psnr_before"], result["psnr_after"]
     init = result["init"].split(":")[0]
     return (f"refined {result['scene']} ({result['name']}, {result['steps']} steps from {init}): "
-            f"PSNR on {result['held_out_frames']} unfitted teacher frames {b['input_mean']:.2f} -> "
-            f"{a['input_mean']:.2f} dB (over white {b['white']:.2f} -> {a['white']:.2f}, over grey {b['grey']:.2f} -> "
-            f"{a['grey']:.2f}); {result['gaussians_after']} Gaussians")
+            f"PSNR vs {teacher_phrase(teacher)} on {result['held_out_frames']} teacher frames it did not fit "
+            f"{b['input_mean']:.2f} -> {a['input_mean']:.2f} dB (over white {b['white']:.2f} -> {a['white']:.2f}, "
+            f"over grey {b['grey']:.2f} -> {a['grey']:.2f}); {result['gaussians_after']} Gaussians")
 
 
-def _copy_input(image: Path, folder: Path, prompt: str | None) -> None:
-    """``image`` and its prompt (``prompt``, else IMAGE.txt beside it, else its name) copied into ``folder``."""
+def _copy_input(image: Path, folder: Path, prompt: str | None, depth: torch.Tensor | None = None) -> None:
+    """``image``, its prompt (``prompt``, else IMAGE.txt beside it, else its name) and its depth map (as
+    ``NAME.depth.npy``, float32 metres; removed when ``depth`` is None) copied into ``folder``."""
+    import numpy as np
+
+    from lyra_pipeline.outputs import image_prompt
+
     folder.mkdir(parents=True, exist_ok=True)
     name = image.stem
     shutil.copyfile(image, folder / image.name)
-    sidecar = image.with_suffix(".txt")
-    text = prompt if prompt is not None else (sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file()
-                                               else name.replace("_", " "))
-    (folder / f"{name}.txt").write_text(text, encoding="utf-8")
+    (folder / f"{name}.txt").write_text(image_prompt(image, prompt), encoding="utf-8")
+    target = folder / f"{name}.depth.npy"
+    if depth is None:
+        target.unlink(missing_ok=True)
+    else:
+        tmp = folder / f"{name}.depth.partial.npy"
+        np.save(tmp, depth.numpy().astype(np.float32))
+        os.replace(tmp, target)
 
 
-def _scene_config(folder: Path, preset: str, text: dict | None = None) -> RunConfig:
+def _scene_config(folder: Path, preset: str, text: dict | None = None, sections: dict | None = None,
+                  depth_file: bool = False) -> RunConfig:
     """The SDG config of one image in ``folder`` (or, with ``text`` = {prompts_file, text_to_image}, one prompt):
-    planar depth, warp-only teacher, ``preset``'s video format."""
+    ``preset``'s video format; depth: ``file`` (NAME.depth.npy beside the copied image) with ``depth_file``,
+    else ``sections["depth"]``, else the planar prior; teacher: ``sections["generator"]``, else warp-only."""
     from lyra_pipeline.config import build_config
 
+    sections = sections or {}
+    depth = {"backend": "planar", **dict(sections.get("depth") or {})}
+    if depth_file:
+        depth["backend"] = "file"
+    elif depth["backend"] == "file":
+        raise LyraConfigError("depth.backend file: reconstruct reads NAME.depth.npy beside the image; put it there "
+                              "or pass --depth FILE")
+    generator = {"backend": "warp_only", **dict(sections.get("generator") or {})}
     scenes = {"source": "images", "images_dir": str(folder.resolve()), "num_scenes": 1}
     extra = {}
     if text is not None:
         scenes = {"source": "text", "prompts_file": text["prompts_file"], "num_scenes": 1}
         extra = {"text_to_image": text["text_to_image"]}
-    return build_config(preset, {"scenes": scenes, "depth": {"backend": "planar"},
-                                 "generator": {"backend": "warp_only"}, **extra}, source="reconstruct")
+    return build_config(preset, {"scenes": scenes, "depth": depth, "generator": generator, **extra},
+                        source="reconstruct")
 
 
-def _generate_scene(config: RunConfig, store: str) -> str:
-    """The SDG stages, in-process, for the config's one image; its scene id."""
+def check_models(config: RunConfig) -> None:
+    """The depth and video model folders a reconstruct config names, checked before anything is written (as
+    ``lyra run``'s preflight does)."""
+    if config.depth.backend == "transformers":
+        from lyra_pipeline.backends.transformers_depth import inspect_depth_checkpoint
+
+        inspect_depth_checkpoint(config.depth.model_path)
+    if config.generator.backend == "diffusers":
+        from lyra_pipeline.backends.diffusers_video import check_frame_format, inspect_checkpoint
+
+        info = inspect_checkpoint(config.generator.model_path, config.generator.conditioned_path)
+        check_frame_format(info, config.video.num_frames, config.video.height, config.video.width)
+    if config.generator.backend == "tiny":
+        from lyra_pipeline.backends.tiny_teacher import SHIPPED_TEACHER, inspect_teacher
+
+        inspect_teacher(config.generator.model_path or SHIPPED_TEACHER)
+
+
+def _generate_scene(config: RunConfig, store: str) -> tuple[str, int, int]:
+    """The SDG stages, in-process, for the config's one image: its scene id, the units computed and reused."""
     from tasks.sdg import SCENE_TASKS, sample_prompts
 
     scenes = sample_prompts.fn(store, config)
+    computed = reused = 0
     for scene in scenes:
         for task in SCENE_TASKS.values():
-            task.fn(store, config, scene, "reconstruct")
-    return scenes[0].scene_id
+            report = task.fn(store, config, scene, "reconstruct")
+            computed, reused = computed + report.computed, reused + report.skipped
+    return scenes[0].scene_id, computed, reused
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -579,6 +872,73 @@ def splat_transform(src: Path, dst: Path, *extra: str, timeout: float = 600) -> 
         raise LyraError(f"splat-transform {src} -> {dst} failed ({proc.returncode}): "
                         f"{(proc.stderr or proc.stdout)[-2000:]}")
     return dst
+
+
+# The viewer HTML embeds the scene as a base64 ZIP (SOG) whose entries carry splat-transform's wall-clock time
+# (measured: two writes of one PLY differed in exactly those 21 base64 characters), so the HTML is made
+# reproducible by setting every entry's DOS time to 1980-01-01 00:00 (the earliest DOS time).
+_DATA_URI = re.compile(rb"data:application/octet-stream;base64,([A-Za-z0-9+/]+=*)")
+_TITLE = re.compile(rb"<title>.*?</title>", re.DOTALL)
+ZIP_TIME_DATE = (0).to_bytes(2, "little") + ((1 << 5) | 1).to_bytes(2, "little")  # 00:00:00, 1980-01-01
+
+
+def zip_fixed_times(data: bytes) -> bytes | None:
+    """``data`` (a ZIP archive) with every entry's time and date set to 1980-01-01 00:00, in its central
+    directory and its local headers; None when it is not a ZIP this walk understands (left as it is)."""
+    buf = bytearray(data)
+    eocd = buf.rfind(b"PK\x05\x06")
+    if not data.startswith(b"PK\x03\x04") or eocd < 0 or eocd + 22 > len(buf):
+        return None
+    count = int.from_bytes(buf[eocd + 10 : eocd + 12], "little")
+    pos = int.from_bytes(buf[eocd + 16 : eocd + 20], "little")
+    for _ in range(count):
+        if buf[pos : pos + 4] != b"PK\x01\x02":
+            return None
+        name, extra, comment = (int.from_bytes(buf[pos + o : pos + o + 2], "little") for o in (28, 30, 32))
+        local = int.from_bytes(buf[pos + 42 : pos + 46], "little")
+        if buf[local : local + 4] != b"PK\x03\x04":
+            return None
+        buf[pos + 12 : pos + 16] = ZIP_TIME_DATE
+        buf[local + 10 : local + 14] = ZIP_TIME_DATE
+        pos += 46 + name + extra + comment
+    return bytes(buf)
+
+
+def reproducible_html(page: bytes, title: str | None = None) -> bytes:
+    """A splat-transform viewer page with its embedded ZIPs' entry times fixed (:func:`zip_fixed_times`) and, with
+    ``title``, its ``<title>`` replaced: the same PLY and settings give the same bytes."""
+
+    def fix(match: re.Match) -> bytes:
+        try:
+            data = base64.b64decode(match.group(1), validate=True)
+        except ValueError:
+            return match.group(0)
+        fixed = zip_fixed_times(data)
+        return match.group(0) if fixed is None else b"data:application/octet-stream;base64," + base64.b64encode(fixed)
+
+    page = _DATA_URI.sub(fix, page)
+    if title is not None:
+        page = _TITLE.sub(lambda _: b"<title>" + html_text.escape(title).encode() + b"</title>", page, count=1)
+    return page
+
+
+def viewer_title(scene_id: str, ply: Path, fallbacks: list[str] | tuple[str, ...] = ()) -> str:
+    """The HTML viewer's title: the PLY, the scene, and the stand-ins that made it."""
+    title = f"{ply.name} · lyra scene {scene_id}"
+    return title + (f" · fallbacks: {fallback_summary(fallbacks)}" if fallbacks else "")
+
+
+def write_viewer_html(ply: Path, html_path: Path, settings: Path, title: str) -> Path:
+    """The self-contained HTML viewer of ``ply`` (splat-transform ``-E settings``), made reproducible and titled
+    (:func:`reproducible_html`), written in place of ``html_path`` atomically."""
+    tmp = html_path.with_name(html_path.stem + ".partial.html")
+    try:
+        splat_transform(ply, tmp, "-E", str(settings))
+        tmp.write_bytes(reproducible_html(tmp.read_bytes(), title))
+        os.replace(tmp, html_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return html_path
 
 
 def chromium_path() -> str | None:

@@ -390,6 +390,8 @@ def refine_scene_inprocess(store: RunStore, scene_id: str, config: RefineConfig,
     """Plan, every chunk, finish: the whole refinement in this process (what ``lyra reconstruct --refine``
     runs; the Prefect flow ``refine-scene`` runs the same steps as tasks)."""
     plan = plan_refine(store, scene_id, config, decoder, decoder_source)
+    if log is not None and store.read_file(refine_rel(scene_id, plan.name, "result.json")) is not None:
+        log(f"refine {scene_id}: {plan.name} reused (its {config.steps} steps finished earlier; nothing recomputed)")
     for end in chunk_ends(config):
         done = refine_until(store, scene_id, plan.name, end)
         if log is not None and done["computed"]:

@@ -31,9 +31,8 @@ def _split(db_url: str) -> tuple[str, str]:
 
 def ensure_database(db_url: str = DEFAULT_DB_URL) -> bool:
     """Create the database of ``db_url`` if it does not exist. Returns True when it was created."""
+    dsn, name = _split(db_url)  # a malformed URL is one line before asyncpg loads
     import asyncpg
-
-    dsn, name = _split(db_url)
 
     async def run() -> bool:
         try:

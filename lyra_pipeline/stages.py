@@ -25,6 +25,9 @@ from lyra_pipeline.store import interrupt
 # Bump a stage's version when its code changes what it writes: finished work is then redone.
 STAGE_VERSIONS = {"input": 1, "depth": 1, "cameras": 1, "warp": 1, "refine": 1, "generate": 1, "latents": 1,
                   "video_depth": 1, "evaluate": 1}
+# 2: the cover crop resamples with one scale and a fractional offset (square pixels, centred principal point);
+# stages whose frame or camera went through it (image, text or video inputs, custom paths) carry it in their keys.
+COVER_CROP_VERSION = 2
 # Stages whose data a stage reads: each must be done under its current key before the stage may run.
 UPSTREAM = {"input": (), "depth": ("input",), "cameras": ("input",), "warp": ("depth", "cameras"),
             "refine": ("warp",), "generate": ("refine",), "latents": ("generate",),
@@ -105,6 +108,8 @@ def plan_keys(config: RunConfig, scene: SceneRecord) -> SceneKeys:
         input_params["dynamic"] = section_dict(config, "dynamic")
     if config.trajectories.custom:  # the input frame is taken with the custom path's frame-0 camera
         input_params["custom_sha"] = _file_sha(config.trajectories.custom)
+    if config.scenes.source in ("images", "text", "video") or config.trajectories.custom:
+        input_params["crop"] = COVER_CROP_VERSION  # the frame or its camera went through the cover crop
     if config.scenes.source == "text":
         input_params["text_to_image"] = {**section_dict(config, "text_to_image"),
                                          "checkpoint": inspect_checkpoint_files(config.text_to_image.model_path)}
@@ -112,11 +117,19 @@ def plan_keys(config: RunConfig, scene: SceneRecord) -> SceneKeys:
     depth_params = section_dict(config, "depth")
     if config.depth.backend == "transformers":
         depth_params["checkpoint"] = inspect_checkpoint_files(config.depth.model_path)
+    depth_file = Path(scene.image_path).with_suffix(".depth.npy") if scene.image_path else None
+    if config.depth.backend == "file" and depth_file is not None and depth_file.is_file():  # a new map: new depth
+        depth_params["file_sha"] = _file_sha(str(depth_file))
     k_depth = content_key("depth", v["depth"], depth_params, {"input": k_input})
     traj_params = {**section_dict(config, "trajectories", "video"),
                    "custom_sha": _file_sha(config.trajectories.custom)}
+    if config.trajectories.custom:
+        traj_params["crop"] = COVER_CROP_VERSION
+    else:  # frames selects from a custom path only: Lyra's paths keep the keys they had when "clip" was the default
+        traj_params["trajectories"]["frames"] = "clip"
     gen_params = {**section_dict(config, "generator"), "checkpoint": _checkpoint_fingerprint(config)}
-    if config.trajectories.frames == "clip" or config.generator.backend in ("oracle", "warp_only"):
+    if not config.trajectories.custom or config.trajectories.frames == "clip" \
+            or config.generator.backend in ("oracle", "warp_only"):
         gen_params["generator"].pop("clip_overlap")  # one clip per path, or generated whole: overlap changes nothing
     per_traj: dict[str, dict[str, str]] = {}
     for name in config.trajectory_names:
@@ -135,6 +148,20 @@ def plan_keys(config: RunConfig, scene: SceneRecord) -> SceneKeys:
                           "latents": k_lat, "video_depth": k_vdepth, "evaluate": k_eval}
     return SceneKeys(k_input, k_depth, per_traj)
 
+
+
+def plan_fingerprint(config: RunConfig) -> str:
+    """One hash of everything but the scene that the keys of ``config`` depend on: the keys of a probe scene (the
+    config sections, stage versions, checkpoints, custom path, units per scene all enter them). Two configs with
+    the same fingerprint give every scene the same keys, so a store stamped complete under it (the manifest
+    index's ``complete``) is complete under the other: ``lyra run`` answers without planning 1M scenes' keys."""
+    import json
+
+    probe = SceneRecord("probe", "", None, "0" * 64, 0, config.scenes.source)
+    keys = plan_keys(config, probe)
+    doc = {"input": keys.input, "depth": keys.depth, "trajectories": keys.per_trajectory,
+           "units": scene_units(config)}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
 
 @dataclass
 class StageReport:

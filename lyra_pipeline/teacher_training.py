@@ -22,13 +22,12 @@ import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
-from pydantic import Field, ValidationError, model_validator
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torchmetrics.functional.image import structural_similarity_index_measure
@@ -51,13 +50,11 @@ from lyra_ops.teacher import (
 )
 from lyra_pipeline import runner
 from lyra_pipeline.backends.tiny_teacher import (
-    TinyUNetSpec,
     build_unet,
     network_output,
     sample_frames,
     write_teacher_folder,
 )
-from lyra_pipeline.config import Section, format_errors, merge
 from lyra_pipeline.distributed import DistContext
 from lyra_pipeline.runner import (
     Recipe,
@@ -71,6 +68,13 @@ from lyra_pipeline.runner import (
 )
 from lyra_pipeline.storage import RunStore, content_key
 from lyra_pipeline.threads import pin_torch_threads
+from lyra_pipeline.train_config import (  # noqa: F401 - re-exported
+    TEACHER_PRESETS,
+    DiffusersTeacherConfig,
+    TeacherTrainConfig,
+    TeacherUNetConfig,
+    build_teacher_config,
+)
 from lyra_pipeline.training import load_or_create_run, read_run_json, split_scenes
 
 log = logging.getLogger(__name__)
@@ -78,96 +82,8 @@ TEACHER_TRAIN_VERSION = 1
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Config
+# Config (lyra_pipeline.train_config, re-exported here)
 # ------------------------------------------------------------------------------------------------------------
-
-
-class TeacherUNetConfig(Section):
-    channels: list[int] = Field(default_factory=lambda: [48, 64, 96])
-    layers_per_block: int = Field(1, ge=1)
-    norm_groups: int = Field(16, ge=1)
-    patch: int = Field(4, ge=1)
-
-    def spec(self) -> TinyUNetSpec:
-        return TinyUNetSpec(tuple(self.channels), self.layers_per_block, self.norm_groups, self.patch)
-
-
-class DiffusersTeacherConfig(Section):
-    """A local diffusers video checkpoint whose GEN3C conditioning is fine-tuned (Wan 2.x, flow matching)."""
-
-    model_path: str
-    conditioned_path: str | None = None  # continue from a fine-tuned conditioned transformer
-    lora_rank: int = Field(0, ge=0)  # > 0: LoRA (peft) on the attention projections as well
-    guidance: float = Field(0.0, ge=0)  # guidance when sampling held-out videos
-
-
-class TeacherTrainConfig(Section):
-    """Everything that determines a teacher training run (its hash names the run).
-
-    ``model: tiny`` trains the pixel-space tiny teacher (all weights, ``unet``) on crops; ``model: diffusers``
-    trains the widened patch embedding (+ LoRA) of ``diffusers.model_path`` on whole videos, ``batch`` videos
-    per step."""
-
-    seed: int = 7
-    model: Literal["tiny", "diffusers"] = "tiny"
-    diffusers: DiffusersTeacherConfig | None = None
-    unet: TeacherUNetConfig = TeacherUNetConfig()
-    steps: int = Field(ge=1)
-    batch: int = Field(8, ge=1)  # crops per step
-    # Sampling streams the batch is split into (evenly): a distributed job's ranks take whole streams, so a run
-    # with S streams gives the same weights on 1..S processes. More streams than 1 change the sampling.
-    streams: int = Field(1, ge=1)
-    crop: int = Field(64, ge=8)  # square training crops (the UNet is convolutional: it samples full frames)
-    hole_crops: float = Field(0.5, ge=0, le=1)  # share of crops centred on a disoccluded pixel
-    lr: float = Field(5e-4, gt=0)
-    warmup_steps: int = Field(100, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    shift: float = Field(1.0, gt=0)  # timestep shift, used in training and sampling
-    prediction: Literal["sample", "velocity"] = "sample"  # tiny teacher's output: clean frame, or velocity
-    logit_normal: bool = True  # SD3-style noise-level density (else uniform)
-    sampling_steps: int = Field(10, ge=1)  # Euler steps when the teacher generates
-    val_scenes: int = Field(2, ge=0)
-    checkpoint_every: int = Field(200, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    device: str = "cpu"
-    torch_threads: int | None = Field(2, ge=1)
-    eval_frame_stride: int = Field(1, ge=1)
-
-    @model_validator(mode="after")
-    def _check(self) -> TeacherTrainConfig:
-        if self.model == "diffusers" and self.diffusers is None:
-            raise ValueError("model 'diffusers' needs a diffusers section with model_path (a local Wan pipeline "
-                             "folder)")
-        if self.batch % self.streams:
-            raise ValueError(f"batch {self.batch} must be a multiple of streams {self.streams}")
-        if len(self.unet.channels) < 2:
-            raise ValueError("unet.channels needs at least two levels")
-        if any(c % self.unet.norm_groups for c in self.unet.channels):
-            raise ValueError(f"unet.channels {self.unet.channels} must be multiples of unet.norm_groups "
-                             f"{self.unet.norm_groups}")
-        if self.crop % self.unet.spec().multiple:
-            raise ValueError(f"crop {self.crop} must be a multiple of {self.unet.spec().multiple} (the UNet's "
-                             "down-sampling)")
-        return self
-
-
-TEACHER_PRESETS: dict[str, dict[str, Any]] = {
-    # CI-sized (smoke store, 96x160): a few steps of a very small UNet.
-    "smoke": {"unet": {"channels": [8, 16], "norm_groups": 4, "patch": 2}, "steps": 6, "batch": 2, "crop": 32,
-              "warmup_steps": 2, "lr": 1e-3, "sampling_steps": 3, "val_scenes": 1, "checkpoint_every": 3},
-    # The shipped tiny teacher (lyra_pipeline/weights/tiny_teacher), trained on a default-preset oracle store.
-    "tiny": {"steps": 3000, "batch": 16, "crop": 64, "checkpoint_every": 250, "val_scenes": 3, "sampling_steps": 8},
-}
-
-
-def build_teacher_config(preset: str = "smoke", overrides: dict[str, Any] | None = None) -> TeacherTrainConfig:
-    if preset not in TEACHER_PRESETS:
-        raise LyraConfigError(f"unknown teacher preset {preset!r}; valid: {', '.join(TEACHER_PRESETS)}")
-    try:
-        return TeacherTrainConfig.model_validate(merge(TEACHER_PRESETS[preset], overrides or {}))
-    except ValidationError as err:
-        raise LyraConfigError(format_errors(err, "teacher config", TeacherTrainConfig)) from None
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -18,11 +18,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow as pa
 import torch
-from pydantic import Field, ValidationError, model_validator
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -31,7 +30,6 @@ from lyra_ops.decoder import DecoderConfig, LatentGaussianDecoder, load_decoder_
 from lyra_ops.distill import (
     INFERENCE,
     DistillBatch,
-    StageSpec,
     ViewData,
     batch_loss,
     batch_to,
@@ -51,7 +49,7 @@ from lyra_ops.losses import LossWeights, make_lpips
 from lyra_ops.scenes import make_scene
 from lyra_ops.seeding import derive_seed
 from lyra_pipeline import runner
-from lyra_pipeline.config import FLIP_SUFFIX, Section, format_errors, merge
+from lyra_pipeline.config import FLIP_SUFFIX
 from lyra_pipeline.distributed import DistContext
 from lyra_pipeline.runner import (
     Recipe,
@@ -64,6 +62,14 @@ from lyra_pipeline.runner import (
     stream_generators,
 )
 from lyra_pipeline.storage import RunStore, content_key
+from lyra_pipeline.train_config import (  # noqa: F401 - re-exported
+    TRAIN_PRESETS,
+    LossConfig,
+    OptimConfig,
+    StageConfig,
+    TrainConfig,
+    build_train_config,
+)
 
 log = logging.getLogger(__name__)
 TRAIN_FORMAT_VERSION = 1
@@ -72,209 +78,8 @@ INPUT_TIMES = "input/video/times"  # the array only dynamic scenes (an input vid
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Config
+# Config (lyra_pipeline.train_config, re-exported here)
 # ------------------------------------------------------------------------------------------------------------
-
-
-class StageConfig(Section):
-    """One progressive stage; see :class:`lyra_ops.distill.StageSpec` for the meaning of each field."""
-
-    name: str
-    steps: int = Field(ge=0)
-    scale: int = Field(1, ge=1)
-    input_frames: int | None = None
-    input_views: int = Field(1, ge=1)
-    random_views: bool = False
-    targets: int = Field(4, ge=1)
-    frame_sampling: Literal["uniform", "exponential"] = "uniform"
-    prune_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    opacity_weight: float = Field(0.0, ge=0.0)
-    dynamic: bool = False  # a dynamic stage (Lyra's 8-9): time-conditioned samples from a dynamic store
-
-    def spec(self) -> StageSpec:
-        return StageSpec(**self.model_dump())
-
-
-class OptimConfig(Section):
-    """AdamW with a warmed-up learning rate and gradient clipping (Lyra: 1e-4, wd 0.01, 100, 1.0, constant).
-    ``schedule`` "cosine" decays the rate after warm-up to ``min_lr_ratio`` x ``lr`` at the run's last step."""
-
-    lr: float = Field(1e-4, gt=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = Field(0.01, ge=0)
-    eps: float = Field(1e-8, gt=0)
-    warmup_steps: int = Field(100, ge=0)
-    grad_clip: float = Field(1.0, ge=0)
-    schedule: Literal["constant", "cosine"] = "constant"
-    min_lr_ratio: float = Field(0.05, ge=0, le=1)
-    # The time embedding's learning rate, as a multiple of ``lr`` (its zero-initialised maps start a fine-tune
-    # from static weights that already sit near a minimum; a larger step lets them move in a few hundred steps).
-    time_lr_scale: float = Field(1.0, gt=0)
-
-
-class LossConfig(Section):
-    """Loss weights (Lyra: MSE 1, LPIPS 0.5, depth 0.05). LPIPS runs only with local VGG weights
-    (``lpips_weights``: a torchvision VGG16 or LPIPS state dict); without them it is skipped and logged."""
-
-    mse: float = Field(1.0, ge=0)
-    lpips: float = Field(0.5, ge=0)
-    depth: float = Field(0.05, ge=0)
-    depth_mode: Literal["ssi", "log_l1"] = "ssi"  # log_l1: metric depth targets (see lyra_ops.losses)
-    gaussian_depth: float = Field(0.0, ge=0)  # per-Gaussian depth vs the input frames' depth (lyra_ops.distill)
-    lpips_weights: str | None = None  # full LPIPS-VGG state dict, or the package's linear heads (vgg.pth)
-    lpips_backbone: str | None = None  # torchvision VGG16 state dict, with linear-head-only lpips_weights
-
-
-class TrainConfig(Section):
-    """Everything that determines a decoder training run (its hash names the run)."""
-
-    seed: int = 42
-    decoder: Literal["tiny", "small", "paper"] = "tiny"
-    decoder_overrides: dict[str, Any] = Field(default_factory=dict)
-    stages: list[StageConfig]
-    optim: OptimConfig = OptimConfig()
-    loss: LossConfig = LossConfig()
-    val_scenes: int = Field(1, ge=0)  # held-out scenes (never trained on), chosen by a seeded hash of the id
-    checkpoint_every: int = Field(50, ge=1)
-    keep_checkpoints: int = Field(3, ge=1)  # newest N kept, plus the last checkpoint of every stage
-    backend: Literal["torch", "gsplat"] = "torch"
-    device: str = "cpu"
-    views_per_chunk: int = Field(4, ge=1)
-    # Samples per optimiser step (the global batch: split over the ranks of `lyra train --nproc N`, so the
-    # weights do not depend on N); each is drawn from its own sampling stream.
-    batch: int = Field(1, ge=1)
-    # bf16: the decoder's forward under bf16 autocast (rendering and losses stay fp32); for GPUs.
-    precision: Literal["fp32", "bf16"] = "fp32"
-    # What the training renders are composited over: "decoder" (the decoder's own `background`, e.g. the input
-    # mean colour) or "random" (a uniform random colour per sample): a pixel the teacher shows must then be covered
-    # by opaque Gaussians, so exports look the same over any viewer's background (white, PlayCanvas grey, ...).
-    background: Literal["decoder", "random"] = "decoder"
-    torch_threads: int | None = Field(1, ge=1)  # pin intra-op threads (None: torch's default)
-    eval_frame_stride: int = Field(1, ge=1)  # validation renders every k-th frame of every trajectory
-    # Start from these weights instead of a random init: a lyra decoder .safetensors path, or "shipped" (the
-    # package's decoder). Its sha256 joins the run's name; the architecture must be the configured one, except
-    # for rendering-only fields (near/far keep their meaning: the weights see the same rays).
-    init_weights: str | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> TrainConfig:
-        if not self.stages:
-            raise ValueError("at least one training stage is required")
-        names = [s.name for s in self.stages]
-        if len(set(names)) != len(names):
-            raise ValueError(f"stage names must be unique, got {names}")
-        for s in self.stages:
-            s.spec()  # StageSpec's own checks (input_frames = 8k+1, ...)
-        self.decoder_config()
-        return self
-
-    @property
-    def total_steps(self) -> int:
-        return sum(s.steps for s in self.stages)
-
-    def decoder_config(self) -> DecoderConfig:
-        return DecoderConfig.preset(self.decoder, **self.decoder_overrides)
-
-    def stage_at(self, step: int) -> tuple[int, StageConfig]:
-        """(index, stage) that trains global step ``step`` (0-based)."""
-        end = 0
-        for i, s in enumerate(self.stages):
-            end += s.steps
-            if step < end:
-                return i, s
-        return len(self.stages) - 1, self.stages[-1]
-
-    def stage_ends(self) -> list[int]:
-        """Global step count at the end of each stage."""
-        out, end = [], 0
-        for s in self.stages:
-            end += s.steps
-            out.append(end)
-        return out
-
-
-TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    # CI-sized: tiny decoder, a few steps of one view, then a prune stage; for the smoke store (96x160, 9 frames).
-    "smoke": {
-        "decoder": "tiny",
-        "stages": [
-            {"name": "views_1", "steps": 4, "targets": 2},
-            {"name": "prune", "steps": 2, "targets": 2, "prune_ratio": 0.8, "opacity_weight": 0.1},
-        ],
-        "optim": {"lr": 1e-3, "warmup_steps": 2},
-        "checkpoint_every": 2,
-    },
-    # CPU default (issue 13): the CPU Gaussian layout of lyra_ops.decoder.CPU_LAYOUT, whole 25-frame
-    # trajectories as input, then 1-3 views; metric depth supervision from the SDG's warped input depth
-    # (rendered depth and, per Gaussian, the input frame's depth). No prune stage: on CPU its steps buy more
-    # as learning steps, and exports prune on request.
-    "default": {
-        "decoder": "small",
-        "stages": [
-            {"name": "views_1", "steps": 800, "targets": 2},
-            {"name": "multi_view", "steps": 1200, "input_views": 3, "random_views": True, "targets": 2,
-             "frame_sampling": "exponential"},
-        ],
-        "optim": {"lr": 5e-4, "warmup_steps": 50},
-        "loss": {"depth": 0.05, "depth_mode": "log_l1", "gaussian_depth": 0.2},
-        "val_scenes": 4,
-        "checkpoint_every": 50,
-        "torch_threads": 2,
-        "eval_frame_stride": 4,
-    },
-    # Dynamic (issue 16; Lyra's stages 8-9 start from its static stage 6): the shipped static decoder plus the
-    # zero-initialised time embedding, trained on a `dynamic` store with one query time per sample: the input video
-    # and 1-3 of the six forward paths as inputs, 4 of the twelve paths (flipped twins included) as targets there.
-    # Gaussians of the query frame and of the other keyframes (what other times saw), so the time embedding has
-    # something to decide: which of those still hold at the query time.
-    "dynamic": {
-        "decoder": "small",
-        "decoder_overrides": {"time_embedding": True, "time_frames": "query+keyframes"},
-        "init_weights": "shipped",
-        "stages": [
-            {"name": "dynamic", "steps": 400, "input_views": 3, "random_views": True, "targets": 4,
-             "dynamic": True},
-        ],
-        "optim": {"lr": 2e-4, "warmup_steps": 20, "schedule": "cosine"},
-        "loss": {"depth": 0.05, "depth_mode": "log_l1", "gaussian_depth": 0.2},
-        "val_scenes": 4,
-        "checkpoint_every": 50,
-        "torch_threads": 2,
-        "eval_frame_stride": 4,
-    },
-    # Lyra's static stages 1-7 (spec 5.4, per-stage steps) for a paper-preset store (704x1280, 121 frames).
-    "paper": {
-        "decoder": "paper",
-        "stages": [
-            {"name": "res_176_320_views_17", "steps": 10000, "scale": 4, "input_frames": 17, "targets": 17},
-            {"name": "res_176_320_views_49", "steps": 2500, "scale": 4, "input_frames": 49, "targets": 49},
-            {"name": "res_352_640_views_49", "steps": 2500, "scale": 2, "input_frames": 49, "targets": 49},
-            {"name": "res_704_1280_views_49", "steps": 2500, "input_frames": 49, "targets": 49},
-            {"name": "res_704_1280_views_121", "steps": 57500, "targets": 9},
-            {"name": "multi_6", "steps": 7000, "input_views": 6, "random_views": True, "targets": 9,
-             "frame_sampling": "exponential"},
-            {"name": "multi_6_prune", "steps": 1000, "input_views": 6, "random_views": True, "targets": 9,
-             "frame_sampling": "exponential", "prune_ratio": 0.8, "opacity_weight": 0.1},
-        ],
-        "val_scenes": 16,
-        "checkpoint_every": 100,
-        "device": "cuda",
-        "backend": "gsplat",
-        "torch_threads": None,
-        "eval_frame_stride": 4,
-    },
-}
-
-
-def build_train_config(preset: str = "smoke", overrides: dict[str, Any] | None = None, *,
-                       source: str = "train config") -> TrainConfig:
-    """A training preset plus overrides (nested dicts; ``stages`` replaces the whole list), validated."""
-    if preset not in TRAIN_PRESETS:
-        raise LyraConfigError(f"unknown training preset {preset!r}; valid: {', '.join(TRAIN_PRESETS)}")
-    try:
-        return TrainConfig.model_validate(merge(TRAIN_PRESETS[preset], overrides or {}))
-    except ValidationError as err:
-        raise LyraConfigError(format_errors(err, source, TrainConfig)) from None
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -499,7 +304,7 @@ class TrainRun:
 # from weights trained with other values of these.
 INIT_FREE_FIELDS = ("background", "prune_ratio", "gradient_checkpointing", "depth_input", "fuse", "fuse_covered",
                     "input_stride", "input_scale_init", "input_opacity_init", "input_depth_fill", "time_embedding",
-                    "time_frames")
+                    "time_frames", "input_gate")
 # Modules that weights from before depth_input / input_stride / time_embedding may lack (zero-initialised, or the
 # input head, which starts as the input's unprojection)
 NEW_MODULES = ("depth_embed.", "input_head.", "input_time_embed.", "target_time_embed.")
@@ -558,7 +363,7 @@ def plan_run(store: RunStore, config: TrainConfig) -> TrainRun:
         raise LyraConfigError(f"{store.url}: dynamic stages need a dynamic store (`lyra run --preset dynamic` or "
                               "--video); this store's scenes have no input video")
     decoder_key = dec.to_dict()
-    for key, default in (("time_embedding", False), ("time_frames", "query")):
+    for key, default in (("time_embedding", False), ("time_frames", "query"), ("input_gate", [])):
         if decoder_key[key] == default:  # fields added since runs were published join the key only when set
             decoder_key.pop(key)
     inputs = {"dataset": index.fingerprint, "decoder": decoder_key,

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from lyra_ops.cameras import Cameras
+from lyra_ops.distill import background_color
 from lyra_ops.errors import LyraConfigError, LyraError, LyraInputError
 from lyra_ops.gaussians import Gaussians
 from lyra_pipeline.storage import RunStore
@@ -42,16 +43,70 @@ def covariances(gaussians: Gaussians) -> np.ndarray:
     return (scaled @ scaled.transpose(1, 2)).float().numpy()
 
 
-def viewer_splats(gaussians: Gaussians) -> dict[str, np.ndarray] | None:
-    """The arrays ``add_gaussian_splats`` gets; None for an empty set (not added). (The browser console's
-    "computeBoundingSphere(): Computed radius is NaN" comes from viser 1.1.1's splat object with any Gaussians,
-    tiny or not: measured with 500 Gaussians of scale 1e-5 and of 0.05, and absent with a point cloud alone; the
-    splats render regardless.)"""
+# viser's splat shader (viser 1.1.1, client/src/Splatting/GaussianSplatsHelpers.ts) adds 0.3 px^2 to a splat's
+# screen covariance and drops the splat when ``opacity * det < 0.25`` px^4. The decoder's per-pixel input
+# Gaussians (median standard deviation 0.1 px of the input frame) have det ~ 0.1 there, so in a window the size of
+# the input frame every one of them vanished and only the larger teacher-frame Gaussians around the input frame
+# showed (the hollow frame). :func:`display_floor` widens, for display only, each Gaussian narrower than the least
+# the shader keeps at the input camera's resolution.
+VISER_DILATION = 0.3  # px^2
+VISER_MIN_DET = 0.25  # px^4, opacity-weighted
+FLOOR_MARGIN = 0.02  # px^2 above the least kept variance (float16 rounding, sort-order slack)
+FLOOR_CAP = 1.0  # px^2: fainter Gaussians are not widened further (at opacity < 0.15 viser drops them anyway)
+F16_MAX = 6.0e4  # viser sends covariances as float16 (largest finite 65504; smallest normal 6.1e-5)
+
+
+def floor_variance(opacities: torch.Tensor) -> torch.Tensor:
+    """The least variance (px^2, per axis) that viser's splat shader keeps for a Gaussian of each opacity:
+    ``opacity (v + 0.3)^2 >= 0.25``, plus :data:`FLOOR_MARGIN`, at most :data:`FLOOR_CAP`."""
+    v = (VISER_MIN_DET / opacities.clamp(min=1e-6)).sqrt() - VISER_DILATION + FLOOR_MARGIN
+    return v.clamp(min=0.0, max=FLOOR_CAP)
+
+
+def display_floor(gaussians: Gaussians, centre: torch.Tensor, focal: float, factor: float = 1.0) -> Gaussians:
+    """For display: every scale at least ``sqrt(factor * floor_variance(opacity)) * d / focal``, with d the
+    Gaussian's distance from ``centre`` (the input camera) and ``focal`` its focal length in pixels, so that no
+    Gaussian projects below what viser draws in a window the input frame's size (``factor`` > 1: in a window
+    ``sqrt(factor)`` times smaller). Wider Gaussians are unchanged; 0: all unchanged. Measured on the smoke scene
+    in ``tests/test_viewer_viser.py`` (shipped decoder): our renderer's PSNR of the floored against the decoded
+    Gaussians at the input camera, 36.95 dB at the input size, 30.7 / 26.3 dB at 2x / 4x it (where the decoded
+    ones leave the background visible between them and the floor closes the surfaces)."""
+    if factor <= 0:
+        return gaussians
+    d = (gaussians.means - centre.to(gaussians.means)).norm(dim=-1, keepdim=True)
+    least = (factor * floor_variance(gaussians.opacities))[:, None].sqrt() * d / float(focal)
+    return Gaussians(gaussians.means, torch.maximum(gaussians.scales, least), gaussians.quats, gaussians.opacities,
+                     gaussians.colors)
+
+
+def viewer_splats(gaussians: Gaussians, centre: torch.Tensor | None = None, focal: float | None = None,
+                  floor: float = 1.0) -> dict[str, np.ndarray] | None:
+    """The arrays ``add_gaussian_splats`` gets (world units; :func:`add_splats` rescales them for float16); None
+    for an empty set (not added). With the input camera's ``centre`` and ``focal`` (pixels), the Gaussians get
+    :func:`display_floor` (``floor``: its factor); without, as given. Colours are RGB in [0, 1] (viser takes no
+    spherical harmonics)."""
     if gaussians.num == 0:
         return None
     g = gaussians.detach().to("cpu")
-    return {"centers": g.means.numpy(), "covariances": covariances(g), "rgbs": g.colors.clamp(0, 1).numpy(),
-            "opacities": g.opacities[:, None].numpy()}
+    if centre is not None and focal is not None:
+        g = display_floor(g, centre.detach().cpu(), focal, floor)
+    return {"centers": g.means.float().numpy(), "covariances": covariances(g),
+            "rgbs": g.colors.float().clamp(0, 1).numpy(), "opacities": g.opacities[:, None].float().clamp(0, 1).numpy()}
+
+
+def add_splats(server, name: str, splats: dict[str, np.ndarray]):
+    """``server.scene.add_gaussian_splats`` with the scene scaled by a power of two k (the node scaled by 1/k) so
+    that the covariances, which viser sends as float16, sit mid-range: the median Gaussian's variance near 1.
+    (In world units a 0.002-wide Gaussian's variance, 4e-6, is a float16 subnormal with 2-3 significant bits, and
+    one 10x narrower rounds to 0.)"""
+    cov = splats["covariances"]
+    variance = np.trace(cov, axis1=1, axis2=2) / 3.0
+    k = 2.0 ** float(np.clip(np.round(-0.5 * np.log2(max(float(np.median(variance)), 1e-30))), -60, 60))
+    return server.scene.add_gaussian_splats(
+        name, centers=(splats["centers"] * k).astype(np.float32),
+        covariances=np.clip(cov * (k * k), -F16_MAX, F16_MAX).astype(np.float32), rgbs=splats["rgbs"],
+        opacities=splats["opacities"], scale=1.0 / k,
+    )  # fmt: skip
 
 
 def rgbd_points(rgb: np.ndarray, depth: np.ndarray, K: np.ndarray, stride: int = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -66,9 +121,10 @@ def rgbd_points(rgb: np.ndarray, depth: np.ndarray, K: np.ndarray, stride: int =
     return pts, np.moveaxis(rgb, 0, -1)[ys[ok], xs[ok]]
 
 
-def add_trajectories(server, trajectories: dict[str, Cameras], image: np.ndarray | None, every: int = 4) -> None:
+def add_trajectories(server, trajectories: dict[str, Cameras], image: np.ndarray | None, every: int = 4,
+                     parent: str = "") -> None:
     """Frustums (OpenCV convention, as viser's) every ``every`` frames, one colour per trajectory; the input
-    image on the first camera."""
+    image on the first camera. Under the scene node ``parent`` ("" : the root)."""
     viser = _viser()
     for i, (name, cams) in enumerate(sorted(trajectories.items())):
         colour = TRAJECTORY_COLOURS[i % len(TRAJECTORY_COLOURS)]
@@ -76,14 +132,14 @@ def add_trajectories(server, trajectories: dict[str, Cameras], image: np.ndarray
         for f in range(0, len(cams), every):
             c2w = cams.c2w[f].double().numpy()
             server.scene.add_camera_frustum(
-                f"/trajectories/{name}/{f:03d}", fov=fov, aspect=cams.width / cams.height, scale=0.05,
+                f"{parent}/trajectories/{name}/{f:03d}", fov=fov, aspect=cams.width / cams.height, scale=0.05,
                 thickness=0.004, color=colour, wxyz=viser.transforms.SO3.from_matrix(c2w[:3, :3]).wxyz,
                 position=c2w[:3, 3],
             )  # fmt: skip
     if image is not None and trajectories:
         cams = next(iter(trajectories.values()))
         fov = float(2 * np.arctan(cams.height / (2 * float(cams.K[0, 1, 1]))))
-        server.scene.add_camera_frustum("/input", fov=fov, aspect=cams.width / cams.height, scale=0.25,
+        server.scene.add_camera_frustum(f"{parent}/input", fov=fov, aspect=cams.width / cams.height, scale=0.25,
                                         thickness=0.004, color=(255, 255, 255), image=image)
 
 
@@ -91,12 +147,20 @@ def scene_content(st: RunStore, scene: str, arrays: dict, checkpoint: str | Path
                   log: Callable[[str], None] | None = None) -> tuple[Gaussians | None, tuple | None, str]:
     """(decoder Gaussians, None, note) of a stored scene, or (None, input RGB-D points, note) when no decoder is
     available and the scene has depth. An explicit ``checkpoint`` that fails to load raises (no fallback)."""
+    gaussians, points, note, _ = scene_view(st, scene, arrays, checkpoint, log)
+    return gaussians, points, note
+
+
+def scene_view(st: RunStore, scene: str, arrays: dict, checkpoint: str | Path | None,
+               log: Callable[[str], None] | None = None) -> tuple[Gaussians | None, tuple | None, str, str | None]:
+    """:func:`scene_content` and the background the decoder's Gaussians were trained over
+    (:data:`lyra_ops.decoder.BACKGROUNDS`; None for the point cloud)."""
     from lyra_pipeline.reconstruct import decode_scene, resolve_decoder
 
     try:
         model, source = resolve_decoder(st, checkpoint, log)
         gaussians, _, _ = decode_scene(model, st, scene)
-        return gaussians, None, f"{scene}: {gaussians.num} Gaussians from decoder {source}"
+        return gaussians, None, f"{scene}: {gaussians.num} Gaussians from decoder {source}", model.config.background
     except LyraError as exc:
         if checkpoint is not None or "depth/depth" not in arrays or "input/rgb" not in arrays:
             raise
@@ -105,17 +169,18 @@ def scene_content(st: RunStore, scene: str, arrays: dict, checkpoint: str | Path
         note = f"{scene}: input RGB-D point cloud ({len(points[0])} points; no decoder: {exc})"
         if log is not None:
             log(note)
-        return None, points, note
+        return None, points, note, None
 
 
 class SequencePlayer:
     """A Gaussian sequence in the viewer: a "time step" slider and a "play" toggle that swap the shown Gaussians
     (``load(i)`` -> the Gaussians of step ``i``, loaded on first use and kept). ``labels[i]`` names step i."""
 
-    def __init__(self, server, labels: list[str], load: Callable[[int], Gaussians], fps: float = 8.0) -> None:
+    def __init__(self, server, labels: list[str], load: Callable[[int], Gaussians], fps: float = 8.0,
+                 splats: Callable[[Gaussians], dict | None] = viewer_splats) -> None:
         import threading
 
-        self.server, self.labels, self.load, self.fps = server, labels, load, float(fps)
+        self.server, self.labels, self.load, self.fps, self.splats = server, labels, load, float(fps), splats
         self.cache: dict[int, Gaussians] = {}
         self.current = -1
         self.slider = server.gui.add_slider("time step", min=0, max=max(len(labels) - 1, 1), step=1, initial_value=0,
@@ -137,13 +202,18 @@ class SequencePlayer:
         """Show step ``i`` (no-op when already shown)."""
         if i == self.current:
             return
-        splats = viewer_splats(self.gaussians(i))
+        splats = self.splats(self.gaussians(i))
         if splats is not None:
-            self.server.scene.add_gaussian_splats("/gaussians", **splats)  # same name: replaces the last step
+            add_splats(self.server, "/gaussians", splats)  # same name: replaces the last step
         else:
             self.server.scene.remove_by_name("/gaussians")
         self.label.content = self.labels[i]
         self.current = i
+
+    def refresh(self) -> None:
+        """Show the current step again (after a display setting changed)."""
+        i, self.current = self.current, -1
+        self.show(max(i, 0))
 
     def _loop(self) -> None:
         while not self._stop.wait(1.0 / self.fps):
@@ -175,8 +245,9 @@ def read_sequence(path: str | Path) -> tuple[list[dict], Path]:
 
 
 def dynamic_sequence(st: RunStore, scene: str, checkpoint: str | Path | None,
-                     log: Callable[[str], None] | None = None) -> tuple[tuple[list[str], Callable], str]:
-    """(labels, loader) of a stored dynamic scene's time steps (decoded on first view) and a note."""
+                     log: Callable[[str], None] | None = None) -> tuple[tuple[list[str], Callable], str, str]:
+    """(labels, loader) of a stored dynamic scene's time steps (decoded on first view), a note and the background
+    the decoder was trained over."""
     from lyra_pipeline.reconstruct import resolve_decoder
     from lyra_pipeline.training import ViewCache, dynamic_inputs, scene_gaussians_at
 
@@ -187,7 +258,7 @@ def dynamic_sequence(st: RunStore, scene: str, checkpoint: str | Path | None,
     labels = [f"frame {i} · time {float(t):.3f}" for i, t in enumerate(times)]
     kind = "time-conditioned" if model.config.time_embedding else "static (applied per frame)"
     return (labels, lambda i: scene_gaussians_at(model, views, scene, forward, i)), (
-        f"{scene}: {len(labels)} time steps from {kind} decoder {source}")
+        f"{scene}: {len(labels)} time steps from {kind} decoder {source}"), model.config.background
 
 
 def check_address(host: str, port: int) -> None:
@@ -230,7 +301,7 @@ def start_viewer(
     check_address(host, port)
     if ply is None and (store is None or scene is None):
         raise LyraInputError("lyra view: give a PLY path, a .sequence.json, or --store and a scene id")
-    gaussians, trajectories, image, points = None, {}, None, None
+    gaussians, trajectories, image, points, background = None, {}, None, None, None
     sequence: tuple[list[str], Callable[[int], Gaussians]] | None = None
     note = ""
     if ply is not None and str(ply).endswith(".sequence.json"):
@@ -257,23 +328,88 @@ def start_viewer(
         if "input/rgb" in arrays:
             image = np.moveaxis(st.read_array(scene, "input/rgb"), 0, -1)
         if is_dynamic_scene(st, scene):  # a dynamic scene: the decoder's Gaussians at every input frame
-            sequence, note = dynamic_sequence(st, scene, checkpoint, log)
+            sequence, note, background = dynamic_sequence(st, scene, checkpoint, log)
         else:
-            gaussians, points, note = scene_content(st, scene, arrays, checkpoint, log)
+            gaussians, points, note, background = scene_view(st, scene, arrays, checkpoint, log)
+    camera = input_camera(trajectories)
     server = viser.ViserServer(host=host, port=port, label="lyra", verbose=False)
+    floor = None
+    if camera is not None and (gaussians is not None or sequence is not None):
+        floor = server.gui.add_slider(
+            "splat floor", min=0.0, max=8.0, step=0.25, initial_value=1.0,
+            hint="display only: Gaussians narrower than viser draws at the input frame's size are widened to that "
+                 "(1); raise it if the scene shows holes in a window smaller than the input frame, 0: as decoded")
+
+    def prepare(g: Gaussians) -> dict | None:
+        if camera is None or floor is None:
+            return viewer_splats(g)
+        return viewer_splats(g, camera.c2w[0, :3, 3], float(camera.K[0, 0, 0]), float(floor.value))
+
+    splats = None
     if sequence is not None:
-        server.player = SequencePlayer(server, *sequence)
-    splats = viewer_splats(gaussians) if gaussians is not None else None
-    if splats is not None:
-        server.scene.add_gaussian_splats("/gaussians", **splats)
+        server.player = SequencePlayer(server, *sequence, splats=prepare)
+        splats = prepare(server.player.gaussians(0))
     elif gaussians is not None:
-        note += " (empty: nothing to show)"
+        splats = prepare(gaussians)
+        if splats is not None:
+            add_splats(server, "/gaussians", splats)
+        else:
+            note += " (empty: nothing to show)"
+    if floor is not None:
+        floor.on_update(lambda _: server.player.refresh() if sequence is not None
+                        else add_splats(server, "/gaussians", prepare(gaussians)))
     if points is not None and len(points[0]):
         server.scene.add_point_cloud("/points", points=points[0], colors=points[1], point_size=0.01)
-    add_trajectories(server, trajectories, image)
-    # OpenCV world (y down, z forward): look from behind the first camera, y up = -y.
-    server.scene.set_up_direction("-y")
-    server.initial_camera.position = (0.0, -0.3, -1.2)
-    server.initial_camera.look_at = (0.0, 0.0, 2.0)
+    if trajectories:
+        # off at the start: from the input camera, the input frustum's image would cover the view
+        cameras = server.scene.add_frame("/cameras", show_axes=False, visible=False)
+        add_trajectories(server, trajectories, image, parent="/cameras")
+        toggle = server.gui.add_checkbox("camera paths", initial_value=False)
+        toggle.on_update(lambda _: setattr(cameras, "visible", bool(toggle.value)))
+    if image is not None and background is not None:
+        colour = background_color(torch.from_numpy(np.moveaxis(image, -1, 0).copy()), background)
+        if colour is not None:  # the decoder's background (None: white, viser's own)
+            server.scene.set_background_image(np.tile(to_uint8_colour(colour), (8, 8, 1)), format="png")
+    set_initial_camera(server, camera, splats)
     server.gui.add_markdown(f"**lyra** · {note}")
     return server
+
+
+def to_uint8_colour(colour: torch.Tensor) -> np.ndarray:
+    return np.round(colour.clamp(0, 1).numpy() * 255).astype(np.uint8)
+
+
+def input_camera(trajectories: dict[str, Cameras]) -> Cameras | None:
+    """The camera every trajectory starts from (frame 0 of the first, by name), or None without trajectories."""
+    if not trajectories:
+        return None
+    cams = trajectories[sorted(trajectories)[0]]
+    return cams[torch.tensor([0])]
+
+
+def initial_view(camera: Cameras | None, splats: dict | None) -> dict:
+    """Where the viewer opens: at ``camera`` (the input camera; None: lyra's convention, the world origin
+    looking down +z, y down), looking along its optical axis at the median depth of the Gaussians in front of it
+    (the orbit centre), with the scene's up its -y axis and, with a camera, its vertical field of view (radians)."""
+    c2w = camera.c2w[0].double().numpy() if camera is not None else np.eye(4)
+    position, forward, up = c2w[:3, 3], c2w[:3, 2], -c2w[:3, 1]
+    depth = 1.0
+    if splats is not None:
+        z = (splats["centers"].astype(np.float64) - position) @ forward
+        z = z[z > 0]
+        depth = float(np.median(z)) if z.size else 1.0
+    view = {"position": position, "look_at": position + depth * forward, "up": up}
+    if camera is not None:
+        view["fov"] = float(2 * np.arctan(camera.height / (2 * float(camera.K[0, 1, 1]))))
+    return view
+
+
+def set_initial_camera(server, camera: Cameras | None, splats: dict | None) -> dict:
+    """``server``'s initial camera (new clients and "Reset View") at :func:`initial_view`; returns that view."""
+    view = initial_view(camera, splats)
+    server.scene.set_up_direction(tuple(float(v) for v in view["up"]))
+    server.initial_camera.position = tuple(float(v) for v in view["position"])
+    server.initial_camera.look_at = tuple(float(v) for v in view["look_at"])
+    if "fov" in view:
+        server.initial_camera.fov = view["fov"]
+    return view

@@ -8,9 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from lyra_ops.images import cover_crop, cover_crop_geometry, cover_crop_intrinsics
+from lyra_ops.images import cover_crop, cover_crop_intrinsics
 from lyra_ops.trajectories import load_trajectory
 
 
@@ -35,11 +34,9 @@ def test_cover_crop_intrinsics_follow_the_image(src, dst):
     u = (torch.arange(sw, dtype=torch.float64) + 0.5)[None, None, :].expand(1, sh, sw)
     v = (torch.arange(sh, dtype=torch.float64) + 0.5)[None, :, None].expand(1, sh, sw)
     ramp = torch.cat([u, v]).clone()
-    # bilinear without antialiasing keeps a ramp exactly linear (cover_crop's own resize, minus the smoothing)
-    new_h, new_w, top, left = cover_crop_geometry(sh, sw, h, w)
-    resized = F.interpolate(ramp[None], size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
-    crop = resized[:, top : top + h, left : left + w]
-    assert crop.shape == cover_crop(ramp, h, w, mode="bilinear").shape
+    # bilinear without antialiasing keeps a ramp exactly linear (cover_crop's own resampling, minus the smoothing)
+    crop = cover_crop(ramp, h, w, mode="bilinear", antialias=False)
+    assert crop.shape == cover_crop(ramp, h, w, mode="bilinear").shape == (2, h, w)
     K = torch.tensor([[900.0, 0, 0.45 * sw], [0, 880.0, 0.55 * sh], [0, 0, 1]], dtype=torch.float64)
     k2 = cover_crop_intrinsics(K, sh, sw, h, w)
     jj, ii = torch.meshgrid(torch.arange(w, dtype=torch.float64) + 0.5, torch.arange(h, dtype=torch.float64) + 0.5,
@@ -49,7 +46,7 @@ def test_cover_crop_intrinsics_follow_the_image(src, dst):
     inner = (slice(2, -2), slice(2, -2))  # the border clamps
     assert torch.allclose(crop[0][inner], expect_u[inner], atol=1e-6)
     assert torch.allclose(crop[1][inner], expect_v[inner], atol=1e-6)
-    assert abs(float(k2[0, 0] / k2[1, 1]) - 900 / 880) < 0.02  # one scale: the pixel aspect is kept
+    assert float(k2[0, 0] / k2[1, 1]) == pytest.approx(900 / 880, rel=1e-12)  # one scale: the pixel aspect is kept
 
 
 def test_loaded_path_keeps_square_pixels(tmp_path):
@@ -116,7 +113,7 @@ def test_select_frames_modes():
 
 def test_long_path_oracle_frames_are_exact_and_the_drop_is_logged(tmp_path, caplog):
     """A 30-frame path with trajectories.frames: all is generated whole (33 frames: 3 hold the last pose); with
-    the oracle teacher every frame equals the exact render. The default (clip) logs that it drops frames."""
+    the oracle teacher every frame equals the exact render. trajectories.frames: clip logs that it drops frames."""
     import logging
 
     from lyra_ops.images import to_uint8
@@ -128,7 +125,8 @@ def test_long_path_oracle_frames_are_exact_and_the_drop_is_logged(tmp_path, capl
 
     path = foreign_path(tmp_path / "long.json", frames=30)
     with caplog.at_level(logging.WARNING):
-        trajectory_cameras(build_config("smoke", {"trajectories": {"custom": str(path)}}), None, "custom", None)
+        trajectory_cameras(build_config("smoke", {"trajectories": {"custom": str(path), "frames": "clip"}}), None,
+                           "custom", None)
     assert "uses 9 of its 30 frames" in caplog.text
     config = build_config("smoke", {"scenes": {"num_scenes": 1},
                                     "trajectories": {"custom": str(path), "frames": "all"}})

@@ -690,3 +690,41 @@ def test_input_head_starts_as_the_input_frame_unprojected(inputs) -> None:
     old = LatentGaussianDecoder(DecoderConfig.preset("tiny", fuse="stack", input_stride=0), seed=1)
     load_decoder_state(model, old.state_dict(), keep_missing=("input_head.",))
     torch.testing.assert_close(model.head.weight, old.head.weight)
+
+
+def test_input_gate_pins_known_pixels_to_the_rgbd_unprojection(inputs) -> None:
+    """``input_gate``: where the input frame's depth is known, the gated channel groups of the input head take the
+    RGB-D unprojection's values whatever the head outputs; unknown pixels (depth edges) stay learned."""
+    latents, plucker, cams = inputs
+    h, w = 64, 96
+    known = torch.rand(2, 9, 1, h, w) * 3 + 1
+    known[0, 0, 0, 10:12, 20:30] = 0.0  # a depth edge the reliability filter left unknown
+    ref = LatentGaussianDecoder(DecoderConfig.preset("tiny"), seed=0)
+    with torch.no_grad():
+        ref.input_head.weight.zero_()
+        ref.input_head.bias[:-1] = 0.0
+        ref.input_head.bias[7] = 1.0
+        exact = ref(latents, plucker, cams, known_depth=known).index(torch.arange(h * w))
+    gated = LatentGaussianDecoder(DecoderConfig.preset("tiny", input_gate=("distance", "rgb", "scale", "quat",
+                                                                           "opacity")), seed=0)
+    with torch.no_grad():
+        gated.input_head.bias.normal_()  # a head far from its zero point
+        free = LatentGaussianDecoder(DecoderConfig.preset("tiny"), seed=0)
+        free.load_state_dict(gated.state_dict())
+        g = gated(latents, plucker, cams, known_depth=known).index(torch.arange(h * w))
+        f = free(latents, plucker, cams, known_depth=known).index(torch.arange(h * w))
+    on = known[0, 0, 0].reshape(-1) > 0
+    for name in ("means", "scales", "opacities", "colors"):
+        torch.testing.assert_close(getattr(g, name)[on], getattr(exact, name)[on], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(getattr(g, name)[~on], getattr(f, name)[~on])
+    assert not torch.allclose(f.colors[on], exact.colors[on])  # ungated, the same head moves them
+    only_colour = LatentGaussianDecoder(DecoderConfig.preset("tiny", input_gate=("rgb",)), seed=0)
+    only_colour.load_state_dict(gated.state_dict())
+    with torch.no_grad():
+        c = only_colour(latents, plucker, cams, known_depth=known).index(torch.arange(h * w))
+    torch.testing.assert_close(c.colors[on], exact.colors[on], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(c.means, f.means)
+    with pytest.raises(LyraConfigError, match="input_gate"):
+        DecoderConfig.preset("tiny", input_gate=("colour",))
+    with pytest.raises(LyraConfigError, match="input_gate"):
+        DecoderConfig.preset("paper", input_gate=("rgb",))

@@ -387,16 +387,18 @@ def test_evaluate_flow_with_a_decoder_checkpoint(trained_store, tmp_path, prefec
     assert len(files) == 3
     # the decoder beside the no-learning baselines, on trajectory frames and on held-out cameras
     quality = [r for r in summary if str(r["group"]).startswith("quality")]
-    assert [(r["split"], r["method"]) for r in quality] == [(s, m) for s in ("path", "held_out") for m in CHEAP_METHODS]
+    assert [(r["split"], r["method"]) for r in quality] == [(s, m) for s in ("path", "held_out", "input")
+                                                                   for m in CHEAP_METHODS]
     assert all(r["scenes"] == 3 and 0 < r["psnr"] < 60 for r in quality)
-    assert [r["frames"] for r in quality] == [3 * 6 * 3] * 4 + [3 * 8] * 4  # every 4th of 9 frames; 8 cameras
+    # every 4th of 9 frames; 8 held-out cameras; the input camera
+    assert [r["frames"] for r in quality] == [3 * 6 * 3] * 4 + [3 * 8] * 4 + [3] * 4
     sha16 = hashlib.sha256(Path(ckpt).read_bytes()).hexdigest()[:16]
     files += sorted((store_path / "eval" / "quality").rglob("*.parquet"))
     assert len(files) == 6 and (store_path / "eval" / f"quality_{sha16}_summary.parquet").is_file()
     mtimes = [f.stat().st_mtime_ns for f in files]
     evaluate_dataset(store=str(store_path), preset="smoke", overrides=over, checkpoint=ckpt)
     assert [f.stat().st_mtime_ns for f in files] == mtimes  # same checkpoint: no work
-    assert quality_rich_table(quality).row_count == 8
+    assert quality_rich_table(quality).row_count == 12  # 3 splits x 4 methods
     text = build_report(str(store_path), tmp_path / "report").read_text()
     assert f"Decoder {sha16} beside no-learning baselines" in text and "held_out" in text
 

@@ -49,7 +49,7 @@ def test_scene_rows_of_every_method_on_both_splits(smoke_store_template, tiny_de
         by[(r["split"], r["method"])].append(r)
     path_views = 6 * len(range(0, 9, 4))  # 6 trajectories x frames 0, 4, 8
     for m in methods:
-        assert len(by[("path", m)]) == path_views and len(by[("held_out", m)]) == 3
+        assert len(by[("path", m)]) == path_views and len(by[("held_out", m)]) == 3 and len(by[("input", m)]) == 1
     # the plane's AbsRel is a property of the view, the same for every method; the flat method's depth is that plane
     plane = defaultdict(set)
     for r in rows:
@@ -61,10 +61,17 @@ def test_scene_rows_of_every_method_on_both_splits(smoke_store_template, tiny_de
     first = {m: next(r for r in by[("path", m)] if r["frame"] == 0) for m in methods}
     assert first["rgbd"]["psnr"] > first["flat"]["psnr"] + 5 and first["rgbd"]["depth_absrel"] < 0.02
     assert first["ceiling"]["gaussians"] == first["decoder"]["gaussians"]  # the decoder's grid (stub or real)
-    # path frames score against the teacher too; held-out views on seen pixels, never against a teacher
-    assert all(math.isfinite(r["psnr_teacher"]) and math.isnan(r["psnr_seen"]) for r in by[("path", "decoder")])
-    for r in by[("held_out", "decoder")]:
-        assert math.isnan(r["psnr_teacher"]) and math.isfinite(r["psnr_seen"]) and 0 < r["seen_fraction"] <= 1
+    # path frames score against the teacher too, held-out views never; every view on the pixels the input saw
+    # and on the others: at the input camera every pixel is seen, and the RGB-D unprojection renders it back
+    assert all(math.isfinite(r["psnr_teacher"]) for r in by[("path", "decoder")])
+    for r in by[("held_out", "decoder")] + by[("path", "decoder")]:
+        assert math.isfinite(r["psnr_seen"]) and 0 < r["seen_fraction"] <= 1
+    assert all(math.isnan(r["psnr_teacher"]) for r in by[("held_out", "decoder")])
+    assert any(math.isfinite(r["psnr_unseen"]) and r["seen_fraction"] < 1 for r in by[("held_out", "decoder")])
+    at_input = {m: by[("input", m)][0] for m in methods}
+    assert at_input["rgbd"]["seen_fraction"] > 0.98
+    assert at_input["rgbd"]["psnr_seen"] > at_input["flat"]["psnr_seen"] + 5
+    assert at_input["rgbd"]["psnr"] == pytest.approx(first["rgbd"]["psnr"])  # frame 0 of every path is the input
     # both optimisation snapshots come from one run: the later one has taken longer
     assert by[("path", "optimized_4")][0]["build_seconds"] > by[("path", "optimized_2")][0]["build_seconds"] > 0
     assert by[("path", "decoder")][0]["gaussians"] > 0
@@ -80,17 +87,17 @@ def test_scene_rows_of_every_method_on_both_splits(smoke_store_template, tiny_de
                     "decoder_depth_absrel", "plane_depth_absrel", "optimized_4_psnr", "rgbd_depth_absrel"):
             assert math.isfinite(block[key]), (split, key)
         assert not any("lpips" in k for k in block)
-    assert math.isfinite(summary["held_out"]["decoder_psnr_seen"]) and "decoder_psnr_seen" not in summary["path"]
+    assert all(math.isfinite(summary[split]["decoder_psnr_seen"]) for split in ("path", "held_out", "input"))
     assert set(summary["path_per_trajectory"]) == {r["trajectory"] for r in by[("path", "flat")]}
     table = quality_table(rows)
     assert [(t["split"], t["method"]) for t in table][:3] == [("path", "flat"), ("path", "rgbd"), ("path", "ceiling")]
-    assert len(table) == 2 * len(methods)
+    assert len(table) == 3 * len(methods)
 
 
 def test_summary_is_mean_and_spread_over_scenes():
     def row(scene: str, frame: int, psnr: float) -> dict:
-        base = dict.fromkeys(("ssim", "lpips", "psnr_seen", "psnr_teacher", "ssim_teacher", "lpips_teacher",
-                              "depth_absrel", "seen_fraction"), math.nan)
+        base = dict.fromkeys(("ssim", "lpips", "psnr_seen", "psnr_unseen", "psnr_teacher", "ssim_teacher",
+                              "lpips_teacher", "depth_absrel", "seen_fraction"), math.nan)
         return {**base, "scene_id": scene, "split": "path", "trajectory": "left", "frame": frame, "method": "flat",
                 "psnr": psnr, "plane_depth_absrel": 0.5, "gaussians": 0, "build_seconds": 1.0, "render_seconds": 2.0}
 

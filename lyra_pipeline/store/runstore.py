@@ -23,6 +23,7 @@ import re
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +39,21 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from lyra_ops.errors import LyraInputError, LyraStorageError
 from lyra_pipeline.store import interrupt
+from lyra_pipeline.store.names import (  # noqa: F401 - re-exported (lyra_pipeline.store)
+    ALL_STAGES,
+    EVAL_STAGES,
+    SCENE_STAGES,
+    STAGES,
+    TRAJECTORY_STAGES,
+)
 
 STORE_FORMAT = "lyra-store"
 MANIFEST_INDEX = "manifest_index.parquet"
+# The index records the manifest folder's mtime once the folder has been quiet this long (longer than any file
+# system's timestamp granularity), for stores of at least this many scenes (smaller ones are listed: cheap).
+INDEX_QUIET_S = 2.0
+INDEX_QUIET_MIN_SCENES = 10_000
+INDEX_ROW_GROUP = 1 << 16
 STORE_VERSION = 2  # 2: every array chunk carries a crc32c checksum and every chunk is written (empty ones too)
 # zstd as before, then a crc32c of the compressed bytes (Zarr v3 codec): a flipped bit, a torn or foreign chunk fails
 # its read with the chunk named (and ``lyra verify`` checks it without decompressing)
@@ -48,11 +61,6 @@ CHUNK_COMPRESSORS = (ZstdCodec(level=0, checksum=False), Crc32cCodec())
 # chunks equal to the fill value are written too, so a chunk file that is missing is damage, never zeros
 zarr.config.set({"array.write_empty_chunks": True})
 SCENE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-SCENE_STAGES = ("input", "depth")
-TRAJECTORY_STAGES = ("cameras", "warp", "refine", "generate", "latents", "video_depth")
-EVAL_STAGES = ("evaluate",)
-STAGES = SCENE_STAGES + TRAJECTORY_STAGES
-ALL_STAGES = STAGES + EVAL_STAGES
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -128,6 +136,15 @@ def _same_table(old: bytes, table: pa.Table, check_metadata: bool = False) -> bo
         return pq.read_table(io.BytesIO(old)).equals(table, check_metadata=check_metadata)
     except (pa.ArrowException, OSError, ValueError):
         return False
+
+
+def _unit_counts(table: pa.Table) -> Counter[tuple[str, str, str]]:
+    """Rows of a manifest table per (trajectory, stage, status), computed in Arrow."""
+    if table.num_rows == 0:
+        return Counter()
+    agg = table.group_by(["trajectory", "stage", "status"]).aggregate([("scene_id", "count")])
+    return Counter(dict(zip(zip(agg["trajectory"].to_pylist(), agg["stage"].to_pylist(), agg["status"].to_pylist(),
+                                strict=True), agg["scene_id_count"].to_pylist(), strict=True)))
 
 
 def _mtime(info: dict[str, Any]) -> float:
@@ -379,11 +396,13 @@ class RunStore:
                     and lease.get("host") == os.uname().nodename and lease.get("pid") in pids:
                 self.fs.rm_file(self._path("leases", name))
 
-    def read_manifest(self, columns: list[str] | None = None) -> pa.Table:
-        """All scenes' manifest rows as one table (empty table if nothing was recorded yet).
+    def read_manifest(self, columns: list[str] | None = None, *, status: str | None = None) -> pa.Table:
+        """All scenes' manifest rows as one table (empty table if nothing was recorded yet); ``status``: only the
+        rows of that status (the index's row groups without it are skipped).
 
         Reads the compacted index (``manifest_index.parquet``) plus only the per-scene files written after it, so
-        a finished store of 100k scenes answers from one file (see :meth:`compact_manifest`)."""
+        a finished store of 100k scenes answers from one file (see :meth:`compact_manifest`); when the manifest
+        folder has not changed since the index (local stores), the folder is not even listed."""
         path = self._path("manifest")
         schema = MANIFEST_SCHEMA if columns is None else pa.schema([MANIFEST_SCHEMA.field(c) for c in columns])
         if not self.is_local:  # s3fs caches listings (per thread, indefinitely): other writers' files must show
@@ -391,19 +410,16 @@ class RunStore:
             self.fs.invalidate_cache(path)
         if not self.fs.exists(path):
             return schema.empty_table()
-        cols = None if columns is None else sorted(set(columns) | {"scene_id"})
-        listing = self._listing_mtimes(path)
-        index = self._read_bytes(MANIFEST_INDEX)
-        base = self.parse_parquet(index, MANIFEST_INDEX, columns=cols) if index is not None else None
-        as_of = float(base.schema.metadata.get(b"as_of", b"-inf")) if base is not None else -math.inf
-        indexed = set(base.schema.metadata.get(b"scenes", b"").decode().split("\n")) if base is not None else set()
-        fresh = sorted(f for f, m in listing.items() if m >= as_of or f.removesuffix(".parquet") not in indexed)
-        tables = [self.parse_parquet(self.fs.cat_file(f"{path}/{f}"), f"manifest/{f}", schema=MANIFEST_SCHEMA,
-                                     columns=cols) for f in fresh]
-        if base is not None:
+        cols = None if columns is None else sorted(set(columns) | {"scene_id"} | ({"status"} if status else set()))
+        index, meta = self._manifest_index()
+        fresh, stale = self._manifest_changes(path, meta)
+        tables = [self._manifest_file(f, cols) for f in fresh]
+        if status is not None:
+            tables = [t.filter(pa.compute.equal(t["status"], status)) for t in tables]
+        if index is not None:
+            filters = [("status", "=", status)] if status is not None else None
+            base = self.parse_parquet(index, MANIFEST_INDEX, columns=cols, filters=filters)
             base = base.replace_schema_metadata(None)
-            present = {f.removesuffix(".parquet") for f in listing}
-            stale = {f.removesuffix(".parquet") for f in fresh} | (indexed - present)
             if stale:  # rows of re-read or deleted scenes come from their files (or nowhere), not the index
                 base = base.filter(pa.compute.invert(
                     pa.compute.is_in(base["scene_id"], value_set=pa.array(sorted(stale), pa.string()))))
@@ -413,19 +429,94 @@ class RunStore:
         out = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
         return out if columns is None else out.select(columns)
 
+    def _manifest_file(self, name: str, columns: list[str] | None) -> pa.Table:
+        return self.parse_parquet(self.fs.cat_file(f"{self._path('manifest')}/{name}"), f"manifest/{name}",
+                                  schema=MANIFEST_SCHEMA, columns=columns)
+
+    def _manifest_index(self) -> tuple[bytes | None, dict[bytes, bytes]]:
+        """The index file's bytes and its footer's key-value metadata (None, {} without an index)."""
+        index = self._read_bytes(MANIFEST_INDEX)
+        if index is None:
+            return None, {}
+        return index, dict(self.parse_parquet(index, MANIFEST_INDEX, rows_only=True).metadata or {})
+
+    def _manifest_unchanged(self, path: str, meta: dict[bytes, bytes]) -> bool:
+        """Whether no per-scene manifest file was written, replaced or removed since the index was made: the
+        manifest folder's mtime is the one the index recorded (local stores; every write is a rename into the
+        folder, which sets its mtime). One ``stat`` instead of listing (and stat-ing) every scene's file."""
+        recorded = meta.get(b"listing_mtime_ns")
+        if not self.is_local or recorded is None:
+            return False
+        try:
+            return os.stat(path).st_mtime_ns == int(recorded)
+        except (OSError, ValueError):
+            return False
+
+    def _manifest_changes(self, path: str, meta: dict[bytes, bytes]) -> tuple[list[str], set[str]]:
+        """(per-scene files to read on top of the index, indexed scenes whose index rows are stale)."""
+        if self._manifest_unchanged(path, meta):
+            return [], set()
+        listing = self._listing_mtimes(path)
+        as_of = float(meta.get(b"as_of", b"-inf"))
+        indexed = set(meta.get(b"scenes", b"").decode().split("\n")) - {""}
+        fresh = sorted(f for f, m in listing.items() if m >= as_of or f.removesuffix(".parquet") not in indexed)
+        present = {f.removesuffix(".parquet") for f in listing}
+        stale = ({f.removesuffix(".parquet") for f in fresh} | (indexed - present)) & indexed
+        return fresh, stale
+
     def done_keys(self) -> dict[tuple[str, str, str], str]:
         """(scene_id, trajectory, stage) -> key of every unit recorded ``done`` (reads 5 manifest columns)."""
         table = self.read_manifest(columns=["scene_id", "trajectory", "stage", "status", "key"]).to_pylist()
         return {(r["scene_id"], r["trajectory"], r["stage"]): r["key"] for r in table if r["status"] == "done"}
 
     def manifest_counts(self) -> dict[tuple[str, str], int]:
-        """Units per (stage, status), computed in Arrow (fast at millions of rows)."""
-        table = self.read_manifest(columns=["scene_id", "stage", "status"])
-        if table.num_rows == 0:
-            return {}
-        agg = table.group_by(["stage", "status"]).aggregate([("scene_id", "count")])
-        return {(st, su): n for st, su, n in zip(agg["stage"].to_pylist(), agg["status"].to_pylist(),
-                                                   agg["scene_id_count"].to_pylist(), strict=True)}
+        """Units per (stage, status) (see :meth:`manifest_summary`)."""
+        out: Counter[tuple[str, str]] = Counter()
+        for (_, stage, status), n in self.manifest_summary().items():
+            out[(stage, status)] += n
+        return dict(out)
+
+    def manifest_summary(self) -> Counter[tuple[str, str, str]]:
+        """Units per (trajectory, stage, status). The index carries its own counts: on a store unchanged since its
+        index this reads the index's footer and nothing else (1M scenes in well under a second); files changed
+        since are read and the stale scenes' index rows (only the row groups holding them) taken off."""
+        path = self._path("manifest")
+        if not self.is_local:
+            self.fs.invalidate_cache(self.root)
+            self.fs.invalidate_cache(path)
+        counts: Counter[tuple[str, str, str]] = Counter()
+        if not self.fs.exists(path):
+            return counts
+        cols = ["scene_id", "trajectory", "stage", "status"]
+        index, meta = self._manifest_index()
+        fresh, stale = self._manifest_changes(path, meta)
+        if index is not None and b"counts" in meta:
+            counts.update({(t, st, su): n for t, st, su, n in json.loads(meta[b"counts"])})
+            if stale:
+                gone = self.parse_parquet(index, MANIFEST_INDEX, columns=cols,
+                                          filters=[("scene_id", "in", sorted(stale))])
+                counts.subtract(_unit_counts(gone))
+        elif index is not None:  # an index written before it carried counts
+            base = self.parse_parquet(index, MANIFEST_INDEX, columns=cols)
+            if stale:
+                base = base.filter(pa.compute.invert(
+                    pa.compute.is_in(base["scene_id"], value_set=pa.array(sorted(stale), pa.string()))))
+            counts.update(_unit_counts(base))
+        for f in fresh:
+            counts.update(_unit_counts(self._manifest_file(f, cols)))
+        return +counts  # drop zero counts
+
+    def index_completion(self) -> dict[str, Any] | None:
+        """What the index says was complete when it was made (``{"plan", "prompts", "scenes"}``: every unit of
+        the scene list with that ``prompts.parquet`` sha256 done under the keys of that plan fingerprint), if
+        nothing in the manifest changed since; else None. Reads the index footer only."""
+        index, meta = self._manifest_index()
+        if index is None or b"complete" not in meta or not self._manifest_unchanged(self._path("manifest"), meta):
+            return None
+        try:
+            return dict(json.loads(meta[b"complete"]))
+        except (ValueError, TypeError):
+            return None
 
     def _listing_mtimes(self, path: str) -> dict[str, float]:
         """``{file name: mtime}`` of the ``*.parquet`` files of a folder (os.scandir locally: 2x faster)."""
@@ -436,23 +527,73 @@ class RunStore:
         return {info["name"].rstrip("/").rsplit("/", 1)[-1]: _mtime(info)
                 for info in self.fs.ls(path, detail=True) if info["name"].endswith(".parquet")}
 
-    def compact_manifest(self) -> int:
+    def _quiet_folder_mtime(self, path: str) -> int | None:
+        """The manifest folder's mtime (ns) once no write has touched it for :data:`INDEX_QUIET_S` (waiting at most
+        that long), so any later write gives it a different mtime whatever the file system's timestamp
+        granularity; None on object stores, for small stores (a listing is cheap there) or when it keeps
+        changing."""
+        if not self.is_local or self.prompt_count() < INDEX_QUIET_MIN_SCENES:
+            return None
+        for _ in range(3):
+            mtime = os.stat(path).st_mtime_ns
+            wait = mtime / 1e9 + INDEX_QUIET_S - time.time()
+            if wait <= 0:
+                return mtime
+            if wait > INDEX_QUIET_S:  # an mtime in the future: a clock this cannot reason about
+                return None
+            time.sleep(wait)
+        return None
+
+    def compact_manifest(self, *, complete: dict[str, Any] | None = None) -> int:
         """Rewrite ``manifest_index.parquet`` from the index and the per-scene files changed since (one writer:
-        the flow, after its tasks). Returns the number of rows indexed."""
+        the flow, after its tasks). Returns the number of rows indexed.
+
+        The index's metadata also holds its rows' counts per (trajectory, stage, status) and, on local stores
+        that had been quiet, the manifest folder's mtime (readers that find it unchanged list nothing).
+        ``complete`` (``{"plan": fingerprint, "since": unix time, "run_id": id}``, from a flow that finished every
+        unit of the store's scene list): recorded with the scene list's sha256 when no other run wrote a row since
+        ``since``, so ``lyra run`` with that plan answers "nothing to do" from the footer."""
         path = self._path("manifest")
         if not self.fs.exists(path):
             return 0
+        quiet = self._quiet_folder_mtime(path)
         listing = self._listing_mtimes(path)
+        table = self.read_manifest().sort_by("scene_id")
+        if quiet is not None and os.stat(path).st_mtime_ns != quiet:
+            quiet = None  # written to while being compacted: readers list the folder
+        stamp = None
+        if complete is not None and quiet is not None:
+            others = pa.compute.and_(pa.compute.greater_equal(table["updated_at"], float(complete["since"])),
+                                     pa.compute.not_equal(table["run_id"], str(complete["run_id"])))
+            prompts = self._read_bytes("prompts.parquet")
+            all_done = pa.compute.all(pa.compute.equal(table["status"], "done")).as_py() is not False
+            if prompts is not None and all_done and not pa.compute.any(others).as_py():
+                stamp = {"plan": complete["plan"], "prompts": hashlib.sha256(prompts).hexdigest(),
+                         "scenes": self.prompt_count()}
+        return self.write_manifest_index(table, listing, quiet_mtime_ns=quiet, complete=stamp)
+
+    def write_manifest_index(self, table: pa.Table, listing: dict[str, float], *, quiet_mtime_ns: int | None = None,
+                             complete: dict[str, Any] | None = None) -> int:
+        """Write ``table`` (every manifest row, in scene order) as the index of the per-scene files ``listing``
+        (``{name: mtime}``), with its metadata (see :meth:`compact_manifest`); an unchanged index is not
+        rewritten. Returns the number of rows."""
         as_of = max(listing.values(), default=0.0)
         # rows in scene order (a stable sort keeps each scene's own order): the index of an unchanged store is the
         # same table whichever per-scene file was written last, so a re-run does not rewrite it
-        table = self.read_manifest().sort_by("scene_id")
         scenes = sorted(f.removesuffix(".parquet") for f in listing)
-        meta = {b"as_of": repr(as_of).encode(), b"scenes": "\n".join(scenes).encode()}
+        counts = sorted([t, st, su, n] for (t, st, su), n in _unit_counts(table).items())
+        meta = {b"as_of": repr(as_of).encode(), b"scenes": "\n".join(scenes).encode(),
+                b"counts": json.dumps(counts).encode()}
+        if quiet_mtime_ns is not None:
+            meta[b"listing_mtime_ns"] = str(quiet_mtime_ns).encode()
+        if complete is not None:
+            meta[b"complete"] = json.dumps(complete, sort_keys=True).encode()
         table = table.replace_schema_metadata(meta)
         old = self._read_bytes(MANIFEST_INDEX)
         if old is None or not _same_table(old, table, check_metadata=True):
-            self._write_parquet(MANIFEST_INDEX, table)  # unchanged stores are not rewritten
+            buf = io.BytesIO()  # row groups of 64k rows: a few changed scenes read a few groups, not the index
+            pq.write_table(table, buf, row_group_size=INDEX_ROW_GROUP)
+            self._write_bytes(MANIFEST_INDEX, buf.getvalue())
         return table.num_rows
 
     # --- parquet helpers ----------------------------------------------------------------------------------
