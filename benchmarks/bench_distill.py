@@ -1,12 +1,15 @@
 """Benchmark: the decoder-quality table, the distilled decoder beside baselines that need no learning.
 
-On held-out procedural scenes (seeds never trained on) each method is scored on two splits
+On held-out procedural scenes (seeds never trained on) each method is scored on three splits
 (``lyra_pipeline.quality``): ``path``, every ``--path-stride``-th frame of the scene's six trajectories (vs the
-exact render and vs the teacher frame), and ``held_out``, ``--held-out`` seeded random cameras near the
-trajectories that no model saw (all pixels, and only the pixels some input frame saw). Methods: ``flat`` (the
-input frame's mean colour), ``rgbd`` (the input frame unprojected with its exact depth), ``ceiling`` (exact
-depth + teacher colours on the decoder's own Gaussian grid), ``optimized_300`` / ``optimized_1000`` (per-scene
-3DGS optimisation on the teacher frames; ``--optimize``, ~10 min per 176x320 scene on a CPU), ``decoder``.
+exact render and vs the teacher frame), ``held_out``, ``--held-out`` seeded random cameras near the
+trajectories that no model saw, and ``input``, the input camera itself; on every split all pixels, the pixels the
+input frame saw (its exact depth within 2%: ``psnr_seen``) and the rest (``psnr_unseen``). Per scene, the
+decoder's margin over RGB-D on seen pixels and at the input camera (``seen_margin``, ``input_margin``).
+Methods: ``flat`` (the input frame's mean colour), ``rgbd`` (the input frame unprojected with its exact depth),
+``ceiling`` (exact depth + teacher colours on the decoder's own Gaussian grid), ``optimized_300`` /
+``optimized_1000`` (per-scene 3DGS optimisation on the teacher frames; ``--optimize``, ~10 min per 176x320 scene
+on a CPU), ``decoder``.
 Writes ``benchmarks/results/decoder_quality.json`` (per split: ``<method>_<metric>`` means over scenes with
 ``_std`` / ``_min`` / ``_max``, ``plane_depth_absrel``, ``scenes``, ``frames``; per trajectory for path frames)
 and prints a table; never asserts.
@@ -37,9 +40,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lyra_ops.decoder import with_render  # noqa: E402
 from lyra_ops.losses import make_lpips  # noqa: E402
 from lyra_pipeline.config import build_config  # noqa: E402
 from lyra_pipeline.quality import (  # noqa: E402
@@ -48,10 +53,13 @@ from lyra_pipeline.quality import (  # noqa: E402
     OPTIMIZED_METHODS,
     QualitySettings,
     available_methods,
+    margins,
+    per_scene,
     quality_table,
     scene_quality_rows,
     summarize_quality,
 )
+from lyra_pipeline.shipped import shipped_decoder_info  # noqa: E402
 from lyra_pipeline.storage import RunStore  # noqa: E402
 from lyra_pipeline.training import (  # noqa: E402
     LATEST,
@@ -174,7 +182,7 @@ def fmt(block: dict[str, Any], key: str, spec: str = ".2f") -> str:
 
 def print_table(summary: dict[str, Any], methods: list[str]) -> None:
     """Readable table: per split one line per method (means over scenes ± std over scenes)."""
-    for split in ("path", "held_out"):
+    for split in ("path", "held_out", "input"):
         block = summary.get(split)
         if block is None:
             continue
@@ -182,8 +190,9 @@ def print_table(summary: dict[str, Any], methods: list[str]) -> None:
               f"where alpha > 0.5; plane depth AbsRel {fmt(block, 'plane_depth_absrel', '.3f')}")
         cols = [("PSNR", "psnr", ".2f"), ("SSIM", "ssim", ".3f"), ("LPIPS", "lpips", ".3f"),
                 ("depth", "depth_absrel", ".3f")]
-        cols += [("PSNR seen px", "psnr_seen", ".2f")] if split == "held_out" else [("PSNR vs teacher", "psnr_teacher",
-                                                                                     ".2f")]
+        cols += [("PSNR seen px", "psnr_seen", ".2f")]
+        cols += [("PSNR unseen px", "psnr_unseen", ".2f")] if split != "input" else []
+        cols += [("PSNR vs teacher", "psnr_teacher", ".2f")] if split == "path" else []
         print(f"  {'method':<15}" + "".join(f"{c[0]:>17}" for c in cols) + f"{'build s':>10}{'render s':>10}")
         for m in methods:
             if f"{m}_psnr" not in block:
@@ -195,6 +204,15 @@ def print_table(summary: dict[str, Any], methods: list[str]) -> None:
         print("\npath PSNR per trajectory (dB): " + "  ".join(f"{m}" for m in methods))
         for traj, block in per.items():
             print(f"  {traj:<10} " + "  ".join(f"{fmt(block, f'{m}_psnr'):>12}" for m in methods))
+
+
+def print_margins(result: dict[str, Any]) -> None:
+    """Per split, the decoder minus RGB-D in every scene: on seen pixels, and (input split) the whole view."""
+    for key, title in (("seen_margin", "PSNR on seen pixels"), ("input_margin", "PSNR at the input camera")):
+        block = result.get(key) or {}
+        for split, diffs in block.items():
+            cells = "  ".join(f"{s}: {v:+.2f}" for s, v in diffs.items() if s != "min")
+            print(f"decoder - rgbd, {title}, {split}: min {diffs['min']:+.2f} dB ({cells})")
 
 
 def json_safe(value: Any) -> Any:
@@ -220,6 +238,10 @@ def main() -> None:
     ap.add_argument("--held-out", type=int, default=8, help="held-out cameras per scene")
     ap.add_argument("--optimize-frame-stride", type=int, default=2)
     ap.add_argument("--optimize-init-points", type=int, default=20_000)
+    ap.add_argument("--render", action="append", default=[], metavar="FIELD=VALUE",
+                    help="decode with a rendering-only decoder setting (lyra_ops.decoder.RENDER_FIELDS), e.g. "
+                         "input_guard=0.5; the shipped decoder's own (decoder.json 'render') apply with --shipped")
+    ap.add_argument("--shipped", action="store_true", help="evaluate the shipped package decoder as users get it")
     ap.add_argument("--lpips-weights", default=None)
     ap.add_argument("--lpips-backbone", default=None)
     ap.add_argument("--device", default="cpu", help="decoder device (renders follow the Gaussians)")
@@ -247,13 +269,24 @@ def main() -> None:
         run, rel, training = train(args)
         args.run, args.checkpoint = run.name, rel
     store = RunStore(args.store, create=False)
+    if args.shipped:
+        from lyra_pipeline.shipped import MODEL_FILE, shipped_decoder_dir
+
+        args.checkpoint = str(shipped_decoder_dir() / MODEL_FILE)
     data, source, scenes, run = resolve(args, store)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     methods = available_methods(methods + (list(OPTIMIZED_METHODS) if args.optimize else []))
     settings = QualitySettings(path_stride=args.path_stride, held_out_views=args.held_out,
                                optimize_frame_stride=args.optimize_frame_stride,
                                optimize_init_points=args.optimize_init_points, backend=args.backend)
-    model = load_decoder_bytes(data, source).to(args.device)
+    model = load_decoder_bytes(data, source)
+    render = dict(shipped_decoder_info().get("render") or {}) if args.shipped else {}
+    for item in args.render:
+        key, _, value = item.partition("=")
+        render[key.strip()] = yaml.safe_load(value)
+    if render:
+        model = with_render(model, **render)
+    model = model.to(args.device)
     sha = hashlib.sha256(data).hexdigest()
     lpips = make_lpips(args.lpips_weights, backbone_path=args.lpips_backbone) if args.lpips_weights else None
     index = index_dataset(store).scenes
@@ -286,15 +319,19 @@ def main() -> None:
     summary = summarize_quality(rows)
     result = {
         "checkpoint": source, "model_sha256": sha, "store": store.url, "run": run.name if run else None,
-        "decoder": model.config.to_dict(), "scenes_evaluated": scenes,
+        "decoder": model.config.to_dict(), "render": render, "scenes_evaluated": scenes,
         "scene_seeds": {s: seeds.get(s) for s in scenes}, "methods": methods, "settings": settings.as_dict(),
         "lpips": lpips is not None, "threads": torch.get_num_threads(), "eval_seconds": time.perf_counter() - t0,
         "seconds_per_scene": scene_seconds, "extra_rows": {m: {"scenes": sc} for m, sc in extra_scenes.items()},
-        **summary, "table": quality_table(rows),
+        **summary, "table": quality_table(rows), "per_scene": per_scene(rows),
     }  # fmt: skip
+    if {"decoder", "rgbd"} <= set(methods):  # issue 27: seen pixels at least as good as the input's own, per scene
+        result["seen_margin"] = margins(rows, "decoder", "rgbd", "psnr_seen")
+        result["input_margin"] = {k: v for k, v in margins(rows, "decoder", "rgbd", "psnr").items() if k == "input"}
     if training is not None:
         result["training"] = training
     print_table(summary, methods)
+    print_margins(result)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(json_safe(result), indent=2))
     print(f"\nwrote {args.out}")

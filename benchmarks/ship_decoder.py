@@ -64,6 +64,9 @@ def main() -> None:
             info["run_steps"], info["run_cpu_seconds"] = step, seconds
         else:
             info["init"] = {"model_sha256": run.init_sha256}
+    previous = dest / INFO_FILE
+    if previous.is_file() and "render" in (before := json.loads(previous.read_text())):
+        info["render"] = before["render"]  # the rendering-only settings it is decoded with stay (edit to change)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / MODEL_FILE).write_bytes(data)
     (dest / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")

@@ -36,6 +36,17 @@ BLOCK_TYPES = (ATTENTION, MAMBA2)
 HEAD_CHANNELS = 12  # [distance (1), rgb (3), scale (3), quat (4), opacity (1)]
 HEAD_SPLIT = (1, 3, 3, 4, 1)
 HEAD_PARTS = ("distance", "rgb", "scale", "quat", "opacity")  # the head's channel groups, in HEAD_SPLIT order
+# What the input head does at pixels whose depth is not known (depth edges the reliability filter left out): its
+# learned output, or the RGB-D unprojection of the filled depth (``input_depth_fill``) with the pixel's colour
+INPUT_EDGES = ("learned", "rgbd")
+# input_guard: how far beyond the input frame's border (in projected standard deviations) a teacher-frame Gaussian
+# counts as covering it. 0: only centres inside the frame. Measured on 6 held-out default scenes: 3 also drops the
+# Gaussians just outside the frame whose footprint spills in (+0.3 dB at the input camera) but those are the only
+# content beyond the input's field of view (-3 dB on unseen pixels along the paths), so the default is 0.
+GUARD_SIGMAS = 0.0
+# Rendering-only decoder fields: they change which Gaussians a decoding keeps or how the input head treats its
+# pixels, not what the weights mean, so a checkpoint can be decoded with other values (:func:`with_render`)
+RENDER_FIELDS = ("prune_ratio", "time_frames", "input_guard", "input_edges")
 GAUSSIAN_FRAMES = ("all", "keyframes")  # Gaussians for every frame (Lyra) or for one frame per latent frame
 DISTANCE_PARAMS = ("linear", "log")  # distance linear in sigmoid between near and far (Lyra), or log-linear
 BACKGROUNDS = ("white", "input_mean")  # composited behind the Gaussians: Lyra's white, or the input's mean colour
@@ -104,6 +115,8 @@ class DecoderConfig:
     input_opacity_init: float = 0.95
     input_depth_fill: int = 0
     input_gate: tuple[str, ...] = ()
+    input_edges: str = "learned"
+    input_guard: float = 0.0
     time_embedding: bool = False
     time_frames: str = "query"
     qkv_bias: bool = True
@@ -187,6 +200,15 @@ class DecoderConfig:
             raise bad("input_gate", "() unless input_stride > 0 and depth_input is true (the gate is the input "
                       "frame's known depth)")
         object.__setattr__(self, "input_gate", gate)
+        if self.input_edges not in INPUT_EDGES:
+            raise bad("input_edges", f"one of {INPUT_EDGES}")
+        guard = self.input_guard
+        if isinstance(guard, bool) or not isinstance(guard, int | float) or not (math.isfinite(guard) and guard >= 0):
+            raise bad("input_guard", "a relative depth tolerance >= 0 (0: off)")
+        if (self.input_edges != "learned" or guard) and not (self.input_stride and self.depth_input):
+            raise bad("input_edges" if self.input_edges != "learned" else "input_guard",
+                      "its default unless input_stride > 0 and depth_input is true (both read the input frame's "
+                      "known depth)")
         if not isinstance(self.time_embedding, bool):
             raise bad("time_embedding", "true or false")
         if not 0.0 < self.input_opacity_init < 1.0:
@@ -608,19 +630,50 @@ def input_zero_point(config: DecoderConfig) -> torch.Tensor:
     return zero
 
 
-def gate_known(raw: torch.Tensor, known: torch.Tensor, config: DecoderConfig) -> torch.Tensor:
-    """The input head's raw channels (M, HEAD_CHANNELS) with the groups ``config.input_gate`` (names of
-    :data:`HEAD_PARTS`) replaced by :func:`input_zero_point` where ``known`` (M,) bool: there the Gaussian keeps
-    what the RGB-D unprojection of the input gives (what the input shows exactly is not re-learned)."""
+def gate_known(raw: torch.Tensor, known: torch.Tensor, config: DecoderConfig,
+               parts: Sequence[str] | None = None) -> torch.Tensor:
+    """The input head's raw channels (M, HEAD_CHANNELS) with the groups ``parts`` (names of :data:`HEAD_PARTS`;
+    default ``config.input_gate``) replaced by :func:`input_zero_point` where ``known`` (M,) bool: there the
+    Gaussian keeps what the RGB-D unprojection of the input gives (what the input shows exactly is not
+    re-learned)."""
+    parts = config.input_gate if parts is None else tuple(parts)
     gated = torch.zeros(HEAD_CHANNELS, dtype=torch.bool)
     start = 0
     for name, width in zip(HEAD_PARTS, HEAD_SPLIT, strict=True):
-        gated[start : start + width] = name in config.input_gate
+        gated[start : start + width] = name in parts
         start += width
     gated = gated.to(raw.device)
     zero = input_zero_point(config).to(raw)
     mask = known.reshape(-1, 1).to(raw.device) & gated
     return torch.where(mask, zero, raw)
+
+
+def input_view_guard(means: torch.Tensor, scales: torch.Tensor, K: torch.Tensor, c2w: torch.Tensor,
+                     depth: torch.Tensor, tol: float, sigmas: float = GUARD_SIGMAS) -> torch.Tensor:
+    """(N,) bool: which Gaussians (``means`` (N,3), ``scales`` (N,3)) keep clear of what a camera saw, i.e. are not
+    dropped for covering it. Dropped: a Gaussian whose centre projects into the frame, or beyond its border by less
+    than ``sigmas`` of its projected size (largest scale x fx / z), nearer than (1 + ``tol``) x the camera's
+    z-depth ``depth`` (H,W) (0: unknown, never drops) at the nearest pixel. The camera: pixel ``K`` (3,3),
+    OpenCV ``c2w`` (4,4).
+
+    Used on the teacher-frame Gaussians of ``fuse: known`` against the input frame (``input_guard``): measured,
+    those in front of or on the input's surfaces, and those just outside its border whose footprint spills in,
+    cost the input view 0.3-0.7 dB; what the input saw is drawn by its own head's Gaussians."""
+    h, w = depth.shape[-2:]
+    with torch.no_grad():
+        c2w = c2w.to(torch.float64)
+        rot, origin = c2w[:3, :3], c2w[:3, 3]
+        local = (means.detach().to(torch.float64) - origin) @ rot  # world -> camera (rot orthonormal)
+        z = local[:, 2]
+        zc = z.clamp(min=1e-9)
+        k = K.to(torch.float64)
+        u = k[0, 0] * local[:, 0] / zc + k[0, 2]
+        v = k[1, 1] * local[:, 1] / zc + k[1, 2]
+        margin = sigmas * scales.detach().to(torch.float64).amax(dim=-1) * k[0, 0] / zc
+        near = (z > 0) & (u >= -margin) & (u < w + margin) & (v >= -margin) & (v < h + margin)
+        surface = depth.to(torch.float64)[v.clamp(0, h - 1).long(), u.clamp(0, w - 1).long()]
+        drop = near & (surface > 0) & (z < (1.0 + tol) * surface)
+    return ~drop
 
 
 def fused_keep(config: DecoderConfig, known_depth: torch.Tensor, frames: Sequence[int] | None = None) -> torch.Tensor:
@@ -1068,8 +1121,12 @@ class LatentGaussianDecoder(nn.Module):
             known = known_depth[0, frame : frame + 1, 0].to(dirs.device)
             depth = fill_from_neighbours(known, cfg.input_depth_fill)
             base_distance = known_distance(depth, cams.c2w[frame : frame + 1], dirs, cfg.input_stride).reshape(-1, 1)
+            exact = known_blocks(known, cfg.input_stride).reshape(-1)
             if cfg.input_gate:
-                raw = gate_known(raw, known_blocks(known, cfg.input_stride).reshape(-1), cfg)
+                raw = gate_known(raw, exact, cfg)
+            if cfg.input_edges == "rgbd":  # unknown pixels: the filled depth's unprojection, the pixel's colour
+                edges = known_blocks(depth, cfg.input_stride).reshape(-1) & ~exact
+                raw = gate_known(raw, edges, cfg, HEAD_PARTS)
         base = None
         if cfg.color_skip:
             base = input_colors(latents, cfg, frame).to(raw.device).permute(1, 2, 0).reshape(-1, 3)
@@ -1083,16 +1140,39 @@ class LatentGaussianDecoder(nn.Module):
         """The whole output (``forward(prune=False)``) reduced as ``config.fuse`` says: unchanged for ``stack``,
         else the Gaussians of :func:`fused_keep` (None: nothing known, so only the input frame's grid, which the
         input head replaces, is dropped)."""
-        if self.config.fuse != "known":
+        cfg = self.config
+        if cfg.fuse != "known":
             return gaussians
         if known_depth is None:
             known_depth = nothing_known(cameras_per_view)
-        return gaussians.index(fused_keep(self.config, known_depth, frames).to(gaussians.device))
+        out = gaussians.index(fused_keep(cfg, known_depth, frames).to(gaussians.device))
+        if not (cfg.input_guard and cfg.input_stride):
+            return out
+        cams = cameras_per_view[0]  # the input frame: view 0's first output frame (a query frame when dynamic)
+        first = 0 if frames is None else list(frames)[0]
+        head = input_count(cfg, cams.height, cams.width)
+        depth = fill_from_neighbours(known_depth[0, first : first + 1, 0].to(out.means.device), cfg.input_depth_fill)
+        rest = torch.arange(out.num, device=out.means.device) >= head
+        clear = input_view_guard(out.means[rest], out.scales[rest], cams.K[first], cams.c2w[first], depth[0],
+                                 cfg.input_guard).to(out.means.device)
+        keep = torch.ones(out.num, dtype=torch.bool, device=out.means.device)
+        keep[rest] = clear
+        return out.index(keep)
 
 
 def with_time_frames(model: LatentGaussianDecoder, time_frames: str) -> LatentGaussianDecoder:
     """The same weights (a copy, eval mode) decoding the frames ``time_frames`` names (a rendering-only field)."""
-    out = LatentGaussianDecoder(dataclasses.replace(model.config, time_frames=time_frames))
+    return with_render(model, time_frames=time_frames)
+
+
+def with_render(model: LatentGaussianDecoder, **fields: Any) -> LatentGaussianDecoder:
+    """The same weights (a copy, eval mode) decoding with other values of :data:`RENDER_FIELDS`; any other field
+    raises ``LyraConfigError`` (it would change what the weights mean)."""
+    bad = sorted(set(fields) - set(RENDER_FIELDS))
+    if bad:
+        raise LyraConfigError(f"decoder render settings {bad}: only {list(RENDER_FIELDS)} may differ from the "
+                              "checkpoint's config")
+    out = LatentGaussianDecoder(dataclasses.replace(model.config, **fields))
     out.load_state_dict(model.state_dict())
     return out.to(next(model.parameters()).device).eval()
 

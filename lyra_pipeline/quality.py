@@ -609,3 +609,36 @@ def quality_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             row["build_seconds"] = block.get(f"{method}_build_seconds", math.nan)
             table.append(row)
     return table
+
+
+PER_SCENE_METRICS = ("psnr", "psnr_seen", "psnr_unseen", "depth_absrel")
+
+
+def per_scene(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """``{split: {scene: {method: {metric: mean over the scene's views}}}}`` for :data:`PER_SCENE_METRICS` (NaN
+    where no view defines it, e.g. unseen pixels at the input camera)."""
+    out: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["split"], r["scene_id"], r["method"]), []).append(r)
+    for (split, scene, method), group in sorted(groups.items()):
+        cell = {}
+        for metric in PER_SCENE_METRICS:
+            values = _finite(r[metric] for r in group)
+            cell[metric] = statistics.fmean(values) if values else math.nan
+        out.setdefault(split, {}).setdefault(scene, {})[method] = cell
+    return out
+
+
+def margins(rows: Sequence[dict[str, Any]], method: str, baseline: str = "rgbd",
+            metric: str = "psnr_seen") -> dict[str, dict[str, float]]:
+    """``{split: {scene: method's per-scene mean of metric - baseline's, "min": the smallest}}``: whether a
+    method is at least as good as a baseline in every scene (issue 27: seen pixels >= RGB-D's)."""
+    table = per_scene(rows)
+    out: dict[str, dict[str, float]] = {}
+    for split, scenes in table.items():
+        diffs = {s: m[method][metric] - m[baseline][metric] for s, m in scenes.items()
+                 if method in m and baseline in m and math.isfinite(m[method][metric] - m[baseline][metric])}
+        if diffs:
+            out[split] = {**diffs, "min": min(diffs.values())}
+    return out

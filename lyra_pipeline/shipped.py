@@ -2,9 +2,10 @@
 
 The folder holds ``model.safetensors`` (the bytes :func:`lyra_pipeline.training.save_checkpoint` writes: the
 decoder's weights with its ``DecoderConfig`` in the ``decoder_config`` metadata key) and ``decoder.json`` (how it
-was trained: ``config``, ``data_fingerprint``, ``steps``, ``cpu_seconds``, ``held_out``). ``lyra reconstruct``,
-``lyra export-ply`` and ``lyra view`` use it when neither ``--checkpoint`` nor a finished ``lyra train`` in the
-store gives a decoder (see :func:`lyra_pipeline.reconstruct.load_decoder`).
+was trained: ``config``, ``data_fingerprint``, ``steps``, ``cpu_seconds``, ``held_out``; optional ``render``: the
+rendering-only decoder settings it is decoded with, :data:`lyra_ops.decoder.RENDER_FIELDS`, e.g. ``input_guard``).
+``lyra reconstruct``, ``lyra export-ply`` and ``lyra view`` use it when neither ``--checkpoint`` nor a finished
+``lyra train`` in the store gives a decoder (see :func:`lyra_pipeline.reconstruct.load_decoder`).
 
 Like the tiny teacher (``lyra_pipeline/weights/tiny_teacher``) it is package data, found next to this module;
 nothing is downloaded.
@@ -99,9 +100,16 @@ def describe_shipped(root: Path, info: dict[str, Any]) -> str:
 def shipped_decoder(root: Path | None = None) -> tuple[LatentGaussianDecoder, str]:
     """(decoder in eval mode, description for logs) of the shipped decoder (``root``: another folder of the same
     layout). Missing or unreadable files raise ``LyraConfigError`` naming the file."""
+    from lyra_ops.decoder import with_render
     from lyra_pipeline.training import load_decoder_bytes
 
     root = root or shipped_decoder_dir()
     path = _required(root, MODEL_FILE)
     info = shipped_decoder_info(root)
-    return load_decoder_bytes(path.read_bytes(), str(path)), describe_shipped(root, info)
+    model = load_decoder_bytes(path.read_bytes(), str(path))
+    render = info.get("render") or {}
+    if not isinstance(render, dict):
+        raise LyraConfigError(f"{root / INFO_FILE}: render: expected an object of decoder settings, got {render!r}")
+    if render:
+        model = with_render(model, **render)
+    return model, describe_shipped(root, info)

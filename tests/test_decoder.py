@@ -728,3 +728,94 @@ def test_input_gate_pins_known_pixels_to_the_rgbd_unprojection(inputs) -> None:
         DecoderConfig.preset("tiny", input_gate=("colour",))
     with pytest.raises(LyraConfigError, match="input_gate"):
         DecoderConfig.preset("paper", input_gate=("rgb",))
+
+
+def test_input_edges_rgbd_pins_only_the_unknown_pixels(inputs) -> None:
+    """``input_edges: rgbd``: at input pixels without a known depth (a depth edge) but with a filled one, the head
+    gives the RGB-D unprojection of the filled depth; known pixels keep the learned output."""
+    latents, plucker, cams = inputs
+    h, w = 64, 96
+    known = torch.rand(2, 9, 1, h, w) * 3 + 1
+    known[0, 0, 0, 10:12, 20:30] = 0.0
+    ref = LatentGaussianDecoder(DecoderConfig.preset("tiny"), seed=0)
+    with torch.no_grad():
+        ref.input_head.weight.zero_()
+        ref.input_head.bias[:-1] = 0.0
+        ref.input_head.bias[7] = 1.0
+        exact = ref(latents, plucker, cams, known_depth=known).index(torch.arange(h * w))
+    edges = LatentGaussianDecoder(DecoderConfig.preset("tiny", input_edges="rgbd"), seed=0)
+    with torch.no_grad():
+        edges.input_head.bias.normal_()
+        free = LatentGaussianDecoder(DecoderConfig.preset("tiny"), seed=0)
+        free.load_state_dict(edges.state_dict())
+        g = edges(latents, plucker, cams, known_depth=known).index(torch.arange(h * w))
+        f = free(latents, plucker, cams, known_depth=known).index(torch.arange(h * w))
+    unknown = known[0, 0, 0].reshape(-1) <= 0
+    for name in ("means", "scales", "opacities", "colors"):
+        torch.testing.assert_close(getattr(g, name)[unknown], getattr(exact, name)[unknown], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(getattr(g, name)[~unknown], getattr(f, name)[~unknown])
+    assert not torch.allclose(f.means[unknown], exact.means[unknown])
+    with pytest.raises(LyraConfigError, match="input_edges"):
+        DecoderConfig.preset("tiny", input_edges="exact")
+    with pytest.raises(LyraConfigError, match="input_guard"):
+        DecoderConfig.preset("tiny", input_guard=-0.1)
+
+
+def test_input_view_guard_against_a_brute_force_reference() -> None:
+    """Dropped: centre in front of (1 + tol) x the depth at its pixel, inside the frame (or within 3 sigma of it)."""
+    from lyra_ops.decoder import input_view_guard
+
+    gen = torch.Generator().manual_seed(3)
+    h, w = 20, 30
+    K = torch.tensor([[25.0, 0, 15.0], [0, 25.0, 10.0], [0, 0, 1]])
+    c2w = torch.eye(4)
+    c2w[:3, :3] = torch.linalg.qr(torch.randn(3, 3, generator=gen))[0]
+    if torch.det(c2w[:3, :3]) < 0:
+        c2w[:3, 0] *= -1
+    c2w[:3, 3] = torch.randn(3, generator=gen)
+    depth = torch.rand(h, w, generator=gen) * 2 + 1
+    depth[3:5, 4:9] = 0.0  # unknown: never drops
+    n = 4000
+    local = torch.stack([(torch.rand(n, generator=gen) * 50 - 10 - 15) / 25, (torch.rand(n, generator=gen) * 40 - 10
+                                                                               - 10) / 25, torch.ones(n)], -1)
+    z = torch.rand(n, generator=gen) * 4 + 0.2
+    local = local * z[:, None]
+    means = local @ c2w[:3, :3].T + c2w[:3, 3]
+    scales = torch.rand(n, 3, generator=gen) * 0.05
+    keep = input_view_guard(means, scales, K, c2w, depth, tol=0.1, sigmas=3.0)
+    inside_only = input_view_guard(means, scales, K, c2w, depth, tol=0.1)  # the default: centres in the frame
+    expect, expect_inside = [], []
+    for i in range(n):
+        x, y, zz = local[i].tolist()
+        u, v = 25 * x / zz + 15, 25 * y / zz + 10
+        m = 3 * float(scales[i].max()) * 25 / zz
+        near = -m <= u < w + m and -m <= v < h + m
+        d = float(depth[min(max(int(v), 0), h - 1), min(max(int(u), 0), w - 1)])
+        expect.append(not (near and d > 0 and zz < 1.1 * d))
+        expect_inside.append(not (0 <= u < w and 0 <= v < h and d > 0 and zz < 1.1 * d))
+    assert keep.tolist() == expect and inside_only.tolist() == expect_inside
+    assert 0 < (~inside_only).sum() < (~keep).sum() < n
+
+
+def test_input_guard_drops_teacher_gaussians_only(inputs) -> None:
+    """``input_guard`` keeps every input-head Gaussian and drops only teacher-frame ones: what the plain fuse keeps
+    minus those :func:`input_view_guard` drops against the input's filled known depth."""
+    from lyra_ops.decoder import input_count, input_view_guard
+
+    latents, plucker, cams = inputs
+    h, w = 64, 96
+    known = torch.rand(2, 9, 1, h, w) * 3 + 1
+    known[:, 1:] = 0.0  # the later frames see what the input did not: the fuse keeps their Gaussians
+    known[1] = 0.0
+    plain = LatentGaussianDecoder(DecoderConfig.preset("tiny"), seed=0)
+    guarded = LatentGaussianDecoder(DecoderConfig.preset("tiny", input_guard=0.5), seed=0)
+    guarded.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        a = plain(latents, plucker, cams, known_depth=known)
+        b = guarded(latents, plucker, cams, known_depth=known)
+    head = input_count(plain.config, h, w)
+    torch.testing.assert_close(b.means[:head], a.means[:head])
+    rest = a.index(torch.arange(a.num) >= head)
+    keep = input_view_guard(rest.means, rest.scales, cams[0].K[0], cams[0].c2w[0], known[0, 0, 0], 0.5)
+    assert b.num == head + int(keep.sum()) and head < b.num < a.num
+    torch.testing.assert_close(b.means[head:], rest.means[keep])
