@@ -10,12 +10,23 @@ scene look the same over a viewer's background?), and the steps each initialisat
 ``--targets`` dB at the held-out cameras. Nothing is written to the store; results go to ``--out`` (JSON).
 
     python benchmarks/bench_refine.py --store d40 --scenes proc-000015,proc-000017,proc-000025 --threads 2
+
+``--timing``: what a user waits for instead: one scene, one initialisation, the ``--steps`` steps exactly as
+``refine_until`` runs them (``lyra_pipeline.refine._compute_threads``: the C kernel on ``--threads``, torch's
+small ops on one), seconds per step (wall and process CPU) every ``--eval-every`` steps, a per-part breakdown
+of 10 steps at the start and 10 after densification (process CPU ms: projection, binning, compositing forward /
+backward, Adam, the rest), then the held-out scoring of ``finish_refine`` (before + after, the scored subset)
+against all held-out frames (time and PSNR difference). Machine load (``os.getloadavg``) before and after.
+Merged into ``--out`` under ``"timing"`` (the quality results stay).
+
+    python benchmarks/bench_refine.py --store S --scenes proc-000000 --timing --threads 2 --init decoder
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -38,7 +49,16 @@ from lyra_pipeline.quality import (  # noqa: E402
     scene_background,
 )
 from lyra_pipeline.reconstruct import load_decoder  # noqa: E402
-from lyra_pipeline.refine import GREY, WHITE, RefineConfig, initial_gaussians, scene_targets  # noqa: E402
+from lyra_pipeline.refine import (  # noqa: E402
+    GREY,
+    WHITE,
+    RefineConfig,
+    _compute_threads,
+    held_out_psnr,
+    initial_gaussians,
+    scene_targets,
+    scored_held_out,
+)
 from lyra_pipeline.storage import RunStore  # noqa: E402
 from lyra_pipeline.training import ViewCache, procedural_world, scene_trajectories  # noqa: E402
 
@@ -97,6 +117,99 @@ def run_scene(store: RunStore, scene_id: str, model, source: str, args: argparse
     return out
 
 
+def profile_steps(opt: SceneOptimizer, steps: int, threads: int) -> dict[str, float]:
+    """Process CPU milliseconds per step of each part over ``steps`` steps (CPU time, not wall: it holds up on a
+    busy machine; at one thread it is what the step takes on a quiet one): the kernels' projection, binning and
+    compositing, Adam, and the rest (activations, loss, the final images, autograd, densification)."""
+    from lyra_ops import raster_kernel as rk
+
+    spent: dict[str, float] = {}
+
+    def timed(name, fn):
+        def run(*a, **k):
+            c0 = time.process_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.process_time() - c0
+
+        return run
+
+    patches = [(rk.CpuCompositor, "forward", "composite forward", True),
+               (rk.CpuCompositor, "backward", "composite backward", True),
+               (rk.CpuProjection, "forward", "project forward", True),
+               (rk.CpuProjection, "backward", "project backward", True),
+               (rk, "bin_tiles", "bin tiles", False),
+               (torch.optim.Adam, "step", "adam", False)]
+    saved = [(obj, attr, obj.__dict__[attr]) for obj, attr, _, _ in patches]
+    for obj, attr, name, static in patches:
+        fn = timed(name, getattr(obj, attr))
+        setattr(obj, attr, staticmethod(fn) if static else fn)
+    try:
+        with _compute_threads(threads):
+            t0, c0 = time.perf_counter(), time.process_time()
+            opt.run(opt.step + steps)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        for obj, attr, original in saved:
+            setattr(obj, attr, original)
+    parts = {name: round(1e3 * spent.get(name, 0.0) / steps, 2) for _, _, name, _ in patches}
+    parts["rest"] = round(1e3 * cpu / steps - sum(parts.values()), 2)
+    parts["cpu ms/step"] = round(1e3 * cpu / steps, 2)
+    parts["wall ms/step"] = round(1e3 * wall / steps, 2)
+    parts["gaussians"] = opt.params.num
+    return parts
+
+
+def run_timing(store: RunStore, scene_id: str, model, args: argparse.Namespace) -> dict:
+    trajectories = scene_trajectories(store, scene_id)
+    views = ViewCache(store, size=len(trajectories))
+    config = RefineConfig(steps=args.steps, background=args.background, init=args.init, torch_threads=args.threads)
+    targets = scene_targets(views, scene_id, trajectories, config.frame_stride)
+    init = initial_gaussians(views, scene_id, trajectories, config, model)
+    make = lambda: SceneOptimizer(targets.fit_frames, targets.fit_cameras, init,  # noqa: E731
+                                  config.optimize_config(), depths=targets.fit_depths)
+    load_before = os.getloadavg()
+    breakdown = {}
+    probe = make()
+    breakdown["steps 0-9"] = profile_steps(probe, 10, args.threads)
+    with _compute_threads(args.threads):
+        probe.run(config.optimize_config().densify_from + 60)  # past two densifications
+    breakdown[f"steps {probe.step}-{probe.step + 9}"] = profile_steps(probe, 10, args.threads)
+    print("per-step breakdown (process CPU ms):", json.dumps(breakdown, indent=1), flush=True)
+    opt = make()
+    rows, wall, cpu = [], 0.0, 0.0
+    for end in range(args.eval_every, args.steps + 1, args.eval_every):
+        t0, c0 = time.perf_counter(), time.process_time()
+        with _compute_threads(args.threads):
+            opt.run(end)
+        dw, dc = time.perf_counter() - t0, time.process_time() - c0
+        wall, cpu = wall + dw, cpu + dc
+        rows.append({"step": end, "gaussians": opt.params.num, "wall_s_per_step": dw / args.eval_every,
+                     "cpu_s_per_step": dc / args.eval_every, "load1": os.getloadavg()[0]})
+        print(f"  step {end}: {dw / args.eval_every:.3f} s/step wall, {dc / args.eval_every:.3f} CPU s/step, "
+              f"{opt.params.num} Gaussians, load {os.getloadavg()[0]:.1f}", flush=True)
+    backgrounds = {"white": WHITE, "grey": GREY}
+    scored = scored_held_out(targets)
+    timing = {}
+    for label, tg in (("scored", scored), ("all", targets)):
+        t0, c0 = time.perf_counter(), time.process_time()
+        with _compute_threads(args.threads):
+            before, after = held_out_psnr(init, tg, backgrounds), held_out_psnr(opt.gaussians(), tg, backgrounds)
+        timing[label] = {"frames": len(tg.held), "wall_s": time.perf_counter() - t0,
+                         "cpu_s": time.process_time() - c0, "psnr_before": before, "psnr_after": after}
+    share = timing["scored"]["wall_s"] / wall
+    print(f"refinement {args.steps} steps: {wall:.1f} s wall, {cpu:.1f} CPU s; held-out scoring "
+          f"{timing['scored']['frames']} frames {timing['scored']['wall_s']:.2f} s ({100 * share:.1f}% of it; all "
+          f"{timing['all']['frames']}: {timing['all']['wall_s']:.2f} s); PSNR after, scored vs all: "
+          f"{timing['scored']['psnr_after']} vs {timing['all']['psnr_after']}", flush=True)
+    return {"scene": scene_id, "init": args.init, "init_gaussians": init.num, "threads": args.threads,
+            "torch_num_threads_during_steps": 1, "size": [targets.fit_frames.shape[2], targets.fit_frames.shape[3]],
+            "steps": args.steps, "refine_wall_s": wall, "refine_cpu_s": cpu, "curve": rows,
+            "breakdown_ms_per_step": breakdown, "held_out_scoring": timing, "scoring_share_of_refine": share,
+            "load_before": load_before, "load_after": os.getloadavg(), "cpus": os.cpu_count()}
+
+
 def summarize(scenes: list[dict], targets: list[float]) -> None:
     print("\nheld-out cameras (exact renders), mean over scenes:")
     for name in ("decoder", "rgbd"):
@@ -131,11 +244,24 @@ def main() -> None:
     ap.add_argument("--targets", type=float, nargs="*", default=[21.0, 22.0, 23.0, 24.0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "refine.json"))
+    ap.add_argument("--timing", action="store_true", help="time one refinement (see the module docstring)")
+    ap.add_argument("--init", default="decoder", choices=("decoder", "rgbd"), help="--timing: the initialisation")
+    ap.add_argument("--label", default="", help="--timing: key of this run under \"timing\" in --out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     store = RunStore(args.store, create=False)
     model, source = load_decoder(store, args.checkpoint)
     print(f"decoder: {source}")
+    if args.timing:
+        out = Path(args.out)
+        scene = args.scenes.split(",")[0]
+        label = args.label or f"{scene}-{args.init}-{args.threads}threads"
+        row = {"args": vars(args), "decoder": source, **run_timing(store, scene, model, args)}
+        doc = json.loads(out.read_text()) if out.exists() else {}  # read after the run: others may have written
+        doc.setdefault("timing", {})[label] = row
+        out.write_text(json.dumps(doc, indent=1))
+        print(f"wrote {out} (timing/{label})")
+        return
     scenes = [run_scene(store, s, model, source, args) for s in args.scenes.split(",")]
     summarize(scenes, args.targets)
     Path(args.out).write_text(json.dumps({"args": vars(args), "decoder": source, "scenes": scenes}, indent=1))

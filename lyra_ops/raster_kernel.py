@@ -1,19 +1,32 @@
-"""The CPU compositing kernel of :mod:`lyra_ops.rasterize`: ``_raster_cpu.c``, built at first use, called via ctypes.
+"""The CPU kernels of :mod:`lyra_ops.rasterize`: ``_raster_cpu.c`` (projection, tile binning, compositing forward
+and backward, float32), built at first use with the C compiler and called via ctypes.
 
-The C file needs no Python or torch headers, so a C compiler (``$CC``, else ``cc`` / ``gcc``) builds it in about
-a second; the library is cached under ``$LYRA_KERNEL_CACHE`` (default ``~/.cache/lyra-pipeline/kernels``), named
-by the sha256 of the source, the flags and the compiler's version, so an edited source or another compiler
-builds anew. Without a compiler (or with ``LYRA_RASTER_KERNEL=torch``) :func:`kernel` returns None and the
-rasterizer runs its pure torch compositor (same contract, slower).
+Why built at first use and not by pip: the C file needs no Python or torch headers, so any C compiler (``$CC``,
+else ``cc`` / ``gcc`` / ``clang``) builds it in about a second, for the Python and torch the process actually
+runs; the package stays pure Python (one wheel for every platform, nothing to build in editable installs, test
+checkouts or a clean clone), and a machine without a compiler still works: :func:`kernel` returns None, with one
+warning, and the rasterizer runs its pure torch compositor (same contract, slower). ``LYRA_RASTER_KERNEL=torch``
+forces that path. An image whose runtime has no compiler can build it ahead with ``python -m
+lyra_ops.raster_kernel`` (into ``$LYRA_KERNEL_CACHE``). (The source must ship with the package: package data.)
 
-Threads: the kernel starts ``torch.get_num_threads()`` POSIX threads per call (the count a refinement pins);
-each (camera, tile) is composited by one thread and per-Gaussian gradients are summed serially in pair order,
-so the bytes do not depend on the thread count or the schedule (no atomics), with or without torch's
-deterministic mode. The flags keep IEEE semantics (no fast-math, no FMA contraction).
+Cache: ``$LYRA_KERNEL_CACHE`` (default ``~/.cache/lyra-pipeline/kernels``; a private temporary folder when that
+cannot be created), the library named by the sha256 of the source, the flags and the compiler's version, so an
+edited source or another compiler builds anew. Concurrent builders (threads or processes) are safe: each
+compiles into its own temporary file and renames it into place atomically; a reader only ever opens a complete
+library.
+
+Threads: every call runs on ``torch.get_num_threads()`` threads. Built with OpenMP (tried first), they are the
+threads of the OpenMP pool torch's own ops use (torch's libgomp is already loaded, so the library binds to it),
+not a second set competing with torch's spinning workers for the cores; without OpenMP, POSIX threads. Each
+(camera, tile) is composited by one thread, each Gaussian projected by one, binning is serial, and per-Gaussian
+gradients are summed serially in pair order, so the bytes do not depend on the thread count or the schedule (no
+atomics), with or without torch's deterministic mode. The flags keep IEEE semantics (no fast-math, no FMA
+contraction).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -22,6 +35,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -47,28 +61,49 @@ def _cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "lyra-pipeline" / "kernels"
 
 
+OPENMP = ("-fopenmp",)  # tried first; without it the library starts POSIX threads
+
+
+def _compile(cc: str, flags: tuple[str, ...], folder: Path, key: str) -> Path:
+    target = folder / f"raster_cpu-{key}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".build-", dir=folder)
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+                              check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed on {SOURCE.name}: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)  # atomic: concurrent builders each write their own temp file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
 def _build() -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found ($CC, cc, gcc, clang)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + repr(FLAGS).encode() + version.encode()).hexdigest()[:16]
-    folder = _cache_dir()
-    target = folder / f"raster_cpu-{key}.so"
-    if not target.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-        os.close(fd)
+    source = SOURCE.read_bytes()
+    error: Exception | None = None
+    for flags in ((*FLAGS, *OPENMP), FLAGS):
+        key = hashlib.sha256(source + repr(flags).encode() + version.encode()).hexdigest()[:16]
         try:
-            done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
-                                  check=False)
-            if done.returncode != 0:
-                raise RuntimeError(f"{cc} failed on {SOURCE.name}: {done.stderr.strip()[-2000:]}")
-            os.replace(tmp, target)  # atomic: concurrent builders each write their own temp file
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(str(target))
+            try:
+                target = _compile(cc, flags, _cache_dir(), key)
+            except OSError:  # the cache cannot be written: build for this process only
+                target = _compile(cc, flags, Path(tempfile.mkdtemp(prefix="lyra-kernels-")), key)
+            lib = ctypes.CDLL(str(target))
+            break
+        except (OSError, RuntimeError) as exc:
+            error = exc
+    else:
+        raise error  # type: ignore[misc]
+    _state["path"] = str(target)
     for name in ("lyra_raster_forward", "lyra_raster_backward"):
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
@@ -77,6 +112,10 @@ def _build() -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_double),
                        ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
+        fn.restype = ctypes.c_int
+    for name in ("lyra_bin_count", "lyra_bin_fill"):
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_void_p)]
         fn.restype = ctypes.c_int
     return lib
 
@@ -96,12 +135,56 @@ def kernel() -> ctypes.CDLL | None:
         return _state["lib"]  # type: ignore[return-value]
 
 
+_local = threading.local()  # per Python thread, like torch's own count: the use_threads overrides in force
+
+
+def threads() -> int:
+    """The thread count of the next kernel call: :func:`use_threads`'s, else ``torch.get_num_threads()``."""
+    stack = getattr(_local, "stack", None)
+    return (stack[-1] if stack else None) or torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def use_threads(count: int | None) -> Iterator[None]:
+    """Run the kernels on ``count`` threads inside the block (None: torch's count), whatever torch's own ops run
+    at: e.g. torch's many small per-step ops on one thread (no OpenMP barriers to wait at on a busy machine) and
+    the kernels, where the time goes, on every core. The kernels' bytes do not depend on the count."""
+    stack = _local.__dict__.setdefault("stack", [])
+    stack.append(count)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
 def _ptrs(tensors: list[torch.Tensor]):
     return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
 
 
 def _dims(values: list[int]):
     return (ctypes.c_int64 * len(values))(*values)
+
+
+@torch.no_grad()
+def bin_tiles(means2d: torch.Tensor, radii: torch.Tensor, valid: torch.Tensor, depths: torch.Tensor,
+              tile_size: int, tiles_x: int, tiles_y: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Gaussian x tile) pairs of ``lyra_ops.rasterize._intersect_tiles`` in C: ``gid`` (K) int64 flat c*N + n,
+    sorted by (camera, tile, depth, index), and ``offsets`` (C*tiles + 1) int64 (tile t's pairs are
+    ``gid[offsets[t]:offsets[t+1]]``). Inputs per (camera, Gaussian): means2d (C,N,2), radii (C,N,2) int32,
+    valid (C,N) bool, depths (C,N)."""
+    cams, n = depths.shape
+    m2, rad = means2d.detach().contiguous(), radii.contiguous()
+    ok, dep = valid.contiguous(), depths.detach().contiguous()
+    counts = torch.empty(cams * tiles_x * tiles_y, dtype=torch.int64)
+    dims = _dims([n, cams, tile_size, tiles_x, tiles_y])
+    lib = kernel()
+    lib.lyra_bin_count(dims, _ptrs([m2, rad, ok, counts]))
+    offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    gid = torch.empty(int(offsets[-1]), dtype=torch.int64)
+    if lib.lyra_bin_fill(dims, _ptrs([m2, rad, ok, dep, offsets, gid])) != 0:
+        raise MemoryError("rasterizer kernel: out of memory")
+    return gid, offsets
 
 
 class CpuCompositor(torch.autograd.Function):
@@ -124,7 +207,7 @@ class CpuCompositor(torch.autograd.Function):
         stop = torch.empty(cams, height, width, dtype=torch.int32)
         dims = [n, tiles_x, tiles_y, tile_size, width, height, cams * tiles_x * tiles_y]
         tensors = [offsets, order, gid, *ins, radii, acc, trans, stop]
-        if lib.lyra_raster_forward(_dims(dims), _ptrs(tensors), torch.get_num_threads()) != 0:
+        if lib.lyra_raster_forward(_dims(dims), _ptrs(tensors), threads()) != 0:
             raise MemoryError("rasterizer kernel: out of memory")
         ctx.save_for_backward(*ins, radii, gid, offsets, order, trans, stop)
         ctx.dims = dims
@@ -141,7 +224,7 @@ class CpuCompositor(torch.autograd.Function):
         # slot 9 (the forward's acc) is not read by the backward
         tensors = [offsets, order, gid, means2d, conics, opacities, colors, depths, radii, trans, trans, stop,
                    grad_acc.contiguous(), grad_trans.contiguous(), scratch, *grads]
-        if kernel().lyra_raster_backward(_dims(ctx.dims), _ptrs(tensors), torch.get_num_threads()) != 0:
+        if kernel().lyra_raster_backward(_dims(ctx.dims), _ptrs(tensors), threads()) != 0:
             raise MemoryError("rasterizer kernel: out of memory")
         return (*grads, None, None, None, None, None)
 
@@ -167,7 +250,7 @@ class CpuProjection(torch.autograd.Function):
         valid = torch.empty(cams, n, dtype=torch.bool)
         dims, params = _dims([n, cams, width, height]), (ctypes.c_double * 3)(near, far, eps2d)
         kernel().lyra_project_forward(dims, params, _ptrs([*ins, means2d, conics, depths, radii, valid]),
-                                      torch.get_num_threads())
+                                      threads())
         ctx.save_for_backward(*ins, means2d, conics, depths, radii, valid)
         ctx.settings = settings
         ctx.mark_non_differentiable(radii, valid)
@@ -183,5 +266,11 @@ class CpuProjection(torch.autograd.Function):
                     for v, t in ((v_means2d, saved[6]), (v_conics, saved[7]), (v_depths, saved[8]))]
         outs = [torch.empty_like(saved[i]) for i in range(3)]  # every Gaussian's row is written
         dims, params = _dims([n, cams, width, height]), (ctypes.c_double * 3)(near, far, eps2d)
-        kernel().lyra_project_backward(dims, params, _ptrs([*saved, *grads_in, *outs]), torch.get_num_threads())
+        kernel().lyra_project_backward(dims, params, _ptrs([*saved, *grads_in, *outs]), threads())
         return (*outs, None, None, None, None)
+
+
+if __name__ == "__main__":  # build ahead (e.g. into an image's $LYRA_KERNEL_CACHE) and say where it is
+    if kernel() is None:
+        raise SystemExit("raster kernel: not built (see the warning above)")
+    print(_state["path"])

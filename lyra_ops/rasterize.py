@@ -602,24 +602,23 @@ def _rasterize_kernel(
     tile_size: int,
     eps2d: float,
 ) -> RasterOutput:
-    """The torch backend on CPU in float32: projection and tile binning in torch, compositing in C."""
+    """The torch backend on CPU in float32: projection (in torch when the cameras need gradients), tile binning
+    and compositing in C."""
     cams = viewmats.shape[0]
     tiles_x, tiles_y = math.ceil(width / tile_size), math.ceil(height / tile_size)
-    n_tiles = cams * tiles_x * tiles_y
     if viewmats.requires_grad or Ks.requires_grad:  # the C projection has no camera gradients
         proj = project_gaussians(g, viewmats, Ks, width, height, near=near, far=far, eps2d=eps2d)
     else:
         settings = (width, height, near, far, eps2d)
         proj = Projection(*raster_kernel.CpuProjection.apply(g.means, g.quats, g.scales, g.opacities, viewmats, Ks,
                                                              settings))
-    pair_gid, pair_tile = _intersect_tiles(proj, tile_size, tiles_x, tiles_y)
-    counts = torch.bincount(pair_tile, minlength=n_tiles)
-    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-    order = torch.argsort(counts, descending=True, stable=True)  # longest tiles first: threads end together
+    pair_gid, offsets = raster_kernel.bin_tiles(proj.means2d, proj.radii, proj.valid, proj.depths, tile_size,
+                                                tiles_x, tiles_y)  # = _intersect_tiles, in C
+    order = torch.argsort(offsets.diff(), descending=True, stable=True)  # longest tiles first: threads end together
     geometry = (g.num, tiles_x, tiles_y, tile_size, width, height, cams)
     acc, trans = raster_kernel.CpuCompositor.apply(
         proj.means2d.reshape(-1, 2), proj.conics.reshape(-1, 3), g.opacities, g.colors, proj.depths.reshape(-1),
-        proj.radii.reshape(-1, 2).contiguous(), pair_gid.contiguous(), offsets, order, geometry,
+        proj.radii.reshape(-1, 2).contiguous(), pair_gid, offsets, order, geometry,
     )  # fmt: skip
     trans_img = trans[:, None]
     alpha = 1.0 - trans_img

@@ -14,7 +14,8 @@ bytes and the config) and lives in ``refine/<scene_id>/<name>/`` of the store:
 * ``checkpoints/step-<N>.safetensors`` + ``step-<N>.json`` (commit marker with its sha256): the complete state of
   :class:`lyra_ops.optimize.SceneOptimizer` after N steps; only the newest is kept;
 * ``gaussians.safetensors`` + ``result.json`` (commit marker): the refined Gaussians and PSNR before / after on
-  the teacher frames that were not fitted, over white and over a mid grey.
+  (at most ``HELD_OUT_SCORED``, evenly spaced of) the teacher frames that were not fitted, over white, a mid grey
+  and the input's mean colour.
 
 A killed refinement resumes from its newest checkpoint to the same bytes as an uninterrupted one; a finished one
 re-run does nothing. No Prefect here (``tasks/refine.py`` wraps these functions; ``flows/refine_scene.py`` chains
@@ -27,6 +28,8 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -34,6 +37,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from lyra_ops import raster_kernel
 from lyra_ops.cameras import Cameras
 from lyra_ops.distill import background_color
 from lyra_ops.errors import LyraInputError, LyraStorageError
@@ -51,6 +55,11 @@ BACKGROUNDS = ("random", "white")
 GREY = (0.5, 0.5, 0.5)
 WHITE = (1.0, 1.0, 1.0)
 GAUSSIAN_FIELDS = ("means", "scales", "quats", "opacities", "colors")
+# Held-out teacher frames scored before and after (evenly spaced): 24 of the default 72 cost a third of the renders
+# (measured at 176x320, 95k Gaussians, 1 thread: 1.6 CPU s, 5.5% of the 300 steps' 30.0 CPU s, against 6.6 s for
+# all 72) and moved the mean PSNR by 0.25-0.45 dB against all 72 (benchmarks/bench_refine.py --timing; its
+# results in benchmarks/results/refine.json under "timing").
+HELD_OUT_SCORED = 24
 
 
 @dataclass(frozen=True)
@@ -70,9 +79,11 @@ class RefineConfig:
     count is part of the result (it changes the order floats are summed in), so :func:`plan_refine` resolves it
     and records it in ``plan.json``, and every chunk pins the recorded count, whatever process resumes it and
     whatever ran in it before, and runs on torch's deterministic kernels (:func:`lyra_pipeline.threads.exact_cpu`:
-    above one thread, atomic adds would make even the same count differ). Like ``checkpoint_every`` it is not
-    part of the name: a resume continues the refinement at its recorded count. The remaining optimiser settings
-    are :class:`lyra_ops.optimize.OptimizeConfig`'s defaults with densification on."""
+    above one thread, atomic adds would make even the same count differ). With the C rasterizer kernel (float32
+    CPU) only the kernel runs on the count and torch's ops on one thread (``_compute_threads``), so there the
+    count changes the speed, not the bytes. Like ``checkpoint_every`` it is not part of the name: a resume
+    continues the refinement at its recorded count. The remaining optimiser settings are
+    :class:`lyra_ops.optimize.OptimizeConfig`'s defaults with densification on."""
 
     steps: int = 300
     init: str = "auto"
@@ -296,6 +307,24 @@ def _load_checkpoint(store: RunStore, plan: RefinePlan, step: int) -> dict[str, 
     return st_load(data)
 
 
+@contextmanager
+def _compute_threads(threads: int) -> Iterator[None]:
+    """How a refinement's steps use ``threads`` (its recorded count): with the C rasterizer kernel (float32 CPU:
+    :mod:`lyra_ops.raster_kernel`, where most of a step's time goes) the kernel runs on ``threads`` and torch's
+    many small per-step ops on one thread (measured on 2 cores at load ~11, 63k Gaussians, 176x320: 0.37 s/step
+    against 2.0 s/step with torch's OpenMP ops on 2 threads spinning and waiting at their barriers; the kernel's
+    bytes do not depend on its thread count, so the result does not either: 1 and 2 threads ended with the same
+    held-out PSNR to the last digit). Without the kernel, everything on ``threads``. Deterministic kernels
+    either way (:func:`lyra_pipeline.threads.exact_cpu`: above one thread, torch's backward adds with atomics
+    else)."""
+    ops = 1 if raster_kernel.kernel() is not None else threads
+    try:
+        with exact_cpu(ops), raster_kernel.use_threads(threads):
+            yield
+    finally:
+        pin_torch_threads(threads)  # the refinement's count stays pinned afterwards, as for every computation
+
+
 def refine_until(store: RunStore, scene_id: str, name: str, until: int) -> dict[str, Any]:
     """Advance the refinement to step ``until`` from its newest checkpoint (nothing when already there) and
     checkpoint; returns ``{"step", "computed", "seconds", "loss"}``."""
@@ -314,7 +343,7 @@ def refine_until(store: RunStore, scene_id: str, name: str, until: int) -> dict[
         opt.load_state_tensors(_load_checkpoint(store, plan, start))
         previous = json.loads(store.read_file(checkpoint_rel(scene_id, name, start, ".json")))["total_seconds"]
     t0 = time.perf_counter()
-    with exact_cpu(plan.config.torch_threads):  # > 1 thread: the rasterizer's backward adds with atomics else
+    with _compute_threads(plan.config.torch_threads):
         losses = opt.run(until)
     seconds = time.perf_counter() - t0
     data = st_save(opt.state_tensors())
@@ -336,12 +365,25 @@ def held_out_psnr(g: Gaussians, targets: SceneTargets,
     black, composited: the rasterizer's colour is premultiplied, so C_bg = C_black + (1 - alpha) bg exactly)."""
     if targets.held_frames.shape[0] == 0:
         return {k: math.nan for k in backgrounds}
-    out = render_views(g, targets.held_cameras, background=(0.0, 0.0, 0.0))
+    out = render_views(g, targets.held_cameras, background=(0.0, 0.0, 0.0), batch_views=8)
     scores = {}
     for key, bg in backgrounds.items():
         rgb = out.rgb + (1.0 - out.alpha) * torch.tensor(bg, dtype=out.rgb.dtype)[None, :, None, None]
         scores[key] = float(psnr(rgb.clamp(0, 1), targets.held_frames).mean())
     return scores
+
+
+def scored_held_out(targets: SceneTargets, most: int = HELD_OUT_SCORED) -> SceneTargets:
+    """``targets`` with at most ``most`` of its held-out frames, evenly spaced (every ceil(n / most)-th)."""
+    n = targets.held_frames.shape[0]
+    step = max(1, math.ceil(n / most))
+    if step == 1:
+        return targets
+    keep = list(range(0, n, step))
+    cams = targets.held_cameras
+    return replace(targets, held_frames=targets.held_frames[keep],
+                   held_cameras=Cameras(cams.c2w[keep], cams.K[keep], cams.height, cams.width),
+                   held=[targets.held[i] for i in keep])
 
 
 def finish_refine(store: RunStore, scene_id: str, name: str) -> dict[str, Any]:
@@ -366,10 +408,14 @@ def finish_refine(store: RunStore, scene_id: str, name: str) -> dict[str, Any]:
     store.write_file(refine_rel(scene_id, name, "gaussians.safetensors"), data)
     backgrounds = {"white": WHITE, "grey": GREY,
                    "input_mean": tuple(background_color(targets.input_frame, "input_mean").tolist())}
-    before, after = held_out_psnr(init, targets, backgrounds), held_out_psnr(refined, targets, backgrounds)
+    held_out_total = len(targets.held)
+    targets = scored_held_out(targets)
+    with _compute_threads(plan.config.torch_threads):
+        before, after = held_out_psnr(init, targets, backgrounds), held_out_psnr(refined, targets, backgrounds)
     seconds = json.loads(store.read_file(checkpoint_rel(scene_id, name, steps[-1], ".json")))["total_seconds"]
     result = {"scene": scene_id, "name": name, "init": plan.init, "steps": plan.config.steps,
               "fitted_frames": len(targets.picks), "held_out_frames": len(targets.held),
+              "held_out_total": held_out_total,
               "gaussians_before": init.num, "gaussians_after": refined.num,
               "psnr_before": before, "psnr_after": after, "sha256": sha256_hex(data),
               "optimize_seconds": seconds, "init_gaussians": doc.get("init_gaussians")}

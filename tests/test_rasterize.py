@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
+from lyra_ops import raster_kernel
 from lyra_ops.errors import LyraInputError
 from lyra_ops.gaussians import Gaussians
 from lyra_ops.rasterize import (
@@ -15,6 +18,7 @@ from lyra_ops.rasterize import (
     T_MIN,
     RasterOutput,
     _check_inputs,
+    _intersect_tiles,
     _rasterize_torch,
     project_gaussians,
     rasterize,
@@ -132,13 +136,17 @@ def test_torch_matches_reference_on_saturated_scene():
     assert float(ref.alpha.min()) > 0.9 and float((ref.alpha > 1 - 10 * T_MIN).float().mean()) > 0.5
     for depth_chunk in (64, 3):  # 3: the stop happens across chunk boundaries
         fast = _rasterize_torch(
-            g, viewmats, Ks, w, h, torch.zeros(1, 3), 0.01, 1e10, 16, 0.3, depth_chunk=depth_chunk
+            g, viewmats, Ks, w, h, torch.zeros(1, 3), 0.01, 1e10, 16, 0.3, depth_chunk=depth_chunk, kernel=False
         )
         assert_images_close(fast, ref)
+    assert_images_close(_rasterize_torch(g, viewmats, Ks, w, h, torch.zeros(1, 3), 0.01, 1e10, 16, 0.3,
+                                         kernel=True), ref)
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-3), (torch.float64, 1e-9)])
-def test_torch_matches_reference_gradients(dtype, tol):
+@pytest.mark.parametrize("dtype, tol, kernel", [(torch.float32, 1e-3, False), (torch.float32, 1e-3, None),
+                                               (torch.float64, 1e-9, None)])
+def test_torch_matches_reference_gradients(dtype, tol, kernel):
+    """Gradients of every input, cameras included (the C kernel then projects in torch and composites in C)."""
     w, h = 64, 48
     g, viewmats, Ks = make_scene(250, w, h, seed=3, cams=2, dtype=dtype)
     bg = torch.tensor([0.2, 0.5, 0.9], dtype=dtype)
@@ -146,7 +154,8 @@ def test_torch_matches_reference_gradients(dtype, tol):
     weights = [torch.randn(2, c, h, w, generator=gen).to(dtype) for c in (3, 1, 1)]
 
     def fast(gg, v, k, b):
-        return rasterize(gg, v, k, w, h, background=b)
+        v, k, b = _check_inputs(gg, v, k, w, h, b, 0.01, 1e10, 16, 0.3)
+        return _rasterize_torch(gg, v, k, w, h, b, 0.01, 1e10, 16, 0.3, kernel=kernel)
 
     def ref(gg, v, k, b):
         return rasterize_reference(gg, v, k, w, h, background=b)
@@ -168,7 +177,7 @@ def test_internal_granularity_does_not_change_results():
 
     def render(tile: int = 16, **kw):
         def fn(gg, v, k, b):
-            return _rasterize_torch(gg, v, k, w, h, b.expand(1, 3), 0.01, 1e10, tile, 0.3, **kw)
+            return _rasterize_torch(gg, v, k, w, h, b.expand(1, 3), 0.01, 1e10, tile, 0.3, kernel=False, **kw)
 
         return fn
 
@@ -297,6 +306,202 @@ def test_chunked_views_equal_unchunked_images_and_gradients():
     want = grads_of(whole, leaf_copy(g), viewmats, Ks, bg, weights)
     errors = [rel_err(a, b) for a, b in zip(got, want, strict=True)]
     assert max(errors) < 1e-5, errors
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The C kernel (lyra_ops.raster_kernel): against the reference and the torch compositor, threads, fallback, build
+# ---------------------------------------------------------------------------------------------------------
+
+
+def kernel_scene() -> tuple[Gaussians, torch.Tensor, torch.Tensor, int, int]:
+    """3 cameras, 64x40: Gaussians crowded into the left third and spilling past its borders (tiles with hundreds
+    of pairs, most pixels stop early), an empty right part (empty tiles), others behind the camera, nearer than
+    the near plane or far off-screen (culled)."""
+    w, h = 64, 40
+    crowd, viewmats, Ks = make_scene(900, 16, h, seed=11, cams=3, opacity=(0.2, 1.0), px_sigma=1.5)
+    gen = torch.Generator().manual_seed(13)
+    k = 30
+    culled = torch.randn(3 * k, 3, generator=gen)
+    culled[:k, 2] = -1.0 - torch.rand(k, generator=gen)  # behind
+    culled[k : 2 * k, 2] = 0.005  # nearer than near = 0.01
+    culled[2 * k :] += torch.tensor([40.0, 0.0, 3.0])  # far right, off-screen
+    extra = Gaussians(culled, torch.full((3 * k, 3), 0.05), torch.randn(3 * k, 4, generator=gen),
+                      torch.full((3 * k,), 0.9), torch.rand(3 * k, 3, generator=gen))
+    return Gaussians.cat([crowd, extra]), viewmats, Ks, w, h  # (Ks of a 16-wide image: the crowd lands left)
+
+
+def render_with(kernel: bool | None, w: int, h: int):
+    def fn(gg, v, k, b):
+        v, k, b = _check_inputs(gg, v, k, w, h, b, 0.01, 1e10, 16, 0.3)
+        return _rasterize_torch(gg, v, k, w, h, b, 0.01, 1e10, 16, 0.3, kernel=kernel)
+
+    return fn
+
+
+needs_kernel = pytest.mark.skipif(raster_kernel.kernel() is None, reason="no C compiler: the kernel cannot be built")
+
+
+@needs_kernel
+def test_kernel_scene_has_crowded_empty_and_culled_parts():
+    g, viewmats, Ks, w, h = kernel_scene()
+    proj = project_gaussians(g, viewmats, Ks, w, h)
+    counts = torch.bincount(_intersect_tiles(proj, 16, 4, 3)[1], minlength=36).reshape(3, 3, 4)
+    assert int(counts.max()) > 400 and int(counts[0, :, 3].max()) == 0  # crowded tiles; camera 0: empty ones
+    assert not bool(proj.valid[0, -90:].any())  # camera 0 culls every extra Gaussian
+    assert not bool(proj.valid[:, -90:-60].any()) and not bool(proj.valid[:, -30:].any())  # every camera those
+
+
+@needs_kernel
+def test_kernel_matches_reference_and_torch_compositor_images():
+    g, viewmats, Ks, w, h = kernel_scene()
+    bg = torch.tensor([[0.2, 0.5, 0.9], [1.0, 1.0, 1.0], [0.0, 0.3, 0.0]])
+    got = render_with(True, w, h)(g, viewmats, Ks, bg)
+    ref = rasterize_reference(g, viewmats, Ks, w, h, background=bg)
+    assert_images_close(got, ref, min_psnr=60)
+    torch_comp = render_with(False, w, h)(g, viewmats, Ks, bg)
+    for a, b in zip((got.rgb, got.depth, got.alpha), (torch_comp.rgb, torch_comp.depth, torch_comp.alpha),
+                    strict=True):
+        assert float((a - b).abs().max()) < 1e-4 * max(1.0, float(b.abs().max()))
+    assert float(ref.alpha[0, :, :, 48:].max()) == 0.0 and float(ref.alpha[..., :16].mean()) > 0.99
+
+
+@needs_kernel
+def test_kernel_matches_reference_and_torch_compositor_gradients():
+    """Every Gaussian field (C projection, no camera gradients) and, with camera gradients (torch projection +
+    C compositing), the cameras and the background too."""
+    g, viewmats, Ks, w, h = kernel_scene()
+    bg = torch.tensor([0.2, 0.5, 0.9])
+    gen = torch.Generator().manual_seed(14)
+    weights = [torch.randn(3, c, h, w, generator=gen) for c in (3, 1, 1)]
+    ref = grads_of(lambda gg, v, k, b: rasterize_reference(gg, v, k, w, h, background=b), leaf_copy(g), viewmats,
+                   Ks, bg, weights)
+    comp = grads_of(render_with(False, w, h), leaf_copy(g), viewmats, Ks, bg, weights)
+    names = [*FIELDS, "viewmats", "Ks", "background"]
+    for cameras in (False, True):
+        got = grads_of(render_with(True, w, h), leaf_copy(g), viewmats, Ks, bg, weights, cameras=cameras)
+        for name, a, b, c in zip(names, got, ref, comp, strict=False):
+            assert rel_err(a, b) < 2e-3, (cameras, name, rel_err(a, b))
+            assert rel_err(a, c) < 1e-4, (cameras, name, rel_err(a, c))
+            assert float(b.norm()) > 0
+    for field in got[:5]:  # Gaussians no camera sees (behind, off-screen) get exactly zero gradient
+        assert float(field[-90:-60].abs().max()) == 0.0 and float(field[-30:].abs().max()) == 0.0
+
+
+@needs_kernel
+def test_kernel_binning_equals_intersect_tiles():
+    g, viewmats, Ks, w, h = kernel_scene()
+    proj = project_gaussians(g, viewmats, Ks, w, h)
+    for tile in (16, 8, 5):
+        tx, ty = math.ceil(w / tile), math.ceil(h / tile)
+        gid, pair_tile = _intersect_tiles(proj, tile, tx, ty)
+        got, offsets = raster_kernel.bin_tiles(proj.means2d, proj.radii, proj.valid, proj.depths, tile, tx, ty)
+        assert torch.equal(got, gid)
+        assert torch.equal(offsets.diff(), torch.bincount(pair_tile, minlength=3 * tx * ty))
+
+
+@needs_kernel
+def test_kernel_bytes_do_not_depend_on_thread_count():
+    g, viewmats, Ks, w, h = kernel_scene()
+    bg = torch.tensor([0.2, 0.5, 0.9])
+    weights = [torch.randn(3, c, h, w, generator=torch.Generator().manual_seed(15)) for c in (3, 1, 1)]
+    results = []
+    for count in (1, 2, 3):
+        with raster_kernel.use_threads(count):
+            out = render_with(True, w, h)(g, viewmats, Ks, bg)
+            grads = grads_of(render_with(True, w, h), leaf_copy(g), viewmats, Ks, bg, weights, cameras=False)
+        results.append([out.rgb, out.depth, out.alpha, *grads])
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+    assert raster_kernel.threads() == torch.get_num_threads()  # the override ends with its block
+
+
+@needs_kernel
+def test_kernel_is_used_for_float32_cpu_only(monkeypatch):
+    g, viewmats, Ks = make_scene(50, 24, 20, seed=16)
+    calls = []
+    real = raster_kernel.CpuCompositor.apply
+    monkeypatch.setattr(raster_kernel.CpuCompositor, "apply", lambda *a: calls.append(1) or real(*a))
+    rasterize(g, viewmats, Ks, 24, 20)
+    assert calls == [1]
+    rasterize(g.to(dtype=torch.float64), viewmats.double(), Ks.double(), 24, 20)
+    assert calls == [1]
+    with pytest.raises(LyraInputError, match="float32 CPU"):
+        _rasterize_torch(g.to(dtype=torch.float64), viewmats.double(), Ks.double(), 24, 20,
+                         torch.zeros(1, 3, dtype=torch.float64), 0.01, 1e10, 16, 0.3, kernel=True)
+
+
+def test_kernel_off_or_without_compiler_falls_back_to_torch(monkeypatch, caplog):
+    g, viewmats, Ks = make_scene(120, 32, 24, seed=17)
+    monkeypatch.setenv("LYRA_RASTER_KERNEL", "torch")
+    assert raster_kernel.kernel() is None
+    calls = []
+    monkeypatch.setattr(raster_kernel.CpuCompositor, "apply", lambda *a: calls.append(1))
+    off = rasterize(g, viewmats, Ks, 32, 24)
+    monkeypatch.delenv("LYRA_RASTER_KERNEL")
+    monkeypatch.setattr(raster_kernel, "_state", {})  # a fresh process ...
+    monkeypatch.setattr(raster_kernel, "_compiler", lambda: None)  # ... on a machine without a C compiler
+    with caplog.at_level("WARNING", logger="lyra_ops.raster_kernel"):
+        assert raster_kernel.kernel() is None
+        assert raster_kernel.kernel() is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "CPU rasterizer kernel unavailable (no C compiler found ($CC, cc, gcc, clang)); using the pure torch "
+        "compositor"]  # once per process
+    nocc = rasterize(g, viewmats, Ks, 32, 24)
+    assert calls == []
+    assert_images_close(off, rasterize_reference(g, viewmats, Ks, 32, 24))
+    assert torch.equal(off.rgb, nocc.rgb)
+
+
+@needs_kernel
+def test_kernel_build_cache_rebuilds_an_edited_source(tmp_path, monkeypatch):
+    source = tmp_path / "src" / "_raster_cpu.c"
+    source.parent.mkdir()
+    source.write_bytes(raster_kernel.SOURCE.read_bytes())
+    monkeypatch.setattr(raster_kernel, "SOURCE", source)
+    monkeypatch.setenv("LYRA_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(raster_kernel, "_state", {})
+    first = raster_kernel._build()
+    built = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(built) == 1 and built[0].startswith("raster_cpu-") and first._name.endswith(built[0])
+    stamp = (tmp_path / "cache" / built[0]).stat().st_mtime_ns
+    again = raster_kernel._build()  # cached: no new build
+    assert again._name == first._name and (tmp_path / "cache" / built[0]).stat().st_mtime_ns == stamp
+    source.write_text(source.read_text() + "\n/* edited */\n")
+    edited = raster_kernel._build()
+    assert edited._name != first._name
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # no temporary files left behind
+    monkeypatch.setenv("LYRA_KERNEL_CACHE", str(source))  # a file: the cache cannot be created there
+    assert Path(raster_kernel._build()._name).exists()  # built into a private temporary folder instead
+
+
+CLEAN_PROCESS = """
+import sys, torch
+from lyra_ops import raster_kernel
+from lyra_ops.rasterize import rasterize
+from tests.test_rasterize import make_scene
+g, v, k = make_scene(60, 20, 18, seed=18)
+out = rasterize(g, v, k, 20, 18)
+assert raster_kernel.kernel() is not None
+print(raster_kernel._state["path"], float(out.rgb.sum()))
+"""
+
+
+@needs_kernel
+def test_kernel_builds_at_first_use_with_concurrent_builders(tmp_path):
+    """Fresh processes with an empty cache (a clean clone): each builds at first use, concurrently, into the
+    same cache; all load the one library and render the same bytes; no temporary file is left."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LYRA_KERNEL_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(Path(__file__).parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", CLEAN_PROCESS], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1]) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    lines = {o.strip() for o, _ in outs}
+    assert len(lines) == 1, lines
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [Path(lines.pop().split()[0]).name]
+
 
 
 # ---------------------------------------------------------------------------------------------------------

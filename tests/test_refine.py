@@ -168,3 +168,53 @@ def test_storage_layout_documents_refine_files(smoke_store):
         assert any(p.match(f) for f in written), f"{p.pattern} documented but not written"
     result = json.loads(st.read_file(refine_rel(SCENE, written[0].split("/")[2], "result.json")))
     assert result["steps"] == 2
+
+
+def _targets(held: int):
+    import torch
+
+    from lyra_ops.cameras import Cameras
+    from lyra_pipeline.refine import SceneTargets
+
+    c2w = torch.eye(4).repeat(held, 1, 1)
+    c2w[:, 0, 3] = torch.arange(held, dtype=torch.float32)  # frame i sits at x = i
+    k = torch.tensor([[8.0, 0, 4], [0, 8.0, 3], [0, 0, 1]]).repeat(held, 1, 1)
+    frames = torch.arange(held, dtype=torch.float32)[:, None, None, None].expand(held, 3, 6, 8)
+    return SceneTargets(frames[:1], Cameras(c2w[:1], k[:1], 6, 8), torch.zeros(1, 1, 6, 8), frames,
+                        Cameras(c2w, k, 6, 8), [("a", 0)], [("a", i + 1) for i in range(held)],
+                        torch.zeros(3, 6, 8, dtype=torch.uint8))
+
+
+def test_held_out_scoring_takes_evenly_spaced_frames():
+    from lyra_pipeline.refine import HELD_OUT_SCORED, scored_held_out
+
+    t = scored_held_out(_targets(72))
+    assert HELD_OUT_SCORED == 24 and len(t.held) == 24
+    picked = [float(x) for x in t.held_frames[:, 0, 0, 0]]
+    assert picked == [float(i) for i in range(0, 72, 3)]  # frames, cameras and names stay together
+    assert [float(x) for x in t.held_cameras.c2w[:, 0, 3]] == picked and t.held[1] == ("a", 4)
+    assert len(scored_held_out(_targets(25)).held) == 13  # every 2nd
+    small = _targets(9)
+    assert scored_held_out(small) is small
+
+
+def test_compute_threads_pins_torch_ops_to_one_thread_and_the_kernel_to_the_count(monkeypatch):
+    import torch
+
+    from lyra_ops import raster_kernel
+    from lyra_pipeline.refine import _compute_threads
+
+    if raster_kernel.kernel() is None:
+        pytest.skip("no C compiler: the kernel cannot be built")
+    seen, previous = [], torch.get_num_threads()
+    try:
+        with _compute_threads(3):
+            seen.append((torch.get_num_threads(), raster_kernel.threads(),
+                         torch.are_deterministic_algorithms_enabled()))
+        assert seen == [(1, 3, True)] and torch.get_num_threads() == 3  # the refinement's count stays pinned
+        monkeypatch.setenv("LYRA_RASTER_KERNEL", "torch")  # no kernel: everything at the count
+        with _compute_threads(2):
+            seen.append((torch.get_num_threads(), raster_kernel.threads()))
+        assert seen[1] == (2, 2)
+    finally:
+        torch.set_num_threads(previous)
