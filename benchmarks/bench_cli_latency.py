@@ -6,7 +6,7 @@ machine's load average before and after stated (other processes share the CPUs).
 Every error case must exit != 0 with one ``error:`` line on stderr and no traceback; the JSON records each
 case's exit code and last stderr line, and ``ok`` says whether it printed exactly that.
 
-    python benchmarks/bench_cli_latency.py [--repeats 5] [--out benchmarks/results/cli_latency_cpu.json]
+    python benchmarks/bench_cli_latency.py [--repeats 5] [--out benchmarks/results/cli_latency.json]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MISSING = "no_such_store"  # a store path that does not exist (relative to the temporary working folder)
 EMPTY = "empty_store"  # a store that exists and holds no scenes (made with RunStore before the timings)
+TARGET_S = 3.0  # issue 28: every argument or input error answers within this, on this 2-core machine under load
 
 # (name, argv after `lyra`, what the mistake is)
 CASES: list[tuple[str, list[str], str]] = [
@@ -74,7 +75,7 @@ def measure(argv: list[str], repeats: int, cwd: Path, env: dict[str, str]) -> di
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cli_latency_cpu.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cli_latency.json")
     args = ap.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     py = sys.executable
@@ -118,6 +119,8 @@ def main() -> None:
         "cli_import_overhead_s": round(rows["import_lyra_pipeline_cli"]["median_s"]
                                        - rows["python_pass"]["median_s"], 3),
         "slowest_error_s": max(errors),
+        "target_s": TARGET_S,
+        "all_errors_under_target": max(errors) < TARGET_S,
         "median_error_s": round(statistics.median(errors), 3),
         "all_errors_one_line": all(r["ok"] for r in rows.values() if "ok" in r),
         "cases": rows,
@@ -125,8 +128,9 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"load {load_before[0]:.2f} -> {load_after[0]:.2f}; slowest error {result['slowest_error_s']:.2f} s, "
-          f"median {result['median_error_s']:.2f} s; import lyra_pipeline +{result['import_overhead_s']:.3f} s over "
-          f"python -c pass; wrote {args.out}")
+          f"median {result['median_error_s']:.2f} s (target < {TARGET_S:.0f} s: "
+          f"{'met' if result['all_errors_under_target'] else 'NOT met'}); import lyra_pipeline "
+          f"+{result['import_overhead_s']:.3f} s over python -c pass; wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -35,10 +35,52 @@ VERBOSE_HELP = "show Prefect's task logs"
 
 def RunStore(url, *, create: bool = True):
     """:class:`lyra_pipeline.store.runstore.RunStore`, imported on first use (Zarr, Arrow and fsspec load only
-    when a command opens a store)."""
+    when a command opens a store). With ``create`` False, a local path without ``store.json`` is refused here, with
+    the store's own words, before those imports (about 1-2 s on a loaded 2-core machine)."""
+    if not create:
+        _check_local_store(url)
     from lyra_pipeline.store.runstore import RunStore as _RunStore
 
     return _RunStore(url, create=create)
+
+
+def _local_root(url) -> Path | None:
+    """The folder of a local store path (``file://`` included), None for any other URL."""
+    text = str(url)
+    if text.startswith("file://"):
+        return Path(text[len("file://"):])
+    return None if "://" in text else Path(text)
+
+
+def _check_local_store(url) -> None:
+    """A local store path with no ``store.json``: the one line ``RunStore(url, create=False)`` would say, without
+    importing it (any other URL, or a path that has one, is left to RunStore)."""
+    root = _local_root(url)
+    if root is None:
+        return
+    try:
+        os.stat(root / "store.json")
+    except (FileNotFoundError, NotADirectoryError):
+        from lyra_ops.errors import LyraStorageError
+
+        raise LyraStorageError(f"{url}: not a lyra store (no store.json)") from None
+    except OSError:  # permission and the like: RunStore names it
+        return
+
+
+def _local_scene_ids(url) -> list[str] | None:
+    """The scene ids of a local store read from its folder (``scenes.zarr/<id>/zarr.json``) without Zarr, or None
+    when that cannot be told (another URL, an unreadable folder): then ask RunStore."""
+    root = _local_root(url)
+    if root is None:
+        return None
+    scenes = root / "scenes.zarr"
+    try:
+        if not scenes.is_dir():
+            return [] if (root / "store.json").is_file() else None
+        return sorted(p.name for p in scenes.iterdir() if (p / "zarr.json").is_file())
+    except OSError:
+        return None
 
 
 def _version(value: bool) -> None:
@@ -90,7 +132,10 @@ def check_new_file(path: Path, what: str, example: str, siblings: tuple[str, ...
 def _stored_scene(store: str, scene: str) -> None:
     """``export-ply`` / ``refine``: a missing store or an unknown scene id is one line before torch loads (the
     scene's finished trajectories are checked where they are read)."""
-    scenes = RunStore(store, create=False).scene_ids()
+    _check_local_store(store)
+    scenes = _local_scene_ids(store)  # a quick "no such scene" before Zarr loads; a listed one is confirmed by it
+    if scenes is None or scene in scenes:
+        scenes = RunStore(store, create=False).scene_ids()
     if scene not in scenes:
         shown = ", ".join(scenes[:20]) + (" ..." if len(scenes) > 20 else "")
         raise LyraInputError(f"{store}: no scene {scene!r}; scenes: {shown or 'none'}")
@@ -147,6 +192,9 @@ def _overrides(config_file: Path | None, num_scenes: int | None, images: Path | 
     if num_scenes is not None:
         over.setdefault("scenes", {})["num_scenes"] = num_scenes
     if images is not None:
+        if not images.is_dir():  # named now, before the store's libraries load (the preflight's words)
+            raise LyraInputError(f"{images.resolve()}: images folder not found (expected a folder of NAME.png + "
+                                 "NAME.txt)")
         sc = over.setdefault("scenes", {})
         sc["source"], sc["images_dir"] = "images", str(images.resolve())
         if "num_scenes" not in sc:  # every image of the folder unless --num-scenes (or the config file) says
@@ -169,13 +217,19 @@ def _bind(store: str, command: str, preset: str | None, config_file: Path | None
     """The config of ``command`` on ``store``: the store's recorded dataset (when it exists) with the user's
     options on top; options that change the store's scene list are refused (``lyra_pipeline.store.dataset``).
     Reads only; ``must_exist``: a missing store is one error line (nothing is created)."""
+    missing = f"{store}: no lyra store there (no store.json); `lyra run --store {store}` makes one"
+    if must_exist:
+        try:
+            _check_local_store(store)  # a missing local store before Zarr and Arrow load
+        except LyraError:
+            raise LyraInputError(missing) from None
+    file_preset, over = _overrides(config_file, num_scenes, images, trajectory, seed, video, poses)
     from lyra_pipeline.store.dataset import bind
     from lyra_pipeline.store.runstore import store_exists
 
-    file_preset, over = _overrides(config_file, num_scenes, images, trajectory, seed, video, poses)
     existing = RunStore(store, create=False) if store_exists(store) else None
     if existing is None and must_exist:
-        raise LyraInputError(f"{store}: no lyra store there (no store.json); `lyra run --store {store}` makes one")
+        raise LyraInputError(missing)
     return bind(existing, preset or file_preset, over, command=command,
                 default_preset="dynamic" if video is not None else "default", plan=plan)
 
@@ -281,6 +335,11 @@ def run(
             return
     except LyraError as exc:
         _fail(exc)
+    from lyra_pipeline.reconstruct import config_fallbacks, fallback_summary
+
+    fallbacks = config_fallbacks(cfg)  # the stand-ins the scenes are made with (images without models): said now
+    for line in fallbacks:
+        _log(line)
     from flows.generate_dataset import PipelineFailed, generate_dataset
 
     if not verbose:
@@ -334,7 +393,9 @@ def run(
         raise err
     s = result["summary"]
     console.print(f"run {s['run_id']}: computed {s['computed']} stage units, reused {s['skipped']} "
-                  f"in {s['finished_at'] - s['started_at']:.1f} s -> {store}")
+                  f"in {s['finished_at'] - s['started_at']:.1f} s of scene work -> {store}"
+                  + (f"; fallbacks: {fallback_summary(fallbacks)}" if fallbacks else ""), markup=False,
+                  highlight=False)
     console.print(run_time_line(command_started, flow_called, s["started_at"], s["finished_at"], time.time(),
                                 process_started()))
 
@@ -388,6 +449,10 @@ def _finished_from_index(store: str, preset: str | None, config_file: Path | Non
     else (or any doubt) takes the planned way, which says the same or does the work."""
     import hashlib
 
+    root = _local_root(store)
+    if root is not None and not (root / "store.json").is_file():
+        return False  # a new local store: nothing finished (and no store libraries loaded to learn it)
+    file_preset, user = _overrides(config_file, num_scenes, images, trajectory, seed, video, poses)
     from lyra_pipeline.config import merge
     from lyra_pipeline.stages import plan_fingerprint
     from lyra_pipeline.store.dataset import DATASET_FILE, dataset_doc, read_dataset
@@ -395,7 +460,6 @@ def _finished_from_index(store: str, preset: str | None, config_file: Path | Non
 
     if not store_exists(store):
         return False
-    file_preset, user = _overrides(config_file, num_scenes, images, trajectory, seed, video, poses)
     st = RunStore(store, create=False)
     stored = read_dataset(st)
     if stored is None:
@@ -661,9 +725,17 @@ def verify(
     (0 after --repair made it recomputable)."""
     import json
 
-    from lyra_pipeline.store.verify import verify_store
-
     try:
+        _check_local_store(store)
+        listed = _local_scene_ids(store)
+        if scene and listed is not None:  # an unknown --scene before Zarr loads (a listed one: checked below too)
+            manifest = _local_root(store) / "manifest"
+            names = {p.stem for p in manifest.glob("*.parquet")} if manifest.is_dir() else set()
+            unknown = sorted(set(scene) - set(listed) - names)
+            if unknown:
+                raise LyraInputError(f"--scene: {store} has no scene(s) {unknown}")
+        from lyra_pipeline.store.verify import verify_store
+
         st = RunStore(store, create=False)
         if scene:
             known = set(st.scene_ids()) | {n.removesuffix(".parquet") for n in st.list_names("manifest")}
@@ -712,12 +784,13 @@ def inspect(
     list_arrays: bool = typer.Option(False, "--list", help="list every array of the scene"),
 ) -> None:
     """Contact sheet of a scene (input, depth, warps, masks, teacher), or any one array: stats and frames."""
-    from lyra_pipeline.inspect import array_frames, array_info, contact_sheet, export_frames
-
     try:
         if out is not None:
             check_new_file(out, "--out", f"{scene}{'' if array else '_sheet'}{out.suffix or '.png'}")
             check_out_path(out, (".png", ".gif", ".webp", ".mp4") if array else (".png", ".jpg", ".jpeg", ".webp"))
+        _stored_scene(store, scene)  # a missing store or scene before Zarr, numpy and PIL load
+        from lyra_pipeline.inspect import array_frames, array_info, contact_sheet, export_frames
+
         st = RunStore(store, create=False)
         if scene not in st.scene_ids():
             raise LyraError(f"{store}: no scene {scene!r}; scenes: {', '.join(st.scene_ids()[:20])}")
@@ -827,7 +900,7 @@ def train(
     from lyra_pipeline.train_config import build_train_config  # pydantic only: torch and Prefect load once it passed
 
     try:
-        RunStore(store, create=False)
+        _check_local_store(store)  # a missing local store now; an existing one is opened once the arguments passed
         torchrun_command([], nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint)  # validates the endpoint
         file_preset, over = load_config_file(config) if config else (None, {})
         name = file_preset or preset
@@ -845,6 +918,7 @@ def train(
         if batch is not None:
             over = {**over, "batch": batch}
         cfg = build_train_config(name, over, source=source)
+        RunStore(store, create=False)
         from lyra_pipeline.runner import check_world_size
 
         check_world_size(nproc, nnodes, cfg.batch, "train.batch")
@@ -888,7 +962,7 @@ def train_teacher_cmd(
     from lyra_pipeline.train_config import build_teacher_config  # pydantic only: torch and Prefect load once it passed
 
     try:
-        RunStore(store, create=False)
+        _check_local_store(store)  # a missing local store now; an existing one is opened once the arguments passed
         torchrun_command([], nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint)  # validates the endpoint
         file_preset, over = load_config_file(config) if config else (None, {})
         preset = file_preset or preset
@@ -900,6 +974,7 @@ def train_teacher_cmd(
         if nproc * nnodes > cfg.streams and "streams" not in over:
             over = {**over, "streams": nproc * nnodes}  # one sampling stream per rank (names a run of its own)
             cfg = build_teacher_config(preset, over)
+        RunStore(store, create=False)
         from lyra_pipeline.runner import check_world_size
 
         check_world_size(nproc, nnodes, cfg.streams, "teacher streams")
@@ -984,6 +1059,7 @@ def export_ply(
         if fmt != "ply":
             from rich.markup import escape
 
+            from lyra_pipeline.reconstruct import fallback_summary
             from lyra_pipeline.usd_export import export_scene_usd, usd_target
 
             try:
@@ -1001,8 +1077,8 @@ def export_ply(
             counts = sorted(set(usd.gaussians))
             console.print(f"wrote {usd.path} ({steps}{counts[0]}" + (f"-{counts[-1]}" if len(counts) > 1 else "")
                           + " Gaussians"
-                          + (f", {usd.backdrop} of them the backdrop" if usd.backdrop else "")
-                          + f", decoder {usd.decoder})")
+                          + (f", {usd.backdrop} of them the backdrop" if usd.backdrop else "") + ")"
+                          + (f"; fallbacks: {fallback_summary(usd.fallbacks)}" if usd.fallbacks else ""))
             return
         target = check_new_file(out or Path(f"{scene}.ply"), "--out", f"{scene}.ply",
                                 () if times is not None else (".png", ".html"))
@@ -1119,8 +1195,26 @@ def refine(
     files = [Path(ex["ply"]), *(Path(ex[k]) for k in ("strip", "html") if ex[k])]
     write_sidecar(ex["ply"], key, inputs or {}, files + ([Path(ex["ply"]).with_suffix(".viewer.json")] if ex["html"]
                                                          else []), fallbacks, summary,
-                  refinement={"name": result["name"], "sha256": result["sha256"]})
+                  refinement={"name": result["name"], "sha256": result["sha256"]},
+                  result={"camera": stored_input_camera(st, scene, trajectories)})
     console.print(summary)
+
+
+def stored_input_camera(st, scene: str, trajectories: list[str]) -> dict | None:
+    """A stored scene's input camera (frame 0 of its first trajectory, where every path starts) as the export
+    sidecar records it (:func:`lyra_pipeline.reconstruct.camera_record`), or None when it cannot be read."""
+    import torch
+
+    from lyra_pipeline.reconstruct import camera_record
+
+    try:
+        name = trajectories[0]
+        c2w = torch.from_numpy(st.read_array(scene, f"trajectories/{name}/cameras/c2w")[0])
+        K = torch.from_numpy(st.read_array(scene, f"trajectories/{name}/cameras/K")[0])
+        _, height, width = st.list_arrays(scene)["input/rgb"].shape
+        return camera_record(c2w, K, height, width)
+    except Exception:  # noqa: BLE001 - only where `lyra view` opens: never an error of the refinement
+        return None
 
 
 @app.command()
@@ -1285,7 +1379,10 @@ def _view_target(target: str, store: str) -> str:
             raise LyraInputError(f"{target}: file not found; expected {VIEW_TARGETS}")
         return "file"
     try:
-        scenes, why = RunStore(store, create=False).scene_ids(), None
+        _check_local_store(store)
+        scenes, why = _local_scene_ids(store), None  # "no such scene" before Zarr loads; a listed one: confirmed
+        if scenes is None or target in scenes:
+            scenes = RunStore(store, create=False).scene_ids()
     except LyraError as exc:
         scenes, why = [], str(exc)
     if target in scenes:

@@ -71,6 +71,7 @@ class ExportResult:
     fallbacks: tuple[str, ...] = ()  # one line per stand-in that made the scene (:func:`scene_fallbacks`)
     settings: Path | None = None  # the HTML viewer's settings (<stem>.viewer.json)
     notes: tuple[str, ...] = field(default_factory=tuple)  # what was reused (reconstruct)
+    camera: dict | None = None  # the input camera (c2w, K, height, width): where `lyra view <ply>` opens
 
     @property
     def files(self) -> list[Path]:
@@ -364,7 +365,18 @@ def write_gaussians(gaussians: Gaussians, source: str, views: ViewCache, scene_i
         html_path = write_viewer_html(out, out.with_suffix(".html"), settings_path,
                                       viewer_title(scene_id, out, fallbacks))
     return ExportResult(out, strip_path, gaussians.num, source, html_path, backdrop, tuple(fallbacks),
-                        out.with_suffix(".viewer.json") if html else None)
+                        out.with_suffix(".viewer.json") if html else None,
+                        camera=camera_record(first.cameras.c2w[0], first.cameras.K[0], first.cameras.height,
+                                             first.cameras.width))
+
+
+def camera_record(c2w: torch.Tensor, K: torch.Tensor, height: int, width: int) -> dict:
+    """The input camera as the export sidecar records it (``lyra view <ply>`` opens there, with its field of
+    view): lists of floats rounded to 7 significant digits (the same bytes on every run)."""
+    def rounded(t: torch.Tensor) -> list:
+        return [[float(f"{float(v):.7g}") for v in row] for row in t.double().tolist()]
+
+    return {"c2w": rounded(c2w), "K": rounded(K), "height": int(height), "width": int(width)}
 
 
 def export_refined(store: RunStore, scene_id: str, name: str, out: str | Path, *, html: bool = False,
@@ -599,7 +611,7 @@ def result_from_sidecar(doc: dict, ply: Path) -> ExportResult:
 
     return ExportResult(ply, path("strip"), int(r.get("gaussians", 0)), str(r.get("decoder", "")), path("html"),
                         int(r.get("backdrop", 0)), tuple(doc.get("made_with", ())), path("settings"),
-                        ("up to date",))
+                        ("up to date",), r.get("camera"))
 
 
 def record_export(res: ExportResult, key: str | None, inputs: dict | None, **extra) -> None:
@@ -607,7 +619,8 @@ def record_export(res: ExportResult, key: str | None, inputs: dict | None, **ext
     from lyra_pipeline.outputs import write_sidecar
 
     result = {"gaussians": res.gaussians, "backdrop": res.backdrop, "decoder": res.decoder,
-              **{k: p.name for k, p in (("strip", res.strip), ("html", res.html), ("settings", res.settings)) if p}}
+              **{k: p.name for k, p in (("strip", res.strip), ("html", res.html), ("settings", res.settings)) if p},
+              **({"camera": res.camera} if res.camera is not None else {})}
     write_sidecar(res.ply, key, inputs or {}, res.files, list(res.fallbacks), export_summary(res), result=result,
                   **extra)
 

@@ -6,6 +6,7 @@ the page works offline (viser serves its own client bundle).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,6 +78,25 @@ def display_floor(gaussians: Gaussians, centre: torch.Tensor, focal: float, fact
     least = (factor * floor_variance(gaussians.opacities))[:, None].sqrt() * d / float(focal)
     return Gaussians(gaussians.means, torch.maximum(gaussians.scales, least), gaussians.quats, gaussians.opacities,
                      gaussians.colors)
+
+
+FLOOR_STEP = 2.0 ** 0.5  # window_floor rounds up to powers of this (a resize re-sends the splats only past a step)
+
+
+def window_floor(input_focal: float, window_height: int, fov: float) -> float:
+    """The :func:`display_floor` factor a browser window needs: viser draws in a canvas ``window_height`` device
+    pixels high with vertical field of view ``fov`` (radians), i.e. at focal length ``h / (2 tan(fov / 2))``; a
+    Gaussian floored for the input camera's ``input_focal`` projects ``(window focal / input focal)^2`` times that
+    variance there, so a window smaller than the input frame (or a wider field of view, or viser's adaptive
+    resolution lowering the canvas) needs ``(input focal / window focal)^2``. At least 1 (a larger window needs no
+    more), rounded up to a power of :data:`FLOOR_STEP`; 1 when the window is unknown."""
+    if not window_height or not fov or not 0.0 < fov < math.pi or input_focal <= 0:
+        return 1.0
+    focal = window_height / (2.0 * math.tan(fov / 2.0))
+    need = (input_focal / focal) ** 2
+    if need <= 1.0:
+        return 1.0
+    return FLOOR_STEP ** math.ceil(math.log(need, FLOOR_STEP) - 1e-9)
 
 
 def viewer_splats(gaussians: Gaussians, centre: torch.Tensor | None = None, focal: float | None = None,
@@ -312,6 +332,9 @@ def start_viewer(
     elif ply is not None:
         gaussians = Gaussians.from_ply(ply)
         note = f"{ply}: {gaussians.num} Gaussians"
+        recorded = export_camera(ply)
+        if recorded is not None:  # opens at the input camera the export recorded
+            trajectories = {"input": recorded}
     else:
         st = RunStore(store, create=False)
         if scene not in st.scene_ids():
@@ -334,16 +357,18 @@ def start_viewer(
     camera = input_camera(trajectories)
     server = viser.ViserServer(host=host, port=port, label="lyra", verbose=False)
     floor = None
+    window = {"factor": 1.0}  # window_floor over the connected browsers (display_floor's factor, times `floor`)
     if camera is not None and (gaussians is not None or sequence is not None):
         floor = server.gui.add_slider(
             "splat floor", min=0.0, max=8.0, step=0.25, initial_value=1.0,
-            hint="display only: Gaussians narrower than viser draws at the input frame's size are widened to that "
-                 "(1); raise it if the scene shows holes in a window smaller than the input frame, 0: as decoded")
+            hint="display only: Gaussians narrower than viser draws are widened to what it draws in this window "
+                 "(1; a window smaller than the input frame gets wider ones); more: smoother, 0: as decoded")
 
     def prepare(g: Gaussians) -> dict | None:
         if camera is None or floor is None:
             return viewer_splats(g)
-        return viewer_splats(g, camera.c2w[0, :3, 3], float(camera.K[0, 0, 0]), float(floor.value))
+        factor = float(floor.value) * window["factor"]
+        return viewer_splats(g, camera.c2w[0, :3, 3], float(camera.K[0, 0, 0]), factor)
 
     splats = None
     if sequence is not None:
@@ -355,9 +380,30 @@ def start_viewer(
             add_splats(server, "/gaussians", splats)
         else:
             note += " (empty: nothing to show)"
+    def resend() -> None:
+        if sequence is not None:
+            server.player.refresh()
+        else:
+            add_splats(server, "/gaussians", prepare(gaussians))
+
     if floor is not None:
-        floor.on_update(lambda _: server.player.refresh() if sequence is not None
-                        else add_splats(server, "/gaussians", prepare(gaussians)))
+        floor.on_update(lambda _: resend())
+        import threading
+
+        focal, lock = float(camera.K[0, 0, 0]), threading.Lock()
+
+        def follow_windows(_=None) -> None:
+            """The floor for the smallest window (device pixels, viser's current resolution included)."""
+            with lock:  # camera updates arrive on viser's thread pool
+                clients = list(server.get_clients().values())
+                factor = max([window_floor(focal, c.camera.image_height, c.camera.fov) for c in clients],
+                             default=1.0)
+                if factor != window["factor"]:
+                    window["factor"] = factor
+                    resend()
+
+        server.on_client_connect(lambda client: client.camera.on_update(follow_windows))
+        server.on_client_disconnect(follow_windows)
     if points is not None and len(points[0]):
         server.scene.add_point_cloud("/points", points=points[0], colors=points[1], point_size=0.01)
     if trajectories:
@@ -373,6 +419,23 @@ def start_viewer(
     set_initial_camera(server, camera, splats)
     server.gui.add_markdown(f"**lyra** · {note}")
     return server
+
+
+def export_camera(ply: str | Path) -> Cameras | None:
+    """The input camera an export recorded beside ``ply`` (``<stem>.export.json``, ``result.camera``: c2w, K,
+    height, width), or None (no sidecar, an older one, or one of another form)."""
+    import json
+
+    from lyra_pipeline.outputs import sidecar_path
+
+    try:
+        cam = json.loads(sidecar_path(ply).read_text(encoding="utf-8"))["result"]["camera"]
+        c2w, K = torch.tensor(cam["c2w"], dtype=torch.float32), torch.tensor(cam["K"], dtype=torch.float32)
+        if c2w.shape != (4, 4) or K.shape != (3, 3) or not (torch.isfinite(c2w).all() and torch.isfinite(K).all()):
+            return None
+        return Cameras(c2w[None], K[None], int(cam["height"]), int(cam["width"]))
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+        return None
 
 
 def to_uint8_colour(colour: torch.Tensor) -> np.ndarray:

@@ -91,6 +91,71 @@ def test_input_errors_are_one_line_before_any_heavy_import(tmp_path):
     assert not (tmp_path / "lyra_store").exists() and not (tmp_path / MISSING).exists()
 
 
+STORE_ERRORS = [  # a missing store or an unknown scene: answered from the folder, before Zarr and Arrow load
+    (["run", "--images", "missing_folder"], "missing_folder: images folder not found"),
+    (["run", "--config", "missing.yaml"], "missing.yaml: config file not found"),
+    (["status", "--store", MISSING], "no_such_store: not a lyra store (no store.json)"),
+    (["report", "--store", MISSING], "no_such_store: not a lyra store (no store.json)"),
+    (["evaluate", "--store", MISSING], "no_such_store: no lyra store there (no store.json)"),
+    (["retry", "--store", MISSING], "no_such_store: no lyra store there (no store.json)"),
+    (["export-ply", "nosuch", "--store", EMPTY], "empty_store: no scene 'nosuch'; scenes: none"),
+    (["export-ply", "proc-000000", "--store", MISSING], "no_such_store: not a lyra store (no store.json)"),
+    (["refine", "nosuch", "--store", MISSING], "no_such_store: not a lyra store (no store.json)"),
+    (["inspect", "nosuch", "--store", EMPTY], "empty_store: no scene 'nosuch'; scenes: none"),
+    (["verify", "--store", EMPTY, "--scene", "nosuch"], "--scene: empty_store has no scene(s) ['nosuch']"),
+    (["view", "nosuch", "--store", EMPTY], "nor a scene of empty_store (its scenes: none)"),
+    (["train", "--store", MISSING], "no_such_store: not a lyra store (no store.json)"),
+    (["train", "--store", EMPTY, "--preset", "bogus"], "unknown training preset 'bogus'"),
+    (["train", "--store", EMPTY, "--nnodes", "2"], "--rdzv-endpoint None"),
+    (["train-teacher", "--store", EMPTY, "--preset", "bogus"], "unknown teacher preset 'bogus'"),
+]
+
+
+def test_store_errors_are_answered_before_zarr_loads(tmp_path):
+    """The commands that open a store name a missing one or an unknown scene without importing Zarr or Arrow
+    (about 1-2 s of the 3 s on a loaded 2-core machine), with the words RunStore itself uses."""
+    from lyra_pipeline.store.runstore import RunStore
+
+    RunStore(tmp_path / EMPTY)
+    proc = _fresh_python(_RUN_CASES.format(heavy=("zarr", "pyarrow", *NEVER_BEFORE_VALIDATION),
+                                           cases=[a for a, _ in STORE_ERRORS]), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines()]
+    for (args, says), res in zip(STORE_ERRORS, results, strict=True):
+        lines = [line for line in res["output"].strip().splitlines() if line.strip()]
+        assert res["exit"] == 2 and len(lines) == 1 and says in lines[0], (args, res["output"])
+        assert res["heavy"] == [], f"lyra {' '.join(args)} loaded {res['heavy']} before answering"
+    with pytest.raises(Exception, match=r"^no_such_store: not a lyra store \(no store.json\)$"):
+        RunStore(MISSING, create=False)  # the same words as the early check's
+    assert not (tmp_path / MISSING).exists()
+
+
+def test_a_listed_scene_is_confirmed_by_the_store(tmp_path, monkeypatch):
+    """The folder listing only answers "no such scene"; a scene it lists is still looked up through RunStore."""
+    import lyra_pipeline.cli as cli
+    from lyra_pipeline.store.runstore import RunStore
+
+    RunStore(tmp_path / "s")
+    assert cli._local_scene_ids(tmp_path / "s") == []
+    (tmp_path / "s" / "scenes.zarr" / "listed").mkdir(parents=True)
+    (tmp_path / "s" / "scenes.zarr" / "listed" / "zarr.json").write_text("{}")
+    assert cli._local_scene_ids(tmp_path / "s") == ["listed"]
+    assert cli._local_scene_ids("s3://bucket/store") is None
+    asked = []
+
+    class Store:  # what RunStore answers: no such scene after all
+        def __init__(self, url, create=True):
+            asked.append(url)
+
+        def scene_ids(self):
+            return []
+
+    monkeypatch.setattr(cli, "RunStore", Store)
+    with pytest.raises(Exception, match="no scene 'listed'"):
+        cli._stored_scene(str(tmp_path / "s"), "listed")
+    assert asked == [str(tmp_path / "s")]
+
+
 def test_stage_names_are_the_scene_tasks():
     """`lyra stage` checks the name against the store's stage list before tasks.sdg (Prefect, torch) loads."""
     from lyra_pipeline.store.names import STAGES

@@ -137,6 +137,10 @@ def test_a_500_frame_path_is_stored_whole_by_default(tmp_path, lyra2_path, torch
     (sid,) = st.scene_ids()
     K = st.read_array(sid, "trajectories/custom/cameras/K")
     assert K.shape[0] == 505 and st.read_array(sid, "trajectories/custom/teacher/rgb").shape[0] == 505
+    raw = np.load(lyra2_path)["intrinsics"].astype(np.float64)
+    raw = np.concatenate([raw, raw[-1:].repeat(5, axis=0)])  # the 5 frames holding the last pose
+    aspect = (K[:, 0, 0] / K[:, 1, 1]) / (raw[:, 0, 0] / raw[:, 1, 1])
+    assert np.abs(aspect - 1).max() < 1e-4  # the file's pixel aspect, every frame (its own: 1.3e-4 off square)
     assert np.abs(K[:, 0, 0] / K[:, 1, 1] - 1).max() < 2e-4
     assert np.allclose(K[:, 0, 2], 80.0, atol=1e-4) and np.allclose(K[:, 1, 2], 48.0, atol=1e-4)
     print(f"500-frame path stored in {seconds:.1f} s")

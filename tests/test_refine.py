@@ -81,7 +81,7 @@ def test_refine_improves_unfitted_frames_from_both_inits(smoke_store):
     st = RunStore(smoke_store)
     model, source = load_decoder(st, None)
     for init in ("decoder", "rgbd"):
-        _, result = refine_scene_inprocess(st, SCENE, RefineConfig(steps=12, init=init), model, source)
+        _, result = refine_scene_inprocess(st, SCENE, RefineConfig(steps=30, init=init), model, source)
         assert result["init"].startswith(init)
         assert result["held_out_frames"] > 0 and result["fitted_frames"] > 0
         for bg in ("white", "grey", "input_mean"):
