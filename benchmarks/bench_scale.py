@@ -13,8 +13,15 @@
 (d) Status at scale: ``read_manifest`` + per-stage counts over a synthetic store of ``--status-scenes`` scenes
     x 6 trajectories (per-scene manifest files + the compacted index the flows write), cold and with 100
     scenes changed since the index; and the whole `lyra status` command (counts, units left, last run) on it.
+    ``--direct-index`` (1M scenes): the index written from the synthetic rows (what ``compact_manifest`` writes,
+    without re-reading 1M files), stamped complete under the smoke plan; then `lyra run` on it answers "nothing
+    to do" from the index footer (timed in this process and as a new process).
+(e) Dask workers started separately (`dask scheduler` + `dask worker` processes, `lyra run --dask-address`'s
+    runner) vs the LocalCluster of (b), 1 and 2 single-threaded workers, alternated in one run.
 
     python benchmarks/bench_scale.py --scenes 8 --status-scenes 100000
+    python benchmarks/bench_scale.py --only-status --status-scenes 1000000 --direct-index --skip-no-index
+    python benchmarks/bench_scale.py --only-dask-separate --scenes 8
 """
 
 from __future__ import annotations
@@ -75,24 +82,70 @@ def scene_task_seconds(flow_run_id) -> float:
     return sum((r.end_time - r.start_time).total_seconds() for r in scene_task_runs(flow_run_id))
 
 
-def synthetic_store(path: Path, scenes: int) -> RunStore:
+TRAJECTORIES = ["left", "right", "up", "zoom_out", "zoom_in", "clockwise"]  # the smoke preset's six paths
+
+
+def synthetic_rows(first: int, count: int) -> pa.Table:
+    """Manifest rows of scenes ``first .. first+count-1`` (every unit done: 2 scene-level + 6 paths x 6 stages),
+    in scene order, built column-wise (38M rows at 1M scenes)."""
+    import numpy as np
+
+    units = [("", s) for s in STAGES[:2]] + [(t, s) for t in TRAJECTORIES for s in STAGES[2:]]
+    per, n = len(units), count
+    sids = pa.array([f"proc-{i:07d}" for i in range(first, first + n)], pa.string())
+    take = pa.array(np.repeat(np.arange(n, dtype=np.int64), per))
+    tile = pa.array(np.tile(np.arange(per, dtype=np.int64), n))
+    return pa.table({"scene_id": sids.take(take),
+                     "trajectory": pa.array([u[0] for u in units], pa.string()).take(tile),
+                     "stage": pa.array([u[1] for u in units], pa.string()).take(tile),
+                     "status": pa.array(["done"] * (n * per), pa.string()),
+                     "key": pa.array(["0" * 32] * (n * per), pa.string()),
+                     "duration_s": pa.array(np.ones(n * per)), "error": pa.array([""] * (n * per), pa.string()),
+                     "run_id": pa.array(["bench"] * (n * per), pa.string()),
+                     "updated_at": pa.array(np.full(n * per, time.time()))}, schema=MANIFEST_SCHEMA)
+
+
+def synthetic_store(path: Path, scenes: int, *, chunk: int = 10_000) -> RunStore:
+    """A store of ``scenes`` finished smoke scenes as `lyra run` leaves one: one manifest file per scene (the same
+    layout the flows write), the scene list and the dataset record (smoke preset, ``num_scenes``). Keys are not
+    the real ones: only status and `lyra run`'s index answer read this store."""
+    from lyra_pipeline.store.dataset import DATASET_FILE, dataset_doc
+
     store = RunStore(path)
-    trajectories = ["left", "right", "up", "zoom_out", "zoom_in", "clockwise"]
     (path / "manifest").mkdir(exist_ok=True)
-    for i in range(scenes):
-        sid = f"proc-{i:06d}"
-        rows = [(sid, "", s) for s in ("input", "depth")] + [(sid, t, s) for t in trajectories for s in STAGES[2:]]
-        table = pa.table({"scene_id": [r[0] for r in rows], "trajectory": [r[1] for r in rows],
-                          "stage": [r[2] for r in rows], "status": ["done"] * len(rows),
-                          "key": ["0" * 32] * len(rows), "duration_s": [1.0] * len(rows), "error": [""] * len(rows),
-                          "run_id": ["bench"] * len(rows), "updated_at": [time.time()] * len(rows)},
-                         schema=MANIFEST_SCHEMA)
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        (path / "manifest" / f"{sid}.parquet").write_bytes(buf.getvalue())
-    store.write_prompts([{"scene_id": f"proc-{i:06d}", "text": f"a room {i}", "image_path": None,
+    per = 2 + len(TRAJECTORIES) * len(STAGES[2:])
+    for first in range(0, scenes, chunk):
+        table = synthetic_rows(first, min(chunk, scenes - first))
+        for j in range(table.num_rows // per):
+            part = table.slice(j * per, per)
+            buf = io.BytesIO()
+            pq.write_table(part, buf)
+            (path / "manifest" / f"{part['scene_id'][0].as_py()}.parquet").write_bytes(buf.getvalue())
+    store.write_file(DATASET_FILE, dataset_doc("smoke", {"scenes": {"num_scenes": scenes}}, scenes))
+    store.write_prompts([{"scene_id": f"proc-{i:07d}", "text": f"a room {i}", "image_path": None,
                           "content_sha": "0" * 64, "seed": i, "source": "procedural"} for i in range(scenes)])
     return store
+
+
+def direct_index(store: RunStore, scenes: int) -> int:
+    """The index ``compact_manifest`` would write after a run that finished every scene (counts, the quiet
+    folder's mtime, the completion stamp of the smoke plan), written from the synthetic rows in memory instead of
+    re-reading every per-scene file (``compact_manifest`` at 1M scenes reads 1M files: ~25 min here)."""
+    import hashlib
+
+    from lyra_pipeline.config import build_config
+    from lyra_pipeline.stages import plan_fingerprint
+    from lyra_pipeline.store import runstore
+
+    runstore.INDEX_QUIET_MIN_SCENES = min(runstore.INDEX_QUIET_MIN_SCENES, scenes)  # small trial stores too
+    path = store._path("manifest")
+    quiet = store._quiet_folder_mtime(path)
+    assert quiet is not None, "the manifest folder did not stay quiet"
+    listing = store._listing_mtimes(path)
+    cfg = build_config("smoke", {"scenes": {"num_scenes": scenes}})
+    stamp = {"plan": plan_fingerprint(cfg), "prompts": hashlib.sha256(store.read_file("prompts.parquet")).hexdigest(),
+             "scenes": scenes}
+    return store.write_manifest_index(synthetic_rows(0, scenes), listing, quiet_mtime_ns=quiet, complete=stamp)
 
 
 def cli_status(path: Path) -> str:
@@ -111,11 +164,27 @@ def status(store: RunStore) -> Counter:
     return Counter(store.manifest_counts())
 
 
+def timed_cli(args: list[str], timeout: float = 120) -> tuple[float, str]:
+    """A `lyra` command in a new process (interpreter start and imports included): seconds and output."""
+    import subprocess
+
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "lyra_pipeline.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return wall, proc.stdout + proc.stderr
+
+
 def status_part(args, result: dict) -> None:
-    """(d): status over a synthetic store of ``--status-scenes`` scenes, without and with the index."""
-    with tempfile.TemporaryDirectory() as tmp:
+    """(d): status over a synthetic store of ``--status-scenes`` scenes, without and with the index; `lyra run`'s
+    "nothing to do" on it (stamped complete under the smoke plan)."""
+    result["status_scenes"] = args.status_scenes
+    result["load_before"] = os.getloadavg()
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        big = Path(tmp) / "big"
         t0 = time.perf_counter()
-        store = synthetic_store(Path(tmp) / "big", args.status_scenes)
+        store = synthetic_store(big, args.status_scenes)
         result["d_synthetic_write_s"] = time.perf_counter() - t0
         counts = None
         if not args.skip_no_index:
@@ -123,24 +192,43 @@ def status_part(args, result: dict) -> None:
             counts = status(store)
             result["d_status_no_index_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        store.compact_manifest()
-        result["d_compact_s"] = time.perf_counter() - t0
+        if args.direct_index:
+            direct_index(store, args.status_scenes)
+            result["d_direct_index_s"] = time.perf_counter() - t0  # quiet wait (2 s) + listing + write
+        else:
+            store.compact_manifest()
+            result["d_compact_s"] = time.perf_counter() - t0
+        result["d_index_mb"] = (big / "manifest_index.parquet").stat().st_size / 1e6
         t0 = time.perf_counter()
-        counts2 = status(RunStore(Path(tmp) / "big"))
+        counts2 = status(RunStore(big))
         result["d_status_s"] = time.perf_counter() - t0
         assert counts is None or counts == counts2
-        for i in range(100):  # a run touches 100 scenes after the index was written
-            p = Path(tmp) / "big" / "manifest" / f"proc-{i:06d}.parquet"
-            p.write_bytes(p.read_bytes())
+        result["d_rows"] = sum(counts2.values())
+        cli_status(big)  # warm: the CLI module's imports are not the status computation
         t0 = time.perf_counter()
-        status(RunStore(Path(tmp) / "big"))
-        result["d_status_100_changed_s"] = time.perf_counter() - t0
-        cli_status(Path(tmp) / "big")  # warm: the CLI module's imports are not the status computation
-        t0 = time.perf_counter()
-        text = cli_status(Path(tmp) / "big")
+        text = cli_status(big)
         result["d_cli_status_s"] = time.perf_counter() - t0
         assert f"{args.status_scenes} scenes" in text, text
-        result["d_rows"] = sum(counts2.values())
+        result["d_cli_status_process_s"], text = timed_cli(["status", "--store", str(big)])
+        assert f"{args.status_scenes} scenes" in text, text
+        if args.direct_index:  # stamped complete: `lyra run` answers from the index footer
+            from lyra_pipeline import cli
+
+            t0 = time.perf_counter()
+            assert cli._finished_from_index(str(big), *(None,) * 8)
+            result["d_run_nothing_to_do_s"] = time.perf_counter() - t0
+            result["d_run_nothing_to_do_process_s"], text = timed_cli(["run", "--store", str(big)])
+            assert f"nothing to do: all {args.status_scenes} scenes" in text, text
+        for i in range(100):  # a run touches 100 scenes after the index was written (as it writes: a rename)
+            p = big / "manifest" / f"proc-{i:07d}.parquet"
+            tmp_file = p.with_suffix(".tmp")
+            tmp_file.write_bytes(p.read_bytes())
+            os.replace(tmp_file, p)
+        t0 = time.perf_counter()
+        status(RunStore(big))
+        result["d_status_100_changed_s"] = time.perf_counter() - t0
+        result["d_cli_status_100_changed_process_s"], _ = timed_cli(["status", "--store", str(big)])
+    result["load_after"] = os.getloadavg()
 
 
 def scenes_direct(job: tuple[str, int, int]) -> float:
@@ -197,6 +285,79 @@ def dask_part(args, result: dict, tmp: str) -> None:
     result["b_hardware_ceiling"] = hardware_ceiling(tmp)
 
 
+class SeparateCluster:
+    """`dask scheduler` and ``workers`` `dask worker` processes started separately (as on real machines: each its
+    own process tree and session, single-threaded workers), torn down with their sessions."""
+
+    def __init__(self, workers: int, tmp: str) -> None:
+        import socket
+        import subprocess
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.address = f"tcp://127.0.0.1:{port}"
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "start_new_session": True, "env": env}
+        self.procs = [subprocess.Popen(["dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                        "--dashboard-address", ":0", "--no-show"], **quiet)]
+        for i in range(workers):
+            extra = ["--resources", "GPU=1"] if i == 0 else []  # as a GPU machine's worker would (no GPU stages)
+            self.procs.append(subprocess.Popen(["dask", "worker", self.address, "--name", f"w{i}", "--nthreads", "1",
+                                                "--nworkers", "1", "--dashboard-address", ":0", "--local-directory",
+                                                f"{tmp}/dask-w{i}", *extra], **quiet))
+        from distributed import Client
+
+        with Client(self.address, timeout=120) as client:
+            client.wait_for_workers(workers, timeout=120)
+
+    def close(self) -> None:
+        import signal
+
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except Exception:  # noqa: BLE001 - a worker its nanny could not end
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def dask_separate_part(args, result: dict, tmp: str) -> None:
+    """(e): the same batch on separately started `dask worker` processes (1 vs 2; `lyra run --dask-address`'s
+    runner), alternated with the LocalCluster of (b) in the same run, so both pairs see the same machine. The
+    workers are started before the timing (a real cluster is up before a run); the LocalCluster's start is in its
+    wall time, so the comparison is the task span (first scene task's start to the last one's end)."""
+    import statistics
+
+    from lyra_pipeline.cli import make_task_runner
+
+    rows: dict[str, list[float]] = {k: [] for k in ("local1", "local2", "sep1", "sep2", "sep1_span", "sep2_span",
+                                                     "local1_span", "local2_span")}
+    for i in range(args.dask_repeats):
+        for n in (1, 2):
+            rows[f"local{n}"].append(run_batch(f"{tmp}/l{n}-{i}", args.scenes, make_task_runner(n, dask=True)))
+            rows[f"local{n}_span"].append(scene_task_span(LAST_FLOW_RUN["id"]))
+            cluster = SeparateCluster(n, tmp)
+            try:
+                rows[f"sep{n}"].append(run_batch(f"{tmp}/s{n}-{i}", args.scenes,
+                                                 make_task_runner(n, dask_address=cluster.address)))
+                rows[f"sep{n}_span"].append(scene_task_span(LAST_FLOW_RUN["id"]))
+            finally:
+                cluster.close()
+    result["e_local_1_worker_s"], result["e_local_2_workers_s"] = rows["local1"], rows["local2"]
+    result["e_local_task_span_1_s"], result["e_local_task_span_2_s"] = rows["local1_span"], rows["local2_span"]
+    result["e_separate_1_worker_s"], result["e_separate_2_workers_s"] = rows["sep1"], rows["sep2"]
+    result["e_separate_task_span_1_s"], result["e_separate_task_span_2_s"] = rows["sep1_span"], rows["sep2_span"]
+    med = statistics.median
+    result["e_local_speedup"] = med(rows["local1"]) / med(rows["local2"])
+    result["e_local_task_span_speedup"] = med(rows["local1_span"]) / med(rows["local2_span"])
+    result["e_separate_speedup"] = med(rows["sep1"]) / med(rows["sep2"])
+    result["e_separate_task_span_speedup"] = med(rows["sep1_span"]) / med(rows["sep2_span"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenes", type=int, default=8)
@@ -204,7 +365,13 @@ def main() -> None:
     ap.add_argument("--skip-dask", action="store_true")
     ap.add_argument("--only-status", action="store_true", help="only (d)")
     ap.add_argument("--skip-no-index", action="store_true", help="(d): skip the slow read without the index")
+    ap.add_argument("--direct-index", action="store_true", help="(d): write the index (with the completion stamp) "
+                    "from the synthetic rows instead of `compact_manifest` re-reading every per-scene file; also "
+                    "times `lyra run`'s nothing-to-do answer")
+    ap.add_argument("--tmp", default=None, help="(d): folder for the synthetic store (default: the system's)")
     ap.add_argument("--only-dask", action="store_true", help="only (b)")
+    ap.add_argument("--only-dask-separate", action="store_true", help="only (e): separately started workers vs "
+                    "the LocalCluster, 1 and 2 workers")
     ap.add_argument("--dask-repeats", type=int, default=1, help="(b): alternating 1/2-worker pairs")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -213,6 +380,14 @@ def main() -> None:
 
     result: dict = {"scenes": args.scenes}
     with tempfile.TemporaryDirectory() as tmp, prefect_test_harness(server_startup_timeout=120):
+        if args.only_dask_separate:
+            result["load_before"] = os.getloadavg()
+            dask_separate_part(args, result, tmp)
+            result["load_after"] = os.getloadavg()
+            print(json.dumps(result, indent=2))
+            if args.out:
+                Path(args.out).write_text(json.dumps(result, indent=2))
+            return
         if args.only_dask:
             dask_part(args, result, tmp)
             print(json.dumps(result, indent=2))

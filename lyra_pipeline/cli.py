@@ -173,6 +173,8 @@ class ConsoleFailureFilter(logging.Filter):
             return False  # after Ctrl-C the command says one line; what stopping stirs up is not news
         if record.name.startswith("prefect.flow_runs") and record.exc_info:
             return False
+        if record.name.startswith("prefect.task_runs") and "DistributedJobError" in record.getMessage():
+            return False  # a training job's failure: the command prints it as its own `error:` line
         if record.name.startswith("prefect.task_runs") and record.exc_info:
             # the API handler (on the task-run logger, called before this root handler) already sent it whole
             record.exc_info, record.exc_text = None, None

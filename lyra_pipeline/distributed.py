@@ -8,7 +8,8 @@ runs alone, under ``torchrun`` on one machine, or on several.
 Outside, :func:`torchrun_command` builds the ``torchrun`` command of a job and :func:`run_torchrun` runs it as a
 subprocess, streaming its lines to a callback and turning a failed job into one :class:`DistributedJobError`
 that names the failing rank and its error (our workers print a ``LYRA_RANK_ERROR`` line; for a rank killed by a
-signal, torchrun's own root-cause report is read).
+signal, torchrun's own root-cause report is read). Ranks gather each other's node and host when the job starts, so
+a rank whose peer machine died (a broken connection, not an error of its own) names the node it lost.
 """
 
 from __future__ import annotations
@@ -140,9 +141,51 @@ def context(device: str) -> Iterator[DistContext]:
         backend = "gloo"
     dist.init_process_group(backend)
     try:
+        _PEERS[:] = _gather_peers(ctx)
         yield ctx
     finally:
         dist.destroy_process_group()
+
+
+# Every rank's place (node, host, rank) as gathered when the job started: a rank that loses a peer names its node.
+_PEERS: list[dict[str, Any]] = []
+
+
+def _gather_peers(ctx: DistContext) -> list[dict[str, Any]]:
+    import socket
+
+    import torch.distributed as dist
+
+    mine = {"rank": ctx.rank, "node": int(os.environ.get("GROUP_RANK", "0")), "host": socket.gethostname()}
+    peers: list[Any] = [None] * ctx.world
+    dist.all_gather_object(peers, mine)
+    return peers
+
+
+def lost_peer(error: str, peers: Sequence[dict[str, Any]], rank: int) -> str:
+    """``error`` (a broken connection to a peer, :func:`collateral`) with the node that went away named: the other
+    node of a two-node job, or the nodes it may be (more nodes: gloo names an address, not a rank). The error is
+    shortened to gloo's own sentence (``Connection closed by peer [10.0.0.2]:4242``)."""
+    me = next((p for p in peers if p["rank"] == rank), None)
+    short = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", error).split(". ", 1)[0].strip()
+    if me is None:
+        return short
+    nodes: dict[int, dict[str, Any]] = {}
+    for p in peers:
+        if p["node"] != me["node"]:
+            nodes.setdefault(p["node"], {"host": p["host"], "ranks": []})["ranks"].append(p["rank"])
+    if not nodes:  # a peer on this node: name its rank(s)
+        others = sorted(p["rank"] for p in peers if p["rank"] != rank)
+        return f"lost rank {', '.join(map(str, others))} on this node: {short}" if len(others) == 1 else short
+
+    def describe(node: int) -> str:
+        info = nodes[node]
+        ranks = ", ".join(map(str, sorted(info["ranks"])))
+        return f"node {node} (host {info['host']}, rank{'s' if len(info['ranks']) > 1 else ''} {ranks})"
+
+    if len(nodes) == 1:
+        return f"lost {describe(next(iter(nodes)))}: {short}"
+    return f"lost one of {', '.join(describe(n) for n in sorted(nodes))}: {short}"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -263,8 +306,10 @@ def killed_rank(reason: str) -> str | None:
 def report_rank_error(exc: BaseException) -> None:
     """A worker's last words: one machine-readable line with its rank and error (read by :func:`run_torchrun`)."""
     ctx = env_context()
-    print(f"{RANK_ERROR} {json.dumps({'rank': ctx.rank, 'error': str(exc) or type(exc).__name__})}", file=sys.stderr,
-          flush=True)
+    error = str(exc) or type(exc).__name__
+    if _PEERS and collateral(error):  # a peer (a node) went away under this rank: say which
+        error = lost_peer(error, _PEERS, ctx.rank)
+    print(f"{RANK_ERROR} {json.dumps({'rank': ctx.rank, 'error': error})}", file=sys.stderr, flush=True)
 
 
 def report_progress(step: int, total: int) -> None:

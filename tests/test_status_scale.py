@@ -114,3 +114,27 @@ def test_a_finished_run_answers_nothing_to_do_from_the_index(tmp_path, quiet_ind
     st.record([ManifestRow(sid, "left", "generate", "damaged", row.key)], force=True)
     assert RunStore(store, create=False).index_completion() is None and not fast(*none)
     assert RunStore(store, create=False).manifest_counts()[("generate", "damaged")] == 1
+
+
+def test_the_plan_fingerprint_follows_every_key_input_and_nothing_else():
+    """Two configs with one fingerprint give every scene the same keys (the completion stamp's premise): a change
+    of any section a key reads changes it (and the keys of a sample of scenes); how the run computes does not."""
+    from lyra_ops.prompts import SceneRecord
+    from lyra_pipeline.config import build_config
+    from lyra_pipeline.stages import plan_fingerprint, plan_keys
+
+    base = build_config("smoke", {})
+    scenes = [SceneRecord(f"s{i}", "", None, f"{i:064x}", i, "procedural") for i in range(3)]
+
+    def keys(cfg):
+        return [plan_keys(cfg, s) for s in scenes]
+
+    for over in ({"video": {"num_frames": 17}}, {"trajectories": {"names": ["left", "up"]}},
+                 {"trajectories": {"distance_factor": 1.5}}, {"depth": {"max_depth": 50.0}},
+                 {"warp": {"depth_weight_scale": 20.0}}, {"mask": {"threshold": 0.03}}, {"mask": {"refine": False}},
+                 {"generator": {"steps": 10}}, {"latents": {"dtype": "float32"}}):
+        other = build_config("smoke", over)
+        assert plan_fingerprint(other) != plan_fingerprint(base), over
+        assert keys(other) != keys(base), over
+    same = build_config("smoke", {"compute": {"torch_threads": 2}})
+    assert plan_fingerprint(same) == plan_fingerprint(base) and keys(same) == keys(base)
