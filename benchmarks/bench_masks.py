@@ -17,12 +17,14 @@ compares it with the brute-force Moller-Trumbore reference on N frames (same mas
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections import Counter
 
 import numpy as np
 import torch
 
+from lyra_ops import warp_kernel
 from lyra_ops.cameras import default_intrinsics
 from lyra_ops.mask_refine import refine_mask_conservative
 from lyra_ops.metrics import mask_confusion, source_visibility
@@ -41,7 +43,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--distance-factor", type=float, default=1.0, help="Lyra's total_movement_distance_factor")
     ap.add_argument("--reference-frames", type=int, default=0, help="frames to also refine with the reference")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (pinned; also the C kernel's)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     h, w = args.height, args.width
     K = default_intrinsics(h, w)
     plain_tot: Counter[str] = Counter()  # summed mask_confusion counts of the plain splat mask
@@ -89,7 +93,8 @@ def main() -> None:
     fh_p, fh_r = plain_tot["false_hole"] / vis, ref_tot["false_hole"] / vis
     print(
         f"scenes={args.scenes} paths={len(LYRA_PATHS)} frames={args.frames} size={h}x{w} "
-        f"torch_threads={torch.get_num_threads()}"
+        f"torch_threads={torch.get_num_threads()} kernel={'C' if warp_kernel.kernel() is not None else 'torch'} "
+        f"loadavg={os.getloadavg()[0]:.1f}"
     )
     total = occ + vis + outside
     print(

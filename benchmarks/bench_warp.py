@@ -19,8 +19,11 @@ same place and cast the same rays. Timings are interleaved (ours, Lyra's, ours, 
 medians of ``--repeats`` per frame, with ``os.getloadavg()``; Lyra's masking takes ~25 s a frame on a CPU (one
 thread: Warp's CPU backend is serial), so it is timed on the last ``--mask-frames`` targets, ours on the same.
 
-Run: ``python benchmarks/bench_warp.py [--reference PATH] [--height 704 --width 1280 --frames 8 --json out]``.
-Not a test: nothing here asserts on time.
+Ours runs its C kernel (``lyra_ops/_warp_cpu.c``) where a compiler is available; ``--torch-path`` also times our
+pure torch path (``LYRA_WARP_KERNEL=torch``, the code before the kernel), interleaved with the rest.
+
+Run: ``python benchmarks/bench_warp.py [--reference PATH] [--height 704 --width 1280 --frames 8 --mask-frames 1
+--torch-path --json out]``. Not a test: nothing here asserts on time.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lyra_reference  # noqa: E402
 
+from lyra_ops import warp_kernel  # noqa: E402
 from lyra_ops.mask_refine import refine_mask_conservative  # noqa: E402
 from lyra_ops.warp import (  # noqa: E402
     WarpResult,
@@ -158,6 +162,19 @@ def removed_agreement(ours_plain: WarpResult, ours_masked: WarpResult, lyra_dept
             "removed_iou": float((ours & theirs).sum()) / union if union else 1.0}
 
 
+def torch_path(fn):
+    """``fn()`` on our pure torch path (the C kernel switched off)."""
+    previous = os.environ.get("LYRA_WARP_KERNEL")
+    os.environ["LYRA_WARP_KERNEL"] = "torch"
+    try:
+        return fn()
+    finally:
+        if previous is None:
+            del os.environ["LYRA_WARP_KERNEL"]
+        else:
+            os.environ["LYRA_WARP_KERNEL"] = previous
+
+
 def timed(fn) -> tuple[float, object]:
     t0 = time.perf_counter()
     out = fn()
@@ -175,6 +192,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per thread count (medians)")
     parser.add_argument("--threads", default="1,2", help="torch thread counts to time")
     parser.add_argument("--json", default=None, help="also write the numbers here")
+    parser.add_argument("--torch-path", action="store_true",
+                        help="also time our pure torch path (LYRA_WARP_KERNEL=torch), interleaved")
     args = parser.parse_args()
     if not 1 <= args.mask_frames <= args.frames:
         parser.error(f"--mask-frames must be in [1, --frames = {args.frames}], got {args.mask_frames}")
@@ -199,6 +218,9 @@ def main() -> None:
 
     jobs = {"ours_plain": (ours_plain, args.frames), "ours_masked": (ours_masked, args.frames),
             "ours_masked_sub": (lambda: ours_masked(w2c[sub]), args.mask_frames)}
+    if args.torch_path and warp_kernel.kernel() is not None:  # before / after the C kernel, in the same run
+        jobs |= {"ours_torch_plain": (lambda: torch_path(ours_plain), args.frames),
+                 "ours_torch_masked": (lambda: torch_path(ours_masked), args.frames)}
     if ref is not None:
         inp = LyraInputs(image, points, K, reliable)
         jobs |= {"lyra_colour": (lambda: lyra_warp(ref, inp, w2c, "colour"), args.frames),
@@ -207,6 +229,7 @@ def main() -> None:
     outputs = {name: fn() for name, (fn, _) in jobs.items()}  # warm-up (Warp compiles its kernel), and outputs
     results = {"size": [args.height, args.width], "frames": args.frames, "mask_frames": args.mask_frames,
                "torch": torch.__version__, "cpu_count": os.cpu_count(),
+               "ours_kernel": "C (lyra_ops/_warp_cpu.c)" if warp_kernel.kernel() is not None else "torch",
                "lyra": {"repository": "nv-tlabs/lyra", "commit": ref.commit, "warp_kernel_on_cpu":
                         ref.cpu_kernel_proxy} if ref else None, "runs": []}
     previous = torch.get_num_threads()
@@ -214,16 +237,39 @@ def main() -> None:
         torch.set_num_threads(threads)
         load_before = os.getloadavg()
         times: dict[str, list[float]] = {name: [] for name in jobs}
+        cpu: dict[str, list[float]] = {name: [] for name in jobs}
         for _ in range(args.repeats):  # interleaved: ours, Lyra's, ... all see the same machine state
             for name, (fn, n) in jobs.items():
+                c0 = time.process_time()
                 times[name].append(timed(fn)[0] / n)
+                cpu[name].append((time.process_time() - c0) / n)
+        # Wall-clock medians, and the process's CPU time (all its threads): on a shared machine the wall clock
+        # of a 1-thread job is its CPU time stretched by the load, so 1-thread ratios are also given on CPU time.
         row = {"threads": threads, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                **{f"{name}_s_per_frame": statistics.median(t) for name, t in times.items()},
+               "cpu_s_per_frame": {name: statistics.median(t) for name, t in cpu.items()},
                "all_s_per_frame": times}
+        med_cpu = row["cpu_s_per_frame"]
+        row["cpu_ratios"] = {"masked_over_plain": med_cpu["ours_masked"] / med_cpu["ours_plain"]}
+        if ref is not None:
+            row["cpu_ratios"] |= {"vs_colour_only": med_cpu["lyra_colour"] / med_cpu["ours_plain"],
+                                  "vs_depth_splat": med_cpu["lyra_depth"] / med_cpu["ours_plain"],
+                                  "masking": med_cpu["lyra_masked_sub"] / med_cpu["ours_masked_sub"]}
+        if "ours_torch_plain" in jobs:
+            row["cpu_ratios"] |= {"kernel_speedup_plain": med_cpu["ours_torch_plain"] / med_cpu["ours_plain"],
+                                  "kernel_speedup_masked": med_cpu["ours_torch_masked"] / med_cpu["ours_masked"]}
         row["masked_over_plain"] = row["ours_masked_s_per_frame"] / row["ours_plain_s_per_frame"]
+        if "ours_torch_plain" in jobs:
+            row["kernel_speedup_plain"] = row["ours_torch_plain_s_per_frame"] / row["ours_plain_s_per_frame"]
+            row["kernel_speedup_masked"] = row["ours_torch_masked_s_per_frame"] / row["ours_masked_s_per_frame"]
+            row["torch_path_masked_over_plain"] = (row["ours_torch_masked_s_per_frame"]
+                                                   / row["ours_torch_plain_s_per_frame"])
         line = (f"{threads} thread(s) (load {load_before[0]:.1f} -> {row['loadavg_after'][0]:.1f}): ours "
                 f"{1000 * row['ours_plain_s_per_frame']:.1f} ms/frame, + masking "
                 f"{1000 * row['ours_masked_s_per_frame']:.1f} ({row['masked_over_plain']:.2f}x plain)")
+        if "ours_torch_plain" in jobs:
+            line += (f"; torch path {1000 * row['ours_torch_plain_s_per_frame']:.1f} ms/frame, + masking "
+                     f"{1000 * row['ours_torch_masked_s_per_frame']:.1f}")
         if ref is not None:
             row["speedup_vs_colour_only"] = row["lyra_colour_s_per_frame"] / row["ours_plain_s_per_frame"]
             row["speedup_vs_depth_splat"] = row["lyra_depth_s_per_frame"] / row["ours_plain_s_per_frame"]
@@ -236,6 +282,7 @@ def main() -> None:
                      f"{1000 * row['ours_masked_sub_s_per_frame']:.1f} ms ({row['speedup_masking']:.0f}x, goal >= 300)")
         results["runs"].append(row)
         print(line)
+        print("  CPU-time ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in row["cpu_ratios"].items()))
     torch.set_num_threads(previous)
 
     fast = outputs["ours_plain"]

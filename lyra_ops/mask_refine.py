@@ -6,7 +6,9 @@ behind the seam surface are invalidated (``refine_mask_conservative``).
 
 ``mesh_depth`` is the fast op: an exact rasterizer in homogeneous coordinates (no projection of vertices, so
 triangles crossing the camera plane or behind it need no special case) that returns the same z-buffer as
-the brute-force two-sided Moller-Trumbore ray cast of ``mesh_depth_reference``.
+the brute-force two-sided Moller-Trumbore ray cast of ``mesh_depth_reference``. Its rasterization loop and the
+per-frame invalidation run in C (``_warp_cpu.c``, via :mod:`lyra_ops.warp_kernel`) when a compiler is available
+(bit-identical to the torch loops, which run otherwise or with ``LYRA_WARP_KERNEL=torch``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lyra_ops import warp_kernel
 from lyra_ops.errors import LyraInputError
 from lyra_ops.warp import WarpResult
 
@@ -179,7 +182,8 @@ def mesh_depth(vertices_cam: Tensor, faces: Tensor, K: Tensor, height: int, widt
     """
     out_dtype = vertices_cam.dtype if isinstance(vertices_cam, Tensor) else torch.float32
     verts, faces, K = _check_mesh_inputs("mesh_depth", vertices_cam, faces, K, height, width)
-    zbuf = torch.full((height * width,), torch.inf, dtype=torch.float64)
+    lib = warp_kernel.kernel()
+    zbuf = torch.full((height * width,), torch.inf, dtype=torch.float64) if lib is None else None
     k_inv = torch.linalg.inv(K)
     if faces.shape[0]:
         v0, v1, v2 = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
@@ -195,8 +199,26 @@ def mesh_depth(vertices_cam: Tensor, faces: Tensor, K: Tensor, height: int, widt
             e_2 = sign * (torch.linalg.cross(v0[idx], e1[idx]) @ k_inv)
             e_d = sign * (n[idx] @ k_inv)
             rows = _row_ranges(torch.stack([v0[idx], v1[idx], v2[idx]], 1), K, height)
-            _rasterize(e_1, e_2, e_d, det[idx].abs(), rows, height, width, zbuf)
+            if lib is None:
+                _rasterize(e_1, e_2, e_d, det[idx].abs(), rows, height, width, zbuf)
+            else:  # the same loops in C (``_warp_cpu.c``): a bit-identical z-buffer, holes already 0
+                return _mesh_depth_kernel(lib, (e_1, e_2, e_d, det[idx].abs(), *rows), height, width, out_dtype)
+    if zbuf is None:
+        return _mesh_depth_kernel(lib, (), height, width, out_dtype)
     depth = torch.where(torch.isinf(zbuf), 0.0, zbuf).reshape(height, width)
+    return depth.to(out_dtype if out_dtype.is_floating_point else torch.float32)
+
+
+def _mesh_depth_kernel(lib, forms: tuple[Tensor, ...], height: int, width: int, out_dtype: torch.dtype) -> Tensor:
+    """``mesh_depth``'s z-buffer by ``lyra_mesh_depth`` of the triangles' forms (e_1, e_2, e_d, |det|, row_lo,
+    row_hi); no triangle when ``forms`` is empty."""
+    if not forms:
+        forms = (*(torch.zeros(0, 3, dtype=torch.float64) for _ in range(3)), torch.zeros(0, dtype=torch.float64),
+                 *(torch.zeros(0, dtype=torch.long) for _ in range(2)))
+    depth = torch.empty(height, width, dtype=torch.float64)
+    tensors = [*(x.contiguous() for x in forms), depth, torch.tensor([EDGE_TOLERANCE], dtype=torch.float64)]
+    lib.lyra_mesh_depth(warp_kernel.dims([forms[0].shape[0], height, width]), warp_kernel.ptrs(tensors),
+                        torch.get_num_threads())
     return depth.to(out_dtype if out_dtype.is_floating_point else torch.float32)
 
 
@@ -393,9 +415,22 @@ def refine_mask_conservative(
     cast = mesh_depth if method == "fast" else mesh_depth_reference
 
     vertices, faces = seam_mesh(points_world.detach().to(torch.float64), boundary, factor)
-    rgb, depth, mask = warp.rgb.clone(), warp.depth.clone(), warp.mask.clone()
     if faces.shape[0] == 0:
-        return WarpResult(rgb, depth, mask)
+        return WarpResult(warp.rgb.clone(), warp.depth.clone(), warp.mask.clone())
+    lib = warp_kernel.kernel()
+    if lib is not None and warp.rgb.dtype == warp.depth.dtype == torch.float32:
+        # One pass per frame in C (``lyra_refine_apply``): copy and invalidate together, no full-frame clone.
+        ins = [warp.rgb.contiguous(), warp.depth.contiguous(), warp.mask.contiguous()]
+        outs = [torch.empty_like(x) for x in ins]
+        params = torch.tensor([float(threshold), float(hole_value)], dtype=torch.float64)
+        c = warp.rgb.shape[1]
+        for f in range(n_frames):
+            R, t = w2c[f, :3, :3], w2c[f, :3, 3]
+            z_mesh = cast(vertices @ R.T + t, faces, Ks[f], h, w).to(torch.float64).contiguous()
+            lib.lyra_refine_apply(warp_kernel.dims([c, h * w]),
+                                  warp_kernel.ptrs([z_mesh, *(x[f] for x in ins), *(x[f] for x in outs), params]))
+        return WarpResult(*outs)
+    rgb, depth, mask = warp.rgb.clone(), warp.depth.clone(), warp.mask.clone()
     for f in range(n_frames):
         R, t = w2c[f, :3, :3], w2c[f, :3, 3]
         verts_cam = vertices @ R.T + t

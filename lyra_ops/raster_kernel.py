@@ -64,18 +64,20 @@ def _cache_dir() -> Path:
 OPENMP = ("-fopenmp",)  # tried first; without it the library starts POSIX threads
 
 
-def _compile(cc: str, flags: tuple[str, ...], folder: Path, key: str) -> Path:
-    target = folder / f"raster_cpu-{key}.so"
+def _compile(cc: str, flags: tuple[str, ...], folder: Path, key: str, source: Path | None = None,
+             stem: str = "raster_cpu") -> Path:
+    source = SOURCE if source is None else source
+    target = folder / f"{stem}-{key}.so"
     if target.exists():
         return target
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".build-", dir=folder)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+        done = subprocess.run([cc, *flags, str(source), "-o", tmp, "-lm"], capture_output=True, text=True,
                               check=False)
         if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed on {SOURCE.name}: {done.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{cc} failed on {source.name}: {done.stderr.strip()[-2000:]}")
         os.replace(tmp, target)  # atomic: concurrent builders each write their own temp file
     finally:
         if os.path.exists(tmp):
@@ -83,26 +85,32 @@ def _compile(cc: str, flags: tuple[str, ...], folder: Path, key: str) -> Path:
     return target
 
 
+def build_library(cc: str, source: Path, stem: str, flag_sets: tuple[tuple[str, ...], ...],
+                  cache: Path) -> tuple[ctypes.CDLL, Path]:
+    """Compile ``source`` with the first of ``flag_sets`` that works into ``cache`` (a private temporary folder
+    when that cannot be written), named ``<stem>-<sha256 of source, flags, compiler version>.so``, and load it.
+    Shared by every CPU kernel of the package (:mod:`lyra_ops.warp_kernel` too)."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    data = source.read_bytes()
+    error: Exception | None = None
+    for flags in flag_sets:
+        key = hashlib.sha256(data + repr(flags).encode() + version.encode()).hexdigest()[:16]
+        try:
+            try:
+                target = _compile(cc, flags, cache, key, source, stem)
+            except OSError:  # the cache cannot be written: build for this process only
+                target = _compile(cc, flags, Path(tempfile.mkdtemp(prefix="lyra-kernels-")), key, source, stem)
+            return ctypes.CDLL(str(target)), target
+        except (OSError, RuntimeError) as exc:
+            error = exc
+    raise error  # type: ignore[misc]
+
+
 def _build() -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found ($CC, cc, gcc, clang)")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    source = SOURCE.read_bytes()
-    error: Exception | None = None
-    for flags in ((*FLAGS, *OPENMP), FLAGS):
-        key = hashlib.sha256(source + repr(flags).encode() + version.encode()).hexdigest()[:16]
-        try:
-            try:
-                target = _compile(cc, flags, _cache_dir(), key)
-            except OSError:  # the cache cannot be written: build for this process only
-                target = _compile(cc, flags, Path(tempfile.mkdtemp(prefix="lyra-kernels-")), key)
-            lib = ctypes.CDLL(str(target))
-            break
-        except (OSError, RuntimeError) as exc:
-            error = exc
-    else:
-        raise error  # type: ignore[misc]
+    lib, target = build_library(cc, SOURCE, "raster_cpu", ((*FLAGS, *OPENMP), FLAGS), _cache_dir())
     _state["path"] = str(target)
     for name in ("lyra_raster_forward", "lyra_raster_backward"):
         fn = getattr(lib, name)
