@@ -1001,9 +1001,12 @@ def train_teacher_cmd(
 PruneOpt = typer.Option(0.0, "--prune-ratio", help="drop this fraction of the least opaque Gaussians (Lyra's "
                         "pruning), after --min-opacity")
 MinOpacityOpt = typer.Option(0.0, "--min-opacity", help="drop Gaussians less opaque than this")
-SmoothingOpt = typer.Option(0.2, "--smoothing", help="widen every Gaussian by this many squared input pixels "
-                           "(Mip-Splatting's 3D filter), so viewer windows larger than the input frame show closed "
-                           "surfaces (at the input size it blurs: about 1.9 dB); 0 writes the Gaussians as decoded")
+SmoothingOpt = typer.Option(0.0, "--smoothing", help="widen every Gaussian of the PLY by this many squared input "
+                           "pixels (Mip-Splatting's 3D filter); 0 (default) writes them as decoded (0.2 costs ~5 dB "
+                           "at the input camera, ~0.4 dB at novel ones, in a renderer at the data's size)")
+ViewerSmoothingOpt = typer.Option(0.2, "--viewer-smoothing", help="the same widening for the Gaussians embedded in "
+                                  "the --html viewer only, whose window is several times the data's size (without "
+                                  "it PlayCanvas shows a dot grid of the per-pixel Gaussians)")
 LayoutOpt = typer.Option("compact", "--layout", help="PLY vertex layout: compact (x y z f_dc opacity scale rot) or "
                          "inria (the original 3DGS layout, with zero normals and zero f_rest_0..44)")
 
@@ -1026,6 +1029,7 @@ def export_ply(
     min_opacity: float = MinOpacityOpt,
     layout: str = LayoutOpt,
     smoothing: float = SmoothingOpt,
+    viewer_smoothing: float = ViewerSmoothingOpt,
     backdrop: str = BackdropOpt,
     times: str = typer.Option(None, "--times", help="dynamic scenes: a Gaussian sequence at these input frames, "
                               "'all' or e.g. 0,12,24: <out stem>_<frame>.ply each (SuperSplat plays numbered PLYs "
@@ -1045,7 +1049,8 @@ def export_ply(
     from lyra_pipeline.outputs import scene_export_key, up_to_date, up_to_date_lines
 
     export_options = {"prune_ratio": prune_ratio, "min_opacity": min_opacity, "layout": layout,
-                      "smoothing": smoothing, "backdrop": backdrop}
+                      "smoothing": smoothing, "backdrop": backdrop,
+                      "viewer_smoothing": viewer_smoothing}
     # content-addressed: the same stored scene, decoder and options as the sidecar beside the PLY -> nothing to do
     key, inputs = scene_export_key("export-ply", store, scene, checkpoint, export_options, html, times=times) \
         if fmt == "ply" else (None, None)
@@ -1069,7 +1074,8 @@ def export_ply(
                     raise LyraInputError(f"--html: not available with --format {fmt} (the HTML viewer shows a PLY)")
                 target = check_new_file(usd_target(out, scene, fmt), "--out", usd_target(None, scene, fmt).name)
                 usd = export_scene_usd(store, scene, target, fmt, times=times, checkpoint=checkpoint, log=_log,
-                                       options=ExportOptions(prune_ratio, min_opacity, layout, smoothing, backdrop))
+                                       options=ExportOptions(prune_ratio, min_opacity, layout, smoothing, backdrop,
+                                                             viewer_smoothing))
             except LyraError as exc:  # escaped: rich would take the install hint's "[usd]" for markup
                 _fail(LyraError(escape(str(exc))))
             for line in usd.fallbacks:
@@ -1086,7 +1092,7 @@ def export_ply(
                                 () if times is not None else (".png", ".html"))
         if target.suffix.lower() != ".ply":
             raise LyraInputError(f"{target}: --out must be a .ply path")
-        options = ExportOptions(prune_ratio, min_opacity, layout, smoothing, backdrop)
+        options = ExportOptions(prune_ratio, min_opacity, layout, smoothing, backdrop, viewer_smoothing)
         if times is not None:
             if html:
                 raise LyraInputError("--html: not available with --times (the HTML viewer shows one PLY); open the "
@@ -1130,6 +1136,7 @@ def refine(
     min_opacity: float = MinOpacityOpt,
     layout: str = LayoutOpt,
     smoothing: float = SmoothingOpt,
+    viewer_smoothing: float = ViewerSmoothingOpt,
     backdrop: str = BackdropOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
@@ -1147,7 +1154,8 @@ def refine(
     from lyra_pipeline.outputs import scene_export_key, up_to_date, up_to_date_lines, write_sidecar
 
     export_options = {"prune_ratio": prune_ratio, "min_opacity": min_opacity, "layout": layout,
-                      "smoothing": smoothing, "backdrop": backdrop}
+                      "smoothing": smoothing, "backdrop": backdrop,
+                      "viewer_smoothing": viewer_smoothing}
     # content-addressed: the same stored scene, decoder, refinement and export options -> nothing to do
     key, inputs = scene_export_key("refine", store, scene, checkpoint, export_options, html,
                                    decoder_needed=init != "rgbd",
@@ -1170,7 +1178,8 @@ def refine(
 
     try:  # everything is checked before anything is written
         config = RefineConfig(steps=steps, init=init, background=background)
-        ExportOptions(prune_ratio, min_opacity, layout, smoothing, backdrop)  # bad export options fail here
+        # bad export options fail here
+        ExportOptions(prune_ratio, min_opacity, layout, smoothing, backdrop, viewer_smoothing)
         target = out or Path(f"{scene}-refined.ply")
         st = RunStore(store, create=False)
         trajectories = scene_trajectories(st, scene)
@@ -1186,7 +1195,8 @@ def refine(
             result = refine_scene(scene=scene, store=store, steps=steps, init=init, background=background,
                                   checkpoint=str(checkpoint) if checkpoint else None, out=str(target), html=html,
                                   export={"prune_ratio": prune_ratio, "min_opacity": min_opacity, "layout": layout,
-                                          "smoothing": smoothing, "backdrop": backdrop})
+                                          "smoothing": smoothing, "backdrop": backdrop,
+                      "viewer_smoothing": viewer_smoothing})
     except LyraError as exc:
         _fail(exc)
     _log(refine_summary(result, teacher) + f"; {result['steps_computed']} steps computed now")
@@ -1246,6 +1256,7 @@ def reconstruct(
     min_opacity: float = MinOpacityOpt,
     layout: str = LayoutOpt,
     smoothing: float = SmoothingOpt,
+    viewer_smoothing: float = ViewerSmoothingOpt,
     backdrop: str = BackdropOpt,
     refine_steps: int = typer.Option(None, "--refine", help="then refine the Gaussians against the generated "
                                      "frames for this many steps (like `lyra refine`; resumable in OUT/store)"),
@@ -1276,7 +1287,8 @@ def reconstruct(
         inputs = reconstruct_inputs(image, prompt=prompt, depth=depth, preset=preset, sections=sections,
                                     checkpoint=checkpoint, store=store,
                                     options={"prune_ratio": prune_ratio, "min_opacity": min_opacity, "layout": layout,
-                                             "smoothing": smoothing, "backdrop": backdrop},
+                                             "smoothing": smoothing, "backdrop": backdrop,
+                      "viewer_smoothing": viewer_smoothing},
                                     refine={"steps": refine_steps} if refine_steps is not None else None, html=html)
         done = up_to_date(out / f"{image.stem}.ply", output_key(inputs) if inputs is not None else None)
         if done is not None:
@@ -1287,7 +1299,7 @@ def reconstruct(
     from lyra_pipeline.refine import RefineConfig
 
     try:
-        options = ExportOptions(prune_ratio, min_opacity, layout, smoothing, backdrop)
+        options = ExportOptions(prune_ratio, min_opacity, layout, smoothing, backdrop, viewer_smoothing)
         if refine_steps is not None and refine_steps < 1:
             raise LyraInputError(f"--refine: expected an integer >= 1 (optimiser steps), got {refine_steps}")
         refine_config = RefineConfig(steps=refine_steps) if refine_steps is not None else None

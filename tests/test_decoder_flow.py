@@ -157,15 +157,19 @@ def test_export_options_keep_what_they_say_and_bad_ones_write_nothing(trained_st
     back = Gaussians.from_ply(res.ply)
     torch.testing.assert_close(back.means, expected.means)
     assert b"property float f_rest_44" in res.ply.read_bytes()[:4096]
-    # the default export widens each Gaussian by 0.2 squared input pixels at its distance from the input camera
-    smooth = Gaussians.from_ply(export_scene(str(store_path), scene_id, tmp_path / "smooth.ply", strip=False).ply)
+    # --smoothing 0.2 widens each Gaussian by 0.2 squared input pixels at its distance from the input camera (the
+    # default PLY is as decoded; the HTML viewer's copy is widened by viewer_smoothing)
+    smooth = Gaussians.from_ply(export_scene(str(store_path), scene_id, tmp_path / "smooth.ply", strip=False,
+                                             options=ExportOptions(smoothing=0.2)).ply)
+    plain = Gaussians.from_ply(export_scene(str(store_path), scene_id, tmp_path / "plain.ply", strip=False).ply)
+    torch.testing.assert_close(plain.scales[: gaussians.num], gaussians.scales, rtol=1e-5, atol=1e-7)
     _, views, trajectories = decode_scene(model, store, scene_id)
     cam = views.get(scene_id, trajectories[0]).cameras
     d = (gaussians.means - cam.c2w[0, :3, 3]).norm(dim=-1, keepdim=True)
     expected_scales = torch.sqrt(gaussians.scales.square() + 0.2 * (d / cam.K[0, 0, 0]).square())
     torch.testing.assert_close(smooth.scales[: gaussians.num], expected_scales, rtol=1e-5, atol=1e-7)
     for bad in ({"prune_ratio": 1.0}, {"min_opacity": -1.0}, {"layout": "splat"}, {"smoothing": -0.1},
-                {"backdrop": "black"}):
+                {"backdrop": "black"}, {"viewer_smoothing": 5.0}):
         with pytest.raises(LyraInputError, match="--"):
             ExportOptions(**bad)
     with pytest.raises(LyraInputError, match="--backdrop: expected one of auto, none, got 'black'"):
@@ -422,3 +426,39 @@ def test_decoder_metrics_include_lpips_with_local_weights(trained_store, tmp_pat
     sha16 = hashlib.sha256(Path(ckpt).read_bytes()).hexdigest()[:16]
     rows = RunStore(store_path).read_tables(f"decoder/{sha16}").to_pylist()
     assert rows and all(r["lpips_teacher"] >= 0 and r["lpips_gt"] >= 0 for r in rows)
+
+
+def test_the_html_viewer_embeds_a_widened_copy_and_the_ply_stays_as_decoded(trained_store, tmp_path, monkeypatch):
+    """Per-viewer exports (issue 27): the PLY is as decoded (--smoothing 0), the Gaussians handed to the HTML
+    viewer are widened by viewer_smoothing (0.2 squared input pixels), and the viewer's temporary PLY is gone."""
+    from lyra_pipeline import reconstruct
+
+    store_path, _ = trained_store
+    store = RunStore(store_path)
+    scene_id = sorted(store.scene_ids())[0]
+    model, _ = load_decoder(store, None)
+    gaussians, views, trajectories = decode_scene(model, store, scene_id)
+    seen = {}
+
+    def fake_html(ply, html_path, settings, title):
+        seen["viewer"] = Gaussians.from_ply(ply)
+        seen["ply"] = ply
+        html_path.write_text("<html></html>")
+        return html_path
+
+    monkeypatch.setattr(reconstruct, "write_viewer_html", fake_html)
+    out = tmp_path / "scene.ply"
+    res = export_scene(str(store_path), scene_id, out, html=True, strip=False,
+                       options=ExportOptions(backdrop="none"))
+    plain = Gaussians.from_ply(res.ply)
+    torch.testing.assert_close(plain.scales, gaussians.scales, rtol=1e-5, atol=1e-7)
+    cam = views.get(scene_id, trajectories[0]).cameras
+    d = (gaussians.means - cam.c2w[0, :3, 3]).norm(dim=-1, keepdim=True)
+    widened = torch.sqrt(gaussians.scales.square() + 0.2 * (d / cam.K[0, 0, 0]).square())
+    torch.testing.assert_close(seen["viewer"].scales, widened, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(seen["viewer"].means, plain.means)
+    assert seen["ply"] != out and not seen["ply"].exists()
+    assert not [p.name for p in tmp_path.iterdir() if "partial" in p.name]
+    res = export_scene(str(store_path), scene_id, tmp_path / "same.ply", html=True, strip=False,
+                       options=ExportOptions(backdrop="none", smoothing=0.2, viewer_smoothing=0.2))
+    assert seen["ply"] == tmp_path / "same.ply"  # equal settings: the viewer shows the PLY itself
