@@ -128,19 +128,26 @@ def _build() -> ctypes.CDLL:
     return lib
 
 
+def cached_library(switch: str, state: dict, lock: threading.Lock, build, what: str) -> ctypes.CDLL | None:
+    """``build()``'s library, built once per process into ``state`` under ``lock``; None when the environment
+    variable ``switch`` is ``torch`` or the build fails (one warning naming ``what`` falls back)."""
+    if os.environ.get(switch, "auto") == "torch":
+        return None
+    with lock:
+        if "lib" not in state:
+            try:
+                state["lib"] = build()
+            except (OSError, RuntimeError) as exc:
+                state["lib"] = None
+                logger.warning("CPU %s kernel unavailable (%s); using the pure torch %s", what, exc,
+                               "compositor" if what == "rasterizer" else what)
+        return state["lib"]  # type: ignore[return-value]
+
+
 def kernel() -> ctypes.CDLL | None:
     """The loaded library, or None when it is switched off (``LYRA_RASTER_KERNEL=torch``) or cannot be built (a
     warning says why, once per process)."""
-    if os.environ.get("LYRA_RASTER_KERNEL", "auto") == "torch":
-        return None
-    with _lock:
-        if "lib" not in _state:
-            try:
-                _state["lib"] = _build()
-            except (OSError, RuntimeError) as exc:
-                _state["lib"] = None
-                logger.warning("CPU rasterizer kernel unavailable (%s); using the pure torch compositor", exc)
-        return _state["lib"]  # type: ignore[return-value]
+    return cached_library("LYRA_RASTER_KERNEL", _state, _lock, _build, "rasterizer")
 
 
 _local = threading.local()  # per Python thread, like torch's own count: the use_threads overrides in force

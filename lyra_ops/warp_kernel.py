@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import threading
 from pathlib import Path
 
@@ -51,16 +50,7 @@ def _build() -> ctypes.CDLL:
 def kernel() -> ctypes.CDLL | None:
     """The loaded library, or None when it is switched off (``LYRA_WARP_KERNEL=torch``) or cannot be built (a
     warning says why, once per process)."""
-    if os.environ.get("LYRA_WARP_KERNEL", "auto") == "torch":
-        return None
-    with _lock:
-        if "lib" not in _state:
-            try:
-                _state["lib"] = _build()
-            except (OSError, RuntimeError) as exc:
-                _state["lib"] = None
-                logger.warning("CPU warp kernel unavailable (%s); using the pure torch warp", exc)
-        return _state["lib"]  # type: ignore[return-value]
+    return raster_kernel.cached_library("LYRA_WARP_KERNEL", _state, _lock, _build, "warp")
 
 
 def ptrs(tensors: list) -> ctypes.Array:

@@ -23,16 +23,9 @@ if TYPE_CHECKING:
     from lyra_ops.cameras import Cameras
 
 
-def preflight(config: RunConfig) -> list[SceneRecord] | None:
-    """Check run-wide inputs before any work starts (a bad custom trajectory would fail every scene, a bad
-    checkpoint folder every generation, a broken image its scene ~45 s in). Returns the image folder's records
-    (source ``images``), else None."""
-    if config.scenes.source == "text":
-        from lyra_pipeline.backends.diffusers_image import inspect_t2i_checkpoint
-
-        inspect_t2i_checkpoint(config.text_to_image.model_path)
-        if config.scenes.prompts_file:
-            read_prompts_file(config.scenes.prompts_file)
+def check_models(config: RunConfig) -> None:
+    """The depth and video model folders a config names, checked before anything is written (one line naming the
+    folder and what is missing)."""
     if config.depth.backend == "transformers":
         from lyra_pipeline.backends.transformers_depth import inspect_depth_checkpoint
 
@@ -46,6 +39,19 @@ def preflight(config: RunConfig) -> list[SceneRecord] | None:
         from lyra_pipeline.backends.tiny_teacher import SHIPPED_TEACHER, inspect_teacher
 
         inspect_teacher(config.generator.model_path or SHIPPED_TEACHER)
+
+
+def preflight(config: RunConfig) -> list[SceneRecord] | None:
+    """Check run-wide inputs before any work starts (a bad custom trajectory would fail every scene, a bad
+    checkpoint folder every generation, a broken image its scene ~45 s in). Returns the image folder's records
+    (source ``images``), else None."""
+    if config.scenes.source == "text":
+        from lyra_pipeline.backends.diffusers_image import inspect_t2i_checkpoint
+
+        inspect_t2i_checkpoint(config.text_to_image.model_path)
+        if config.scenes.prompts_file:
+            read_prompts_file(config.scenes.prompts_file)
+    check_models(config)
     if config.trajectories.custom:
         cams, _ = trajectory_cameras(config, None, "custom", None)  # raises LyraInputError naming file/field/frame
         clip = config.video.num_frames

@@ -854,19 +854,9 @@ def _scene_config(folder: Path, preset: str, text: dict | None = None, sections:
 def check_models(config: RunConfig) -> None:
     """The depth and video model folders a reconstruct config names, checked before anything is written (as
     ``lyra run``'s preflight does)."""
-    if config.depth.backend == "transformers":
-        from lyra_pipeline.backends.transformers_depth import inspect_depth_checkpoint
+    from lyra_pipeline.planning import check_models as check
 
-        inspect_depth_checkpoint(config.depth.model_path)
-    if config.generator.backend == "diffusers":
-        from lyra_pipeline.backends.diffusers_video import check_frame_format, inspect_checkpoint
-
-        info = inspect_checkpoint(config.generator.model_path, config.generator.conditioned_path)
-        check_frame_format(info, config.video.num_frames, config.video.height, config.video.width)
-    if config.generator.backend == "tiny":
-        from lyra_pipeline.backends.tiny_teacher import SHIPPED_TEACHER, inspect_teacher
-
-        inspect_teacher(config.generator.model_path or SHIPPED_TEACHER)
+    check(config)
 
 
 def _generate_scene(config: RunConfig, store: str) -> tuple[str, int, int]:
