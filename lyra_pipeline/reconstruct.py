@@ -546,8 +546,8 @@ def viewer_settings(c2w: torch.Tensor, K: torch.Tensor, height: int, width: int,
             "fringing": {"enabled": False, "intensity": 0.5},
         },
         "animTracks": [],
-        "cameras": [{"initial": {"position": [round(float(v), 6) for v in position],
-                                 "target": [round(float(v), 6) for v in target], "fov": round(fov, 3)}}],
+        "cameras": [{"initial": {"position": [round(float(v), 6) + 0.0 for v in position],  # + 0.0: no -0.0
+                                 "target": [round(float(v), 6) + 0.0 for v in target], "fov": round(fov, 3)}}],
         "annotations": [], "startMode": "default",
     }  # fmt: skip
 
