@@ -998,6 +998,14 @@ def train_teacher_cmd(
                   f"{summary['teacher_psnr_all']:.2f} dB, warp-only {summary['warp_only_psnr_all']:.2f} dB")
 
 
+def _export_options(prune_ratio: float, min_opacity: float, layout: str, smoothing: float, backdrop: str,
+                    viewer_smoothing: float) -> dict[str, Any]:
+    """The export options of export-ply, refine and reconstruct: ``ExportOptions``' keyword arguments, and what
+    their content keys and the refine flow record."""
+    return {"prune_ratio": prune_ratio, "min_opacity": min_opacity, "layout": layout, "smoothing": smoothing,
+            "backdrop": backdrop, "viewer_smoothing": viewer_smoothing}
+
+
 PruneOpt = typer.Option(0.0, "--prune-ratio", help="drop this fraction of the least opaque Gaussians (Lyra's "
                         "pruning), after --min-opacity")
 MinOpacityOpt = typer.Option(0.0, "--min-opacity", help="drop Gaussians less opaque than this")
@@ -1048,9 +1056,7 @@ def export_ply(
         _fail(exc)
     from lyra_pipeline.outputs import scene_export_key, up_to_date, up_to_date_lines
 
-    export_options = {"prune_ratio": prune_ratio, "min_opacity": min_opacity, "layout": layout,
-                      "smoothing": smoothing, "backdrop": backdrop,
-                      "viewer_smoothing": viewer_smoothing}
+    export_options = _export_options(prune_ratio, min_opacity, layout, smoothing, backdrop, viewer_smoothing)
     # content-addressed: the same stored scene, decoder and options as the sidecar beside the PLY -> nothing to do
     key, inputs = scene_export_key("export-ply", store, scene, checkpoint, export_options, html, times=times) \
         if fmt == "ply" else (None, None)
@@ -1074,8 +1080,7 @@ def export_ply(
                     raise LyraInputError(f"--html: not available with --format {fmt} (the HTML viewer shows a PLY)")
                 target = check_new_file(usd_target(out, scene, fmt), "--out", usd_target(None, scene, fmt).name)
                 usd = export_scene_usd(store, scene, target, fmt, times=times, checkpoint=checkpoint, log=_log,
-                                       options=ExportOptions(prune_ratio, min_opacity, layout, smoothing, backdrop,
-                                                             viewer_smoothing))
+                                       options=ExportOptions(**export_options))
             except LyraError as exc:  # escaped: rich would take the install hint's "[usd]" for markup
                 _fail(LyraError(escape(str(exc))))
             for line in usd.fallbacks:
@@ -1092,7 +1097,7 @@ def export_ply(
                                 () if times is not None else (".png", ".html"))
         if target.suffix.lower() != ".ply":
             raise LyraInputError(f"{target}: --out must be a .ply path")
-        options = ExportOptions(prune_ratio, min_opacity, layout, smoothing, backdrop, viewer_smoothing)
+        options = ExportOptions(**export_options)
         if times is not None:
             if html:
                 raise LyraInputError("--html: not available with --times (the HTML viewer shows one PLY); open the "
@@ -1153,9 +1158,7 @@ def refine(
         _fail(exc)
     from lyra_pipeline.outputs import scene_export_key, up_to_date, up_to_date_lines, write_sidecar
 
-    export_options = {"prune_ratio": prune_ratio, "min_opacity": min_opacity, "layout": layout,
-                      "smoothing": smoothing, "backdrop": backdrop,
-                      "viewer_smoothing": viewer_smoothing}
+    export_options = _export_options(prune_ratio, min_opacity, layout, smoothing, backdrop, viewer_smoothing)
     # content-addressed: the same stored scene, decoder, refinement and export options -> nothing to do
     key, inputs = scene_export_key("refine", store, scene, checkpoint, export_options, html,
                                    decoder_needed=init != "rgbd",
@@ -1178,8 +1181,7 @@ def refine(
 
     try:  # everything is checked before anything is written
         config = RefineConfig(steps=steps, init=init, background=background)
-        # bad export options fail here
-        ExportOptions(prune_ratio, min_opacity, layout, smoothing, backdrop, viewer_smoothing)
+        ExportOptions(**export_options)  # bad export options fail here
         target = out or Path(f"{scene}-refined.ply")
         st = RunStore(store, create=False)
         trajectories = scene_trajectories(st, scene)
@@ -1194,9 +1196,7 @@ def refine(
                             "same bytes as an uninterrupted run)"):
             result = refine_scene(scene=scene, store=store, steps=steps, init=init, background=background,
                                   checkpoint=str(checkpoint) if checkpoint else None, out=str(target), html=html,
-                                  export={"prune_ratio": prune_ratio, "min_opacity": min_opacity, "layout": layout,
-                                          "smoothing": smoothing, "backdrop": backdrop,
-                      "viewer_smoothing": viewer_smoothing})
+                                  export=export_options)
     except LyraError as exc:
         _fail(exc)
     _log(refine_summary(result, teacher) + f"; {result['steps_computed']} steps computed now")
@@ -1283,12 +1283,10 @@ def reconstruct(
     except LyraError as exc:
         _fail(exc)
     sections = reconstruct_sections(tree)
+    export_options = _export_options(prune_ratio, min_opacity, layout, smoothing, backdrop, viewer_smoothing)
     if image is not None and (refine_steps is None or refine_steps >= 1):  # checked before any heavy import
         inputs = reconstruct_inputs(image, prompt=prompt, depth=depth, preset=preset, sections=sections,
-                                    checkpoint=checkpoint, store=store,
-                                    options={"prune_ratio": prune_ratio, "min_opacity": min_opacity, "layout": layout,
-                                             "smoothing": smoothing, "backdrop": backdrop,
-                      "viewer_smoothing": viewer_smoothing},
+                                    checkpoint=checkpoint, store=store, options=export_options,
                                     refine={"steps": refine_steps} if refine_steps is not None else None, html=html)
         done = up_to_date(out / f"{image.stem}.ply", output_key(inputs) if inputs is not None else None)
         if done is not None:
@@ -1299,7 +1297,7 @@ def reconstruct(
     from lyra_pipeline.refine import RefineConfig
 
     try:
-        options = ExportOptions(prune_ratio, min_opacity, layout, smoothing, backdrop, viewer_smoothing)
+        options = ExportOptions(**export_options)
         if refine_steps is not None and refine_steps < 1:
             raise LyraInputError(f"--refine: expected an integer >= 1 (optimiser steps), got {refine_steps}")
         refine_config = RefineConfig(steps=refine_steps) if refine_steps is not None else None

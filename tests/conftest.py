@@ -35,6 +35,19 @@ def torch_single_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    """``SHIPPED_DECODER`` -> a tiny random decoder folder (tests.test_shipped_decoder.write_shipped), for the
+    module that asks for it."""
+    import lyra_pipeline.shipped as shipped_mod
+    from tests.test_shipped_decoder import write_shipped
+
+    root = write_shipped(tmp_path_factory.mktemp("shipped") / "decoder")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(shipped_mod, "SHIPPED_DECODER", root)
+        yield root
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One Prefect test server for the whole session (each harness costs ~10 s to start)."""

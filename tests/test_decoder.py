@@ -692,19 +692,25 @@ def test_input_head_starts_as_the_input_frame_unprojected(inputs) -> None:
     torch.testing.assert_close(model.head.weight, old.head.weight)
 
 
-def test_input_gate_pins_known_pixels_to_the_rgbd_unprojection(inputs) -> None:
-    """``input_gate``: where the input frame's depth is known, the gated channel groups of the input head take the
-    RGB-D unprojection's values whatever the head outputs; unknown pixels (depth edges) stay learned."""
-    latents, plucker, cams = inputs
-    h, w = 64, 96
+def known_with_an_edge_and_its_unprojection(latents, plucker, cams, h: int, w: int):
+    """Known depth (2,9,1,h,w) with a depth edge the reliability filter left unknown in the input frame, and the
+    input head's Gaussians at its zero point (the RGB-D unprojection, of the filled depth at the edge)."""
     known = torch.rand(2, 9, 1, h, w) * 3 + 1
-    known[0, 0, 0, 10:12, 20:30] = 0.0  # a depth edge the reliability filter left unknown
+    known[0, 0, 0, 10:12, 20:30] = 0.0
     ref = LatentGaussianDecoder(DecoderConfig.preset("tiny"), seed=0)
     with torch.no_grad():
         ref.input_head.weight.zero_()
         ref.input_head.bias[:-1] = 0.0
         ref.input_head.bias[7] = 1.0
-        exact = ref(latents, plucker, cams, known_depth=known).index(torch.arange(h * w))
+        return known, ref(latents, plucker, cams, known_depth=known).index(torch.arange(h * w))
+
+
+def test_input_gate_pins_known_pixels_to_the_rgbd_unprojection(inputs) -> None:
+    """``input_gate``: where the input frame's depth is known, the gated channel groups of the input head take the
+    RGB-D unprojection's values whatever the head outputs; unknown pixels (depth edges) stay learned."""
+    latents, plucker, cams = inputs
+    h, w = 64, 96
+    known, exact = known_with_an_edge_and_its_unprojection(latents, plucker, cams, h, w)
     gated = LatentGaussianDecoder(DecoderConfig.preset("tiny", input_gate=("distance", "rgb", "scale", "quat",
                                                                            "opacity")), seed=0)
     with torch.no_grad():
@@ -735,14 +741,7 @@ def test_input_edges_rgbd_pins_only_the_unknown_pixels(inputs) -> None:
     gives the RGB-D unprojection of the filled depth; known pixels keep the learned output."""
     latents, plucker, cams = inputs
     h, w = 64, 96
-    known = torch.rand(2, 9, 1, h, w) * 3 + 1
-    known[0, 0, 0, 10:12, 20:30] = 0.0
-    ref = LatentGaussianDecoder(DecoderConfig.preset("tiny"), seed=0)
-    with torch.no_grad():
-        ref.input_head.weight.zero_()
-        ref.input_head.bias[:-1] = 0.0
-        ref.input_head.bias[7] = 1.0
-        exact = ref(latents, plucker, cams, known_depth=known).index(torch.arange(h * w))
+    known, exact = known_with_an_edge_and_its_unprojection(latents, plucker, cams, h, w)
     edges = LatentGaussianDecoder(DecoderConfig.preset("tiny", input_edges="rgbd"), seed=0)
     with torch.no_grad():
         edges.input_head.bias.normal_()

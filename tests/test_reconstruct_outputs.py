@@ -23,11 +23,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import lyra_pipeline.shipped as shipped_mod
 from lyra_pipeline.cli import app, process_started, run_time_line
 from lyra_pipeline.reconstruct import read_depth_file, refine_summary, reproducible_html, splat_transform_command
 from lyra_pipeline.storage import RunStore
-from tests.test_shipped_decoder import write_shipped
 
 runner = CliRunner()
 DEPTH_LINE = ("depth: planar prior: the same geometry for every image; set depth.backend: transformers with a local "
@@ -35,15 +33,6 @@ DEPTH_LINE = ("depth: planar prior: the same geometry for every image; set depth
 GENERATOR_LINE = "generator: warp_only: what the image does not show is filled by push-pull, not generated; "
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
-
-
-@pytest.fixture(scope="module")
-def shipped(tmp_path_factory):
-    """``SHIPPED_DECODER`` -> a tiny random decoder folder, for this module."""
-    root = write_shipped(tmp_path_factory.mktemp("shipped") / "decoder")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(shipped_mod, "SHIPPED_DECODER", root)
-        yield root
 
 
 @pytest.fixture(scope="module")

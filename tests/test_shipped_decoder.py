@@ -69,15 +69,6 @@ def error_lines(output: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def shipped(tmp_path_factory):
-    """``SHIPPED_DECODER`` -> a tiny random decoder folder, for this module."""
-    root = write_shipped(tmp_path_factory.mktemp("shipped") / "decoder")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(shipped_mod, "SHIPPED_DECODER", root)
-        yield root
-
-
-@pytest.fixture(scope="module")
 def reconstructed(shipped, tmp_path_factory):
     """``lyra reconstruct`` of one image with no --checkpoint and no trained store (the --store path is absent)."""
     base = tmp_path_factory.mktemp("reconstruct")
