@@ -223,3 +223,24 @@ def test_the_real_shipped_decoder_loads():
     assert sum(p.numel() for p in model.parameters()) > 0
     info = shipped_decoder_info(REAL_SHIPPED)
     assert set(INFO_KEYS) <= set(info)
+
+
+def test_decoder_json_render_settings_apply_and_bad_ones_are_named(tmp_path):
+    """decoder.json ``render``: rendering-only settings the shipped decoder is decoded with; a field that would
+    change what the weights mean, or a value of the wrong form, is one line naming it."""
+    root = write_shipped(tmp_path / "decoder")
+    info = json.loads((root / "decoder.json").read_text())
+    plain, _ = shipped_decoder(root)
+    assert plain.config.input_guard == 0.0
+    for render, message in (({"input_guard": 0.5}, None), ({"width": 64}, r"\['width'\]: only \["),
+                            ("guard", r"decoder\.json: render: expected an object"),
+                            ({"input_guard": -1.0}, r"decoder\.input_guard: expected")):
+        (root / "decoder.json").write_text(json.dumps({**info, "render": render}))
+        if message is None:
+            model, _ = shipped_decoder(root)
+            assert model.config.input_guard == 0.5 and not model.training
+            for name, value in plain.state_dict().items():
+                assert torch.equal(model.state_dict()[name], value)
+        else:
+            with pytest.raises(LyraConfigError, match=message):
+                shipped_decoder(root)
