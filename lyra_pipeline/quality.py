@@ -10,8 +10,10 @@ each method on two splits, one row per (split, frame, method):
   all pixels and on the pixels some input frame saw (:func:`lyra_ops.baselines.seen_mask`, exact depths).
 
 Methods: ``flat`` (the input frame's mean colour, depth = a plane at its median depth), ``rgbd`` (the input
-frame unprojected with its exact depth), ``ceiling`` (``lyra_ops.decoder.ceiling_gaussians``: exact depth and
-teacher colours on the decoder's own output grid), ``optimized_<N>`` (per-scene 3DGS optimisation on the
+frame unprojected with its exact depth), ``rgbd_known`` (on request: the same on the depth the decoder is given,
+the depth edges the reliability filter left unknown filled as the decoder fills them), ``ceiling``
+(``lyra_ops.decoder.ceiling_gaussians``: exact depth and teacher colours on the decoder's own output grid),
+``optimized_<N>`` (per-scene 3DGS optimisation on the
 teacher frames, snapshots after N steps of one run), ``decoder``. Per row: PSNR, SSIM, LPIPS (with a local
 LPIPS module), depth AbsRel of the render vs exact depth where its alpha > 0.5, and the plane's AbsRel.
 :func:`summarize_quality` reduces rows to means and spread over scenes. Renders composite over the input frame's
@@ -46,6 +48,7 @@ from lyra_ops.baselines import (
 )
 from lyra_ops.cameras import Cameras
 from lyra_ops.decoder import BACKGROUNDS
+from lyra_ops.depth import fill_from_neighbours
 from lyra_ops.distill import RENDER_FAR, RENDER_NEAR, WHITE, ViewData, background_color
 from lyra_ops.errors import LyraConfigError, LyraInputError
 from lyra_ops.gaussians import Gaussians
@@ -64,7 +67,7 @@ PATH, HELD_OUT, INPUT = "path", "held_out", "input"
 SPLITS = (PATH, HELD_OUT, INPUT)
 CHEAP_METHODS = ("flat", "rgbd", "ceiling", "decoder")
 OPTIMIZED_METHODS = ("optimized_300", "optimized_1000")
-METHODS = ("flat", "rgbd", "ceiling", *OPTIMIZED_METHODS, "decoder")
+METHODS = ("flat", "rgbd", "rgbd_known", "ceiling", *OPTIMIZED_METHODS, "decoder")
 _OPTIMIZED = re.compile(r"^optimized_([1-9][0-9]*)$")
 # Per-row metrics (NaN where they do not apply: teacher scores off the paths, seen / unseen PSNR of a view with
 # no such pixel, LPIPS without a local LPIPS module). Summaries leave out a metric that is NaN everywhere.
@@ -200,7 +203,7 @@ def check_methods(methods: Sequence[str]) -> list[str]:
     unknown = [m for m in methods if m not in METHODS and not _OPTIMIZED.match(m)]
     if unknown:
         raise LyraConfigError(f"unknown quality methods {unknown}; valid: {', '.join(METHODS)} (or optimized_<N>)")
-    order = {"flat": 0, "rgbd": 1, "ceiling": 2, "decoder": 4}
+    order = {"flat": 0, "rgbd": 1, "rgbd_known": 1.5, "ceiling": 2, "decoder": 4}
     return sorted(set(methods), key=lambda m: (order.get(m, 3), optimized_steps([m])))
 
 
@@ -266,10 +269,18 @@ def gaussian_method(make: Callable[[], Gaussians], targets: Sequence[Targets], s
 
 def gaussian_builders(inputs: SceneInputs, model: decoder_ops.LatentGaussianDecoder | None,
                       views: ViewCache) -> dict[str, Callable[[], Gaussians]]:
-    """The methods that are one set of Gaussians per scene: ``rgbd``, ``ceiling`` and ``decoder``."""
+    """The methods that are one set of Gaussians per scene: ``rgbd``, ``rgbd_known``, ``ceiling`` and ``decoder``."""
 
     def rgbd() -> Gaussians:
         return rgbd_gaussians(inputs.input_rgb, inputs.input_depth, inputs.input_K, inputs.input_c2w)
+
+    def rgbd_known() -> Gaussians:
+        known = inputs.views[0].known_depth
+        if known is None:
+            raise LyraInputError(f"quality: 'rgbd_known' needs the known depth of {inputs.scene_id}'s input frame")
+        fill = model.config.input_depth_fill if model is not None else 0
+        depth = fill_from_neighbours(known[0, 0].float(), fill)
+        return rgbd_gaussians(inputs.input_rgb, depth, inputs.input_K, inputs.input_c2w)
 
     def ceiling() -> Gaussians:
         make = ceiling_function()
@@ -284,7 +295,7 @@ def gaussian_builders(inputs: SceneInputs, model: decoder_ops.LatentGaussianDeco
             raise LyraInputError("quality: 'decoder' needs a decoder model")
         return scene_gaussians(model, views, inputs.scene_id, inputs.trajectories)
 
-    return {"rgbd": rgbd, "ceiling": ceiling, "decoder": decoder}
+    return {"rgbd": rgbd, "rgbd_known": rgbd_known, "ceiling": ceiling, "decoder": decoder}
 
 
 def optimized_methods(inputs: SceneInputs, targets: Sequence[Targets], steps: Sequence[int],

@@ -304,7 +304,8 @@ class TrainRun:
 # from weights trained with other values of these.
 INIT_FREE_FIELDS = ("background", "prune_ratio", "gradient_checkpointing", "depth_input", "fuse", "fuse_covered",
                     "input_stride", "input_scale_init", "input_opacity_init", "input_depth_fill", "time_embedding",
-                    "time_frames", "input_gate", "input_edges", "input_guard")
+                    "time_frames", "input_gate", "input_edges", "input_guard", "input_guard_sigmas",
+                    "input_footprint")
 # Modules that weights from before depth_input / input_stride / time_embedding may lack (zero-initialised, or the
 # input head, which starts as the input's unprojection)
 NEW_MODULES = ("depth_embed.", "input_head.", "input_time_embed.", "target_time_embed.")
@@ -364,7 +365,8 @@ def plan_run(store: RunStore, config: TrainConfig) -> TrainRun:
                               "--video); this store's scenes have no input video")
     decoder_key = dec.to_dict()
     for key, default in (("time_embedding", False), ("time_frames", "query"), ("input_gate", []),
-                         ("input_edges", "learned"), ("input_guard", 0.0)):
+                         ("input_edges", "learned"), ("input_guard", 0.0), ("input_guard_sigmas", 0.0),
+                         ("input_footprint", "ray")):
         if decoder_key[key] == default:  # fields added since runs were published join the key only when set
             decoder_key.pop(key)
     inputs = {"dataset": index.fingerprint, "decoder": decoder_key,

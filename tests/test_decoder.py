@@ -705,6 +705,30 @@ def known_with_an_edge_and_its_unprojection(latents, plucker, cams, h: int, w: i
         return known, ref(latents, plucker, cams, known_depth=known).index(torch.arange(h * w))
 
 
+def test_input_footprint_depth_makes_the_zero_point_the_rgbd_scale(inputs) -> None:
+    """``input_footprint: depth``: at its zero output the input head's Gaussians have the RGB-D unprojection's
+    scale, input_scale_init x z / fx at every pixel; ``ray`` (the default) is that / cos of the ray's angle."""
+    from lyra_ops.baselines import rgbd_gaussians
+
+    latents, plucker, cams = inputs
+    h, w = 64, 96
+    known, ray = known_with_an_edge_and_its_unprojection(latents, plucker, cams, h, w)
+    model = LatentGaussianDecoder(DecoderConfig.preset("tiny", input_footprint="depth"), seed=0)
+    with torch.no_grad():
+        model.input_head.weight.zero_()
+        model.input_head.bias[:-1] = 0.0
+        model.input_head.bias[7] = 1.0
+        g = model(latents, plucker, cams, known_depth=known).index(torch.arange(h * w))
+    on = known[0, 0, 0].reshape(-1) > 0
+    rgbd = rgbd_gaussians(torch.rand(3, h, w), known[0, 0, 0], cams[0].K[0], cams[0].c2w[0])
+    torch.testing.assert_close(g.scales[on], rgbd.scales, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(g.means, ray.means)
+    cos = g.scales[:, 0] / ray.scales[:, 0]
+    assert float(cos.min()) < 0.95 and float(cos.max()) <= 1.0 + 1e-6  # the corners: smaller by their cosine
+    with pytest.raises(LyraConfigError, match="input_footprint"):
+        DecoderConfig.preset("tiny", input_footprint="pixel")
+
+
 def test_input_gate_pins_known_pixels_to_the_rgbd_unprojection(inputs) -> None:
     """``input_gate``: where the input frame's depth is known, the gated channel groups of the input head take the
     RGB-D unprojection's values whatever the head outputs; unknown pixels (depth edges) stay learned."""
@@ -760,11 +784,9 @@ def test_input_edges_rgbd_pins_only_the_unknown_pixels(inputs) -> None:
         DecoderConfig.preset("tiny", input_guard=-0.1)
 
 
-def test_input_view_guard_against_a_brute_force_reference() -> None:
-    """Dropped: centre in front of (1 + tol) x the depth at its pixel, inside the frame (or within 3 sigma of it)."""
-    from lyra_ops.decoder import input_view_guard
-
-    gen = torch.Generator().manual_seed(3)
+def _guard_scene(seed: int = 3, n: int = 1200):
+    """A random camera (20x30 px) with a random depth map (an unknown patch) and points in and around its frame."""
+    gen = torch.Generator().manual_seed(seed)
     h, w = 20, 30
     K = torch.tensor([[25.0, 0, 15.0], [0, 25.0, 10.0], [0, 0, 1]])
     c2w = torch.eye(4)
@@ -773,27 +795,77 @@ def test_input_view_guard_against_a_brute_force_reference() -> None:
         c2w[:3, 0] *= -1
     c2w[:3, 3] = torch.randn(3, generator=gen)
     depth = torch.rand(h, w, generator=gen) * 2 + 1
-    depth[3:5, 4:9] = 0.0  # unknown: never drops
-    n = 4000
-    local = torch.stack([(torch.rand(n, generator=gen) * 50 - 10 - 15) / 25, (torch.rand(n, generator=gen) * 40 - 10
-                                                                               - 10) / 25, torch.ones(n)], -1)
+    depth[3:5, 4:9] = 0.0  # unknown: never counts
+    local = torch.stack([(torch.rand(n, generator=gen) * 50 - 10 - 15) / 25,
+                         (torch.rand(n, generator=gen) * 40 - 10 - 10) / 25, torch.ones(n)], -1)
     z = torch.rand(n, generator=gen) * 4 + 0.2
     local = local * z[:, None]
+    local[:20, 2] *= -1  # behind the camera
     means = local @ c2w[:3, :3].T + c2w[:3, 3]
     scales = torch.rand(n, 3, generator=gen) * 0.05
-    keep = input_view_guard(means, scales, K, c2w, depth, tol=0.1, sigmas=3.0)
-    inside_only = input_view_guard(means, scales, K, c2w, depth, tol=0.1)  # the default: centres in the frame
-    expect, expect_inside = [], []
-    for i in range(n):
-        x, y, zz = local[i].tolist()
-        u, v = 25 * x / zz + 15, 25 * y / zz + 10
-        m = 3 * float(scales[i].max()) * 25 / zz
-        near = -m <= u < w + m and -m <= v < h + m
-        d = float(depth[min(max(int(v), 0), h - 1), min(max(int(u), 0), w - 1)])
-        expect.append(not (near and d > 0 and zz < 1.1 * d))
-        expect_inside.append(not (0 <= u < w and 0 <= v < h and d > 0 and zz < 1.1 * d))
-    assert keep.tolist() == expect and inside_only.tolist() == expect_inside
-    assert 0 < (~inside_only).sum() < (~keep).sum() < n
+    return means, scales, K, c2w, depth, local
+
+
+def _brute_clearance(local: torch.Tensor, depth: torch.Tensor, ratio: float) -> list[float]:
+    """Distance from each point's pixel to the nearest pixel it lies in front of (z < ratio x depth), by loops."""
+    h, w = depth.shape
+    out = []
+    for x, y, zz in local.tolist():
+        if zz <= 0:
+            out.append(math.inf)
+            continue
+        iu, iv = math.floor(25 * x / zz + 15), math.floor(10 + 25 * y / zz)
+        best = math.inf
+        for r in range(h):
+            for c in range(w):
+                d = float(depth[r, c])
+                if d > 0 and zz < ratio * d:
+                    best = min(best, math.hypot(r - iv, c - iu))
+        out.append(best)
+    return out
+
+
+def test_input_view_clearance_brackets_a_brute_force_reference() -> None:
+    """0 exactly where the point's own pixel is covered (z < (1 + tol) x its depth); elsewhere between the exact
+    distance at the depth rounded one level step stricter and the exact distance at (1 + tol); inf behind the camera
+    and behind everything the camera saw."""
+    from lyra_ops.decoder import input_view_clearance
+
+    means, _, K, c2w, depth, local = _guard_scene()
+    tol, levels = 0.1, 8
+    clear = input_view_clearance(means, K, c2w, depth, tol, reach=torch.full((len(means),), 40.0), levels=levels)
+    known = depth[depth > 0]
+    step = float(known.max() / known.min()) ** (1 / (levels - 1))
+    exact = torch.tensor(_brute_clearance(local, depth, 1 + tol), dtype=torch.float64)
+    strict = torch.tensor(_brute_clearance(local, depth, (1 + tol) * step * (1 + 1e-9)), dtype=torch.float64)
+    zero = exact == 0
+    assert torch.equal(clear == 0, zero) and 0 < int(zero.sum()) < len(means)
+    assert bool((clear[local[:, 2] <= 0] == math.inf).all())
+    far = torch.isinf(exact) & (local[:, 2] > 0)
+    assert bool(far.any()) and bool(torch.isinf(clear[far]).all())
+    rest = ~zero & torch.isfinite(exact)
+    assert bool((clear[rest] <= exact[rest] + 1e-9).all())
+    assert bool((clear[rest] >= torch.where(strict[rest] == 0, 0.5, strict[rest]) - 1e-9).all())
+    assert float((clear[rest] - exact[rest]).abs().max()) > 0  # the rounding is visible, the bracket not trivial
+
+
+def test_input_view_guard_drops_centres_and_shrinks_footprints() -> None:
+    """Dropped: centre pixel covered (as the clearance's 0). Kept ones reaching, within k projected sigmas, a pixel
+    they cover are shrunk to stop there (shrink = clearance / (k sigma)); k = 0 shrinks nothing."""
+    from lyra_ops.decoder import input_view_clearance, input_view_guard
+
+    means, scales, K, c2w, depth, local = _guard_scene(seed=5)
+    keep0, shrink0 = input_view_guard(means, scales, K, c2w, depth, tol=0.1)
+    keep, shrink = input_view_guard(means, scales, K, c2w, depth, tol=0.1, sigmas=2.0)
+    spread = 2.0 * scales.amax(-1).double() * 25 / local[:, 2].double().clamp(min=1e-9)
+    clear = input_view_clearance(means, K, c2w, depth, 0.1, reach=spread)
+    assert torch.equal(keep, keep0) and torch.equal(keep, clear > 0)
+    assert bool((shrink0 == 1).all())
+    expect = torch.where(keep & (spread > clear), clear / spread, torch.ones_like(clear)).float()
+    torch.testing.assert_close(shrink, expect)
+    assert 0 < int((shrink[keep] < 1).sum()) < int(keep.sum())
+    with pytest.raises(LyraConfigError, match="input_guard_sigmas"):
+        DecoderConfig.preset("tiny", input_guard_sigmas=2.0)  # needs input_guard
 
 
 def test_input_guard_drops_teacher_gaussians_only(inputs) -> None:
@@ -815,6 +887,15 @@ def test_input_guard_drops_teacher_gaussians_only(inputs) -> None:
     head = input_count(plain.config, h, w)
     torch.testing.assert_close(b.means[:head], a.means[:head])
     rest = a.index(torch.arange(a.num) >= head)
-    keep = input_view_guard(rest.means, rest.scales, cams[0].K[0], cams[0].c2w[0], known[0, 0, 0], 0.5)
-    assert b.num == head + int(keep.sum()) and head < b.num < a.num
+    keep, shrink = input_view_guard(rest.means, rest.scales, cams[0].K[0], cams[0].c2w[0], known[0, 0, 0], 0.5)
+    assert b.num == head + int(keep.sum()) and head < b.num < a.num and bool((shrink == 1).all())
     torch.testing.assert_close(b.means[head:], rest.means[keep])
+    torch.testing.assert_close(b.scales[head:], rest.scales[keep])
+    shrinking = LatentGaussianDecoder(DecoderConfig.preset("tiny", input_guard=0.5, input_guard_sigmas=2.0), seed=0)
+    shrinking.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        c = shrinking(latents, plucker, cams, known_depth=known)
+    keep2, shrink2 = input_view_guard(rest.means, rest.scales, cams[0].K[0], cams[0].c2w[0], known[0, 0, 0], 0.5, 2.0)
+    assert torch.equal(keep2, keep) and bool((shrink2 < 1).any())
+    torch.testing.assert_close(c.means, b.means)
+    torch.testing.assert_close(c.scales[head:], (rest.scales * shrink2[:, None])[keep])

@@ -131,3 +131,21 @@ def test_quality_columns_are_documented():
 def test_quality_background_error_names_the_field():
     with pytest.raises(LyraConfigError, match=r"QualitySettings\.background must be one of white, input_mean"):
         QualitySettings(background="grey")
+
+
+def test_rgbd_known_unprojects_the_depth_the_decoder_is_given(smoke_store_template, tiny_decoder):
+    """``rgbd_known``: the input frame on its known depth (edges filled as the decoder fills them), one Gaussian per
+    pixel whose filled depth is known, beside ``rgbd`` on the exact depth at every pixel."""
+    from lyra_ops.depth import fill_from_neighbours
+    from lyra_pipeline.training import ViewCache, index_dataset
+
+    store = RunStore(smoke_store_template, create=False)
+    scene = store.scene_ids()[0]
+    rows = scene_quality_rows(store, scene, tiny_decoder, methods=["rgbd", "rgbd_known"], settings=SETTINGS)
+    at_input = {r["method"]: r for r in rows if r["split"] == "input"}
+    known = ViewCache(store).get(scene, index_dataset(store).scenes[scene][0]).known_depth[0, 0]
+    filled = fill_from_neighbours(known.float(), tiny_decoder.config.input_depth_fill)
+    assert bool((known <= 0).any())  # the reliability filter left depth edges unknown
+    assert at_input["rgbd_known"]["gaussians"] == int((filled > 0).sum())
+    assert at_input["rgbd"]["gaussians"] == known.numel()
+    assert at_input["rgbd_known"]["psnr"] > 20 and at_input["rgbd"]["psnr"] > 20
