@@ -55,9 +55,12 @@ class StageSpec:
     ``input_views`` trajectories per sample, drawn as ``V ~ U{1..input_views}`` when ``random_views`` (Lyra's
     multi-view stages) else exactly ``input_views``; ``targets`` target frame indices per sample, rendered for
     every input view, drawn without replacement uniformly or with weight ``exp(3 p)`` (``frame_sampling``);
-    ``prune_ratio`` / ``opacity_weight``: Lyra's prune stages (0.8 / 0.1). ``dynamic`` (Lyra's stages 8-9, a
-    dynamic store): one query time per sample, the input video plus ``input_views`` whole paths as inputs and
-    ``targets`` paths (flipped twins included) as targets at that time (:func:`build_dynamic_batch`).
+    ``prune_ratio`` / ``opacity_weight``: Lyra's prune stages (0.8 / 0.1). ``input_target``: the input frame
+    (frame 0, the input camera of every view) is a target of every sample whose window holds it, besides the
+    ``targets`` drawn (Lyra: off; issue 27: what the input saw kept as a target at full weight). ``dynamic``
+    (Lyra's stages 8-9, a dynamic store): one query time per sample, the input video plus ``input_views`` whole
+    paths as inputs and ``targets`` paths (flipped twins included) as targets at that time
+    (:func:`build_dynamic_batch`).
     """
 
     name: str
@@ -70,6 +73,7 @@ class StageSpec:
     frame_sampling: str = "uniform"
     prune_ratio: float = 0.0
     opacity_weight: float = 0.0
+    input_target: bool = False
     dynamic: bool = False
 
     def __post_init__(self) -> None:
@@ -182,6 +186,11 @@ def sample_input_frames(gen: torch.Generator, num_frames: int, stage: StageSpec)
     end = start + gap
     middle = torch.randperm(gap - 1, generator=gen)[: n - 2] + start + 1 if n > 2 else torch.empty(0)
     return sorted([start, end, *(int(i) for i in middle)]), start, end
+
+
+def with_input_target(targets: Sequence[int], start: int) -> list[int]:
+    """``targets`` with the input frame (0) added when the window starting at ``start`` holds it."""
+    return sorted(set(targets) | {0}) if start == 0 else list(targets)
 
 
 def sample_targets(gen: torch.Generator, start: int, end: int, count: int, mode: str) -> list[int]:

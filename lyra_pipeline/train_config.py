@@ -38,6 +38,7 @@ class StageConfig(Section):
     frame_sampling: Literal["uniform", "exponential"] = "uniform"
     prune_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     opacity_weight: float = Field(0.0, ge=0.0)
+    input_target: bool = False  # the input frame is a target of every sample (besides the `targets` drawn)
     dynamic: bool = False  # a dynamic stage (Lyra's 8-9): time-conditioned samples from a dynamic store
 
     def spec(self) -> StageSpec:

@@ -41,6 +41,7 @@ from lyra_ops.distill import (
     sample_targets,
     sample_views,
     warmup_lambda,
+    with_input_target,
 )
 from lyra_ops.errors import LyraConfigError, LyraInputError, LyraStorageError
 from lyra_ops.gaussians import Gaussians
@@ -375,8 +376,9 @@ def plan_run(store: RunStore, config: TrainConfig) -> TrainRun:
     if params["optim"].get("time_lr_scale") == 1.0:  # joins the key only when set (runs published before it)
         params["optim"].pop("time_lr_scale")
     for stage in params["stages"]:
-        if not stage.get("dynamic"):
-            stage.pop("dynamic", None)
+        for key in ("dynamic", "input_target"):  # join the key only when set (runs published before them)
+            if not stage.get(key):
+                stage.pop(key, None)
     name = "decoder-" + content_key("train", TRAIN_FORMAT_VERSION, params, inputs)[:12]
 
     def create() -> dict[str, Any]:
@@ -503,6 +505,8 @@ def sample_batch(run: TrainRun, views: ViewCache, gen: torch.Generator, stage: S
     names = sample_views(gen, index[scene], spec)
     inputs, start, end = sample_input_frames(gen, run.frames, spec)
     targets = sample_targets(gen, start, end, spec.targets, spec.frame_sampling)
+    if spec.input_target:
+        targets = with_input_target(targets, start)
     data = [views.get(scene, n) for n in names]
     batch = build_batch(data, inputs, targets, spec, PixelPatchifyEncoder(), run.config.decoder_config().background)
     if run.config.background == "random":  # drawn last, from the same stream: other samples are unchanged

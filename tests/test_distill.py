@@ -38,6 +38,7 @@ from lyra_ops.distill import (
     sample_input_frames,
     sample_targets,
     sample_views,
+    with_input_target,
     train_step,
     warmup_lambda,
 )
@@ -567,3 +568,27 @@ def test_random_training_background_is_drawn_per_sample_from_the_stream(smoke_st
     a, b = (sample_batch(run, views, gen, config.stages[0], index).background for _ in range(2))
     assert not torch.equal(a, b)
     assert train_until(str(smoke_store), run.name, 2)["computed"] == 2
+
+
+def test_input_target_makes_the_input_frame_a_target_of_every_sample(smoke_store):
+    """stage.input_target: frame 0 (the input camera of every view) joins the targets drawn, with no extra draw from
+    the sample's stream; it names another run, and the default leaves run names as they were."""
+    assert with_input_target([5, 9], 0) == [0, 5, 9] and with_input_target([0, 9], 0) == [0, 9]
+    assert with_input_target([5, 9], 3) == [5, 9]  # a window that does not hold the input frame
+    store = RunStore(smoke_store)
+    plain = build_train_config("smoke", overrides(2, 2))
+    stage = {"name": "views_1", "steps": 2, "targets": 2, "input_target": True}
+    flagged = build_train_config("smoke", {**overrides(2, 2), "stages": [stage]})
+    run, run_flagged = plan_run(store, plain), plan_run(store, flagged)
+    assert run.name != run_flagged.name
+    index, views = index_dataset(store).scenes, ViewCache(store)
+    added = 0
+    for seed in range(4):
+        a = sample_batch(run, views, torch.Generator().manual_seed(seed), plain.stages[0], index)
+        b = sample_batch(run_flagged, views, torch.Generator().manual_seed(seed), flagged.stages[0], index)
+        v = len(b.input_cameras)
+        assert len(b.viewmats) in (len(a.viewmats), len(a.viewmats) + v)
+        added += len(b.viewmats) - len(a.viewmats)
+        for mat in list(a.viewmats) + [torch.linalg.inv(c.c2w[0]).to(b.viewmats) for c in b.input_cameras]:
+            assert any(torch.allclose(mat, m, atol=1e-5) for m in b.viewmats)
+    assert added > 0
