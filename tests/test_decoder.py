@@ -697,12 +697,19 @@ def known_with_an_edge_and_its_unprojection(latents, plucker, cams, h: int, w: i
     input head's Gaussians at its zero point (the RGB-D unprojection, of the filled depth at the edge)."""
     known = torch.rand(2, 9, 1, h, w) * 3 + 1
     known[0, 0, 0, 10:12, 20:30] = 0.0
-    ref = LatentGaussianDecoder(DecoderConfig.preset("tiny"), seed=0)
+    ref = at_zero_point(LatentGaussianDecoder(DecoderConfig.preset("tiny"), seed=0))
     with torch.no_grad():
-        ref.input_head.weight.zero_()
-        ref.input_head.bias[:-1] = 0.0
-        ref.input_head.bias[7] = 1.0
         return known, ref(latents, plucker, cams, known_depth=known).index(torch.arange(h * w))
+
+
+def at_zero_point(model: LatentGaussianDecoder) -> LatentGaussianDecoder:
+    """``model`` with its input head at the zero point: no residuals, identity rotation, the opacity bias as
+    initialised (``input_opacity_init``)."""
+    with torch.no_grad():
+        model.input_head.weight.zero_()
+        model.input_head.bias[:-1] = 0.0
+        model.input_head.bias[7] = 1.0
+    return model
 
 
 def test_input_footprint_depth_makes_the_zero_point_the_rgbd_scale(inputs) -> None:
@@ -713,11 +720,8 @@ def test_input_footprint_depth_makes_the_zero_point_the_rgbd_scale(inputs) -> No
     latents, plucker, cams = inputs
     h, w = 64, 96
     known, ray = known_with_an_edge_and_its_unprojection(latents, plucker, cams, h, w)
-    model = LatentGaussianDecoder(DecoderConfig.preset("tiny", input_footprint="depth"), seed=0)
+    model = at_zero_point(LatentGaussianDecoder(DecoderConfig.preset("tiny", input_footprint="depth"), seed=0))
     with torch.no_grad():
-        model.input_head.weight.zero_()
-        model.input_head.bias[:-1] = 0.0
-        model.input_head.bias[7] = 1.0
         g = model(latents, plucker, cams, known_depth=known).index(torch.arange(h * w))
     on = known[0, 0, 0].reshape(-1) > 0
     rgbd = rgbd_gaussians(torch.rand(3, h, w), known[0, 0, 0], cams[0].K[0], cams[0].c2w[0])
