@@ -677,6 +677,17 @@ def _project(means: torch.Tensor, K: torch.Tensor, c2w: torch.Tensor) -> tuple[t
     return k[0, 0] * local[:, 0] / zc + k[0, 2], k[1, 1] * local[:, 1] / zc + k[1, 2], z
 
 
+def _covers_own_pixel(u: torch.Tensor, v: torch.Tensor, z: torch.Tensor, depth: torch.Tensor,
+                      tol: float) -> torch.Tensor:
+    """(N,) bool: points (pixel u, v, z-depth z, float64) whose own pixel (u, v floored) lies in the frame with a
+    known depth (``depth`` (H,W) float64, 0: unknown) that the point is nearer than (1 + ``tol``) x."""
+    h, w = depth.shape
+    iu, iv = u.clamp(-1e9, 1e9).floor().long(), v.clamp(-1e9, 1e9).floor().long()
+    inside = (z > 0) & (iu >= 0) & (iu < w) & (iv >= 0) & (iv < h)
+    own = depth[iv.clamp(0, h - 1), iu.clamp(0, w - 1)]
+    return inside & (own > 0) & (z < (1.0 + tol) * own)
+
+
 def input_view_clearance(means: torch.Tensor, K: torch.Tensor, c2w: torch.Tensor, depth: torch.Tensor, tol: float, *,
                          reach: torch.Tensor | None = None, levels: int = GUARD_LEVELS) -> torch.Tensor:
     """(N,) float64: how far, in pixels, each point ``means`` (N,3) is from covering what a camera saw: the distance
@@ -702,9 +713,7 @@ def input_view_clearance(means: torch.Tensor, K: torch.Tensor, c2w: torch.Tensor
         dv = torch.maximum(-v, v - h).clamp(min=0)
         out[front] = torch.sqrt(du * du + dv * dv)[front]  # lower bound: the distance to the frame box
         iu, iv = u.clamp(-1e9, 1e9).floor().long(), v.clamp(-1e9, 1e9).floor().long()
-        inside = front & (iu >= 0) & (iu < w) & (iv >= 0) & (iv < h)
-        own = d[iv.clamp(0, h - 1), iu.clamp(0, w - 1)]
-        hit = inside & (own > 0) & (z < (1.0 + tol) * own)
+        hit = _covers_own_pixel(u, v, z, d, tol)
         known = d[d > 0]
         grid = torch.exp(torch.linspace(math.log(float(known.min())), math.log(float(known.max())), max(int(levels), 2),
                                         dtype=torch.float64))
@@ -749,12 +758,12 @@ def input_view_guard(means: torch.Tensor, scales: torch.Tensor, K: torch.Tensor,
     the input saw is drawn by its own head's Gaussians."""
     n = means.shape[0]
     with torch.no_grad():
-        _, _, z = _project(means, K, c2w)
-        spread = sigmas * scales.detach().to(torch.float64).amax(dim=-1) * float(K[0, 0]) / z.clamp(min=1e-9)
-        clear = input_view_clearance(means, K, c2w, depth, tol, reach=spread if sigmas else torch.zeros(n))
-        keep = clear > 0
+        u, v, z = _project(means, K, c2w)
+        keep = ~_covers_own_pixel(u, v, z, depth.detach().to(torch.float64).reshape(depth.shape[-2:]), tol)
         shrink = torch.ones(n, dtype=torch.float64)
-        if sigmas:
+        if sigmas:  # the distance transforms only when a footprint can be shrunk
+            spread = sigmas * scales.detach().to(torch.float64).amax(dim=-1) * float(K[0, 0]) / z.clamp(min=1e-9)
+            clear = input_view_clearance(means, K, c2w, depth, tol, reach=spread)
             shrink = torch.where(keep & (spread > clear), clear / spread.clamp(min=1e-12), shrink)
     return keep.to(means.device), shrink.to(device=means.device, dtype=scales.dtype)
 

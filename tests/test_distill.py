@@ -38,9 +38,9 @@ from lyra_ops.distill import (
     sample_input_frames,
     sample_targets,
     sample_views,
-    with_input_target,
     train_step,
     warmup_lambda,
+    with_input_target,
 )
 from lyra_ops.errors import LyraConfigError, LyraInputError, LyraStorageError
 from lyra_ops.gaussians import Gaussians
