@@ -352,10 +352,13 @@ def batch_to(batch: DistillBatch, device: torch.device | str) -> DistillBatch:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def decode_gaussians(model: LatentGaussianDecoder, batch: DistillBatch, prune_ratio: float = 0.0) -> Gaussians:
-    """Decoder forward on one batch, then Lyra's opacity pruning."""
+def decode_gaussians(model: LatentGaussianDecoder, batch: DistillBatch, prune_ratio: float = 0.0, *,
+                     input_image: torch.Tensor | None = None, input_depth: torch.Tensor | None = None) -> Gaussians:
+    """Decoder forward on one batch, then Lyra's opacity pruning; ``input_image`` / ``input_depth``: the input
+    frame itself, for the render settings that read it (inference only, see ``LatentGaussianDecoder.forward``)."""
     return prune_gaussians(model(batch.latents, batch.plucker, list(batch.input_cameras),
-                                 known_depth=batch.known_depth, times=batch.times, frame=batch.frame), prune_ratio)
+                                 known_depth=batch.known_depth, times=batch.times, frame=batch.frame,
+                                 input_image=input_image, input_depth=input_depth), prune_ratio)
 
 
 def render_batch(

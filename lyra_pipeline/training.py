@@ -193,6 +193,15 @@ class ViewCache:
         return ViewData(frames=frames, cameras=cameras, latents=arr("latents"), depth=depth, depth_valid=depth > 0,
                         known_depth=known)
 
+    def input_frame(self, scene_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A static scene's input frame as the decoder's render settings read it: its image (3,H,W) float in
+        [0,1] (``input/rgb``) and its z-depth (H,W) at every pixel (``depth/depth``, the depth stage's)."""
+        def load() -> tuple[torch.Tensor, torch.Tensor]:
+            rgb = torch.from_numpy(self.store.read_array(scene_id, "input/rgb")).float() / 255.0
+            return rgb, torch.from_numpy(self.store.read_array(scene_id, "depth/depth")).float()
+
+        return self._cached((scene_id, "<input frame>"), load)
+
     def input_view(self, scene_id: str) -> tuple[ViewData, torch.Tensor]:
         """A dynamic scene's input video as a view (frames, cameras, its depth where reliable as both the known
         depth and the depth target; latents None: encoded when a batch is built) and its normalised times (T,)."""
@@ -216,8 +225,15 @@ def scene_gaussians(model: LatentGaussianDecoder, views: ViewCache, scene_id: st
     frames = list(range(int(data[0].frames.shape[0])))
     device = next(model.parameters()).device
     batch = batch_to(build_batch(data, frames, [], INFERENCE, PixelPatchifyEncoder()), device)
+    image, depth = views.input_frame(scene_id) if reads_input_frame(model.config) else (None, None)
     with torch.no_grad():
-        return decode_gaussians(model, batch)
+        return decode_gaussians(model, batch, input_image=image, input_depth=depth)
+
+
+def reads_input_frame(config: DecoderConfig) -> bool:
+    """Whether decoding with ``config`` reads the input frame itself (its image and depth: the render settings
+    ``input_fit_iters`` and ``input_edge_depth``)."""
+    return bool(config.input_stride and (config.input_fit_iters or config.input_edge_depth != "fill"))
 
 
 def forward_paths(names: list[str]) -> list[str]:

@@ -28,6 +28,7 @@ from lyra_ops.decoder import (
     output_frames,
     output_rays,
     ray_distance,
+    with_render,
 )
 from lyra_ops.errors import LyraConfigError
 from lyra_ops.latents import PixelPatchifyEncoder
@@ -710,6 +711,74 @@ def at_zero_point(model: LatentGaussianDecoder) -> LatentGaussianDecoder:
         model.input_head.bias[:-1] = 0.0
         model.input_head.bias[7] = 1.0
     return model
+
+
+def test_input_edge_depth_input_starts_unknown_pixels_on_the_input_depth(inputs) -> None:
+    """``input_edge_depth: input``: the input head's Gaussians at pixels the known depth leaves out start on the
+    input frame's own depth there (its RGB-D unprojection), not on the surface behind; elsewhere nothing changes
+    (the tokens still see those pixels as unknown). Without ``input_depth`` it decodes as ``fill``."""
+    from lyra_ops.baselines import rgbd_gaussians
+
+    latents, plucker, cams = inputs
+    h, w = 64, 96
+    known, filled = known_with_an_edge_and_its_unprojection(latents, plucker, cams, h, w)
+    own = known[0, 0, 0].clone()
+    own[10:12, 20:30] = 0.5  # the depth stage's depth at the edge: in front of the surface the fill puts there
+    model = at_zero_point(LatentGaussianDecoder(DecoderConfig.preset("tiny", input_edge_depth="input"), seed=0))
+    with torch.no_grad():
+        g = model(latents, plucker, cams, known_depth=known, input_depth=own).index(torch.arange(h * w))
+        as_fill = model(latents, plucker, cams, known_depth=known).index(torch.arange(h * w))
+    edge = known[0, 0, 0].reshape(-1) == 0
+    rgbd = rgbd_gaussians(torch.rand(3, h, w), own, cams[0].K[0], cams[0].c2w[0])
+    torch.testing.assert_close(g.means[edge], rgbd.means[edge], rtol=1e-4, atol=1e-5)
+    assert float((filled.means[edge] - rgbd.means[edge]).norm(dim=1).min()) > 0.1  # fill put them elsewhere
+    for name in ("means", "scales", "colors", "opacities"):
+        torch.testing.assert_close(getattr(g, name)[~edge], getattr(filled, name)[~edge])
+        torch.testing.assert_close(getattr(as_fill, name), getattr(filled, name))
+    with pytest.raises(LyraConfigError, match="input_depth"):
+        model(latents, plucker, cams, known_depth=known, input_depth=own[:-1])
+    with pytest.raises(LyraConfigError, match="input_edge_depth"):
+        DecoderConfig.preset("tiny", input_edge_depth="exact")
+
+
+def test_input_fit_solves_the_input_heads_colours_against_the_input_image(inputs) -> None:
+    """``input_fit_iters``: given the input image, the input head's colours are solved so the render at the input
+    camera reproduces it (closer than decoded); the other Gaussians and every other field are untouched, and
+    neither the whole output (``prune=False``, what training reads) nor a decoding without the image changes."""
+    latents, plucker, cams = inputs
+    h, w = 64, 96
+    known = torch.rand(2, 9, 1, h, w) * 3 + 1
+    image = torch.rand(3, h, w)
+    plain = LatentGaussianDecoder(DecoderConfig.preset("tiny"), seed=0).eval()
+    fitted = with_render(plain, input_fit_iters=8, input_fit_ridge=0.1)
+    with torch.no_grad():
+        before = plain(latents, plucker, cams, known_depth=known)
+        after = fitted(latents, plucker, cams, known_depth=known, input_image=image)
+        no_image = fitted(latents, plucker, cams, known_depth=known)
+        whole = [m(latents, plucker, cams, known_depth=known, input_image=image, prune=False) for m in (plain, fitted)]
+    head = torch.arange(after.num) < h * w
+    assert float((after.colors[head] - before.colors[head]).abs().max()) > 0.01
+    # (two forward passes may differ in the last bit: CPU kernels' reduction order is not fixed between calls)
+    torch.testing.assert_close(after.colors[~head], before.colors[~head])
+    for name in ("means", "scales", "quats", "opacities"):
+        torch.testing.assert_close(getattr(after, name), getattr(before, name))
+    torch.testing.assert_close(no_image.colors, before.colors)
+    torch.testing.assert_close(whole[1].colors, whole[0].colors)
+    bg = image.mean(dim=(1, 2))  # the tiny preset composites over the input's mean colour
+
+    def error(g) -> float:
+        out = rasterize(g, cams[0].w2c[:1], cams[0].K[:1], w, h, background=bg)
+        return float(((out.rgb[0] - image) ** 2).mean())
+
+    assert error(after) < 0.8 * error(before)
+    with pytest.raises(LyraConfigError, match="input_image"):
+        fitted(latents, plucker, cams, known_depth=known, input_image=image[:, :-1])
+    with pytest.raises(LyraConfigError, match="input_fit_iters"):
+        DecoderConfig.preset("tiny", input_fit_iters=-1)
+    with pytest.raises(LyraConfigError, match="input_fit_ridge"):
+        DecoderConfig.preset("tiny", input_fit_ridge=float("nan"))
+    with pytest.raises(LyraConfigError, match="input_fit_iters"):
+        DecoderConfig.preset("tiny", input_fit_iters=4, input_stride=0, fuse="stack")
 
 
 def test_input_footprint_depth_makes_the_zero_point_the_rgbd_scale(inputs) -> None:
