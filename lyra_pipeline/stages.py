@@ -189,14 +189,19 @@ class StageRun:
                  report: StageReport, *, mark_running: bool = True) -> None:
         self.store, self.scene_id, self.trajectory, self.stage, self.key = store, scene_id, trajectory, stage, key
         self.run_id, self.report, self.mark_running = run_id, report, mark_running
-        self.skip = store.is_done(scene_id, trajectory, stage, key)
+        done_by = store.done_by(scene_id, trajectory, stage, key)
+        self.skip = done_by is not None
+        # done by this same run: an earlier attempt of this task (a retry after a transient error) computed it
+        self.earlier = done_by == run_id
 
     def _row(self, status: str, duration: float = 0.0, error: str = "") -> ManifestRow:
         return ManifestRow(self.scene_id, self.trajectory, self.stage, status, self.key, duration, error,
                            self.run_id)
 
     def __enter__(self) -> StageRun:
-        if self.skip:
+        if self.earlier:
+            self.report.computed += 1
+        elif self.skip:
             self.report.skipped += 1
         else:
             if self.mark_running:
@@ -339,8 +344,10 @@ def run_units(store_url: str, config: RunConfig, scene: SceneRecord, stage: str,
     store, keys = RunStore(store_url), plan_keys(config, scene)
     names = [""] if stage in SCENE_STAGES else list(config.trajectory_names)
     report = StageReport(scene.scene_id, stage, trajectories=[n for n in names if n])
-    if all(store.is_done(scene.scene_id, n, stage, keys.key(stage, n)) for n in names):
-        report.skipped = len(names)  # finished work: no lease, no write
+    done_by = [store.done_by(scene.scene_id, n, stage, keys.key(stage, n)) for n in names]
+    if all(d is not None for d in done_by):  # finished work: no lease, no write
+        report.computed = done_by.count(run_id)  # by an earlier attempt of this task (a retry), so counted once
+        report.skipped = len(names) - report.computed
         return report
     from lyra_pipeline.threads import pin_torch_threads
 

@@ -262,6 +262,30 @@ def test_interrupted_unit_is_recorded_pending_not_failed(tmp_path):
     assert row.status == "interrupted" and not st.is_done("s1", "", "input", "k")
 
 
+def test_a_retried_task_counts_the_units_its_failed_attempt_computed(tmp_path):
+    """A stage task retried after a transient error finds the units its first attempt finished done: they were
+    computed by this run, so its report counts them as computed (before: as found done, so no run summary
+    counted them and two concurrent runs' summaries added up to fewer units than the store holds)."""
+    from lyra_pipeline.stages import StageReport, StageRun
+
+    st = RunStore(tmp_path / "s")
+
+    def attempt(run_id: str, fail_on: str | None) -> StageReport:
+        report = StageReport("s1", "warp")
+        for name in ("a", "b"):
+            with StageRun(st, "s1", name, "warp", "k", run_id, report) as run:
+                if not run.skip and name == fail_on:
+                    raise OSError("transient")
+        return report
+
+    with pytest.raises(OSError):
+        attempt("r1", fail_on="b")
+    retry = attempt("r1", fail_on=None)
+    assert (retry.computed, retry.skipped) == (2, 0)
+    other = attempt("r2", fail_on=None)
+    assert (other.computed, other.skipped) == (0, 2)
+
+
 def test_sigint_stops_cleanly_and_resumes_identically(flow_store, tmp_path, prefect_harness):
     """Before: Ctrl-C 20 s into a run printed 355 lines with 6 tracebacks and left the interrupted units failed."""
     from prefect.settings import PREFECT_API_URL
