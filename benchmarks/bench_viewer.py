@@ -54,10 +54,6 @@ from lyra_pipeline.training import procedural_world  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SCALE = 4  # the viewer's window: 4x the data's size
-# The SuperSplat viewer turns the splat entity 180 degrees about z (splat-transform 2.7.1's viewer:
-# ``entity.setLocalEulerAngles(0, 0, 180)``), so a camera's position and target in its settings are (-x, -y, z) of
-# ours. export-ply's settings are right only because its input camera sits at the origin looking along +z.
-VIEWER_FLIP = torch.diag(torch.tensor([-1.0, -1.0, 1.0, 1.0]))
 
 
 def variant(name: str, g: Gaussians, c2w: torch.Tensor, K: torch.Tensor, h: int, w: int) -> Gaussians:
@@ -193,7 +189,7 @@ def main() -> None:
                 g.to_ply(ply)
                 shots = []
                 for i in range(len(cams) if args.shot_cams is None else args.shot_cams):
-                    settings = viewer_settings(VIEWER_FLIP @ cams.c2w[i], cams.K[i], h, w, tuple(bg.tolist()))
+                    settings = viewer_settings(cams.c2w[i], cams.K[i], h, w, tuple(bg.tolist()))
                     sp = work / f"{scene}_{name}_cam{i}.viewer.json"
                     sp.write_text(json.dumps(settings))
                     t0 = time.perf_counter()
