@@ -322,7 +322,7 @@ class TrainRun:
 INIT_FREE_FIELDS = ("background", "prune_ratio", "gradient_checkpointing", "depth_input", "fuse", "fuse_covered",
                     "input_stride", "input_scale_init", "input_opacity_init", "input_depth_fill", "time_embedding",
                     "time_frames", "input_gate", "input_edges", "input_guard", "input_guard_sigmas",
-                    "input_footprint")
+                    "input_footprint", "input_edge_depth", "input_fit_iters", "input_fit_ridge")
 # Modules that weights from before depth_input / input_stride / time_embedding may lack (zero-initialised, or the
 # input head, which starts as the input's unprojection)
 NEW_MODULES = ("depth_embed.", "input_head.", "input_time_embed.", "target_time_embed.")
@@ -383,7 +383,8 @@ def plan_run(store: RunStore, config: TrainConfig) -> TrainRun:
     decoder_key = dec.to_dict()
     for key, default in (("time_embedding", False), ("time_frames", "query"), ("input_gate", []),
                          ("input_edges", "learned"), ("input_guard", 0.0), ("input_guard_sigmas", 0.0),
-                         ("input_footprint", "ray")):
+                         ("input_footprint", "ray"), ("input_edge_depth", "fill"), ("input_fit_iters", 0),
+                         ("input_fit_ridge", 1.0)):
         if decoder_key[key] == default:  # fields added since runs were published join the key only when set
             decoder_key.pop(key)
     inputs = {"dataset": index.fingerprint, "decoder": decoder_key,
