@@ -12,6 +12,7 @@ import os
 import threading
 import time
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,6 +176,38 @@ class StageReport:
     trajectories: list[str] = field(default_factory=list)
 
 
+# Units finished by each Prefect task run in this process, so that a retried attempt (Prefect keeps the task run
+# id across retries) counts the units its failed attempt finished as computed, not as found done: otherwise no run
+# summary counts them. Outside a task run (a task's function called directly) nothing is remembered. Only the
+# most recent task runs are kept (a retry follows its failure within seconds; memory stays bounded at any scale).
+_COMPUTED_BY_TASK_RUN: OrderedDict[str, set[tuple[str, ...]]] = OrderedDict()
+_COMPUTED_LOCK = threading.Lock()
+_COMPUTED_TASK_RUNS_KEPT = 1024
+
+
+def _task_run_id() -> str | None:
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    return str(ctx.task_run.id) if ctx is not None else None
+
+
+def remember_computed(unit: tuple[str, ...]) -> None:
+    run = _task_run_id()
+    if run is not None:
+        with _COMPUTED_LOCK:
+            _COMPUTED_BY_TASK_RUN.setdefault(run, set()).add(unit)
+            _COMPUTED_BY_TASK_RUN.move_to_end(run)
+            while len(_COMPUTED_BY_TASK_RUN) > _COMPUTED_TASK_RUNS_KEPT:
+                _COMPUTED_BY_TASK_RUN.popitem(last=False)
+
+
+def computed_in_this_task_run(unit: tuple[str, ...]) -> bool:
+    run = _task_run_id()
+    with _COMPUTED_LOCK:
+        return run is not None and unit in _COMPUTED_BY_TASK_RUN.get(run, ())
+
+
 class StageRun:
     """Guard around one unit of stage work: skip if done; else mark running, run, then mark done or failed.
 
@@ -189,10 +222,10 @@ class StageRun:
                  report: StageReport, *, mark_running: bool = True) -> None:
         self.store, self.scene_id, self.trajectory, self.stage, self.key = store, scene_id, trajectory, stage, key
         self.run_id, self.report, self.mark_running = run_id, report, mark_running
-        done_by = store.done_by(scene_id, trajectory, stage, key)
-        self.skip = done_by is not None
-        # done by this same run: an earlier attempt of this task (a retry after a transient error) computed it
-        self.earlier = done_by == run_id
+        self.skip = store.is_done(scene_id, trajectory, stage, key)
+        # done by an earlier attempt of this same task run (a retry after a transient error): computed by this run
+        self.unit = (store.url, scene_id, trajectory, stage, key)
+        self.earlier = self.skip and computed_in_this_task_run(self.unit)
 
     def _row(self, status: str, duration: float = 0.0, error: str = "") -> ManifestRow:
         return ManifestRow(self.scene_id, self.trajectory, self.stage, status, self.key, duration, error,
@@ -223,6 +256,7 @@ class StageRun:
             self.store.record([self._row("failed", duration, summary[:2000])])
             return False
         self.store.record([self._row("done", duration)])
+        remember_computed(self.unit)
         self.report.computed += 1
         self.report.seconds += duration
         return False
@@ -344,9 +378,10 @@ def run_units(store_url: str, config: RunConfig, scene: SceneRecord, stage: str,
     store, keys = RunStore(store_url), plan_keys(config, scene)
     names = [""] if stage in SCENE_STAGES else list(config.trajectory_names)
     report = StageReport(scene.scene_id, stage, trajectories=[n for n in names if n])
-    done_by = [store.done_by(scene.scene_id, n, stage, keys.key(stage, n)) for n in names]
-    if all(d is not None for d in done_by):  # finished work: no lease, no write
-        report.computed = done_by.count(run_id)  # by an earlier attempt of this task (a retry), so counted once
+    if all(store.is_done(scene.scene_id, n, stage, keys.key(stage, n)) for n in names):  # no lease, no write
+        # units an earlier attempt of this task run finished (a retry) are this run's work: counted once, here
+        report.computed = sum(computed_in_this_task_run((store.url, scene.scene_id, n, stage, keys.key(stage, n)))
+                              for n in names)
         report.skipped = len(names) - report.computed
         return report
     from lyra_pipeline.threads import pin_torch_threads

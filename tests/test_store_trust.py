@@ -262,28 +262,39 @@ def test_interrupted_unit_is_recorded_pending_not_failed(tmp_path):
     assert row.status == "interrupted" and not st.is_done("s1", "", "input", "k")
 
 
-def test_a_retried_task_counts_the_units_its_failed_attempt_computed(tmp_path):
+def test_a_retried_task_counts_the_units_its_failed_attempt_computed(tmp_path, prefect_harness):
     """A stage task retried after a transient error finds the units its first attempt finished done: they were
-    computed by this run, so its report counts them as computed (before: as found done, so no run summary
-    counted them and two concurrent runs' summaries added up to fewer units than the store holds)."""
+    computed by this task run, so the retry's report counts them as computed (before: as found done, so no run
+    summary counted them). Outside that task run (another task run, or a later command) they are found done."""
+    from prefect import flow, task
+
     from lyra_pipeline.stages import StageReport, StageRun
 
     st = RunStore(tmp_path / "s")
+    attempts = []
 
-    def attempt(run_id: str, fail_on: str | None) -> StageReport:
+    def units(run_id: str, fail: bool) -> StageReport:
         report = StageReport("s1", "warp")
         for name in ("a", "b"):
             with StageRun(st, "s1", name, "warp", "k", run_id, report) as run:
-                if not run.skip and name == fail_on:
+                if not run.skip and fail and name == "b":
                     raise OSError("transient")
         return report
 
-    with pytest.raises(OSError):
-        attempt("r1", fail_on="b")
-    retry = attempt("r1", fail_on=None)
-    assert (retry.computed, retry.skipped) == (2, 0)
-    other = attempt("r2", fail_on=None)
-    assert (other.computed, other.skipped) == (0, 2)
+    @task(retries=1, retry_delay_seconds=0)
+    def stage_task(run_id: str) -> StageReport:
+        attempts.append(run_id)
+        return units(run_id, fail=len(attempts) == 1)
+
+    @flow
+    def one_run(run_id: str) -> StageReport:
+        return stage_task(run_id)
+
+    retried = one_run("r1")
+    assert len(attempts) == 2 and (retried.computed, retried.skipped) == (2, 0)
+    again = one_run("r1")  # another task run (e.g. the same command run again): nothing computed
+    assert (again.computed, again.skipped) == (0, 2)
+    assert (units("r1", fail=False).computed, units("r1", fail=False).skipped) == (0, 2)
 
 
 def test_sigint_stops_cleanly_and_resumes_identically(flow_store, tmp_path, prefect_harness):

@@ -335,11 +335,6 @@ class RunStore:
         row = self.scene_manifest(scene_id).get((trajectory, stage))
         return row is not None and row.status == "done" and row.key == key
 
-    def done_by(self, scene_id: str, trajectory: str, stage: str, key: str) -> str | None:
-        """The run id that computed a unit done under ``key`` (None: not done)."""
-        row = self.scene_manifest(scene_id).get((trajectory, stage))
-        return row.run_id if row is not None and row.status == "done" and row.key == key else None
-
     def record(self, rows: Iterable[ManifestRow], *, durable: bool = True, force: bool = False) -> None:
         """Upsert manifest rows (all of one scene) and write that scene's manifest file atomically (fsync'd
         unless ``durable`` is False: a ``running`` row only informs, a lost one changes nothing). Once an
