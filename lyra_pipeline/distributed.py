@@ -270,9 +270,24 @@ def run_torchrun(cmd: Sequence[str], *, on_line: Callable[[str], None] = lambda 
         on_line(line)
     code = proc.wait()
     if code != 0:
-        reason = failure_from_output(lines) or f"torchrun exited with code {code}: {' | '.join(lines[-5:])}"
-        raise DistributedJobError(f"distributed training failed: {reason}", retriable=killed(reason))
+        lost = lost_rendezvous(lines, cmd)
+        reason = failure_from_output(lines) or lost or f"torchrun exited with code {code}: {' | '.join(lines[-5:])}"
+        raise DistributedJobError(f"distributed training failed: {reason}", retriable=killed(reason) or reason == lost)
     return lines
+
+
+_RENDEZVOUS_LOST = re.compile(r"RendezvousConnectionError|connection to the C10d store has failed", re.I)
+
+
+def lost_rendezvous(lines: Sequence[str], cmd: Sequence[str]) -> str | None:
+    """One line for a node whose torchrun agent lost the c10d rendezvous store (the node serving it at
+    ``--rdzv-endpoint`` went away, so this node's agent fails before any rank reports): naming that endpoint; None
+    when the output shows no such failure. A relaunch of every node resumes from the last checkpoint."""
+    if not any(_RENDEZVOUS_LOST.search(line) for line in lines):
+        return None
+    endpoint = next((a.split("=", 1)[1] for a in cmd if a.startswith("--rdzv-endpoint=")), "--rdzv-endpoint")
+    return (f"lost the node serving the rendezvous at {endpoint} (torchrun's c10d store); relaunch every node to "
+            "resume from the last checkpoint")
 
 
 def killed(reason: str) -> bool:

@@ -18,6 +18,7 @@ from lyra_pipeline.distributed import (
     DistributedJobError,
     failure_from_output,
     killed_rank,
+    lost_rendezvous,
     run_torchrun,
     torchrun_command,
 )
@@ -198,6 +199,21 @@ Root Cause (first observed failure):
     assert failure_from_output(ours) == "rank 3 failed: bad data"
     assert failure_from_output(ours[:1]) == "rank 3 failed: bad data"
     assert failure_from_output(["nothing to see"]) is None
+
+
+def test_a_lost_rendezvous_host_is_one_line_naming_its_endpoint():
+    """A node whose agent lost the c10d store (the node serving it died) fails before any rank reports: one line
+    naming the endpoint (seen in a two-node run whose lost node happened to serve the store)."""
+    cmd = torchrun_command(["x"], nproc=1, nnodes=2, rdzv_endpoint="10.0.0.5:29400")
+    lines = ['    base64_state: bytes = self._call_store("get", self._key)',
+             '  File ".../c10d_rendezvous_backend.py", line 116, in _call_store',
+             "    raise RendezvousConnectionError(",
+             "torch.distributed.elastic.rendezvous.api.RendezvousConnectionError: The connection to the C10d store "
+             "has failed. See inner exception for details."]
+    assert lost_rendezvous(lines, cmd) == ("lost the node serving the rendezvous at 10.0.0.5:29400 (torchrun's c10d "
+                                           "store); relaunch every node to resume from the last checkpoint")
+    assert lost_rendezvous(["ValueError: bad"], cmd) is None
+    assert failure_from_output(lines) is None  # so run_torchrun reports it (retriable) instead of the last lines
 
 
 def test_flow_runs_the_job_as_one_task_and_rerun_does_nothing(smoke_store, prefect_harness):
