@@ -47,11 +47,13 @@ def fit_colors(
     damped towards their current colours by ``ridge`` >= 0 (see the module docstring); at most ``iterations``
     CGLS steps (fewer once converged, :data:`CONVERGED`).
     The other Gaussians' colours and every other field are returned unchanged; the solved colours are clamped to
-    [0, 1]. Deterministic (no randomness; the same inputs give the same bytes on one machine)."""
+    [0, 1]; the result carries no gradient. No randomness: on the CPU the same inputs give the same bytes (CUDA's
+    atomic accumulation in the rasterizer's backward may differ in the last bits)."""
     fn = "fit_colors"
-    if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
-        raise LyraInputError(f"{fn}: image must be a tensor (3, H, W), got "
-                             f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
+    if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3 or not image.is_floating_point():
+        found = (f"{tuple(image.shape)} {image.dtype}" if isinstance(image, torch.Tensor)
+                 else type(image).__name__)
+        raise LyraInputError(f"{fn}: image must be a float tensor (3, H, W) in [0, 1], got {found}")
     if not isinstance(which, torch.Tensor) or which.dtype != torch.bool or tuple(which.shape) != (gaussians.num,):
         raise LyraInputError(f"{fn}: which must be a bool tensor ({gaussians.num},) selecting the Gaussians to fit")
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0:

@@ -267,6 +267,9 @@ class DecoderConfig:
             raise bad("input_fit_ridge", "a number >= 0 (the colour fit's damping towards the decoded colours)")
         if iters and not self.input_stride:
             raise bad("input_fit_iters", "0 unless input_stride > 0 (the fit solves the input head's colours)")
+        if self.input_edge_depth != "fill" and not (self.input_stride and self.depth_input):
+            raise bad("input_edge_depth", "'fill' unless input_stride > 0 and depth_input is true (it replaces the "
+                      "input frame's known depth at its edges)")
         if (self.input_edges != "learned" or guard) and not (self.input_stride and self.depth_input):
             raise bad("input_edges" if self.input_edges != "learned" else "input_guard",
                       "its default unless input_stride > 0 and depth_input is true (both read the input frame's "
@@ -1175,8 +1178,8 @@ class LatentGaussianDecoder(nn.Module):
         The input frame itself, when given, is read by two render settings (never in training, where neither is
         passed): ``input_image`` (3,H,W) in [0,1] by ``input_fit_iters`` (the input head's colours solved so the
         render at the input camera reproduces it, :func:`lyra_ops.color_fit.fit_colors`) and ``input_depth``
-        (H,W), its z-depth at every pixel (the depth stage's), by ``input_edge_depth`` ``input``. Neither applies
-        with ``prune=False`` (the whole output before fusing)."""
+        (H,W), its z-depth at every pixel (the depth stage's), by ``input_edge_depth`` ``input`` (the head's starting
+        depth, so also in the whole output, ``prune=False``); the fit runs after fusing, so not with ``prune=False``."""
         if frame is not None:
             return self.forward_at(latents, plucker, cameras_per_view, times, frame, known_depth=known_depth,
                                    prune=prune, input_image=input_image, input_depth=input_depth)

@@ -285,9 +285,9 @@ def lost_rendezvous(lines: Sequence[str], cmd: Sequence[str]) -> str | None:
     when the output shows no such failure. A relaunch of every node resumes from the last checkpoint."""
     if not any(_RENDEZVOUS_LOST.search(line) for line in lines):
         return None
-    endpoint = next((a.split("=", 1)[1] for a in cmd if a.startswith("--rdzv-endpoint=")), "--rdzv-endpoint")
-    return (f"lost the node serving the rendezvous at {endpoint} (torchrun's c10d store); relaunch every node to "
-            "resume from the last checkpoint")
+    endpoint = next((a.split("=", 1)[1] for a in cmd if a.startswith("--rdzv-endpoint=")), None)
+    where = f"the node serving the rendezvous at {endpoint}" if endpoint else "the rendezvous host"
+    return f"lost {where} (torchrun's c10d store); relaunch every node to resume from the last checkpoint"
 
 
 def killed(reason: str) -> bool:

@@ -156,6 +156,7 @@ class ViewCache:
     def __init__(self, store: RunStore, size: int = 32) -> None:
         self.store, self.size = store, size
         self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._input_frames: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._video_depth: set[tuple[str, str]] | None = None  # units whose stage video_depth is done
 
     def _has_video_depth(self, scene_id: str, trajectory: str) -> bool:
@@ -200,7 +201,12 @@ class ViewCache:
             rgb = torch.from_numpy(self.store.read_array(scene_id, "input/rgb")).float() / 255.0
             return rgb, torch.from_numpy(self.store.read_array(scene_id, "depth/depth")).float()
 
-        return self._cached((scene_id, "<input frame>"), load)
+        if scene_id not in self._input_frames:  # kept apart: callers size the cache to a scene's trajectories
+            self._input_frames[scene_id] = load()
+            while len(self._input_frames) > self.size:
+                self._input_frames.popitem(last=False)
+        self._input_frames.move_to_end(scene_id)
+        return self._input_frames[scene_id]
 
     def input_view(self, scene_id: str) -> tuple[ViewData, torch.Tensor]:
         """A dynamic scene's input video as a view (frames, cameras, its depth where reliable as both the known
@@ -255,7 +261,8 @@ def scene_gaussians_at(model: LatentGaussianDecoder, views: ViewCache, scene_id:
                        frame: int) -> Gaussians:
     """A dynamic scene's Gaussians at input frame ``frame`` (time-conditioned decoding, Lyra's dynamic inference:
     the input video and every given forward path as input). A static decoder (no time embedding) gives the
-    static decoder applied at that frame."""
+    static decoder applied at that frame. The render settings that read the input frame itself
+    (``input_fit_iters``, ``input_edge_depth``) are static-only for now: no input frame is passed here."""
     input_view, times = views.input_view(scene_id)
     device = next(model.parameters()).device
     batch = build_dynamic_batch(input_view, [views.get(scene_id, t) for t in trajectories], [], frame, times,

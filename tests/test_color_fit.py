@@ -93,8 +93,10 @@ def test_bad_arguments_name_what_is_expected() -> None:
     g = scene()
     which = torch.ones(g.num, dtype=torch.bool)
     image = torch.rand(3, H, W, dtype=torch.float64)
-    with pytest.raises(LyraInputError, match="image must be a tensor"):
+    with pytest.raises(LyraInputError, match="image must be a float tensor"):
         fit_colors(g, which, VIEW, K, image[0])
+    with pytest.raises(LyraInputError, match="image must be a float tensor"):
+        fit_colors(g, which, VIEW, K, (image * 255).to(torch.uint8))
     with pytest.raises(LyraInputError, match="which must be a bool tensor"):
         fit_colors(g, which[:-1], VIEW, K, image)
     with pytest.raises(LyraInputError, match="ridge"):

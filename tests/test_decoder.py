@@ -739,6 +739,8 @@ def test_input_edge_depth_input_starts_unknown_pixels_on_the_input_depth(inputs)
         model(latents, plucker, cams, known_depth=known, input_depth=own[:-1])
     with pytest.raises(LyraConfigError, match="input_edge_depth"):
         DecoderConfig.preset("tiny", input_edge_depth="exact")
+    with pytest.raises(LyraConfigError, match="input_edge_depth"):
+        DecoderConfig.preset("tiny", input_edge_depth="input", input_stride=0, fuse="stack")
 
 
 def test_input_fit_solves_the_input_heads_colours_against_the_input_image(inputs) -> None:
