@@ -60,10 +60,10 @@ INPUT_FOOTPRINTS = ("ray", "depth")
 # :meth:`LatentGaussianDecoder.forward` as ``input_depth``; filled as before where not given). The tokens still see
 # those pixels as unknown. Measured on 6 held-out default scenes with the shipped weights (issue 27): seen pixels at
 # held-out cameras +0.09 to +0.48 dB per scene over ``fill`` (they are where RGB-D on exact depth beat the decoder).
+INPUT_EDGE_DEPTHS = ("fill", "input")
 # ``input_fit_iters`` / ``input_fit_ridge``: the input head's colours solved against the input image at inference
 # (:meth:`LatentGaussianDecoder.fit_input`); the shipped ridge 1 was chosen on a validation store (seed 4242), where
 # held-out cameras scored 21.51 / 21.57 / 21.58 / 21.54 dB at ridge 0.1 / 0.3 / 1 / 3 (21.39 without the fit).
-INPUT_EDGE_DEPTHS = ("fill", "input")
 # Rendering-only decoder fields: they change which Gaussians a decoding keeps, how far teacher-frame Gaussians reach
 # over what the input saw or how the input head treats its pixels, not the weights, so a checkpoint can be decoded
 # with other values (:func:`with_render`)

@@ -10,8 +10,9 @@ each method on two splits, one row per (split, frame, method):
   all pixels and on the pixels some input frame saw (:func:`lyra_ops.baselines.seen_mask`, exact depths).
 
 Methods: ``flat`` (the input frame's mean colour, depth = a plane at its median depth), ``rgbd`` (the input
-frame unprojected with its exact depth), ``rgbd_known`` (on request: the same on the depth the decoder is given,
-the depth edges the reliability filter left unknown filled as the decoder fills them), ``ceiling``
+frame unprojected with its exact depth), ``rgbd_known`` (on request: the same on the known depth the decoder is
+given, the depth edges the reliability filter left unknown filled from behind as ``input_edge_depth: fill`` does),
+``ceiling``
 (``lyra_ops.decoder.ceiling_gaussians``: exact depth and teacher colours on the decoder's own output grid),
 ``optimized_<N>`` (per-scene 3DGS optimisation on the
 teacher frames, snapshots after N steps of one run), ``decoder``. Per row: PSNR, SSIM, LPIPS (with a local

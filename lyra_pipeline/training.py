@@ -164,14 +164,16 @@ class ViewCache:
             self._video_depth = {(s, t) for (s, t, stage) in self.store.done_keys() if stage == "video_depth"}
         return (scene_id, trajectory) in self._video_depth
 
-    def _cached(self, key: tuple[str, str], load: Callable[[], Any]) -> Any:
-        """``load()``'s value under ``key``, read once and kept among the ``size`` most recently used."""
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        value = self._cache[key] = load()
-        if len(self._cache) > self.size:
-            self._cache.popitem(last=False)
+    def _cached(self, key: Any, load: Callable[[], Any], cache: OrderedDict | None = None) -> Any:
+        """``load()``'s value under ``key``, read once and kept among the ``size`` most recently used of ``cache``
+        (default: the views')."""
+        cache = self._cache if cache is None else cache
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        value = cache[key] = load()
+        if len(cache) > self.size:
+            cache.popitem(last=False)
         return value
 
     def get(self, scene_id: str, trajectory: str) -> ViewData:
@@ -201,12 +203,8 @@ class ViewCache:
             rgb = torch.from_numpy(self.store.read_array(scene_id, "input/rgb")).float() / 255.0
             return rgb, torch.from_numpy(self.store.read_array(scene_id, "depth/depth")).float()
 
-        if scene_id not in self._input_frames:  # kept apart: callers size the cache to a scene's trajectories
-            self._input_frames[scene_id] = load()
-            while len(self._input_frames) > self.size:
-                self._input_frames.popitem(last=False)
-        self._input_frames.move_to_end(scene_id)
-        return self._input_frames[scene_id]
+        # kept apart from the views: callers size the cache to a scene's trajectories
+        return self._cached(scene_id, load, self._input_frames)
 
     def input_view(self, scene_id: str) -> tuple[ViewData, torch.Tensor]:
         """A dynamic scene's input video as a view (frames, cameras, its depth where reliable as both the known
